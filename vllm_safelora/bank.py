@@ -1,0 +1,428 @@
+"""The alignment bank: V = W_aligned - W_base per module, stored as its SVD.
+
+On disk a bank is a directory with ``bank.safetensors`` (``<module>.U``:
+d_out x k left singular vectors, ``<module>.S``: k singular values) and
+``manifest.json`` (:class:`BankManifest`). Building streams one module at a
+time; loading puts U and S on a device in one call and reports the bytes.
+
+This module imports no vLLM.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import logging
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Literal, Sequence
+
+import torch
+from pydantic import BaseModel, Field, ValidationError
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .checkpoints import Checkpoint, TensorHasher, resolve_checkpoint, same_model_ref
+from .errors import BankError
+from .projection import Subspace
+
+logger = logging.getLogger(__name__)
+
+BANK_FORMAT_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+TENSORS_FILE = "bank.safetensors"
+
+# Llama-style projectable linears; the default when --modules is not given.
+DEFAULT_MODULE_SUFFIXES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Never projectable: embeddings and the output head are not LoRA-on-linear targets here.
+_NEVER = ("embed_tokens", "lm_head", "wte", "wpe")
+
+StorageDType = Literal["float32", "bfloat16", "float16"]
+_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+
+class SourceIdentity(BaseModel):
+    ref: str = Field(description="local path or hub id as given to build-bank")
+    tensors_sha256: str = Field(description="sha256 over (name, dtype, shape, bytes) of the tensors used")
+
+
+class BankModule(BaseModel):
+    name: str = Field(description="module path, e.g. model.layers.0.self_attn.q_proj")
+    shape: tuple[int, int] = Field(description="(d_out, d_in) of the weight")
+    rank_kept: int
+    numerical_rank: int = Field(description="singular values above float32 round-off")
+    frobenius_norm: float = Field(description="||V||_F of the untruncated V")
+    energy_kept: float = Field(description="sum of kept S^2 / ||V||_F^2")
+    approx_error_bound: float = Field(
+        description="||C - C_k||_2 for the approximate projection: S_{k+1}^2/||V||_F "
+        "(an upper bound when built with a randomized SVD)"
+    )
+
+
+class BankManifest(BaseModel):
+    format_version: int = BANK_FORMAT_VERSION
+    bank_id: str
+    base: SourceIdentity
+    aligned: SourceIdentity
+    aliases: list[str] = Field(default_factory=list, description="other names of the aligned (served) model")
+    storage_dtype: StorageDType
+    svd: Literal["full", "lowrank"]
+    truncation: dict[str, float | int | None]
+    tensors_sha256: str
+    created_at: str
+    modules: list[BankModule]
+
+    def module(self, name: str) -> BankModule | None:
+        return self._by_name().get(name)
+
+    def _by_name(self) -> dict[str, BankModule]:
+        return {m.name: m for m in self.modules}
+
+    def protects(self, model_ref: str, extra_aliases: Iterable[str] = ()) -> bool:
+        """Is ``model_ref`` (a served model or an adapter's base model) the aligned model?"""
+        names = [self.aligned.ref, *self.aliases, *extra_aliases]
+        return any(same_model_ref(model_ref, n) for n in names)
+
+
+# ---------------------------------------------------------------------------
+# Build
+
+
+@dataclass(frozen=True)
+class Truncation:
+    """Keep at most ``rank`` directions, or the fewest reaching ``energy`` of ||V||_F^2."""
+
+    rank: int | None = None
+    energy: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.rank is not None and self.energy is not None:
+            raise BankError("choose --rank or --energy, not both")
+        if self.rank is not None and self.rank < 1:
+            raise BankError(f"--rank must be >= 1, got {self.rank}")
+        if self.energy is not None and not (0.0 < self.energy <= 1.0):
+            raise BankError(f"--energy must be in (0, 1], got {self.energy}")
+
+
+def select_bank_modules(
+    base: Checkpoint, aligned: Checkpoint, suffixes: Sequence[str] | None
+) -> list[str]:
+    """Module paths (without '.weight') of the 2-D weights both checkpoints share."""
+    shared = sorted(set(base.shards) & set(aligned.shards))
+    chosen: list[str] = []
+    for tensor in shared:
+        if not tensor.endswith(".weight"):
+            continue
+        module = tensor[: -len(".weight")]
+        leaf = module.rsplit(".", 1)[-1]
+        if leaf in _NEVER:
+            continue
+        if suffixes is None:
+            if leaf not in DEFAULT_MODULE_SUFFIXES:
+                continue
+        elif "all-linear" not in suffixes and leaf not in suffixes:
+            continue
+        if len(aligned.shape(tensor)) != 2:
+            continue
+        chosen.append(module)
+    if not chosen:
+        wanted = ",".join(suffixes) if suffixes else ",".join(DEFAULT_MODULE_SUFFIXES)
+        raise BankError(
+            f"no shared 2-D weights named {wanted} in base '{base.ref}' and aligned '{aligned.ref}'; "
+            "check --modules against the checkpoints' tensor names"
+        )
+    return chosen
+
+
+def _svd(V: torch.Tensor, svd: str, truncation: Truncation) -> tuple[torch.Tensor, torch.Tensor]:
+    if svd == "lowrank":
+        if truncation.rank is None:
+            raise BankError("--svd lowrank needs --rank K (a randomized SVD computes only K directions)")
+        q = min(truncation.rank + 10, min(V.shape))
+        U, S, _ = torch.svd_lowrank(V, q=q, niter=4)
+        return U, S
+    U, S, _ = torch.linalg.svd(V, full_matrices=False)
+    return U, S
+
+
+def decompose_module(
+    V: torch.Tensor, *, svd: str = "full", truncation: Truncation = Truncation()
+) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """SVD of one alignment matrix with truncation; returns U_k, S_k and manifest stats."""
+    V = V.to(torch.float32)
+    total_energy = float(torch.sum(V.double() ** 2))
+    norm = math.sqrt(total_energy)
+    U, S = _svd(V, svd, truncation)
+    # Directions with singular value at float32 round-off carry no alignment
+    # signal; the exact projection is defined over the non-zero ones only.
+    tol = float(S.max()) * max(V.shape) * torch.finfo(torch.float32).eps if S.numel() else 0.0
+    numerical_rank = int((S > tol).sum())
+    k = numerical_rank
+    if truncation.rank is not None:
+        k = min(k, truncation.rank)
+    if truncation.energy is not None and total_energy > 0:
+        cum = torch.cumsum(S.double() ** 2, 0) / total_energy
+        k = min(k, int(torch.searchsorted(cum, torch.tensor(truncation.energy - 1e-12, dtype=cum.dtype))) + 1)
+    k = max(0, min(k, S.numel()))
+    kept_energy = float(torch.sum(S[:k].double() ** 2))
+    if svd == "full":
+        next_sv = float(S[k]) if k < S.numel() else 0.0
+        bound = next_sv * next_sv / norm if norm > 0 else 0.0
+    else:
+        # S_{k+1}^2 <= the energy the kept directions miss.
+        bound = max(total_energy - kept_energy, 0.0) / norm if norm > 0 else 0.0
+    stats = {
+        "rank_kept": k,
+        "numerical_rank": numerical_rank,
+        "frobenius_norm": norm,
+        "energy_kept": kept_energy / total_energy if total_energy > 0 else 1.0,
+        "approx_error_bound": bound,
+    }
+    return U[:, :k].contiguous(), S[:k].contiguous(), stats
+
+
+ProgressFactory = Callable[[Iterable, int, str], Iterable]
+
+
+def _tqdm_progress(items: Iterable, total: int, desc: str) -> Iterable:
+    from tqdm.auto import tqdm
+
+    return tqdm(items, total=total, desc=desc, unit="module")
+
+
+def build_bank(
+    base_ref: str,
+    aligned_ref: str,
+    out_dir: Path,
+    *,
+    modules: Sequence[str] | None = None,
+    truncation: Truncation = Truncation(),
+    storage_dtype: StorageDType = "float32",
+    device: str = "cpu",
+    svd: Literal["full", "lowrank"] = "full",
+    aliases: Sequence[str] = (),
+    overwrite: bool = False,
+    progress: ProgressFactory | None = _tqdm_progress,
+) -> BankManifest:
+    """Build a bank from two checkpoints, one module at a time, and write it atomically."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise BankError(f"{out_dir} already exists; remove it or pass --overwrite")
+    if storage_dtype not in _DTYPES:
+        raise BankError(f"storage dtype must be one of {sorted(_DTYPES)}, got {storage_dtype}")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise BankError(f"--device {device} requested but CUDA is not available")
+
+    base = resolve_checkpoint(base_ref)
+    aligned = resolve_checkpoint(aligned_ref)
+    names = select_bank_modules(base, aligned, modules)
+    base_hash, aligned_hash = TensorHasher(), TensorHasher()
+    tensors: dict[str, torch.Tensor] = {}
+    entries: list[BankModule] = []
+
+    iterator: Iterable[str] = names
+    if progress is not None:
+        iterator = progress(names, len(names), "build-bank")
+    for module in iterator:
+        key = f"{module}.weight"
+        w_base, w_aligned = base.read(key), aligned.read(key)
+        if w_base.shape != w_aligned.shape:
+            raise BankError(
+                f"{key}: base '{base.ref}' has shape {tuple(w_base.shape)}, aligned '{aligned.ref}' "
+                f"has {tuple(w_aligned.shape)}; the two checkpoints are not the same architecture"
+            )
+        shape = (int(w_base.shape[0]), int(w_base.shape[1]))
+        base_hash.update(key, w_base)
+        aligned_hash.update(key, w_aligned)
+        V = w_aligned.to(dev, torch.float32) - w_base.to(dev, torch.float32)
+        del w_base, w_aligned
+        if not torch.isfinite(V).all():
+            raise BankError(f"{key}: W_aligned - W_base has NaN/Inf values; check both checkpoints")
+        U, S, stats = decompose_module(V, svd=svd, truncation=truncation)
+        del V
+        if stats["frobenius_norm"] == 0.0:
+            logger.warning(
+                "%s is identical in base and aligned: its alignment subspace is empty, so projecting "
+                "an adapter's update on it zeroes that update. Leave it out with --modules if unwanted.",
+                module,
+            )
+        tensors[f"{module}.U"] = U.to(_DTYPES[storage_dtype]).cpu()
+        tensors[f"{module}.S"] = S.to(torch.float32).cpu()
+        entries.append(BankModule(name=module, shape=shape, **stats))
+
+    return _write_bank(
+        out_dir,
+        tensors,
+        entries,
+        base=SourceIdentity(ref=base.ref, tensors_sha256=base_hash.hexdigest()),
+        aligned=SourceIdentity(ref=aligned.ref, tensors_sha256=aligned_hash.hexdigest()),
+        aliases=list(aliases),
+        storage_dtype=storage_dtype,
+        svd=svd,
+        truncation={"rank": truncation.rank, "energy": truncation.energy},
+        overwrite=overwrite,
+    )
+
+
+def _write_bank(out_dir: Path, tensors: dict, entries: list[BankModule], *, overwrite: bool, **fields) -> BankManifest:
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        save_file(tensors, str(tmp / TENSORS_FILE), metadata={"format": "vllm-safelora-bank"})
+        digest = _sha256_file(tmp / TENSORS_FILE)
+        manifest = BankManifest(
+            bank_id=f"sb-{digest[:16]}",
+            tensors_sha256=digest,
+            created_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            modules=entries,
+            **fields,
+        )
+        (tmp / MANIFEST_FILE).write_text(manifest.model_dump_json(indent=2) + "\n")
+        _fsync_dir_files(tmp)
+        if out_dir.exists() and overwrite:
+            shutil.rmtree(out_dir)
+        os.rename(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _fsync_dir_files(directory: Path) -> None:
+    for p in directory.iterdir():
+        with open(p, "rb") as f:
+            os.fsync(f.fileno())
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------
+# Load
+
+
+@dataclass
+class AlignmentBank:
+    """A bank resident on one device, ready for projection."""
+
+    manifest: BankManifest
+    subspaces: dict[str, Subspace]
+    device: torch.device
+    nbytes: int
+    path: Path
+
+    @property
+    def bank_id(self) -> str:
+        return self.manifest.bank_id
+
+    def get(self, module: str) -> Subspace | None:
+        return self.subspaces.get(module)
+
+
+def read_manifest(bank_dir: Path) -> BankManifest:
+    bank_dir = Path(bank_dir)
+    path = bank_dir / MANIFEST_FILE
+    if not path.is_file():
+        raise BankError(
+            f"no alignment bank at {bank_dir} ({MANIFEST_FILE} missing); build one with "
+            "`vllm-safelora build-bank --base BASE --aligned ALIGNED --out DIR`"
+        )
+    try:
+        manifest = BankManifest.model_validate_json(path.read_text())
+    except (ValidationError, ValueError, OSError) as exc:
+        raise BankError(f"bank manifest {path} is unreadable or invalid ({exc}); rebuild the bank") from exc
+    if manifest.format_version != BANK_FORMAT_VERSION:
+        raise BankError(
+            f"bank {bank_dir} has format version {manifest.format_version}; this vllm-safelora reads "
+            f"version {BANK_FORMAT_VERSION}. Rebuild it with this version's build-bank."
+        )
+    return manifest
+
+
+def resolve_device(device: str) -> torch.device:
+    """'auto' means CUDA when present, else CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError) as exc:
+        raise BankError(f"invalid device '{device}' (use auto, cpu or cuda:N)") from exc
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise BankError(f"device '{device}' requested but CUDA is not available in this process")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise BankError(f"device '{device}' does not exist ({torch.cuda.device_count()} CUDA devices)")
+    elif dev.type != "cpu":
+        raise BankError(f"unsupported device '{device}' (use auto, cpu or cuda:N)")
+    return dev
+
+
+def load_bank(bank_dir: Path, device: str = "cpu", *, verify: bool = True) -> AlignmentBank:
+    """Read a bank onto ``device`` ('cpu', 'cuda:N', 'auto'); verifies its hash by default."""
+    bank_dir = Path(bank_dir)
+    manifest = read_manifest(bank_dir)
+    dev = resolve_device(device)
+    tensors_path = bank_dir / TENSORS_FILE
+    if not tensors_path.is_file():
+        raise BankError(f"bank {bank_dir} has no {TENSORS_FILE}; rebuild it")
+    if verify:
+        digest = _sha256_file(tensors_path)
+        if digest != manifest.tensors_sha256:
+            raise BankError(
+                f"bank {bank_dir} is corrupt: {TENSORS_FILE} has sha256 {digest[:16]}..., the manifest "
+                f"says {manifest.tensors_sha256[:16]}...; rebuild the bank"
+            )
+    subspaces: dict[str, Subspace] = {}
+    nbytes = 0
+    try:
+        with safe_open(str(tensors_path), framework="pt", device="cpu") as f:
+            present = set(f.keys())
+            for m in manifest.modules:
+                for suffix in ("U", "S"):
+                    if f"{m.name}.{suffix}" not in present:
+                        raise BankError(f"bank {bank_dir} lacks tensor {m.name}.{suffix}; rebuild it")
+                U = f.get_tensor(f"{m.name}.U")
+                S = f.get_tensor(f"{m.name}.S")
+                if tuple(U.shape) != (m.shape[0], m.rank_kept) or tuple(S.shape) != (m.rank_kept,):
+                    raise BankError(
+                        f"bank {bank_dir}: {m.name} tensors have shapes {tuple(U.shape)}/{tuple(S.shape)}, "
+                        f"the manifest says ({m.shape[0]}, {m.rank_kept}); rebuild it"
+                    )
+                U, S = U.to(dev), S.to(dev)
+                nbytes += U.numel() * U.element_size() + S.numel() * S.element_size()
+                subspaces[m.name] = Subspace(U=U, S=S, frobenius_norm=m.frobenius_norm)
+    except BankError:
+        raise
+    except Exception as exc:  # safetensors parse errors, OOM on device
+        raise BankError(f"bank {bank_dir} could not be loaded onto {dev}: {exc}") from exc
+    logger.info(
+        "loaded alignment bank %s (%d modules, %.1f MiB) onto %s",
+        manifest.bank_id, len(subspaces), nbytes / 2**20, dev,
+    )
+    return AlignmentBank(manifest=manifest, subspaces=subspaces, device=dev, nbytes=nbytes, path=bank_dir)
+
+
+def dense_bank_bytes(manifest: BankManifest, bytes_per_element: int = 4) -> int:
+    """What the reference keeps: one dense d_out x d_out C per module."""
+    return sum(m.shape[0] * m.shape[0] * bytes_per_element for m in manifest.modules)
+
+

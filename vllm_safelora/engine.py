@@ -1,0 +1,125 @@
+"""The offline engine: check an adapter against a bank, apply a policy, produce bytes and a report.
+
+``project_adapter`` is what the CLI and the server's service both call. It
+never writes; ``write_projected`` does, atomically.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+from .adapters import LoraAdapter, SerializedAdapter, serialize_adapter, write_adapter_dir
+from .bank import AlignmentBank
+from .errors import AdapterRefused, RefusalReason
+from .policies import PolicyConfig, make_policy
+from .projection import mean_pdst
+from .report import REPORT_FILE, AdapterReport, ReportSummary
+
+
+@dataclass(frozen=True)
+class ProjectionOutcome:
+    adapter: SerializedAdapter
+    """The patched adapter's files, report included (``safelora_report.json``)."""
+    report: AdapterReport
+
+
+def check_compatible(
+    adapter: LoraAdapter,
+    bank: AlignmentBank,
+    *,
+    aliases: Iterable[str] = (),
+    require_base_model_match: bool = True,
+    name: str | None = None,
+) -> None:
+    """Refuse an adapter the bank cannot protect: other base model, unknown modules, wrong shapes."""
+    who = name or str(adapter.path)
+    manifest = bank.manifest
+    base = adapter.base_model
+    if require_base_model_match:
+        if base is None:
+            raise AdapterRefused(
+                RefusalReason.BASE_MODEL_MISMATCH,
+                "adapter_config.json has no base_model_name_or_path; the server cannot tell which model it was trained for",
+                who,
+            )
+        if not manifest.protects(base, aliases):
+            known = [manifest.aligned.ref, *manifest.aliases, *aliases]
+            raise AdapterRefused(
+                RefusalReason.BASE_MODEL_MISMATCH,
+                f"it was trained for '{base}', but this server's bank protects {known}. "
+                "If that is the same model under another name, add it to the bank's aliases",
+                who,
+            )
+    problems: list[tuple[RefusalReason, str]] = []
+    for module_name, module in adapter.modules.items():
+        meta = manifest.module(module_name)
+        if meta is None or bank.get(module_name) is None:
+            problems.append(
+                (RefusalReason.UNKNOWN_MODULE, f"module {module_name} is not in the alignment bank {manifest.bank_id}")
+            )
+            continue
+        if (module.d_out, module.d_in) != tuple(meta.shape):
+            problems.append(
+                (
+                    RefusalReason.SHAPE_MISMATCH,
+                    f"module {module_name}: the update is {module.d_out} x {module.d_in}, the model's weight is "
+                    f"{meta.shape[0]} x {meta.shape[1]}",
+                )
+            )
+    if problems:
+        details = "; ".join(d for _, d in problems[:10])
+        if len(problems) > 10:
+            details += f"; and {len(problems) - 10} more"
+        raise AdapterRefused(problems[0][0], details, who)
+
+
+def project_adapter(
+    adapter: LoraAdapter,
+    bank: AlignmentBank,
+    policy: PolicyConfig,
+    *,
+    name: str | None = None,
+    aliases: Iterable[str] = (),
+    require_base_model_match: bool = True,
+) -> ProjectionOutcome:
+    """Check, apply the policy and serialise; raises AdapterRefused, writes nothing."""
+    who = name or str(adapter.path)
+    start = time.perf_counter()
+    check_compatible(adapter, bank, aliases=aliases, require_base_model_match=require_base_model_match, name=who)
+    result = make_policy(policy).apply(adapter, bank)
+    if result.changed:
+        serialized = serialize_adapter(adapter.config_bytes, result.tensors, adapter.metadata)
+    else:
+        # Unchanged adapters are served byte-for-byte as uploaded.
+        serialized = SerializedAdapter(adapter.config_bytes, adapter.weights_bytes, {})
+    cosines = [m.cosine for m in result.modules]
+    bounds = [m.bank_error_bound for m in result.modules]
+    summary = ReportSummary(
+        outcome="projected" if result.changed else "unchanged",
+        modules=len(result.modules),
+        projected=sum(m.projected for m in result.modules),
+        mean_pdst=mean_pdst([m.pdst_term for m in result.modules]),
+        min_cosine=min(cosines) if cosines else None,
+        mean_cosine=sum(cosines) / len(cosines) if cosines else None,
+        policy_name=policy.kind,
+        policy=policy.model_dump(mode="json"),
+        policy_id=policy.policy_id(),
+        bank_id=bank.bank_id,
+        input_hash=adapter.content_hash,
+        output_hash=serialized.content_hash,
+        seconds=time.perf_counter() - start,
+        max_bank_error_bound=max(bounds) if bounds else 0.0,
+    )
+    report = AdapterReport(adapter=who, summary=summary, modules=result.modules, notes=result.notes)
+    files = dict(serialized.extra_files)
+    files[REPORT_FILE] = (report.model_dump_json(indent=2) + "\n").encode()
+    return ProjectionOutcome(
+        adapter=SerializedAdapter(serialized.config_bytes, serialized.weights_bytes, files), report=report
+    )
+
+
+def write_projected(outcome: ProjectionOutcome, out_dir: Path, *, overwrite: bool = False) -> Path:
+    return write_adapter_dir(out_dir, outcome.adapter, overwrite=overwrite)

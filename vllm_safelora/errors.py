@@ -1,0 +1,78 @@
+"""Exception families.
+
+Three families, because each one is handled differently by the server:
+
+* ``AdapterRefused``: this adapter (a tenant's upload) is not served. The server
+  maps it to an HTTP 4xx naming the adapter and the reason, counts it in
+  ``safelora_rejections_total{reason}`` and keeps serving everyone else.
+* ``BankError``: the alignment bank is missing, corrupt, or built for another
+  model. At start-up this stops the server (fail closed).
+* ``ConfigError``: the plugin is misconfigured. Also stops the server.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class RefusalReason(str, enum.Enum):
+    """Machine-readable refusal reasons; used as the Prometheus ``reason`` label."""
+
+    NOT_FOUND = "not_found"
+    INVALID_NAME = "invalid_name"
+    INVALID_CONFIG = "invalid_config"
+    NOT_LORA = "not_lora"
+    UNSUPPORTED_FEATURE = "unsupported_feature"
+    BASE_MODEL_MISMATCH = "base_model_mismatch"
+    UNKNOWN_MODULE = "unknown_module"
+    MISSING_TENSOR = "missing_tensor"
+    UNEXPECTED_TENSOR = "unexpected_tensor"
+    SHAPE_MISMATCH = "shape_mismatch"
+    RANK_MISMATCH = "rank_mismatch"
+    RANK_TOO_LARGE = "rank_too_large"
+    NON_FINITE = "non_finite"
+    BAD_DTYPE = "bad_dtype"
+    PICKLE_ONLY = "pickle_only"
+    MALFORMED_TENSORS = "malformed_tensors"
+    TOO_LARGE = "too_large"
+    EMPTY = "empty"
+    ADMISSION = "admission"
+    CHANGED_WHILE_READING = "changed_while_reading"
+
+
+class SafeLoRAError(Exception):
+    """Base class for every error this package raises on purpose."""
+
+
+class AdapterRefused(SafeLoRAError):
+    """The adapter is refused; nothing was written and nothing will be served.
+
+    ``reason`` is a :class:`RefusalReason`; ``adapter`` names the adapter (its
+    served name or path); ``detail`` says what is wrong and where (file,
+    module, key) so the tenant can fix it.
+    """
+
+    def __init__(self, reason: RefusalReason, detail: str, adapter: str | None = None):
+        self.reason = RefusalReason(reason)
+        self.detail = detail
+        self.adapter = adapter
+        super().__init__(self._message())
+
+    def _message(self) -> str:
+        who = f"adapter '{self.adapter}'" if self.adapter else "adapter"
+        return f"{who} refused ({self.reason.value}): {self.detail}"
+
+    def for_adapter(self, adapter: str) -> "AdapterRefused":
+        """Return the same refusal, naming ``adapter`` (keeps the first name given)."""
+        if self.adapter is None:
+            self.adapter = adapter
+            self.args = (self._message(),)
+        return self
+
+
+class BankError(SafeLoRAError):
+    """The alignment bank cannot be built, read or trusted."""
+
+
+class ConfigError(SafeLoRAError):
+    """The plugin or a command is misconfigured."""

@@ -1,0 +1,74 @@
+"""Safe LoRA (Hsu et al., NeurIPS 2024): project selected modules' lora_B onto C lora_B."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from ..adapters import LoraAdapter
+from ..bank import AlignmentBank
+from ..projection import ProjectionKind, SelectMode, analyze_module, pdst_term, select_modules
+from ..report import ModuleReport
+from .base import Policy, PolicyConfig, PolicyResult
+
+
+class SafeLoRAConfig(PolicyConfig):
+    kind: Literal["safelora"] = "safelora"
+    select: SelectMode = Field(SelectMode.THRESHOLD, description="threshold | topk | all")
+    threshold: float = Field(0.35, ge=-1.0, le=1.0, description="project modules with cosine <= threshold")
+    topk: int = Field(10, ge=0, description="project the k modules with the lowest cosine (ties add modules)")
+    projection: ProjectionKind = Field(ProjectionKind.APPROX, description="approx (paper default) | exact")
+
+
+class SafeLoRAPolicy(Policy):
+    name = "safelora"
+
+    def __init__(self, config: SafeLoRAConfig):
+        self.config = config
+
+    def apply(self, adapter: LoraAdapter, bank: AlignmentBank) -> PolicyResult:
+        cfg = self.config
+        analyses = {}
+        for name, module in adapter.modules.items():
+            sub = bank.get(name)
+            assert sub is not None, f"{name} not in bank: check_compatible must run first"
+            analyses[name] = analyze_module(name, sub, module.lora_A, module.lora_B, module.scale, cfg.projection)
+        rounded = {name: a.score.cosine_rounded for name, a in analyses.items()}
+        selected = select_modules(rounded, cfg.select, threshold=cfg.threshold, topk=cfg.topk)
+
+        tensors = dict(adapter.tensors)
+        reports: list[ModuleReport] = []
+        for name, module in adapter.modules.items():
+            a = analyses[name]
+            projected = name in selected
+            if projected:
+                tensors[module.b_key] = a.projected_B.to(device="cpu", dtype=module.lora_B.dtype)
+            meta = bank.manifest.module(name)
+            reports.append(
+                ModuleReport(
+                    module=name,
+                    cosine=a.score.cosine_rounded,
+                    cosine_raw=a.score.cosine,
+                    projected=projected,
+                    pdst_term=pdst_term(a.score, projected),
+                    relative_distance=a.score.relative_distance,
+                    update_norm=a.score.update_norm,
+                    rank=module.rank,
+                    scale=module.scale,
+                    shape=(module.d_out, module.d_in),
+                    bank_error_bound=meta.approx_error_bound if meta else 0.0,
+                )
+            )
+        notes = []
+        if cfg.projection is ProjectionKind.EXACT:
+            full = [
+                r.module for r in reports
+                if (m := bank.manifest.module(r.module)) is not None and m.rank_kept >= min(m.shape)
+            ]
+            if full:
+                notes.append(
+                    f"exact projection onto a full-rank subspace is the identity for {len(full)} module(s) "
+                    "(e.g. " + full[0] + "); build the bank with --rank or --energy for exact mode to change anything"
+                )
+        return PolicyResult(tensors=tensors, modules=reports, changed=bool(selected), notes=notes)
