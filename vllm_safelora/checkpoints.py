@@ -61,10 +61,17 @@ def _download_from_hub(ref: str, revision: str | None) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HFValidationError
 
+    # huggingface_hub reads HF_HUB_OFFLINE / HF_HUB_CACHE once, when its constants
+    # module is first imported (transformers, peft and vLLM import it early); read
+    # them again here so that settings made after that import are honoured.
+    offline = _env_true("HF_HUB_OFFLINE") or _env_true("TRANSFORMERS_OFFLINE")
+    cache_dir = os.environ.get("HF_HUB_CACHE") or None
     try:
         local = snapshot_download(
             repo_id=ref,
             revision=revision,
+            cache_dir=cache_dir,
+            local_files_only=offline,
             allow_patterns=["*.safetensors", INDEX_FILE, "config.json"],
         )
     except HFValidationError as exc:
@@ -78,6 +85,10 @@ def _download_from_hub(ref: str, revision: str | None) -> Path:
     return Path(local)
 
 
+def _env_true(name: str) -> bool:
+    return os.environ.get(name, "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
 def _index_shards(directory: Path, ref: str) -> dict[str, Path]:
     index = directory / INDEX_FILE
     if index.is_file():
@@ -85,7 +96,11 @@ def _index_shards(directory: Path, ref: str) -> dict[str, Path]:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (ValueError, KeyError) as exc:
             raise BankError(f"checkpoint '{ref}': {index} is not a valid safetensors index ({exc})") from exc
-        return {name: directory / shard for name, shard in weight_map.items()}
+        shards = {name: directory / shard for name, shard in weight_map.items()}
+        missing = sorted({p.name for p in shards.values() if not p.is_file()})
+        if missing:
+            raise BankError(f"checkpoint '{ref}': {INDEX_FILE} names shard files that are missing: {missing[:5]}")
+        return shards
     shards: dict[str, Path] = {}
     files = sorted(directory.glob("*.safetensors"))
     if not files:

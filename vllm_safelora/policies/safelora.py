@@ -64,11 +64,12 @@ class SafeLoRAPolicy(Policy):
         if cfg.projection is ProjectionKind.EXACT:
             full = [
                 r.module for r in reports
-                if (m := bank.manifest.module(r.module)) is not None and m.rank_kept >= min(m.shape)
+                if (m := bank.manifest.module(r.module)) is not None and m.rank_kept >= m.shape[0]
             ]
             if full:
                 notes.append(
-                    f"exact projection onto a full-rank subspace is the identity for {len(full)} module(s) "
+                    f"exact projection onto a subspace spanning all d_out output directions is the identity "
+                    f"for {len(full)} module(s) "
                     "(e.g. " + full[0] + "); build the bank with --rank or --energy for exact mode to change anything"
                 )
         return PolicyResult(tensors=tensors, modules=reports, changed=bool(selected), notes=notes)

@@ -1,0 +1,111 @@
+"""Plugin configuration: a YAML file named by VLLM_SAFELORA_CONFIG, overridable per key by env.
+
+Every key can be set as ``VLLM_SAFELORA_<KEY>``; nested keys join with ``__``
+(``VLLM_SAFELORA_POLICY__THRESHOLD=0.4``). Lists and objects take JSON
+(``VLLM_SAFELORA_ADAPTER_DIRS='["/srv/adapters"]'``). Environment beats YAML.
+Anything invalid raises :class:`ConfigError` naming the key: the plugin then
+stops the server instead of serving unprotected adapters.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
+
+from .errors import ConfigError
+from .policies import SafeLoRAConfig
+
+CONFIG_ENV = "VLLM_SAFELORA_CONFIG"
+ENV_PREFIX = "VLLM_SAFELORA_"
+
+
+class HubConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = False
+    prefix: str = Field("hub:", description="served names '<prefix><org>/<repo>' are fetched from the hub")
+    allow: list[str] = Field(default_factory=lambda: ["*"], description="fnmatch patterns of allowed repo ids")
+    revision: str | None = None
+    local_files_only: bool | None = Field(None, description="None: follow HF_HUB_OFFLINE")
+
+
+class AdmissionConfig(BaseModel):
+    """Refuse an adapter outright instead of (only) projecting it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_projected_fraction: float | None = Field(
+        None, ge=0.0, le=1.0, description="refuse when more than this fraction of modules needed projection"
+    )
+    min_cosine: float | None = Field(
+        None, ge=-1.0, le=1.0, description="refuse when any module's cosine is below this floor"
+    )
+
+
+class SafeLoRASettings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid", case_sensitive=False,
+    )
+
+    bank: Path = Field(description="alignment bank directory built by `vllm-safelora build-bank`")
+    adapter_dirs: list[Path] = Field(default_factory=list, description="local adapter roots (names: adapter or tenant/adapter)")
+    hub: HubConfig = Field(default_factory=HubConfig)
+    cache_dir: Path = Field(Path("/var/cache/vllm-safelora"), description="patched-adapter cache")
+    cache_max_bytes: int = Field(10 << 30, gt=0, description="byte budget of the cache (LRU eviction)")
+    device: str = Field("auto", description="where the bank lives: auto | cpu | cuda:N")
+    policy: SafeLoRAConfig = Field(default_factory=SafeLoRAConfig)
+    admission: AdmissionConfig = Field(default_factory=AdmissionConfig)
+    aliases: list[str] = Field(default_factory=list, description="other names of the served (aligned) model")
+    require_base_model_match: bool = True
+    max_adapter_bytes: int = Field(2 << 30, gt=0, description="refuse adapters larger than this")
+    verify_bank: bool = Field(True, description="check the bank's sha256 at start-up")
+    verify_cache: bool = Field(True, description="re-hash cache entries before handing them to vLLM")
+    allow_untested_vllm: bool = Field(False, description="run on a vLLM version this plugin was not tested with")
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if v == "auto" or v == "cpu" or v == "cuda" or (v.startswith("cuda:") and v[5:].isdigit()):
+            return v
+        raise ValueError("device must be auto, cpu, cuda or cuda:N")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        yaml_file = os.environ.get(CONFIG_ENV)
+        if yaml_file:
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=yaml_file))
+        return tuple(sources)
+
+
+def load_settings(**overrides: Any) -> SafeLoRASettings:
+    """Read and validate the configuration, or raise ConfigError saying what to fix."""
+    yaml_file = os.environ.get(CONFIG_ENV)
+    if yaml_file and not Path(yaml_file).is_file():
+        raise ConfigError(f"{CONFIG_ENV}={yaml_file} does not name a readable file")
+    if not yaml_file and not any(k.startswith(ENV_PREFIX) for k in os.environ) and not overrides:
+        raise ConfigError(
+            f"vllm-safelora is installed but not configured: set {CONFIG_ENV} to a YAML file "
+            f"(see configs/example.yaml) or {ENV_PREFIX}BANK. Refusing to serve adapters unprotected."
+        )
+    try:
+        return SafeLoRASettings(**overrides)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '(root)'}: {err['msg']}" for err in exc.errors()
+        )
+        source = yaml_file or "environment"
+        raise ConfigError(f"invalid vllm-safelora configuration ({source}): {problems}") from exc
+    except Exception as exc:  # YAML syntax errors and the like
+        raise ConfigError(f"cannot read vllm-safelora configuration {yaml_file or ''}: {exc}") from exc

@@ -1,0 +1,77 @@
+"""``vllm.general_plugins`` entry point ``safelora``.
+
+vLLM runs ``register`` once in every process (API server, engine core,
+workers, a model-inspection subprocess). It must be cheap, and it must raise on
+any misconfiguration: vLLM stops the process when a plugin function raises,
+which is what we want (fail closed), whereas a plugin that quietly did not
+install would let unprojected adapters through.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+logger = logging.getLogger("vllm_safelora")
+
+
+def share_vllm_logging() -> None:
+    """Route our loggers through vLLM's handlers so operators see them in the server log.
+
+    vLLM applies its logging dictConfig after plugins load, which disables
+    loggers it does not name; this is called again once the engine is built.
+    """
+    theirs = logging.getLogger("vllm")
+    for name, obj in list(logging.root.manager.loggerDict.items()):
+        if name == "vllm_safelora" or name.startswith("vllm_safelora."):
+            if isinstance(obj, logging.Logger):
+                obj.disabled = False
+    ours = logging.getLogger("vllm_safelora")
+    ours.disabled = False
+    if theirs.handlers and not any(h in ours.handlers for h in theirs.handlers):
+        ours.handlers = list(theirs.handlers)
+        ours.setLevel(logging.INFO)
+        ours.propagate = False
+
+
+def register() -> None:
+    import vllm
+
+    from ..bank import read_manifest
+    from ..config import load_settings
+    from ..errors import ConfigError, SafeLoRAError
+    from . import patches, state
+    from .compat import check_vllm_version
+
+    share_vllm_logging()
+    try:
+        settings = load_settings()
+        check_vllm_version(vllm.__version__, allow_untested=settings.allow_untested_vllm)
+        if os.environ.get("VLLM_USE_RUST_FRONTEND", "0") not in ("", "0", "false", "False"):
+            raise ConfigError(
+                "VLLM_USE_RUST_FRONTEND replaces the Python front end that vllm-safelora guards; unset it"
+            )
+        # Cheap in every process; the front end also verifies the tensors' hash at start.
+        read_manifest(settings.bank)
+        state.set_settings(settings)
+        patches.install()
+        _register_resolver()
+    except SafeLoRAError as exc:
+        logger.error("vllm-safelora: refusing to start, adapters would not be protected: %s", exc)
+        raise
+
+
+def _register_resolver() -> None:
+    from vllm.lora.resolver import LoRAResolverRegistry
+
+    from .resolver import RESOLVER_NAME, SafeLoRAResolver
+
+    if RESOLVER_NAME in LoRAResolverRegistry.get_supported_resolvers():
+        return
+    LoRAResolverRegistry.register_resolver(RESOLVER_NAME, SafeLoRAResolver())
+    # Ours first, so our sources and errors win; anything another resolver
+    # returns still goes through the add_lora wrapper and is projected.
+    resolvers = LoRAResolverRegistry.resolvers
+    ordered = {RESOLVER_NAME: resolvers.pop(RESOLVER_NAME), **resolvers}
+    resolvers.clear()
+    resolvers.update(ordered)

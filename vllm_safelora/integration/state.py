@@ -1,0 +1,42 @@
+"""Per-process plugin state: the settings, and the service once the front end starts it."""
+
+from __future__ import annotations
+
+import threading
+
+from ..config import SafeLoRASettings
+from ..service import SafeLoRAService
+
+_lock = threading.Lock()
+_settings: SafeLoRASettings | None = None
+_service: SafeLoRAService | None = None
+
+
+def set_settings(settings: SafeLoRASettings) -> None:
+    global _settings
+    _settings = settings
+
+
+def settings() -> SafeLoRASettings:
+    if _settings is None:
+        raise RuntimeError("vllm-safelora plugin was not registered in this process")
+    return _settings
+
+
+def start_service(served_model: str, max_rank: int | None) -> SafeLoRAService:
+    """Start the service once per process (the front end); later engines reuse it."""
+    global _service
+    with _lock:
+        if _service is None:
+            _service = SafeLoRAService.start(settings(), served_model, max_rank=max_rank)
+        elif not _service.bank.manifest.protects(served_model, _service.settings.aliases):
+            from ..errors import BankError
+
+            raise BankError(
+                f"this process already serves with bank {_service.bank.bank_id}, which does not protect '{served_model}'"
+            )
+        return _service
+
+
+def service() -> SafeLoRAService | None:
+    return _service

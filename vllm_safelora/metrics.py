@@ -1,0 +1,32 @@
+"""Prometheus metrics, registered in prometheus-client's default registry.
+
+In vLLM's API-server process that registry is what ``/metrics`` serves, so
+these appear on vLLM's own port with no second server.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+ADAPTERS = Counter(
+    "safelora_adapters", "Adapter loads by outcome", ["outcome", "policy"]
+)
+REJECTIONS = Counter("safelora_rejections", "Refused adapters by reason", ["reason"])
+MODULE_COSINE = Histogram(
+    "safelora_module_cosine",
+    "Safe LoRA cosine between each module's update and its projection (one observation per module per projection)",
+    buckets=(-0.5, 0.0, 0.1, 0.2, 0.3, 0.35, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0),
+)
+MODULES_PROJECTED = Counter("safelora_modules_projected", "Modules whose lora_B was projected")
+PROJECTIONS = Counter("safelora_projections", "Adapters actually projected (cache misses that completed)", ["policy"])
+PROJECTION_SECONDS = Histogram(
+    "safelora_projection_seconds",
+    "Wall time to read, validate, project and write one adapter",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+)
+CACHE_REQUESTS = Counter("safelora_cache_requests", "Patched-adapter cache lookups", ["result"])
+CACHE_BYTES = Gauge("safelora_cache_bytes", "Bytes held by the patched-adapter cache")
+BANK_BYTES = Gauge("safelora_bank_bytes", "Bytes of the alignment bank resident on a device", ["device"])
+GUARD_BLOCKS = Counter(
+    "safelora_guard_blocks", "Loads stopped by a guard because the path was not a verified cache entry", ["where"]
+)

@@ -1,0 +1,249 @@
+"""One pipeline for every entry point: locate -> read/validate -> project -> cache -> verified path.
+
+The vLLM integration calls :meth:`SafeLoRAService.prepare` for every adapter it
+sees (resolver, load endpoint, static modules, offline requests) and hands vLLM
+only the cache entry directory it returns. This module holds no math and
+imports no vLLM.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from . import metrics
+from .adapters import ReadLimits, read_adapter, write_adapter_files
+from .bank import AlignmentBank, load_bank
+from .cache import CacheKey, PatchedAdapterCache
+from .config import AdmissionConfig, SafeLoRASettings
+from .engine import project_adapter
+from .errors import AdapterRefused, BankError, RefusalReason
+from .report import REPORT_FILE, AdapterReport
+from .sources import AdapterSource, HubSource, LocalDirSource, locate_adapter
+
+logger = logging.getLogger("vllm_safelora")
+
+
+@dataclass(frozen=True)
+class PreparedAdapter:
+    """An adapter ready for vLLM: ``path`` is a verified, patched cache entry."""
+
+    name: str
+    path: Path
+    digest: str
+    report: AdapterReport
+    cache_hit: bool
+
+
+def admission_problem(report: AdapterReport, admission: AdmissionConfig) -> str | None:
+    """Why the operator's admission rules refuse this adapter, or None."""
+    s = report.summary
+    if admission.max_projected_fraction is not None and s.modules:
+        fraction = s.projected / s.modules
+        if fraction > admission.max_projected_fraction:
+            return (
+                f"{s.projected} of {s.modules} modules ({fraction:.0%}) needed projection, more than the "
+                f"allowed {admission.max_projected_fraction:.0%}"
+            )
+    if admission.min_cosine is not None and s.min_cosine is not None and s.min_cosine < admission.min_cosine:
+        worst = min(report.modules, key=lambda m: m.cosine)
+        return f"module {worst.module} has cosine {worst.cosine:.5f}, below the floor {admission.min_cosine}"
+    return None
+
+
+def build_sources(settings: SafeLoRASettings) -> list[AdapterSource]:
+    sources: list[AdapterSource] = [LocalDirSource(root) for root in settings.adapter_dirs]
+    if settings.hub.enabled:
+        sources.append(
+            HubSource(
+                prefix=settings.hub.prefix, allow=settings.hub.allow, revision=settings.hub.revision,
+                local_files_only=settings.hub.local_files_only,
+            )
+        )
+    return sources
+
+
+def _confinement(source: AdapterSource) -> Path | None:
+    if isinstance(source, LocalDirSource):
+        return source.root
+    if isinstance(source, HubSource):
+        from huggingface_hub import constants
+
+        # Hub snapshots are symlinks into the cache's blobs/.
+        return Path(getattr(source, "cache_dir", None) or constants.HF_HUB_CACHE)
+    return None
+
+
+class SafeLoRAService:
+    def __init__(
+        self,
+        settings: SafeLoRASettings,
+        bank: AlignmentBank,
+        sources: Sequence[AdapterSource],
+        cache: PatchedAdapterCache,
+        *,
+        max_rank: int | None = None,
+    ):
+        self.settings = settings
+        self.bank = bank
+        self.sources = list(sources)
+        self.cache = cache
+        self.limits = ReadLimits(max_bytes=settings.max_adapter_bytes, max_rank=max_rank)
+        self.policy = settings.policy
+        self._lock = threading.Lock()
+        self._by_path: dict[str, PreparedAdapter] = {}
+        self._by_name: dict[str, PreparedAdapter] = {}
+
+    @classmethod
+    def start(
+        cls, settings: SafeLoRASettings, served_model: str, *, max_rank: int | None = None
+    ) -> "SafeLoRAService":
+        """Load the bank, check it protects ``served_model``, open sources and cache; fail closed."""
+        bank = load_bank(settings.bank, settings.device, verify=settings.verify_bank)
+        if not bank.manifest.protects(served_model, settings.aliases):
+            raise BankError(
+                f"the alignment bank {settings.bank} ({bank.bank_id}) was built for aligned model "
+                f"'{bank.manifest.aligned.ref}' (aliases {bank.manifest.aliases}), but this server serves "
+                f"'{served_model}'. Build a bank for the served model, or add '{served_model}' to the "
+                "configuration's aliases if it is the same model under another name"
+            )
+        cache = PatchedAdapterCache(settings.cache_dir, settings.cache_max_bytes, verify=settings.verify_cache)
+        service = cls(settings, bank, build_sources(settings), cache, max_rank=max_rank)
+        metrics.BANK_BYTES.labels(device=str(bank.device)).set(bank.nbytes)
+        metrics.CACHE_BYTES.set(cache.total_bytes())
+        logger.info(
+            "safelora: protecting '%s' with bank %s (%d modules, %.1f MiB on %s); policy %s; sources %s; cache %s",
+            served_model, bank.bank_id, len(bank.subspaces), bank.nbytes / 2**20, bank.device,
+            settings.policy.model_dump(mode="json"), [s.describe() for s in service.sources], settings.cache_dir,
+        )
+        return service
+
+    # ------------------------------------------------------------------ lookups
+
+    def verified(self, lora_path: str) -> PreparedAdapter | None:
+        """O(1): is this path a cache entry this process prepared (and still on disk)?"""
+        prepared = self._by_path.get(lora_path)
+        if prepared is not None and not os.path.isdir(prepared.path):
+            return None
+        return prepared
+
+    def loaded(self) -> dict[str, PreparedAdapter]:
+        with self._lock:
+            return dict(self._by_name)
+
+    # ------------------------------------------------------------------ pipeline
+
+    def prepare(self, name: str, lora_path: str | None = None) -> PreparedAdapter:
+        """Locate, validate, project (or take from cache) and admit one adapter.
+
+        ``lora_path`` is what a caller supplied (load endpoint, static module,
+        offline request); ``None`` means resolve ``name`` through the sources.
+        Raises AdapterRefused (already counted in the metrics).
+        """
+        if lora_path is not None:
+            known = self.verified(lora_path)
+            if known is not None:
+                return self._remember(name, known)
+        start = time.perf_counter()
+        try:
+            source_dir, confine = self._locate(name, lora_path)
+            prepared = self._prepare_dir(name, source_dir, confine)
+        except AdapterRefused as exc:
+            exc.for_adapter(name)
+            metrics.ADAPTERS.labels(outcome="rejected", policy=self.policy.kind).inc()
+            metrics.REJECTIONS.labels(reason=exc.reason.value).inc()
+            logger.warning("safelora: %s", exc)
+            raise
+        summary = prepared.report.summary
+        metrics.ADAPTERS.labels(outcome=summary.outcome, policy=self.policy.kind).inc()
+        metrics.CACHE_REQUESTS.labels(result="hit" if prepared.cache_hit else "miss").inc()
+        logger.info(
+            "safelora: adapter '%s' %s: %d/%d modules projected (min cosine %s, mean Pdst %.4f), policy %s %s, "
+            "bank %s -> cache entry %s [%s, %.3fs]",
+            name, summary.outcome, summary.projected, summary.modules,
+            f"{summary.min_cosine:.5f}" if summary.min_cosine is not None else "n/a", summary.mean_pdst,
+            summary.policy_name, summary.policy_id, summary.bank_id, prepared.digest[:16],
+            "cache hit" if prepared.cache_hit else "projected now", time.perf_counter() - start,
+        )
+        return self._remember(name, prepared)
+
+    def _remember(self, name: str, prepared: PreparedAdapter) -> PreparedAdapter:
+        if prepared.name != name:
+            prepared = PreparedAdapter(name, prepared.path, prepared.digest, prepared.report, prepared.cache_hit)
+        with self._lock:
+            self._by_path[str(prepared.path)] = prepared
+            self._by_name[name] = prepared
+        return prepared
+
+    def _locate(self, name: str, lora_path: str | None) -> tuple[Path, Path | None]:
+        if lora_path is None:
+            source, path = locate_adapter(self.sources, name)
+            return path, _confinement(source)
+        candidate = Path(lora_path).expanduser()
+        if candidate.is_absolute() or candidate.exists():
+            real = Path(os.path.realpath(candidate))
+            for source in self.sources:
+                if isinstance(source, LocalDirSource):
+                    root = Path(os.path.realpath(source.root))
+                    if real == root or root in real.parents:
+                        if not real.is_dir():
+                            raise AdapterRefused(RefusalReason.NOT_FOUND, f"lora_path {lora_path} is not a directory")
+                        return real, source.root
+            raise AdapterRefused(
+                RefusalReason.INVALID_NAME,
+                f"lora_path {lora_path} is outside the configured adapter_dirs; only adapters under "
+                f"{[str(s.root) for s in self.sources if isinstance(s, LocalDirSource)]} can be loaded",
+            )
+        hub = next((s for s in self.sources if isinstance(s, HubSource)), None)
+        if hub is not None:
+            ref = lora_path if lora_path.startswith(hub.prefix) else hub.prefix + lora_path
+            path = hub.locate(ref)
+            if path is not None:
+                return path, _confinement(hub)
+        raise AdapterRefused(
+            RefusalReason.NOT_FOUND,
+            f"lora_path {lora_path!r} is not a local directory"
+            + (" and not an allowed, available hub repository" if hub else " (hub sources are disabled)"),
+        )
+
+    def _prepare_dir(self, name: str, source_dir: Path, confine: Path | None) -> PreparedAdapter:
+        adapter = read_adapter(source_dir, name=name, limits=self.limits, confine_to=confine)
+        key = CacheKey(adapter_hash=adapter.content_hash, bank_id=self.bank.bank_id, policy_id=self.policy.policy_id())
+
+        def build(tmpdir: Path) -> AdapterReport:
+            start = time.perf_counter()
+            outcome = project_adapter(
+                adapter, self.bank, self.policy, name=name, aliases=self.settings.aliases,
+                require_base_model_match=self.settings.require_base_model_match,
+            )
+            problem = admission_problem(outcome.report, self.settings.admission)
+            if problem is not None:
+                raise AdapterRefused(RefusalReason.ADMISSION, problem, name)
+            write_adapter_files(tmpdir, outcome.adapter)
+            self._observe_projection(outcome.report, time.perf_counter() - start)
+            return outcome.report
+
+        entry, hit, built_report = self.cache.get_or_create(key, build)
+        if hit:
+            report = AdapterReport.model_validate_json((entry.path / REPORT_FILE).read_bytes())
+            problem = admission_problem(report, self.settings.admission)
+            if problem is not None:
+                raise AdapterRefused(RefusalReason.ADMISSION, problem, name)
+        else:
+            report = built_report
+            metrics.CACHE_BYTES.set(self.cache.total_bytes())
+        # vLLM re-reads the entry after its own LRU evicts the adapter: keep it on disk.
+        self.cache.lease(entry.digest)
+        return PreparedAdapter(name=name, path=entry.path, digest=entry.digest, report=report, cache_hit=hit)
+
+    def _observe_projection(self, report: AdapterReport, seconds: float) -> None:
+        metrics.PROJECTIONS.labels(policy=self.policy.kind).inc()
+        metrics.PROJECTION_SECONDS.observe(seconds)
+        metrics.MODULES_PROJECTED.inc(report.summary.projected)
+        for module in report.modules:
+            metrics.MODULE_COSINE.observe(module.cosine)
