@@ -101,9 +101,30 @@ def cmd_make_tiny(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_offline_demo
+    from .demo import run_offline_demo, run_served_demo
 
-    return run_offline_demo(Path(args.workdir))
+    if args.offline:
+        return run_offline_demo(Path(args.workdir))
+    return run_served_demo(Path(args.workdir), port=args.port)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
+    from .bank import read_manifest
+    from .config import CONFIG_ENV, load_settings
+    from .launcher import exec_server
+
+    config = Path(args.config).resolve()
+    os.environ[CONFIG_ENV] = str(config)
+    # Check here for a quick, readable failure; the plugin checks again in every vLLM process.
+    settings = load_settings()
+    read_manifest(settings.bank)
+    vllm_args = list(args.vllm_args)
+    if vllm_args[:1] == ["--"]:
+        vllm_args = vllm_args[1:]
+    exec_server(config, vllm_args, runtime_lora=not args.no_runtime_lora)
+    return 0  # not reached
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -145,9 +166,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_make_tiny)
 
-    p = sub.add_parser("demo", help="end-to-end demo on the embedded tiny model")
+    p = sub.add_parser("demo", help="end-to-end demo on the embedded tiny model (starts a vLLM server)")
     p.add_argument("--workdir", default=".demo")
+    p.add_argument("--port", type=int, default=0, help="server port (default: a free one)")
+    p.add_argument("--offline", action="store_true", help="only build the bank and project adapters; no server")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser(
+        "serve", help="start vLLM's OpenAI server with the plugin configured",
+        description="vllm-safelora serve --config safelora.yaml -- --model MODEL [vLLM args...]",
+    )
+    p.add_argument("--config", required=True, help="vllm-safelora YAML configuration")
+    p.add_argument(
+        "--no-runtime-lora", action="store_true",
+        help="do not set VLLM_ALLOW_RUNTIME_LORA_UPDATING (disables the resolver and /v1/load_lora_adapter)",
+    )
+    p.add_argument("vllm_args", nargs=argparse.REMAINDER, help="arguments for vLLM's OpenAI server")
+    p.set_defaults(func=cmd_serve)
     return parser
 
 
@@ -158,6 +193,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    for noisy in ("httpx", "httpx2", "httpcore"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)

@@ -67,6 +67,6 @@ class AdapterReport(BaseModel):
             f"{s.projected}/{s.modules} modules projected; mean Pdst {s.mean_pdst:.4f}; "
             f"policy {s.policy_name} {s.policy}; bank {s.bank_id}"
         )
-        if s.max_bank_error_bound > 0:
+        if s.max_bank_error_bound > 1e-9:  # below that it is float32 round-off, not truncation
             lines.append(f"bank truncation error bound (max over modules): ||C - C_k||_2 <= {s.max_bank_error_bound:.3e}")
         return "\n".join(lines)
