@@ -27,6 +27,9 @@ PROJECTION_SECONDS = Histogram(
 CACHE_REQUESTS = Counter("safelora_cache_requests", "Patched-adapter cache lookups", ["result"])
 CACHE_BYTES = Gauge("safelora_cache_bytes", "Bytes held by the patched-adapter cache")
 BANK_BYTES = Gauge("safelora_bank_bytes", "Bytes of the alignment bank resident on a device", ["device"])
-GUARD_BLOCKS = Counter(
-    "safelora_guard_blocks", "Loads stopped by a guard because the path was not a verified cache entry", ["where"]
+GUARD_EVENTS = Counter(
+    "safelora_guard_events",
+    "Adapters that reached a last-line guard unprepared (where=process_inputs: projected there, normal for "
+    "offline LLM use, a bypass online; where=worker: refused)",
+    ["where"],
 )

@@ -27,6 +27,7 @@ import logging
 import os
 import threading
 
+from .. import metrics
 from ..errors import AdapterRefused
 from . import state
 from .errors import to_error_response, to_http_error
@@ -37,7 +38,7 @@ _installed = False
 _install_lock = threading.Lock()
 
 
-def _prepare_sync(lora_request):
+def _prepare_sync(lora_request, where: str | None = None):
     """Project (or verify) synchronously; rewrite nothing. Raises vLLM's 4xx error on refusal."""
     svc = state.service()
     if svc is None:
@@ -51,6 +52,8 @@ def _prepare_sync(lora_request):
     prepared = svc.verified(lora_request.lora_path)
     if prepared is not None:
         return prepared
+    if where is not None:
+        metrics.GUARD_EVENTS.labels(where=where).inc()
     try:
         return svc.prepare(lora_request.lora_name, lora_request.lora_path)
     except AdapterRefused as exc:
@@ -89,7 +92,7 @@ def _wrap_process_inputs(cls) -> None:
         bound = signature.bind(self, *args, **kwargs)
         lora_request = bound.arguments.get("lora_request")
         if lora_request is not None:
-            prepared = _prepare_sync(lora_request)
+            prepared = _prepare_sync(lora_request, where="process_inputs")
             if lora_request.lora_path != str(prepared.path):
                 import msgspec
 
@@ -161,6 +164,7 @@ def _wrap_worker_load_adapter(cls) -> None:
     def _load_adapter(self, lora_request):
         path = lora_request.lora_path
         if not path or not os.path.isabs(path) or worker_cache().entry_at(path) is None:
+            metrics.GUARD_EVENTS.labels(where="worker").inc()
             raise ValueError(
                 f"vllm-safelora: refusing to load adapter '{lora_request.lora_name}' from {path!r}: it is not an "
                 "intact entry of the patched-adapter cache, so it was not projected (or was altered on disk). "

@@ -1,0 +1,560 @@
+"""End-to-end fixtures: a real vLLM OpenAI server (subprocess) with the safelora plugin.
+
+Builds on the session fixtures of ``tests/conftest.py`` (tiny models, bank, adapter
+factory) and adds, all session-scoped:
+
+``e2e_world``      :class:`E2EWorld`: an ``adapter_dirs`` root with one adapter per test
+                   scenario (distinct contents, so cache hits/misses of one test never come
+                   from another), an offline-projected copy made with ``vllm-safelora project``,
+                   refused adapters (NaN, other base model) and a mixed adapter for admission.
+``peft_reference`` :class:`PeftReference`: greedy next-token logprobs / greedy continuations
+                   computed in-process with transformers + peft on the tiny aligned model
+                   (the ground truth the served adapters are compared against).
+``vllm_server_factory``  starts :class:`VLLMServer` processes; every server it started is
+                   stopped (whole process group killed) at the end of the session.
+
+Helpers (importable as ``from conftest import ...`` is NOT used; tests get them through
+fixtures or the ``e2e`` namespace fixture) cover metrics parsing and completion calls.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+PROMPT_TEXT = "Hello, the safety rule is"
+MAX_LORA_RANK = 8
+SERVER_START_TIMEOUT_S = float(os.environ.get("SAFELORA_E2E_START_TIMEOUT", "300"))
+
+# Each scenario gets its own adapter content (seed), so cache hits in one test never
+# come from another test's loads.
+ADAPTERS = {
+    # name under adapter_dirs: (direction, seed)
+    "acme/aligned": ("aligned", 0),  # high cosine: served unchanged
+    "globex/ortho": ("orthogonal", 0),  # low cosine: projected (resolver path, audit)
+    "loadme/ortho": ("orthogonal", 1),  # load endpoint path
+    "static/ortho": ("orthogonal", 2),  # --lora-modules path
+    "cachet/one": ("orthogonal", 3),  # cache: same content under two names ...
+    "cachet2/one": ("orthogonal", 3),  # ... (a copy of the directory)
+    "swap/ortho": ("orthogonal", 5),  # re-uploaded with other content (seed 6) after unload
+    "metrics/ortho": ("orthogonal", 7),  # a fresh projection observed by the metrics test
+    "offline/raw": ("orthogonal", 8),  # the offline LLM run's raw adapter
+    "admit/ortho": ("orthogonal", 9),  # admission server: 100% projected -> refused
+}
+SWAP_REPLACEMENT = ("orthogonal", 6)
+
+
+# ----------------------------------------------------------------------------- processes
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tail(path: Path, n: int = 80) -> str:
+    try:
+        lines = Path(path).read_text(errors="replace").splitlines()
+    except FileNotFoundError:
+        return "(no log)"
+    return "\n".join(lines[-n:])
+
+
+def plugin_env(config: Path | None, **extra: str) -> dict[str, str]:
+    """The environment of a plugin-enabled vLLM process (no inherited VLLM_SAFELORA_*)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_SAFELORA_")}
+    env.update(
+        VLLM_PLUGINS="safelora,safelora_routes",
+        VLLM_ALLOW_RUNTIME_LORA_UPDATING="1",
+        VLLM_CPU_KVCACHE_SPACE="1",
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        PYTHONUNBUFFERED="1",
+        TOKENIZERS_PARALLELISM="false",
+    )
+    if config is not None:
+        env["VLLM_SAFELORA_CONFIG"] = str(config)
+    env.update(extra)
+    return env
+
+
+def kill_group(proc: subprocess.Popen, grace_s: float = 15.0) -> None:
+    """Terminate the process group ``proc`` leads (it was started with start_new_session)."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            pass
+    # Children (engine core, workers) may outlive the leader: always SIGKILL the group.
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=5)
+
+
+def run_to_exit(cmd: Sequence[str], env: dict, log: Path, timeout_s: float) -> tuple[int | None, str]:
+    """Run a command in its own process group; (exit code or None on timeout, output)."""
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            list(cmd), env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True, cwd=str(log.parent),
+        )
+        try:
+            rc = proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            rc = None
+        finally:
+            kill_group(proc, grace_s=5)
+    return rc, Path(log).read_text(errors="replace")
+
+
+def api_server_cmd(model: Path, port: int, extra_args: Sequence[str] = ()) -> list[str]:
+    return [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+        "--model", str(model),
+        "--enable-lora", "--max-lora-rank", str(MAX_LORA_RANK), "--max-loras", "2",
+        "--dtype", "float32", "--max-model-len", "256", "--max-num-seqs", "8",
+        "--host", "127.0.0.1", "--port", str(port),
+        *extra_args,
+    ]
+
+
+class VLLMServer:
+    """``python -m vllm.entrypoints.openai.api_server`` in its own process group."""
+
+    def __init__(self, name: str, model: Path, config: Path | None, workdir: Path, extra_args: Sequence[str] = ()):
+        self.name = name
+        self.model = Path(model)
+        self.config = config
+        self.workdir = Path(workdir)
+        self.extra_args = list(extra_args)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = self.workdir / f"{name}.log"
+        self.proc: subprocess.Popen | None = None
+        self.started_in_s: float | None = None
+
+    def start(self, timeout_s: float = SERVER_START_TIMEOUT_S) -> "VLLMServer":
+        import requests
+
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        cmd = api_server_cmd(self.model, self.port, self.extra_args)
+        t0 = time.monotonic()
+        self._log_file = open(self.log, "wb")
+        self.proc = subprocess.Popen(
+            cmd, env=plugin_env(self.config), stdout=self._log_file, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, start_new_session=True, cwd=str(self.workdir),
+        )
+        deadline = t0 + timeout_s
+        while True:
+            if self.proc.poll() is not None:
+                self.stop()
+                raise RuntimeError(
+                    f"vLLM server {self.name} exited with {self.proc.returncode} during start-up; "
+                    f"log {self.log}:\n{tail(self.log)}"
+                )
+            try:
+                r = requests.get(f"{self.url}/v1/models", timeout=2)
+                if r.status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"vLLM server {self.name} not up after {timeout_s:.0f}s; log tail:\n{tail(self.log)}")
+            time.sleep(0.5)
+        self.started_in_s = time.monotonic() - t0
+        print(f"\n[e2e] vLLM server {self.name} up on port {self.port} in {self.started_in_s:.1f}s (log {self.log})")
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            kill_group(self.proc)
+        if getattr(self, "_log_file", None) is not None:
+            self._log_file.close()
+            self._log_file = None
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def log_tail(self, n: int = 60) -> str:
+        return tail(self.log, n)
+
+    # -------------------------------------------------------------- HTTP helpers
+
+    def openai(self):
+        import openai
+
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key="EMPTY", max_retries=0, timeout=120)
+
+    def get(self, path: str, **kw):
+        import requests
+
+        return requests.get(self.url + path, timeout=kw.pop("timeout", 60), **kw)
+
+    def post(self, path: str, **kw):
+        import requests
+
+        return requests.post(self.url + path, timeout=kw.pop("timeout", 120), **kw)
+
+    def metrics(self) -> "Metrics":
+        r = self.get("/metrics")
+        r.raise_for_status()
+        return Metrics(r.text)
+
+
+@pytest.fixture(scope="session")
+def vllm_server_factory(tmp_path_factory):
+    """``start(name, config, extra_args=(), model=...)`` -> a running VLLMServer; all stopped at teardown."""
+    started: list[VLLMServer] = []
+    root = tmp_path_factory.mktemp("vllm_servers")
+
+    def start(name: str, model: Path, config: Path | None, extra_args: Sequence[str] = ()) -> VLLMServer:
+        server = VLLMServer(name, model, config, root, extra_args)
+        started.append(server)
+        return server.start()
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+class Metrics:
+    """Parsed Prometheus text exposition (prometheus_client's parser)."""
+
+    def __init__(self, text: str):
+        from prometheus_client.parser import text_string_to_metric_families
+
+        self.text = text
+        self.families = {f.name: f for f in text_string_to_metric_families(text)}
+        self.samples = [s for f in self.families.values() for s in f.samples]
+
+    def has_family(self, name: str) -> bool:
+        return name in self.families
+
+    def value(self, sample: str, **labels: str) -> float:
+        """Sum of samples named ``sample`` whose labels include ``labels`` (0 if none)."""
+        total = 0.0
+        for s in self.samples:
+            if s.name == sample and all(s.labels.get(k) == v for k, v in labels.items()):
+                total += s.value
+        return total
+
+    def labelsets(self, sample: str) -> list[dict]:
+        return [dict(s.labels) for s in self.samples if s.name == sample]
+
+
+# ----------------------------------------------------------------------------- the world
+
+
+@dataclass
+class E2EWorld:
+    root: Path
+    aligned: Path  # served model
+    base: Path
+    bank: Path
+    adapter_root: Path  # the configured adapter_dirs entry
+    outside_root: Path  # adapters NOT under adapter_dirs
+    adapters: dict[str, Path]  # name -> raw adapter dir under adapter_root
+    offline_projected: Path  # `vllm-safelora project` output of globex/ortho, under adapter_root
+    offline_projected_name: str
+    swap_replacement: Path  # other content for swap/ortho (outside adapter_root until swapped in)
+    outside_adapter: Path  # a valid adapter outside adapter_dirs
+    nan_name: str
+    other_base_name: str
+    mixed_name: str  # q_proj orthogonal + v_proj aligned: 50% of modules projected
+    other_bank: Path  # a bank for another tiny model (seed 1)
+    token_ids: list[int]  # prompt (BOS included)
+    policy: dict = field(default_factory=lambda: {"select": "threshold", "threshold": 0.35})
+
+    def config(self, path: Path, cache_dir: Path, *, admission: dict | None = None, bank: Path | None = None) -> Path:
+        import yaml
+
+        doc = {
+            "bank": str(bank or self.bank),
+            "adapter_dirs": [str(self.adapter_root)],
+            "cache_dir": str(cache_dir),
+            "device": "cpu",
+            "policy": dict(self.policy),
+            "admission": admission or {"max_projected_fraction": None, "min_cosine": None},
+        }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump(doc, sort_keys=False))
+        return path
+
+    def load_bank(self):
+        from vllm_safelora.bank import load_bank
+
+        return load_bank(self.bank, "cpu")
+
+    def offline_report(self, name: str):
+        """What the offline engine says about adapters[name] (same bank, same policy)."""
+        from vllm_safelora.adapters import read_adapter
+        from vllm_safelora.engine import project_adapter
+        from vllm_safelora.policies import SafeLoRAConfig
+
+        adapter = read_adapter(self.adapters[name], name=name)
+        return project_adapter(adapter, self.load_bank(), SafeLoRAConfig(**self.policy), name=name).report
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    exe = Path(sys.executable).with_name("vllm-safelora")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "vllm_safelora.cli"]
+    return subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=300)
+
+
+def _rewrite_tensors(src: Path, dest: Path, edit) -> Path:
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dest)
+    st = dest / "adapter_model.safetensors"
+    tensors = load_file(str(st))
+    edit(tensors)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(st), metadata={"format": "pt"})
+    return dest
+
+
+@pytest.fixture(scope="session")
+def e2e_world(tiny_models, tiny_bank_dir, tiny_adapter_factory, tmp_path_factory) -> E2EWorld:
+    from transformers import AutoTokenizer
+
+    root = tmp_path_factory.mktemp("e2e_world")
+    adapter_root = root / "adapters"
+    outside_root = root / "outside"
+    adapter_root.mkdir()
+    outside_root.mkdir()
+    adapters: dict[str, Path] = {}
+    for name, (direction, seed) in ADAPTERS.items():
+        adapters[name] = tiny_adapter_factory.copy_to(adapter_root / name, direction, seed=seed)
+
+    direction, seed = SWAP_REPLACEMENT
+    swap_replacement = tiny_adapter_factory.copy_to(outside_root / "swap-replacement", direction, seed=seed)
+    outside_adapter = tiny_adapter_factory.copy_to(outside_root / "evil", "orthogonal", seed=0)
+
+    # Refused adapters.
+    def poison(tensors):
+        key = sorted(k for k in tensors if "lora_B" in k)[0]
+        tensors[key][0, 0] = float("nan")
+
+    nan_name = "bad/nan"
+    adapters[nan_name] = _rewrite_tensors(tiny_adapter_factory("orthogonal", seed=10), adapter_root / nan_name, poison)
+    other_base_name = "bad/otherbase"
+    other = tiny_adapter_factory.copy_to(adapter_root / other_base_name, "orthogonal", seed=11)
+    cfg = json.loads((other / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = "/models/some-other-llama"
+    (other / "adapter_config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    adapters[other_base_name] = other
+
+    # Mixed adapter: q_proj from an orthogonal adapter (projected), v_proj from an aligned
+    # one (kept): 2 of 4 modules projected, exactly at an admission limit of 0.5.
+    mixed_name = "admit/mixed"
+    aligned_src = tiny_adapter_factory("aligned", seed=12)
+    from safetensors.torch import load_file
+
+    aligned_tensors = load_file(str(aligned_src / "adapter_model.safetensors"))
+
+    def mix(tensors):
+        for k in list(tensors):
+            if ".v_proj." in k:
+                tensors[k] = aligned_tensors[k].clone()
+
+    adapters[mixed_name] = _rewrite_tensors(tiny_adapter_factory("orthogonal", seed=12), adapter_root / mixed_name, mix)
+
+    # The offline-projected copy, made by the CLI, placed under adapter_dirs so the
+    # load endpoint accepts its path.
+    offline_projected_name = "offline/globex-ortho-projected"
+    offline_projected = adapter_root / offline_projected_name
+    res = _cli("project", str(adapters["globex/ortho"]), "--bank", str(tiny_bank_dir), "--out", str(offline_projected),
+               "--select", "threshold", "--threshold", "0.35")
+    assert res.returncode == 0, f"vllm-safelora project failed:\n{res.stdout}\n{res.stderr}"
+
+    # A bank for another model (different seed), for the fail-closed start-up test.
+    from vllm_safelora.bank import build_bank
+    from vllm_safelora.tiny import make_tiny_models
+
+    others = make_tiny_models(root / "other_models", seed=1)
+    other_bank = root / "other_bank"
+    build_bank(str(others.base), str(others.aligned), other_bank, progress=None)
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_models.aligned))
+    token_ids = list(tok(PROMPT_TEXT)["input_ids"])
+    assert token_ids[0] == tok.bos_token_id
+
+    return E2EWorld(
+        root=root, aligned=tiny_models.aligned, base=tiny_models.base, bank=tiny_bank_dir,
+        adapter_root=adapter_root, outside_root=outside_root, adapters=adapters,
+        offline_projected=offline_projected, offline_projected_name=offline_projected_name,
+        swap_replacement=swap_replacement, outside_adapter=outside_adapter, nan_name=nan_name,
+        other_base_name=other_base_name, mixed_name=mixed_name, other_bank=other_bank, token_ids=token_ids,
+    )
+
+
+# ----------------------------------------------------------------------------- reference
+
+
+class PeftReference:
+    """Ground truth from transformers + peft on the aligned model (float32, CPU)."""
+
+    def __init__(self, model_dir: Path, token_ids: list[int]):
+        from transformers import AutoModelForCausalLM
+
+        self.model_dir = model_dir
+        self.token_ids = token_ids
+        self.base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+        self._cache: dict[tuple, object] = {}
+
+    def _model(self, adapter: Path | None):
+        from peft import PeftModel
+
+        if adapter is None:
+            return contextlib.nullcontext(self.base)
+
+        @contextlib.contextmanager
+        def cm():
+            peft_model = PeftModel.from_pretrained(self.base, str(adapter), is_trainable=False).eval()
+            try:
+                yield peft_model
+            finally:
+                # Detach the LoRA layers again so self.base stays the plain model.
+                self.base = peft_model.unload()
+
+        return cm()
+
+    def next_token_logprobs(self, adapter: Path | None) -> torch.Tensor:
+        """log_softmax of the next-token logits after the prompt (vocab,), float64."""
+        key = ("lp", str(adapter))
+        if key not in self._cache:
+            with self._model(adapter) as model, torch.no_grad():
+                logits = model(input_ids=torch.tensor([self.token_ids])).logits[0, -1].double()
+            self._cache[key] = torch.log_softmax(logits, dim=-1)
+        return self._cache[key]
+
+    def greedy(self, adapter: Path | None, max_tokens: int = 8) -> list[int]:
+        key = ("greedy", str(adapter), max_tokens)
+        if key not in self._cache:
+            ids = list(self.token_ids)
+            with self._model(adapter) as model, torch.no_grad():
+                for _ in range(max_tokens):
+                    logits = model(input_ids=torch.tensor([ids])).logits[0, -1]
+                    ids.append(int(torch.argmax(logits)))
+            self._cache[key] = ids[len(self.token_ids):]
+        return self._cache[key]
+
+
+@pytest.fixture(scope="session")
+def peft_reference(e2e_world) -> PeftReference:
+    return PeftReference(e2e_world.aligned, e2e_world.token_ids)
+
+
+# ----------------------------------------------------------------------------- completions
+
+
+def parse_token_id(token: str) -> int:
+    assert token.startswith("token_id:"), token
+    return int(token.split(":", 1)[1])
+
+
+@dataclass
+class Completion:
+    token_ids: list[int]
+    text: str
+    top_logprobs: list[dict[int, float]]  # per generated position: token id -> logprob
+
+    @property
+    def first_top(self) -> dict[int, float]:
+        return self.top_logprobs[0]
+
+
+def complete(server: VLLMServer, model: str, prompt_ids: list[int], *, max_tokens: int = 8, logprobs: int = 5) -> Completion:
+    """Greedy completion through the real openai client; tokens returned as ids."""
+    resp = server.openai().completions.create(
+        model=model, prompt=prompt_ids, max_tokens=max_tokens, temperature=0, logprobs=logprobs,
+        extra_body={"return_tokens_as_token_ids": True, "ignore_eos": True},
+    )
+    choice = resp.choices[0]
+    lp = choice.logprobs
+    return Completion(
+        token_ids=[parse_token_id(t) for t in lp.tokens],
+        text=choice.text,
+        top_logprobs=[{parse_token_id(t): v for t, v in top.items()} for top in lp.top_logprobs],
+    )
+
+
+def complete_http(server: VLLMServer, model: str, prompt_ids: list[int], *, max_tokens: int = 8, logprobs: int = 5):
+    """The same through plain HTTP (requests); returns the response object."""
+    return server.post(
+        "/v1/completions",
+        json={
+            "model": model, "prompt": prompt_ids, "max_tokens": max_tokens, "temperature": 0,
+            "logprobs": logprobs, "return_tokens_as_token_ids": True, "ignore_eos": True,
+        },
+    )
+
+
+def completion_from_json(body: dict) -> Completion:
+    choice = body["choices"][0]
+    lp = choice["logprobs"]
+    return Completion(
+        token_ids=[parse_token_id(t) for t in lp["tokens"]],
+        text=choice["text"],
+        top_logprobs=[{parse_token_id(t): v for t, v in top.items()} for top in lp["top_logprobs"]],
+    )
+
+
+def max_logprob_gap(top: dict[int, float], reference: torch.Tensor) -> float:
+    """Largest |served - reference| over the served top-k tokens."""
+    return max(abs(v - float(reference[t])) for t, v in top.items())
+
+
+def assert_matches_reference(top: dict[int, float], reference: torch.Tensor, tol: float = 1e-3, what: str = "") -> None:
+    ref_top = torch.topk(reference, k=len(top)).indices.tolist()
+    assert set(top) == set(ref_top), f"{what}: served top tokens {sorted(top)} != reference {sorted(ref_top)}"
+    gap = max_logprob_gap(top, reference)
+    assert gap < tol, f"{what}: served logprobs differ from the reference by {gap:.2e} (tolerance {tol})"
+
+
+def cache_entries(cache_dir: Path) -> set[str]:
+    d = Path(cache_dir) / "entries"
+    return set(os.listdir(d)) if d.is_dir() else set()
+
+
+class E2EHelpers:
+    """Namespace handed to tests (so test modules need not import conftest)."""
+
+    complete = staticmethod(complete)
+    complete_http = staticmethod(complete_http)
+    completion_from_json = staticmethod(completion_from_json)
+    assert_matches_reference = staticmethod(assert_matches_reference)
+    max_logprob_gap = staticmethod(max_logprob_gap)
+    cache_entries = staticmethod(cache_entries)
+    run_to_exit = staticmethod(run_to_exit)
+    plugin_env = staticmethod(plugin_env)
+    api_server_cmd = staticmethod(api_server_cmd)
+    free_port = staticmethod(free_port)
+    Metrics = Metrics
+    MAX_LORA_RANK = MAX_LORA_RANK
+
+
+@pytest.fixture(scope="session")
+def e2e() -> type[E2EHelpers]:
+    return E2EHelpers
