@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
 
 from .errors import ConfigError
-from .policies import SafeLoRAConfig
+from .policies import AnyPolicyConfig, SafeLoRAConfig
+from .tenancy import TenantRuleBase
 
 CONFIG_ENV = "VLLM_SAFELORA_CONFIG"
 ENV_PREFIX = "VLLM_SAFELORA_"
@@ -46,6 +47,21 @@ class AdmissionConfig(BaseModel):
     )
 
 
+def _default_kind(value: Any) -> Any:
+    # `policy: {select: topk}` means Safe LoRA; other policies name their kind.
+    if isinstance(value, dict) and "kind" not in value:
+        return {**value, "kind": "safelora"}
+    return value
+
+
+PolicySpec = Annotated[AnyPolicyConfig, BeforeValidator(_default_kind)]
+
+
+class TenantRule(TenantRuleBase):
+    policy: PolicySpec | None = Field(None, description="policy for these adapters (None: the top-level policy)")
+    admission: AdmissionConfig | None = Field(None, description="admission rules (None: the top-level ones)")
+
+
 class SafeLoRASettings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid", case_sensitive=False,
@@ -57,8 +73,15 @@ class SafeLoRASettings(BaseSettings):
     cache_dir: Path = Field(Path("/var/cache/vllm-safelora"), description="patched-adapter cache")
     cache_max_bytes: int = Field(10 << 30, gt=0, description="byte budget of the cache (LRU eviction)")
     device: str = Field("auto", description="where the bank lives: auto | cpu | cuda:N")
-    policy: SafeLoRAConfig = Field(default_factory=SafeLoRAConfig)
+    policy: PolicySpec = Field(default_factory=SafeLoRAConfig, description="default policy")
     admission: AdmissionConfig = Field(default_factory=AdmissionConfig)
+    tenants: list[TenantRule] = Field(
+        default_factory=list, description="first matching rule by adapter-name glob wins; others get the defaults"
+    )
+    shadow: bool = Field(
+        False, description="report-only everywhere: adapters are served UNPROJECTED while reports and metrics "
+        "show what the policy would have done (for roll-out); rules may override it",
+    )
     aliases: list[str] = Field(default_factory=list, description="other names of the served (aligned) model")
     require_base_model_match: bool = True
     max_adapter_bytes: int = Field(2 << 30, gt=0, description="refuse adapters larger than this")

@@ -114,11 +114,14 @@ def project_adapter(
         max_bank_error_bound=max(bounds) if bounds else 0.0,
     )
     report = AdapterReport(adapter=who, summary=summary, modules=result.modules, notes=result.notes)
-    files = dict(serialized.extra_files)
+    return ProjectionOutcome(adapter=with_report(serialized, report), report=report)
+
+
+def with_report(adapter: SerializedAdapter, report: AdapterReport) -> SerializedAdapter:
+    """The adapter's files with ``safelora_report.json`` (re)placed beside them."""
+    files = dict(adapter.extra_files)
     files[REPORT_FILE] = (report.model_dump_json(indent=2) + "\n").encode()
-    return ProjectionOutcome(
-        adapter=SerializedAdapter(serialized.config_bytes, serialized.weights_bytes, files), report=report
-    )
+    return SerializedAdapter(adapter.config_bytes, adapter.weights_bytes, files)
 
 
 def write_projected(outcome: ProjectionOutcome, out_dir: Path, *, overwrite: bool = False) -> Path:

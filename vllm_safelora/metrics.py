@@ -9,7 +9,9 @@ from __future__ import annotations
 from prometheus_client import Counter, Gauge, Histogram
 
 ADAPTERS = Counter(
-    "safelora_adapters", "Adapter loads by outcome", ["outcome", "policy"]
+    "safelora_adapters",
+    "Adapter loads by outcome (projected = changed by the policy); mode=shadow: what would have happened",
+    ["outcome", "policy", "mode"],
 )
 REJECTIONS = Counter("safelora_rejections", "Refused adapters by reason", ["reason"])
 MODULE_COSINE = Histogram(

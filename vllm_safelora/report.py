@@ -44,6 +44,10 @@ class ReportSummary(BaseModel):
     seconds: float
     max_bank_error_bound: float = Field(description="largest truncation error bound among the adapter's modules")
     rejection: str | None = None
+    mode: Literal["enforce", "shadow"] = Field(
+        "enforce", description="shadow: the original adapter was served; this report says what would have been done"
+    )
+    tenant_rule: str | None = Field(None, description="the tenant rule (name pattern) that chose the policy")
 
 
 class AdapterReport(BaseModel):

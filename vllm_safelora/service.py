@@ -21,10 +21,12 @@ from .adapters import ReadLimits, read_adapter, write_adapter_files
 from .bank import AlignmentBank, load_bank
 from .cache import CacheKey, PatchedAdapterCache
 from .config import AdmissionConfig, SafeLoRASettings
-from .engine import project_adapter
+from .adapters import SerializedAdapter
+from .engine import project_adapter, with_report
 from .errors import AdapterRefused, BankError, RefusalReason
 from .report import REPORT_FILE, AdapterReport
 from .sources import AdapterSource, HubSource, LocalDirSource, locate_adapter
+from .tenancy import TenantPolicy, describe_rules, resolve_tenant
 
 logger = logging.getLogger("vllm_safelora")
 
@@ -79,6 +81,23 @@ def _confinement(source: AdapterSource) -> Path | None:
     return None
 
 
+def _tenant_report(report: AdapterReport, tenant: TenantPolicy, admission: str | None) -> AdapterReport:
+    summary = report.summary.model_copy(
+        update={
+            "mode": "shadow" if tenant.shadow else "enforce",
+            "tenant_rule": tenant.rule,
+            "policy_id": tenant.cache_policy_id(),
+            "rejection": admission,
+            "outcome": "rejected" if admission else report.summary.outcome,
+        }
+    )
+    if tenant.shadow:
+        summary = summary.model_copy(update={"output_hash": report.summary.input_hash})
+        notes = [*report.notes, f"SHADOW MODE: served unchanged; the policy would have produced {report.summary.output_hash}"]
+        return report.model_copy(update={"summary": summary, "notes": notes})
+    return report.model_copy(update={"summary": summary})
+
+
 class SafeLoRAService:
     def __init__(
         self,
@@ -94,7 +113,6 @@ class SafeLoRAService:
         self.sources = list(sources)
         self.cache = cache
         self.limits = ReadLimits(max_bytes=settings.max_adapter_bytes, max_rank=max_rank)
-        self.policy = settings.policy
         self._lock = threading.Lock()
         self._by_path: dict[str, PreparedAdapter] = {}
         self._by_name: dict[str, PreparedAdapter] = {}
@@ -117,10 +135,17 @@ class SafeLoRAService:
         metrics.BANK_BYTES.labels(device=str(bank.device)).set(bank.nbytes)
         metrics.CACHE_BYTES.set(cache.total_bytes())
         logger.info(
-            "safelora: protecting '%s' with bank %s (%d modules, %.1f MiB on %s); policy %s; sources %s; cache %s",
+            "safelora: protecting '%s' with bank %s (%d modules, %.1f MiB on %s); policies %s; sources %s; cache %s",
             served_model, bank.bank_id, len(bank.subspaces), bank.nbytes / 2**20, bank.device,
-            settings.policy.model_dump(mode="json"), [s.describe() for s in service.sources], settings.cache_dir,
+            describe_rules(settings), [s.describe() for s in service.sources], settings.cache_dir,
         )
+        for rule in describe_rules(settings):
+            if rule["shadow"]:
+                logger.warning(
+                    "safelora: SHADOW MODE is ON for adapters matching '%s': they are served UNPROJECTED; reports "
+                    "and metrics (mode=\"shadow\") only show what policy %s would have done. Turn it off once "
+                    "the roll-out is checked.", rule["match"], rule["policy"],
+                )
         return service
 
     # ------------------------------------------------------------------ lookups
@@ -150,22 +175,25 @@ class SafeLoRAService:
             if known is not None:
                 return self._remember(name, known)
         start = time.perf_counter()
+        tenant = resolve_tenant(self.settings, name)
+        mode = "shadow" if tenant.shadow else "enforce"
         try:
             source_dir, confine = self._locate(name, lora_path)
-            prepared = self._prepare_dir(name, source_dir, confine)
+            prepared = self._prepare_dir(name, source_dir, confine, tenant)
         except AdapterRefused as exc:
             exc.for_adapter(name)
-            metrics.ADAPTERS.labels(outcome="rejected", policy=self.policy.kind).inc()
+            metrics.ADAPTERS.labels(outcome="rejected", policy=tenant.policy.kind, mode="enforce").inc()
             metrics.REJECTIONS.labels(reason=exc.reason.value).inc()
             logger.warning("safelora: %s", exc)
             raise
         summary = prepared.report.summary
-        metrics.ADAPTERS.labels(outcome=summary.outcome, policy=self.policy.kind).inc()
+        metrics.ADAPTERS.labels(outcome=summary.outcome, policy=tenant.policy.kind, mode=mode).inc()
         metrics.CACHE_REQUESTS.labels(result="hit" if prepared.cache_hit else "miss").inc()
         logger.info(
-            "safelora: adapter '%s' %s: %d/%d modules projected (min cosine %s, mean Pdst %.4f), policy %s %s, "
+            "safelora: adapter '%s' %s%s: %d/%d modules projected (min cosine %s, mean Pdst %.4f), policy %s %s, "
             "bank %s -> cache entry %s [%s, %.3fs]",
-            name, summary.outcome, summary.projected, summary.modules,
+            name, summary.outcome, " (SHADOW: served unprojected)" if tenant.shadow else "",
+            summary.projected, summary.modules,
             f"{summary.min_cosine:.5f}" if summary.min_cosine is not None else "n/a", summary.mean_pdst,
             summary.policy_name, summary.policy_id, summary.bank_id, prepared.digest[:16],
             "cache hit" if prepared.cache_hit else "projected now", time.perf_counter() - start,
@@ -211,28 +239,34 @@ class SafeLoRAService:
             + (" and not an allowed, available hub repository" if hub else " (hub sources are disabled)"),
         )
 
-    def _prepare_dir(self, name: str, source_dir: Path, confine: Path | None) -> PreparedAdapter:
+    def _prepare_dir(self, name: str, source_dir: Path, confine: Path | None, tenant: TenantPolicy) -> PreparedAdapter:
         adapter = read_adapter(source_dir, name=name, limits=self.limits, confine_to=confine)
-        key = CacheKey(adapter_hash=adapter.content_hash, bank_id=self.bank.bank_id, policy_id=self.policy.policy_id())
+        key = CacheKey(adapter_hash=adapter.content_hash, bank_id=self.bank.bank_id, policy_id=tenant.cache_policy_id())
 
         def build(tmpdir: Path) -> AdapterReport:
             start = time.perf_counter()
             outcome = project_adapter(
-                adapter, self.bank, self.policy, name=name, aliases=self.settings.aliases,
+                adapter, self.bank, tenant.policy, name=name, aliases=self.settings.aliases,
                 require_base_model_match=self.settings.require_base_model_match,
             )
-            problem = admission_problem(outcome.report, self.settings.admission)
-            if problem is not None:
+            problem = admission_problem(outcome.report, tenant.admission)
+            if problem is not None and not tenant.shadow:
                 raise AdapterRefused(RefusalReason.ADMISSION, problem, name)
-            write_adapter_files(tmpdir, outcome.adapter)
-            self._observe_projection(outcome.report, time.perf_counter() - start)
-            return outcome.report
+            report = _tenant_report(outcome.report, tenant, problem)
+            if tenant.shadow:
+                # Served as uploaded, byte for byte; the report records what would have been done.
+                files = with_report(SerializedAdapter(adapter.config_bytes, adapter.weights_bytes, {}), report)
+            else:
+                files = with_report(outcome.adapter, report)
+            write_adapter_files(tmpdir, files)
+            self._observe_projection(report, tenant, time.perf_counter() - start)
+            return report
 
         entry, hit, built_report = self.cache.get_or_create(key, build)
         if hit:
             report = AdapterReport.model_validate_json((entry.path / REPORT_FILE).read_bytes())
-            problem = admission_problem(report, self.settings.admission)
-            if problem is not None:
+            problem = admission_problem(report, tenant.admission)
+            if problem is not None and not tenant.shadow:
                 raise AdapterRefused(RefusalReason.ADMISSION, problem, name)
         else:
             report = built_report
@@ -241,8 +275,8 @@ class SafeLoRAService:
         self.cache.lease(entry.digest)
         return PreparedAdapter(name=name, path=entry.path, digest=entry.digest, report=report, cache_hit=hit)
 
-    def _observe_projection(self, report: AdapterReport, seconds: float) -> None:
-        metrics.PROJECTIONS.labels(policy=self.policy.kind).inc()
+    def _observe_projection(self, report: AdapterReport, tenant: TenantPolicy, seconds: float) -> None:
+        metrics.PROJECTIONS.labels(policy=tenant.policy.kind).inc()
         metrics.PROJECTION_SECONDS.observe(seconds)
         metrics.MODULES_PROJECTED.inc(report.summary.projected)
         for module in report.modules:

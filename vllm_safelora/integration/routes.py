@@ -15,6 +15,7 @@ from argparse import Namespace
 from fastapi import APIRouter, FastAPI
 from fastapi.responses import JSONResponse
 
+from ..tenancy import describe_rules
 from . import state
 
 ROUTE_PREFIX = "/safelora/v1"
@@ -40,8 +41,7 @@ def build_router() -> APIRouter:
                 "aligned_model": m.aligned.ref,
                 "device": str(svc.bank.device),
                 "bank_bytes": svc.bank.nbytes,
-                "policy": svc.policy.model_dump(mode="json"),
-                "policy_id": svc.policy.policy_id(),
+                "policies": describe_rules(svc.settings),
                 "admission": svc.settings.admission.model_dump(mode="json"),
                 "cache_dir": str(svc.cache.root),
                 "cache_bytes": svc.cache.total_bytes(),

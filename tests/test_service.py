@@ -1,0 +1,144 @@
+"""The service pipeline without vLLM: locate -> validate -> project -> cache, tenants, shadow, metrics."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from prometheus_client import REGISTRY
+from safetensors.torch import load_file, save_file
+
+from vllm_safelora.adapters import WEIGHTS_FILE, read_adapter
+from vllm_safelora.cache import PatchedAdapterCache
+from vllm_safelora.config import SafeLoRASettings
+from vllm_safelora.engine import project_adapter
+from vllm_safelora.errors import AdapterRefused, RefusalReason
+from vllm_safelora.policies import SafeLoRAConfig
+from vllm_safelora.service import SafeLoRAService, build_sources
+
+
+def _metric(name: str, **labels) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+@pytest.fixture()
+def adapters_root(tmp_path, tiny_adapter_aligned, tiny_adapter_orthogonal) -> Path:
+    root = tmp_path / "adapters"
+    shutil.copytree(tiny_adapter_aligned, root / "acme" / "good")
+    shutil.copytree(tiny_adapter_orthogonal, root / "globex" / "bad")
+    shutil.copytree(tiny_adapter_orthogonal, root / "trusted" / "bad")
+    shutil.copytree(tiny_adapter_orthogonal, root / "canary" / "bad")
+    return root
+
+
+def _service(tmp_path, tiny_bank, adapters_root, **overrides) -> SafeLoRAService:
+    settings = SafeLoRASettings(
+        bank=tiny_bank.path, adapter_dirs=[adapters_root], cache_dir=tmp_path / "cache", device="cpu", **overrides
+    )
+    cache = PatchedAdapterCache(settings.cache_dir, settings.cache_max_bytes)
+    return SafeLoRAService(settings, tiny_bank, build_sources(settings), cache, max_rank=8)
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(path / WEIGHTS_FILE)
+
+
+def test_prepare_projects_like_the_offline_engine(tmp_path, tiny_bank, adapters_root):
+    svc = _service(tmp_path, tiny_bank, adapters_root)
+    before = _metric("safelora_projections_total", policy="safelora")
+    prepared = svc.prepare("globex/bad")
+    offline = project_adapter(read_adapter(adapters_root / "globex" / "bad"), tiny_bank, SafeLoRAConfig())
+    assert prepared.report.summary.outcome == "projected"
+    assert prepared.report.summary.output_hash == offline.report.summary.output_hash
+    served = _weights(prepared.path)
+    assert served.keys() == _weights(adapters_root / "globex" / "bad").keys()
+    assert _metric("safelora_projections_total", policy="safelora") == before + 1
+    assert svc.verified(str(prepared.path)) is not None
+    assert prepared.path.parent == svc.cache.entries_dir
+
+
+def test_same_content_two_names_is_projected_once(tmp_path, tiny_bank, adapters_root):
+    svc = _service(tmp_path, tiny_bank, adapters_root)
+    before = _metric("safelora_projections_total", policy="safelora")
+    hits = _metric("safelora_cache_requests_total", result="hit")
+    a = svc.prepare("globex/bad")
+    b = svc.prepare("canary/bad")
+    assert a.path == b.path and b.cache_hit
+    assert _metric("safelora_projections_total", policy="safelora") == before + 1
+    assert _metric("safelora_cache_requests_total", result="hit") == hits + 1
+
+
+def test_changed_upload_is_projected_again(tmp_path, tiny_bank, adapters_root):
+    svc = _service(tmp_path, tiny_bank, adapters_root)
+    first = svc.prepare("globex/bad")
+    tensors = _weights(adapters_root / "globex" / "bad")
+    key = sorted(k for k in tensors if "lora_B" in k)[0]
+    tensors[key] = tensors[key] * 2
+    save_file(tensors, str(adapters_root / "globex" / "bad" / WEIGHTS_FILE))
+    second = svc.prepare("globex/bad")
+    assert second.path != first.path and not second.cache_hit
+
+
+def test_refusal_is_counted_and_writes_nothing(tmp_path, tiny_bank, adapters_root):
+    svc = _service(tmp_path, tiny_bank, adapters_root)
+    bad = adapters_root / "acme" / "nan"
+    shutil.copytree(adapters_root / "acme" / "good", bad)
+    tensors = _weights(bad)
+    key = sorted(k for k in tensors if "lora_B" in k)[0]
+    tensors[key][0, 0] = float("nan")
+    save_file(tensors, str(bad / WEIGHTS_FILE))
+    before = _metric("safelora_rejections_total", reason="non_finite")
+    with pytest.raises(AdapterRefused) as err:
+        svc.prepare("acme/nan")
+    assert err.value.reason is RefusalReason.NON_FINITE and "acme/nan" in str(err.value)
+    assert _metric("safelora_rejections_total", reason="non_finite") == before + 1
+    assert list(svc.cache.entries_dir.iterdir()) == []
+    assert svc.prepare("acme/good").report.summary.outcome == "unchanged"
+
+
+def test_explicit_paths_must_be_under_a_root(tmp_path, tiny_bank, adapters_root, tiny_adapter_orthogonal):
+    svc = _service(tmp_path, tiny_bank, adapters_root)
+    with pytest.raises(AdapterRefused) as err:
+        svc.prepare("x", str(tiny_adapter_orthogonal))
+    assert err.value.reason is RefusalReason.INVALID_NAME
+    assert svc.prepare("x", str(adapters_root / "globex" / "bad")).report.summary.outcome == "projected"
+
+
+def test_admission_refuses_without_caching(tmp_path, tiny_bank, adapters_root):
+    svc = _service(tmp_path, tiny_bank, adapters_root, admission={"max_projected_fraction": 0.5})
+    with pytest.raises(AdapterRefused) as err:
+        svc.prepare("globex/bad")
+    assert err.value.reason is RefusalReason.ADMISSION and "needed projection" in err.value.detail
+    assert list(svc.cache.entries_dir.iterdir()) == []
+    assert svc.prepare("acme/good").report.summary.outcome == "unchanged"
+
+
+def test_tenant_rules_pick_policy_and_names_cannot_pose(tmp_path, tiny_bank, adapters_root):
+    svc = _service(
+        tmp_path, tiny_bank, adapters_root,
+        tenants=[{"match": "trusted/*", "policy": {"select": "threshold", "threshold": -1.0}}],
+    )
+    trusted = svc.prepare("trusted/bad")
+    assert trusted.report.summary.outcome == "unchanged" and trusted.report.summary.tenant_rule == "trusted/*"
+    assert svc.prepare("globex/bad").report.summary.outcome == "projected"
+    from vllm_safelora.tenancy import resolve_tenant
+
+    for lookalike in ("trustedx/bad", "Trusted/bad", "xtrusted/bad", "trusted"):
+        assert resolve_tenant(svc.settings, lookalike).rule == "default"
+
+
+def test_shadow_mode_serves_original_bytes_and_reports(tmp_path, tiny_bank, adapters_root):
+    svc = _service(tmp_path, tiny_bank, adapters_root, tenants=[{"match": "canary/*", "shadow": True}])
+    before = _metric("safelora_adapters_total", outcome="projected", policy="safelora", mode="shadow")
+    shadow = svc.prepare("canary/bad")
+    original = adapters_root / "canary" / "bad"
+    assert (shadow.path / WEIGHTS_FILE).read_bytes() == (original / WEIGHTS_FILE).read_bytes()
+    assert shadow.report.summary.mode == "shadow"
+    assert shadow.report.summary.projected == shadow.report.summary.modules  # what would have happened
+    assert _metric("safelora_adapters_total", outcome="projected", policy="safelora", mode="shadow") == before + 1
+    # the same content under an enforcing tenant is still projected (separate cache entry)
+    enforced = svc.prepare("globex/bad")
+    assert enforced.path != shadow.path
+    assert (enforced.path / WEIGHTS_FILE).read_bytes() != (original / WEIGHTS_FILE).read_bytes()

@@ -1,0 +1,75 @@
+"""Per-tenant policy: adapter-name patterns -> policy, admission rules, shadow mode.
+
+Rules are tried in order and the first whose pattern matches the adapter's
+served name wins; names no rule matches get the top-level ``policy`` and
+``admission``. Patterns are case-sensitive shell globs on the whole name
+(``trusted/*`` matches ``trusted/x`` but not ``trusted-x/y``); local adapter
+names are plain ASCII with at most one ``/``, so a name cannot pose as another
+tenant's namespace.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from .policies import PolicyConfig
+
+if TYPE_CHECKING:
+    from .config import AdmissionConfig, SafeLoRASettings
+
+
+@dataclass(frozen=True)
+class TenantPolicy:
+    """What applies to one adapter name."""
+
+    rule: str
+    """The matching pattern, or 'default'."""
+    policy: PolicyConfig
+    admission: "AdmissionConfig"
+    shadow: bool
+    """Report-only: serve the original adapter, record what the policy would have done."""
+
+    def cache_policy_id(self) -> str:
+        # A shadow entry holds the original weights; it must never be mistaken
+        # for the enforcing entry of the same policy.
+        return self.policy.policy_id() + ("-shadow" if self.shadow else "")
+
+
+class TenantRuleBase(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    match: str = Field(description="glob on the adapter's served name, e.g. 'trusted/*'")
+    shadow: bool | None = Field(None, description="report-only for these adapters (None: the global setting)")
+
+
+def _rule_applies(pattern: str, name: str) -> bool:
+    return fnmatchcase(name, pattern)
+
+
+def resolve_tenant(settings: "SafeLoRASettings", name: str) -> TenantPolicy:
+    for rule in settings.tenants:
+        if _rule_applies(rule.match, name):
+            return TenantPolicy(
+                rule=rule.match,
+                policy=rule.policy if rule.policy is not None else settings.policy,
+                admission=rule.admission if rule.admission is not None else settings.admission,
+                shadow=settings.shadow if rule.shadow is None else rule.shadow,
+            )
+    return TenantPolicy(rule="default", policy=settings.policy, admission=settings.admission, shadow=settings.shadow)
+
+
+def describe_rules(settings: "SafeLoRASettings") -> list[dict[str, Any]]:
+    rows = [
+        {
+            "match": r.match,
+            "policy": (r.policy or settings.policy).model_dump(mode="json"),
+            "shadow": settings.shadow if r.shadow is None else r.shadow,
+        }
+        for r in settings.tenants
+    ]
+    rows.append({"match": "default", "policy": settings.policy.model_dump(mode="json"), "shadow": settings.shadow})
+    return rows
