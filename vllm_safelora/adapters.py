@@ -470,6 +470,27 @@ def serialize_adapter(
     return SerializedAdapter(config_bytes, save_safetensors_bytes(cpu, metadata=meta), {})
 
 
+def config_excluding_modules(config_bytes: bytes, modules: list[str] | tuple[str, ...]) -> bytes:
+    """adapter_config.json with ``modules`` (pruned: their tensors were removed) added to ``exclude_modules``.
+
+    vLLM ignores the key (it loads LoRA weights for the tensors present, and a module
+    without tensors runs no LoRA); PEFT honours it, so loading the pruned adapter
+    leaves those modules without a LoRA layer instead of initialising fresh
+    (possibly random, with init_lora_weights=false) weights for them. An existing
+    regex ``exclude_modules`` is kept as an alternative of the new pattern.
+    """
+    if not modules:
+        return config_bytes
+    config = json.loads(config_bytes.decode("utf-8"))
+    existing = config.get("exclude_modules")
+    if isinstance(existing, str) and existing:
+        config["exclude_modules"] = "|".join([f"(?:{existing})", *(re.escape(m) for m in modules)])
+    else:
+        listed = list(existing or [])
+        config["exclude_modules"] = listed + [m for m in modules if m not in listed]
+    return (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
+
+
 def write_adapter_dir(out_dir: Path, adapter: SerializedAdapter, *, overwrite: bool = False) -> Path:
     """Write all files into a temp dir beside ``out_dir``, fsync, then rename into place."""
     out_dir = Path(out_dir)

@@ -5,6 +5,16 @@ d_out x k left singular vectors, ``<module>.S``: k singular values) and
 ``manifest.json`` (:class:`BankManifest`). Building streams one module at a
 time; loading puts U and S on a device in one call and reports the bytes.
 
+Optionally a bank also carries *safety features* for the SaLoRA-style policy:
+``safety_features.safetensors`` (``<module>.Vs``: d_out x r_s orthonormal
+directions of the aligned model's outputs on harmful prompts with refusals,
+see :mod:`vllm_safelora.safety_features`) described by the manifest's
+``safety_features`` section. They do not change the bank format or the
+``bank_id`` (which stays the digest of ``bank.safetensors``); they have their
+own ``features_id`` (digest of their file), which policies that use them fold
+into their policy id (:meth:`PolicyConfig.policy_id`), so rebuilding V_s
+changes the cache key.
+
 This module imports no vLLM.
 """
 
@@ -19,7 +29,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Literal, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Literal, Sequence
 
 import torch
 from pydantic import BaseModel, Field, ValidationError
@@ -30,11 +40,15 @@ from .checkpoints import Checkpoint, TensorHasher, resolve_checkpoint, same_mode
 from .errors import BankError
 from .projection import Subspace
 
+if TYPE_CHECKING:
+    from .safety_features import SafetyFeatureSpec
+
 logger = logging.getLogger(__name__)
 
 BANK_FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 TENSORS_FILE = "bank.safetensors"
+SAFETY_FEATURES_FILE = "safety_features.safetensors"
 
 # Llama-style projectable linears; the default when --modules is not given.
 DEFAULT_MODULE_SUFFIXES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -67,6 +81,30 @@ class BankModule(BaseModel):
     )
 
 
+class SafetyFeatureModule(BaseModel):
+    name: str
+    d_out: int
+    rank_kept: int = Field(description="directions stored: min(r_s, numerical rank of the collected outputs)")
+    energy_captured: float = Field(description="sum of the kept eigenvalues of Y^T Y / its trace (no centring)")
+
+
+class SafetyFeaturesManifest(BaseModel):
+    """The SaLoRA-style safety features V_s stored beside the bank (optional section)."""
+
+    features_id: str = Field(description="'sf-' + first 16 hex of the features file's sha256; part of policy ids")
+    file: str = Field(SAFETY_FEATURES_FILE, description="file in the bank directory holding <module>.Vs")
+    tensors_sha256: str
+    model: str = Field(description="the model run to collect outputs (the aligned model)")
+    prompts_file: str = Field(description="name of the JSONL prompt file as given")
+    prompts_sha256: str = Field(description="sha256 of the prompt file's bytes")
+    samples: int = Field(description="prompt/response pairs used")
+    response_tokens: int = Field(description="response tokens whose outputs were collected (rows of Y)")
+    rank: int = Field(description="requested r_s")
+    chat_template: bool = Field(description="whether the tokenizer's chat template formatted the samples")
+    created_at: str
+    modules: list[SafetyFeatureModule]
+
+
 class BankManifest(BaseModel):
     format_version: int = BANK_FORMAT_VERSION
     bank_id: str
@@ -79,6 +117,9 @@ class BankManifest(BaseModel):
     tensors_sha256: str
     created_at: str
     modules: list[BankModule]
+    safety_features: SafetyFeaturesManifest | None = Field(
+        None, description="SaLoRA-style safety features stored beside the bank, if built (--safety-prompts)"
+    )
 
     def module(self, name: str) -> BankModule | None:
         return self._by_name().get(name)
@@ -147,10 +188,15 @@ def _svd(V: torch.Tensor, svd: str, truncation: Truncation) -> tuple[torch.Tenso
         if truncation.rank is None:
             raise BankError("--svd lowrank needs --rank K (a randomized SVD computes only K directions)")
         q = min(truncation.rank + 10, min(V.shape))
-        U, S, _ = torch.svd_lowrank(V, q=q, niter=4)
+        # Seeded so the same checkpoints always give the same bank (and bank id).
+        with torch.random.fork_rng(devices=[V.device] if V.is_cuda else []):
+            torch.manual_seed(0)
+            U, S, _ = torch.svd_lowrank(V, q=q, niter=4)
         return U, S
-    U, S, _ = torch.linalg.svd(V, full_matrices=False)
-    return U, S
+    # A float64 SVD makes C B about 400x more accurate than float32 at 4096
+    # dims (design brief, section 6) for ~1.4x the time; stored as float32.
+    U, S, _ = torch.linalg.svd(V.double(), full_matrices=False)
+    return U.float(), S.float()
 
 
 def decompose_module(
@@ -161,17 +207,18 @@ def decompose_module(
     total_energy = float(torch.sum(V.double() ** 2))
     norm = math.sqrt(total_energy)
     U, S = _svd(V, svd, truncation)
-    # Directions with singular value at float32 round-off carry no alignment
-    # signal; the exact projection is defined over the non-zero ones only.
+    # The exact projection is defined over the non-zero singular values; those
+    # at float32 round-off count as zero there (like torch.linalg.pinv's rtol).
+    # The approximate C keeps them all: see projection.Subspace.
     tol = float(S.max()) * max(V.shape) * torch.finfo(torch.float32).eps if S.numel() else 0.0
     numerical_rank = int((S > tol).sum())
-    k = numerical_rank
+    k = S.numel()
     if truncation.rank is not None:
         k = min(k, truncation.rank)
-    if truncation.energy is not None and total_energy > 0:
+    if truncation.energy is not None and truncation.energy < 1.0 and total_energy > 0:
         cum = torch.cumsum(S.double() ** 2, 0) / total_energy
         k = min(k, int(torch.searchsorted(cum, torch.tensor(truncation.energy - 1e-12, dtype=cum.dtype))) + 1)
-    k = max(0, min(k, S.numel()))
+    k = max(0, min(k, S.numel())) if total_energy > 0 else 0
     kept_energy = float(torch.sum(S[:k].double() ** 2))
     if svd == "full":
         next_sv = float(S[k]) if k < S.numel() else 0.0
@@ -183,7 +230,7 @@ def decompose_module(
         "rank_kept": k,
         "numerical_rank": numerical_rank,
         "frobenius_norm": norm,
-        "energy_kept": kept_energy / total_energy if total_energy > 0 else 1.0,
+        "energy_kept": min(1.0, kept_energy / total_energy) if total_energy > 0 else 1.0,
         "approx_error_bound": bound,
     }
     return U[:, :k].contiguous(), S[:k].contiguous(), stats
@@ -211,8 +258,14 @@ def build_bank(
     aliases: Sequence[str] = (),
     overwrite: bool = False,
     progress: ProgressFactory | None = _tqdm_progress,
+    safety: "SafetyFeatureSpec | None" = None,
 ) -> BankManifest:
-    """Build a bank from two checkpoints, one module at a time, and write it atomically."""
+    """Build a bank from two checkpoints, one module at a time, and write it atomically.
+
+    With ``safety`` (a :class:`vllm_safelora.safety_features.SafetyFeatureSpec`)
+    the aligned model is also run on the spec's prompts to store SaLoRA-style
+    safety features for every bank module (needs ``transformers``).
+    """
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise BankError(f"{out_dir} already exists; remove it or pass --overwrite")
@@ -251,13 +304,21 @@ def build_bank(
         del V
         if stats["frobenius_norm"] == 0.0:
             logger.warning(
-                "%s is identical in base and aligned: its alignment subspace is empty, so projecting "
-                "an adapter's update on it zeroes that update. Leave it out with --modules if unwanted.",
+                "%s is identical in base and aligned: its alignment subspace is empty, so the Safe LoRA "
+                "policy will never project it (like the reference). Leave it out with --modules if unwanted.",
                 module,
             )
         tensors[f"{module}.U"] = U.to(_DTYPES[storage_dtype]).cpu()
         tensors[f"{module}.S"] = S.to(torch.float32).cpu()
         entries.append(BankModule(name=module, shape=shape, **stats))
+
+    features = None
+    if safety is not None:
+        from .safety_features import compute_safety_features
+
+        features = compute_safety_features(
+            aligned.ref, {e.name: e.shape for e in entries}, safety, device=device, show_progress=progress is not None
+        )
 
     return _write_bank(
         out_dir,
@@ -270,20 +331,38 @@ def build_bank(
         svd=svd,
         truncation={"rank": truncation.rank, "energy": truncation.energy},
         overwrite=overwrite,
+        features=features,
     )
 
 
-def _write_bank(out_dir: Path, tensors: dict, entries: list[BankModule], *, overwrite: bool, **fields) -> BankManifest:
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _save_features(directory: Path, fname: str, features) -> SafetyFeaturesManifest:
+    """Write ``features`` (a ComputedSafetyFeatures) to ``directory/fname`` and describe it."""
+    save_file(features.tensors, str(directory / fname), metadata={"format": "vllm-safelora-safety-features"})
+    digest = _sha256_file(directory / fname)
+    return SafetyFeaturesManifest(
+        features_id=f"sf-{digest[:16]}", file=fname, tensors_sha256=digest, created_at=_now(), **features.info
+    )
+
+
+def _write_bank(
+    out_dir: Path, tensors: dict, entries: list[BankModule], *, overwrite: bool, features=None, **fields
+) -> BankManifest:
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         save_file(tensors, str(tmp / TENSORS_FILE), metadata={"format": "vllm-safelora-bank"})
         digest = _sha256_file(tmp / TENSORS_FILE)
+        safety = _save_features(tmp, SAFETY_FEATURES_FILE, features) if features is not None else None
         manifest = BankManifest(
             bank_id=f"sb-{digest[:16]}",
             tensors_sha256=digest,
-            created_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            created_at=_now(),
             modules=entries,
+            safety_features=safety,
             **fields,
         )
         (tmp / MANIFEST_FILE).write_text(manifest.model_dump_json(indent=2) + "\n")
@@ -294,6 +373,48 @@ def _write_bank(out_dir: Path, tensors: dict, entries: list[BankModule], *, over
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    return manifest
+
+
+def add_safety_features(
+    bank_dir: Path,
+    spec: "SafetyFeatureSpec",
+    *,
+    model: str | None = None,
+    device: str = "cpu",
+    show_progress: bool = True,
+) -> BankManifest:
+    """Compute safety features for an existing bank and attach them (replacing any earlier ones).
+
+    ``model`` defaults to the bank's aligned model. The new features go to a file
+    named after their digest, then the manifest is replaced atomically, so a
+    reader sees the old or the new features, never a mix. The bank_id does not change.
+    """
+    from .safety_features import compute_safety_features
+
+    bank_dir = Path(bank_dir)
+    manifest = read_manifest(bank_dir)
+    features = compute_safety_features(
+        model or manifest.aligned.ref, {m.name: m.shape for m in manifest.modules}, spec,
+        device=device, show_progress=show_progress,
+    )
+    tmp_name = f".{SAFETY_FEATURES_FILE}.tmp-{os.getpid()}"
+    try:
+        section = _save_features(bank_dir, tmp_name, features)
+        final = f"safety_features-{section.tensors_sha256[:16]}.safetensors"
+        os.replace(bank_dir / tmp_name, bank_dir / final)
+    finally:
+        (bank_dir / tmp_name).unlink(missing_ok=True)
+    section = section.model_copy(update={"file": final})
+    old = manifest.safety_features
+    manifest = manifest.model_copy(update={"safety_features": section})
+    tmp_manifest = bank_dir / f".{MANIFEST_FILE}.tmp-{os.getpid()}"
+    tmp_manifest.write_text(manifest.model_dump_json(indent=2) + "\n")
+    with open(tmp_manifest, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp_manifest, bank_dir / MANIFEST_FILE)
+    if old is not None and old.file != final:
+        (bank_dir / old.file).unlink(missing_ok=True)
     return manifest
 
 
@@ -329,10 +450,28 @@ class AlignmentBank:
     device: torch.device
     nbytes: int
     path: Path
+    safety_features: dict[str, torch.Tensor] | None = None
+    """SaLoRA-style V_s per module (d_out x r_s, float32, orthonormal columns), if the bank has them."""
 
     @property
     def bank_id(self) -> str:
         return self.manifest.bank_id
+
+    @property
+    def features_id(self) -> str | None:
+        """Identity of the loaded safety features (None without them); not part of bank_id."""
+        if self.safety_features is None or self.manifest.safety_features is None:
+            return None
+        return self.manifest.safety_features.features_id
+
+    def require_safety_features(self, policy: str = "this policy") -> dict[str, torch.Tensor]:
+        if self.safety_features is None:
+            raise BankError(
+                f"{policy} needs safety features (V_s), but bank {self.path} ({self.bank_id}) has none; build them with "
+                "`vllm-safelora build-bank ... --safety-prompts FILE.jsonl [--safety-rank 32]` "
+                "(or --features-only to add them to an existing bank)"
+            )
+        return self.safety_features
 
     def get(self, module: str) -> Subspace | None:
         return self.subspaces.get(module)
@@ -409,16 +548,68 @@ def load_bank(bank_dir: Path, device: str = "cpu", *, verify: bool = True) -> Al
                     )
                 U, S = U.to(dev), S.to(dev)
                 nbytes += U.numel() * U.element_size() + S.numel() * S.element_size()
-                subspaces[m.name] = Subspace(U=U, S=S, frobenius_norm=m.frobenius_norm)
+                subspaces[m.name] = Subspace(
+                    U=U, S=S, frobenius_norm=m.frobenius_norm, numerical_rank=min(m.numerical_rank, m.rank_kept)
+                )
     except BankError:
         raise
     except Exception as exc:  # safetensors parse errors, OOM on device
         raise BankError(f"bank {bank_dir} could not be loaded onto {dev}: {exc}") from exc
+    features = None
+    if manifest.safety_features is not None:
+        features = _load_safety_features(bank_dir, manifest, dev, verify=verify)
+        nbytes += sum(t.numel() * t.element_size() for t in features.values())
     logger.info(
         "loaded alignment bank %s (%d modules, %.1f MiB) onto %s",
         manifest.bank_id, len(subspaces), nbytes / 2**20, dev,
     )
-    return AlignmentBank(manifest=manifest, subspaces=subspaces, device=dev, nbytes=nbytes, path=bank_dir)
+    return AlignmentBank(
+        manifest=manifest, subspaces=subspaces, device=dev, nbytes=nbytes, path=bank_dir, safety_features=features
+    )
+
+
+def _load_safety_features(
+    bank_dir: Path, manifest: BankManifest, dev: torch.device, *, verify: bool
+) -> dict[str, torch.Tensor]:
+    section = manifest.safety_features
+    assert section is not None
+    path = bank_dir / section.file
+    if Path(section.file).name != section.file or not path.is_file():
+        raise BankError(f"bank {bank_dir}: the manifest names safety features {section.file!r}, which is missing; "
+                        "rebuild them with --safety-prompts")
+    if verify:
+        digest = _sha256_file(path)
+        if digest != section.tensors_sha256:
+            raise BankError(
+                f"bank {bank_dir}: safety features {section.file} have sha256 {digest[:16]}..., the manifest says "
+                f"{section.tensors_sha256[:16]}...; rebuild them"
+            )
+    bank_modules = {m.name: m for m in manifest.modules}
+    listed = {m.name: m for m in section.modules}
+    if set(listed) != set(bank_modules):
+        missing = sorted(set(bank_modules) - set(listed))[:5]
+        raise BankError(f"bank {bank_dir}: safety features do not cover the bank's modules (missing e.g. {missing}); "
+                        "rebuild them")
+    out: dict[str, torch.Tensor] = {}
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            present = set(f.keys())
+            for name, m in listed.items():
+                key = f"{name}.Vs"
+                if key not in present:
+                    raise BankError(f"bank {bank_dir}: safety features lack {key}; rebuild them")
+                Vs = f.get_tensor(key)
+                if tuple(Vs.shape) != (bank_modules[name].shape[0], m.rank_kept):
+                    raise BankError(
+                        f"bank {bank_dir}: {key} has shape {tuple(Vs.shape)}, expected "
+                        f"({bank_modules[name].shape[0]}, {m.rank_kept}); rebuild them"
+                    )
+                out[name] = Vs.to(device=dev, dtype=torch.float32)
+    except BankError:
+        raise
+    except Exception as exc:
+        raise BankError(f"bank {bank_dir}: safety features could not be loaded onto {dev}: {exc}") from exc
+    return out
 
 
 def dense_bank_bytes(manifest: BankManifest, bytes_per_element: int = 4) -> int:

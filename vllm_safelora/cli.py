@@ -18,11 +18,17 @@ EXIT_USAGE, EXIT_REFUSED, EXIT_BANK = 2, 3, 4
 
 
 def _add_policy_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("Safe LoRA policy")
-    g.add_argument("--select", choices=["threshold", "topk", "all"], default="threshold")
-    g.add_argument("--threshold", type=float, default=0.35, help="project modules with cosine <= TAU (default 0.35)")
-    g.add_argument("--topk", type=int, default=10, help="with --select topk: project the K lowest-cosine modules")
-    g.add_argument("--projection", choices=["approx", "exact"], default="approx")
+    g = p.add_argument_group("policy (Safe LoRA flags, or --policy-file for any policy)")
+    g.add_argument(
+        "--policy-file", metavar="YAML",
+        help="policy config of any kind (safelora | splora | salora | chain), e.g. "
+        "'{kind: chain, steps: [{kind: safelora}, {kind: splora, threshold: 1.5}]}'; "
+        "a file with a top-level 'policy:' key (a plugin config) also works. Excludes the Safe LoRA flags",
+    )
+    g.add_argument("--select", choices=["threshold", "topk", "all"], default=None, help="default threshold")
+    g.add_argument("--threshold", type=float, default=None, help="project modules with cosine <= TAU (default 0.35)")
+    g.add_argument("--topk", type=int, default=None, help="with --select topk: project the K lowest-cosine modules (default 10)")
+    g.add_argument("--projection", choices=["approx", "exact"], default=None, help="default approx")
     g.add_argument("--device", default="cpu", help="device for the bank: cpu, cuda:N or auto")
     g.add_argument("--alias", action="append", default=[], help="another name of the aligned model (repeatable)")
     g.add_argument(
@@ -32,10 +38,45 @@ def _add_policy_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-bytes", type=int, default=2 << 30, help="refuse adapters larger than this")
 
 
+_SAFELORA_FLAGS = ("select", "threshold", "topk", "projection")
+
+
+def load_policy_file(path: Path):
+    """A policy config (any kind) from YAML; ``kind`` defaults to safelora. Raises ConfigError."""
+    import yaml
+    from pydantic import ValidationError
+
+    from .policies import parse_policy
+
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"cannot read policy file {path}: {exc}") from exc
+    if isinstance(data, dict) and "kind" not in data and isinstance(data.get("policy"), dict):
+        data = data["policy"]
+    if not isinstance(data, dict):
+        raise ConfigError(f"policy file {path} must hold a mapping such as '{{kind: safelora, threshold: 0.35}}'")
+    try:
+        return parse_policy(data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '(root)'}: {err['msg']}" for err in exc.errors()
+        )
+        raise ConfigError(f"invalid policy in {path}: {problems}") from exc
+
+
 def _policy_from_args(args: argparse.Namespace):
     from .policies import SafeLoRAConfig
 
-    return SafeLoRAConfig(select=args.select, threshold=args.threshold, topk=args.topk, projection=args.projection)
+    given = {k: getattr(args, k) for k in _SAFELORA_FLAGS if getattr(args, k, None) is not None}
+    if getattr(args, "policy_file", None):
+        if given:
+            raise ConfigError(
+                "--policy-file and the Safe LoRA flags (" + ", ".join(f"--{k}" for k in given)
+                + ") are exclusive; put the settings in the policy file"
+            )
+        return load_policy_file(Path(args.policy_file))
+    return SafeLoRAConfig(**given)
 
 
 def _analyse(args: argparse.Namespace):
@@ -55,11 +96,37 @@ def cmd_build_bank(args: argparse.Namespace) -> int:
     from .bank import Truncation, build_bank, dense_bank_bytes
 
     modules = [m.strip() for m in args.modules.split(",") if m.strip()] if args.modules else None
+    safety = None
+    if args.safety_prompts:
+        from .safety_features import SafetyFeatureSpec
+
+        safety = SafetyFeatureSpec(
+            prompts=Path(args.safety_prompts), rank=args.safety_rank, batch_size=args.safety_batch_size,
+            max_samples=args.safety_max_samples,
+        )
+    if args.features_only:
+        from .bank import add_safety_features
+
+        if safety is None:
+            raise ConfigError("--features-only needs --safety-prompts FILE.jsonl")
+        manifest = add_safety_features(Path(args.out), safety, model=args.aligned, device=args.device)
+        sf = manifest.safety_features
+        print(f"safety features {sf.features_id} added to bank {manifest.bank_id} at {args.out}: "
+              f"{sf.samples} samples, {sf.response_tokens} response tokens, r_s = {sf.rank}")
+        return 0
+    if not args.base or not args.aligned:
+        raise ConfigError("build-bank needs --base and --aligned (only --features-only works without --base)")
     manifest = build_bank(
         args.base, args.aligned, Path(args.out),
         modules=modules, truncation=Truncation(rank=args.rank, energy=args.energy),
         storage_dtype=args.dtype, device=args.device, svd=args.svd, aliases=args.alias, overwrite=args.overwrite,
+        safety=safety,
     )
+    if manifest.safety_features is not None:
+        sf = manifest.safety_features
+        low = min(sf.modules, key=lambda m: m.energy_captured)
+        print(f"safety features {sf.features_id}: {sf.samples} samples, {sf.response_tokens} response tokens, "
+              f"r_s = {sf.rank}; lowest energy captured {low.energy_captured:.3f} ({low.name})")
     kept = sum(m.rank_kept * m.shape[0] for m in manifest.modules)
     print(f"bank {manifest.bank_id} written to {args.out}: {len(manifest.modules)} modules, "
           f"{kept} stored U entries (dense C would be {dense_bank_bytes(manifest) / 2**20:.1f} MiB in float32)")
@@ -133,8 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("build-bank", help="build an alignment bank from base and aligned checkpoints")
-    p.add_argument("--base", required=True, help="pre-alignment checkpoint: local dir or hub id")
-    p.add_argument("--aligned", required=True, help="aligned (served) checkpoint: local dir or hub id")
+    p.add_argument("--base", help="pre-alignment checkpoint: local dir or hub id (required unless --features-only)")
+    p.add_argument("--aligned", help="aligned (served) checkpoint: local dir or hub id (required unless --features-only)")
     p.add_argument("--out", required=True, help="bank directory to create")
     p.add_argument("--modules", help="comma-separated module names (default q,k,v,o,gate,up,down_proj; 'all-linear')")
     trunc = p.add_mutually_exclusive_group()
@@ -145,6 +212,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--svd", choices=["full", "lowrank"], default="full", help="lowrank: randomized SVD, needs --rank")
     p.add_argument("--alias", action="append", default=[], help="another name of the aligned model (repeatable)")
     p.add_argument("--overwrite", action="store_true")
+    sg = p.add_argument_group("SaLoRA-style safety features (optional; needs transformers)")
+    sg.add_argument(
+        "--safety-prompts", metavar="FILE.jsonl",
+        help="harmful prompts with refusal responses, one {\"prompt\": ..., \"response\": ...} per line "
+        "(e.g. configs/safety_prompts.jsonl): the aligned model is run on them (on --device) and the top "
+        "output directions of every module (response tokens only) are stored as V_s beside the bank",
+    )
+    sg.add_argument("--safety-rank", type=int, default=32, help="r_s: directions kept per module (default 32)")
+    sg.add_argument("--safety-batch-size", type=int, default=8, help="samples per forward pass (default 8)")
+    sg.add_argument("--safety-max-samples", type=int, default=None, help="use only the first N samples")
+    sg.add_argument(
+        "--features-only", action="store_true",
+        help="add (or replace) safety features in the existing bank at --out; the bank itself is not rebuilt "
+        "(--aligned defaults to the bank's aligned model)",
+    )
     p.set_defaults(func=cmd_build_bank)
 
     p = sub.add_parser("project", help="project an adapter and write the patched copy with its report")

@@ -2,6 +2,13 @@
 
 ``project_adapter`` is what the CLI and the server's service both call. It
 never writes; ``write_projected`` does, atomically.
+
+Any policy kind works here (Safe LoRA, SPLoRA pruning, SaLoRA-style, chains).
+When a policy pruned modules, their tensors are absent from the output and
+adapter_config.json lists them in ``exclude_modules`` (otherwise the config is
+kept byte for byte). The report's ``policy_id`` is ``policy.policy_id(bank)``:
+it includes the bank's safety-features id for policies that use V_s, and
+equals ``policy.policy_id()`` for the others. Cache keys must use the same.
 """
 
 from __future__ import annotations
@@ -11,10 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-from .adapters import LoraAdapter, SerializedAdapter, serialize_adapter, write_adapter_dir
+from .adapters import LoraAdapter, SerializedAdapter, config_excluding_modules, serialize_adapter, write_adapter_dir
 from .bank import AlignmentBank
 from .errors import AdapterRefused, RefusalReason
 from .policies import PolicyConfig, make_policy
+from .policies.base import lora_flops_per_token
 from .projection import mean_pdst
 from .report import REPORT_FILE, AdapterReport, ReportSummary
 
@@ -91,12 +99,18 @@ def project_adapter(
     check_compatible(adapter, bank, aliases=aliases, require_base_model_match=require_base_model_match, name=who)
     result = make_policy(policy).apply(adapter, bank)
     if result.changed:
-        serialized = serialize_adapter(adapter.config_bytes, result.tensors, adapter.metadata)
+        config_bytes = config_excluding_modules(adapter.config_bytes, list(result.pruned))
+        serialized = serialize_adapter(config_bytes, result.tensors, adapter.metadata)
     else:
         # Unchanged adapters are served byte-for-byte as uploaded.
         serialized = SerializedAdapter(adapter.config_bytes, adapter.weights_bytes, {})
     cosines = [m.cosine for m in result.modules]
     bounds = [m.bank_error_bound for m in result.modules]
+    flops_before = lora_flops_per_token(adapter)
+    pruned = set(result.pruned)
+    flops_after = sum(
+        2 * m.rank * (m.d_in + m.d_out) for name, m in adapter.modules.items() if name not in pruned
+    )
     summary = ReportSummary(
         outcome="projected" if result.changed else "unchanged",
         modules=len(result.modules),
@@ -106,12 +120,17 @@ def project_adapter(
         mean_cosine=sum(cosines) / len(cosines) if cosines else None,
         policy_name=policy.kind,
         policy=policy.model_dump(mode="json"),
-        policy_id=policy.policy_id(),
+        policy_id=policy.policy_id(bank),
         bank_id=bank.bank_id,
         input_hash=adapter.content_hash,
         output_hash=serialized.content_hash,
         seconds=time.perf_counter() - start,
         max_bank_error_bound=max(bounds) if bounds else 0.0,
+        pruned=sum(m.pruned for m in result.modules),
+        lora_flops_per_token=flops_before,
+        lora_flops_per_token_after=flops_after,
+        lora_flops_saved_fraction=1.0 - flops_after / flops_before if flops_before else 0.0,
+        features_id=bank.features_id if policy.uses_safety_features() else None,
     )
     report = AdapterReport(adapter=who, summary=summary, modules=result.modules, notes=result.notes)
     return ProjectionOutcome(adapter=with_report(serialized, report), report=report)

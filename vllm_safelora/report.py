@@ -2,6 +2,17 @@
 
 It is the audit record: what was measured per module, what was changed, with
 which policy and bank, and the content hashes that tie input to output.
+
+Every policy reports the Safe LoRA diagnostics of each module of the *uploaded*
+adapter (cosine, relative distance, update norm), whatever it then does, so
+reports from different policies stay comparable. Fields added for the other
+policies (pruning, SaLoRA-style projection, chains) are optional with defaults:
+reports written before them still parse.
+
+``summary.outcome``: "projected" means the policy changed the adapter in any way
+(a projected lora_B, a pruned module, ...): the served bytes differ from the
+upload. "unchanged" means they are the upload byte for byte. "rejected" means it
+was refused. The name is historical; read it as "modified".
 """
 
 from __future__ import annotations
@@ -26,12 +37,26 @@ class ModuleReport(BaseModel):
     scale: float
     shape: tuple[int, int] = Field(description="(d_out, d_in)")
     bank_error_bound: float = Field(description="||C - C_k||_2 from the bank's truncation of this module")
+    # Optional, filled by policies other than Safe LoRA (defaults keep older reports valid).
+    pruned: bool = Field(False, description="the module's lora_A/lora_B were removed from the served adapter")
+    distance_score: float | None = Field(
+        None, description="SPLoRA score: relative_distance standardised over the adapter's modules, (d - median) / IQR"
+    )
+    salora_removed_fraction: float | None = Field(
+        None, description="SaLoRA-style: ||V_s V_s^T dW||_F / ||dW||_F, the share of the update removed"
+    )
+    actions: list[str] = Field(
+        default_factory=list, description="what each policy step did to this module, e.g. ['safelora:project', 'splora:prune']"
+    )
 
 
 class ReportSummary(BaseModel):
-    outcome: Literal["projected", "unchanged", "rejected"]
+    outcome: Literal["projected", "unchanged", "rejected"] = Field(
+        description="projected: the policy changed the adapter (any module projected or pruned); "
+        "unchanged: served byte for byte as uploaded; rejected: refused"
+    )
     modules: int
-    projected: int
+    projected: int = Field(description="modules whose lora_B was replaced by a projection (Safe LoRA or SaLoRA-style)")
     mean_pdst: float
     min_cosine: float | None
     mean_cosine: float | None
@@ -44,6 +69,16 @@ class ReportSummary(BaseModel):
     seconds: float
     max_bank_error_bound: float = Field(description="largest truncation error bound among the adapter's modules")
     rejection: str | None = None
+    # Optional (defaults keep older reports valid).
+    pruned: int = Field(0, description="modules removed from the adapter (SPLoRA)")
+    lora_flops_per_token: int | None = Field(
+        None, description="LoRA FLOPs per token of the uploaded adapter: sum over modules of 2 r (d_in + d_out)"
+    )
+    lora_flops_per_token_after: int | None = Field(None, description="the same for the served adapter")
+    lora_flops_saved_fraction: float = Field(0.0, description="1 - after / before")
+    features_id: str | None = Field(
+        None, description="identity of the bank's safety features (V_s) when the policy used them"
+    )
     mode: Literal["enforce", "shadow"] = Field(
         "enforce", description="shadow: the original adapter was served; this report says what would have been done"
     )
@@ -60,17 +95,35 @@ class AdapterReport(BaseModel):
     def table(self) -> str:
         """A readable per-module table for the terminal."""
         width = max([len("module")] + [len(m.module) for m in self.modules])
-        lines = [f"{'module':<{width}}  {'cosine':>9}  {'rel.dist':>8}  {'pdst':>6}  action"]
+        with_z = any(m.distance_score is not None for m in self.modules)
+        with_sf = any(m.salora_removed_fraction is not None for m in self.modules)
+        head = f"{'module':<{width}}  {'cosine':>9}  {'rel.dist':>8}"
+        head += f"  {'z':>7}" if with_z else ""
+        head += f"  {'sf.rm':>6}" if with_sf else ""
+        lines = [head + f"  {'pdst':>6}  action"]
         for m in self.modules:
-            action = "PROJECT" if m.projected else "keep"
-            lines.append(
-                f"{m.module:<{width}}  {m.cosine:>9.5f}  {m.relative_distance:>8.4f}  {m.pdst_term:>6.3f}  {action}"
-            )
+            if m.actions:
+                action = "+".join(a.split(":", 1)[-1].upper() for a in m.actions)
+            else:
+                action = "PRUNE" if m.pruned else ("PROJECT" if m.projected else "keep")
+            row = f"{m.module:<{width}}  {m.cosine:>9.5f}  {m.relative_distance:>8.4f}"
+            if with_z:
+                row += f"  {m.distance_score:>7.3f}" if m.distance_score is not None else f"  {'-':>7}"
+            if with_sf:
+                row += f"  {m.salora_removed_fraction:>6.3f}" if m.salora_removed_fraction is not None else f"  {'-':>6}"
+            lines.append(row + f"  {m.pdst_term:>6.3f}  {action}")
         s = self.summary
+        pruned = f", {s.pruned} pruned" if s.pruned else ""
         lines.append(
-            f"{s.projected}/{s.modules} modules projected; mean Pdst {s.mean_pdst:.4f}; "
+            f"{s.projected}/{s.modules} modules projected{pruned}; mean Pdst {s.mean_pdst:.4f}; "
             f"policy {s.policy_name} {s.policy}; bank {s.bank_id}"
+            + (f" (safety features {s.features_id})" if s.features_id else "")
         )
+        if s.pruned and s.lora_flops_per_token:
+            lines.append(
+                f"LoRA compute per token: {s.lora_flops_per_token_after:,} of {s.lora_flops_per_token:,} FLOPs "
+                f"({s.lora_flops_saved_fraction:.1%} saved)"
+            )
         if s.max_bank_error_bound > 1e-9:  # below that it is float32 round-off, not truncation
             lines.append(f"bank truncation error bound (max over modules): ||C - C_k||_2 <= {s.max_bank_error_bound:.3e}")
         return "\n".join(lines)

@@ -1,30 +1,58 @@
-"""Adapter safety policies: one file per policy behind :class:`Policy`."""
+"""Adapter safety policies: one file per policy behind :class:`Policy`.
+
+* ``safelora``: Safe LoRA projection lora_B := C lora_B of low-cosine modules (arXiv 2405.16833).
+* ``splora``: distance-guided pruning, SPLoRA-style with an explicit robust score (arXiv 2506.18931).
+* ``salora``: SaLoRA-style (post-hoc) safety-feature projection lora_B := (I - V_s V_s^T) lora_B (arXiv 2501.01765).
+* ``chain``: several of the above in order.
+"""
 
 from __future__ import annotations
 
-from typing import Annotated, Union
+from typing import Annotated, Any, Mapping, Union
 
-from pydantic import Field
+from pydantic import Field, TypeAdapter
 
-from .base import Policy, PolicyConfig, PolicyResult
+from .base import Policy, PolicyConfig, PolicyResult, adapter_view
+from .chain import ChainConfig, ChainPolicy, make_step
+from .salora import SaLoRAConfig, SaLoRAPolicy
 from .safelora import SafeLoRAConfig, SafeLoRAPolicy
+from .splora import SPLoRAConfig, SPLoRAPolicy
 
 # Discriminated on ``kind``: configs name the policy they want.
-AnyPolicyConfig = Annotated[Union[SafeLoRAConfig], Field(discriminator="kind")]
+AnyPolicyConfig = Annotated[
+    Union[SafeLoRAConfig, SPLoRAConfig, SaLoRAConfig, ChainConfig], Field(discriminator="kind")
+]
+
+_ANY = TypeAdapter(AnyPolicyConfig)
+
+
+def parse_policy(data: Mapping[str, Any]) -> PolicyConfig:
+    """A policy config from a mapping (YAML/JSON); ``kind`` defaults to safelora. Raises pydantic ValidationError."""
+    data = dict(data)
+    data.setdefault("kind", "safelora")
+    return _ANY.validate_python(data)
 
 
 def make_policy(config: PolicyConfig) -> Policy:
-    if isinstance(config, SafeLoRAConfig):
-        return SafeLoRAPolicy(config)
-    raise TypeError(f"no policy implements config kind {config.kind!r}")
+    if isinstance(config, ChainConfig):
+        return ChainPolicy(config)
+    return make_step(config)
 
 
 __all__ = [
     "AnyPolicyConfig",
+    "ChainConfig",
+    "ChainPolicy",
     "Policy",
     "PolicyConfig",
     "PolicyResult",
+    "SPLoRAConfig",
+    "SPLoRAPolicy",
+    "SaLoRAConfig",
+    "SaLoRAPolicy",
     "SafeLoRAConfig",
     "SafeLoRAPolicy",
+    "adapter_view",
     "make_policy",
+    "parse_policy",
 ]

@@ -34,7 +34,11 @@ class SafeLoRAPolicy(Policy):
             sub = bank.get(name)
             assert sub is not None, f"{name} not in bank: check_compatible must run first"
             analyses[name] = analyze_module(name, sub, module.lora_A, module.lora_B, module.scale, cfg.projection)
-        rounded = {name: a.score.cosine_rounded for name, a in analyses.items()}
+        # A module whose base and aligned weights are identical has no alignment
+        # subspace (the reference's C is 0/0 = NaN and never selected): keep the
+        # tenant's update there rather than zero it.
+        empty = {name for name in analyses if bank.get(name).frobenius_norm == 0.0}
+        rounded = {name: a.score.cosine_rounded for name, a in analyses.items() if name not in empty}
         selected = select_modules(rounded, cfg.select, threshold=cfg.threshold, topk=cfg.topk)
 
         tensors = dict(adapter.tensors)
@@ -61,10 +65,15 @@ class SafeLoRAPolicy(Policy):
                 )
             )
         notes = []
+        if empty:
+            notes.append(
+                f"{len(empty)} module(s) have an empty alignment subspace (base == aligned), left unprojected: "
+                + ", ".join(sorted(empty)[:5])
+            )
         if cfg.projection is ProjectionKind.EXACT:
             full = [
                 r.module for r in reports
-                if (m := bank.manifest.module(r.module)) is not None and m.rank_kept >= m.shape[0]
+                if (m := bank.manifest.module(r.module)) is not None and min(m.rank_kept, m.numerical_rank) >= m.shape[0]
             ]
             if full:
                 notes.append(
