@@ -142,3 +142,19 @@ def test_shadow_mode_serves_original_bytes_and_reports(tmp_path, tiny_bank, adap
     enforced = svc.prepare("globex/bad")
     assert enforced.path != shadow.path
     assert (enforced.path / WEIGHTS_FILE).read_bytes() != (original / WEIGHTS_FILE).read_bytes()
+
+
+def test_altered_entry_is_detected_and_rebuilt(tmp_path, tiny_bank, adapters_root):
+    svc = _service(tmp_path, tiny_bank, adapters_root)
+    prepared = svc.prepare("globex/bad")
+    weights = prepared.path / WEIGHTS_FILE
+    good_bytes = weights.read_bytes()
+    weights.chmod(0o644)
+    tampered = bytearray(good_bytes)
+    tampered[-1] ^= 0xFF
+    weights.write_bytes(bytes(tampered))
+    assert svc.verified(str(prepared.path)) is None
+    again = svc.prepare("globex/bad", str(prepared.path))
+    assert again.path == prepared.path and not again.cache_hit
+    assert (again.path / WEIGHTS_FILE).read_bytes() == good_bytes
+    assert svc.verified(str(again.path)) is not None

@@ -8,6 +8,7 @@ imports no vLLM.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
@@ -19,7 +20,7 @@ from typing import Sequence
 from . import metrics
 from .adapters import ReadLimits, read_adapter, write_adapter_files
 from .bank import AlignmentBank, load_bank
-from .cache import CacheKey, PatchedAdapterCache
+from .cache import MANIFEST_NAME, CacheKey, PatchedAdapterCache
 from .config import AdmissionConfig, SafeLoRASettings
 from .adapters import SerializedAdapter
 from .engine import project_adapter, with_report
@@ -40,6 +41,27 @@ class PreparedAdapter:
     digest: str
     report: AdapterReport
     cache_hit: bool
+    source_dir: Path | None = None
+    """Where the uploaded adapter was read from: an entry that vanishes or changes is rebuilt from it."""
+    confine: Path | None = None
+    signature: tuple = ()
+    """(name, size, mtime_ns, inode) of the entry's files when they were verified."""
+
+    def unchanged_on_disk(self) -> bool:
+        """Cheap per-request check (a stat per file) that the verified entry is still as verified."""
+        return bool(self.signature) and _stat_signature(self.path) == self.signature
+
+
+def _stat_signature(path: Path) -> tuple:
+    try:
+        return tuple(
+            # The cache records last use in its manifest's mtime: leave that out.
+            (e.name, st.st_size, 0 if e.name == MANIFEST_NAME else st.st_mtime_ns, st.st_ino)
+            for e in sorted(os.scandir(path), key=lambda e: e.name)
+            for st in (e.stat(follow_symlinks=False),)
+        )
+    except OSError:
+        return ()
 
 
 def admission_problem(report: AdapterReport, admission: AdmissionConfig) -> str | None:
@@ -151,9 +173,14 @@ class SafeLoRAService:
     # ------------------------------------------------------------------ lookups
 
     def verified(self, lora_path: str) -> PreparedAdapter | None:
-        """O(1): is this path a cache entry this process prepared (and still on disk)?"""
+        """Is this path a cache entry this process prepared, unchanged since? (a few stats, no hashing)"""
         prepared = self._by_path.get(lora_path)
-        if prepared is not None and not os.path.isdir(prepared.path):
+        if prepared is not None and not prepared.unchanged_on_disk():
+            logger.warning(
+                "safelora: cache entry %s of adapter '%s' changed or vanished on disk since it was verified; "
+                "re-verifying and rebuilding it from the uploaded adapter",
+                prepared.digest[:16], prepared.name,
+            )
             return None
         return prepared
 
@@ -170,15 +197,22 @@ class SafeLoRAService:
         offline request); ``None`` means resolve ``name`` through the sources.
         Raises AdapterRefused (already counted in the metrics).
         """
+        previous = None
         if lora_path is not None:
             known = self.verified(lora_path)
             if known is not None:
                 return self._remember(name, known)
+            previous = self._by_path.get(lora_path)
         start = time.perf_counter()
         tenant = resolve_tenant(self.settings, name)
         mode = "shadow" if tenant.shadow else "enforce"
         try:
-            source_dir, confine = self._locate(name, lora_path)
+            if previous is not None and previous.source_dir is not None:
+                # A cache path handed out earlier whose entry vanished or was altered:
+                # rebuild it from the adapter it came from.
+                source_dir, confine = previous.source_dir, previous.confine
+            else:
+                source_dir, confine = self._locate(name, lora_path)
             prepared = self._prepare_dir(name, source_dir, confine, tenant)
         except AdapterRefused as exc:
             exc.for_adapter(name)
@@ -202,7 +236,7 @@ class SafeLoRAService:
 
     def _remember(self, name: str, prepared: PreparedAdapter) -> PreparedAdapter:
         if prepared.name != name:
-            prepared = PreparedAdapter(name, prepared.path, prepared.digest, prepared.report, prepared.cache_hit)
+            prepared = dataclasses.replace(prepared, name=name)
         with self._lock:
             self._by_path[str(prepared.path)] = prepared
             self._by_name[name] = prepared
@@ -273,7 +307,10 @@ class SafeLoRAService:
             metrics.CACHE_BYTES.set(self.cache.total_bytes())
         # vLLM re-reads the entry after its own LRU evicts the adapter: keep it on disk.
         self.cache.lease(entry.digest)
-        return PreparedAdapter(name=name, path=entry.path, digest=entry.digest, report=report, cache_hit=hit)
+        return PreparedAdapter(
+            name=name, path=entry.path, digest=entry.digest, report=report, cache_hit=hit,
+            source_dir=source_dir, confine=confine, signature=_stat_signature(entry.path),
+        )
 
     def _observe_projection(self, report: AdapterReport, tenant: TenantPolicy, seconds: float) -> None:
         metrics.PROJECTIONS.labels(policy=tenant.policy.kind).inc()
