@@ -21,7 +21,7 @@ def _add_policy_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("policy (Safe LoRA flags, or --policy-file for any policy)")
     g.add_argument(
         "--policy-file", metavar="YAML",
-        help="policy config of any kind (safelora | splora | salora | chain), e.g. "
+        help="policy config of any kind (safelora | splora | salora-style | chain), e.g. "
         "'{kind: chain, steps: [{kind: safelora}, {kind: splora, threshold: 1.5}]}'; "
         "a file with a top-level 'policy:' key (a plugin config) also works. Excludes the Safe LoRA flags",
     )

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
 
 from .errors import ConfigError
-from .policies import AnyPolicyConfig, SafeLoRAConfig
+from .policies import PolicySetting, SafeLoRAConfig
 from .tenancy import TenantRuleBase
 
 CONFIG_ENV = "VLLM_SAFELORA_CONFIG"
@@ -47,18 +47,9 @@ class AdmissionConfig(BaseModel):
     )
 
 
-def _default_kind(value: Any) -> Any:
-    # `policy: {select: topk}` means Safe LoRA; other policies name their kind.
-    if isinstance(value, dict) and "kind" not in value:
-        return {**value, "kind": "safelora"}
-    return value
-
-
-PolicySpec = Annotated[AnyPolicyConfig, BeforeValidator(_default_kind)]
-
 
 class TenantRule(TenantRuleBase):
-    policy: PolicySpec | None = Field(None, description="policy for these adapters (None: the top-level policy)")
+    policy: PolicySetting | None = Field(None, description="policy for these adapters (None: the top-level policy)")
     admission: AdmissionConfig | None = Field(None, description="admission rules (None: the top-level ones)")
 
 
@@ -73,7 +64,7 @@ class SafeLoRASettings(BaseSettings):
     cache_dir: Path = Field(Path("/var/cache/vllm-safelora"), description="patched-adapter cache")
     cache_max_bytes: int = Field(10 << 30, gt=0, description="byte budget of the cache (LRU eviction)")
     device: str = Field("auto", description="where the bank lives: auto | cpu | cuda:N")
-    policy: PolicySpec = Field(default_factory=SafeLoRAConfig, description="default policy")
+    policy: PolicySetting = Field(default_factory=SafeLoRAConfig, description="default policy")
     admission: AdmissionConfig = Field(default_factory=AdmissionConfig)
     tenants: list[TenantRule] = Field(
         default_factory=list, description="first matching rule by adapter-name glob wins; others get the defaults"

@@ -27,7 +27,8 @@ from .engine import project_adapter, with_report
 from .errors import AdapterRefused, BankError, RefusalReason
 from .report import REPORT_FILE, AdapterReport
 from .sources import AdapterSource, HubSource, LocalDirSource, locate_adapter
-from .tenancy import TenantPolicy, describe_rules, resolve_tenant
+from .policies import make_policy
+from .tenancy import TenantPolicy, all_policies, describe_rules, resolve_tenant
 
 logger = logging.getLogger("vllm_safelora")
 
@@ -108,7 +109,7 @@ def _tenant_report(report: AdapterReport, tenant: TenantPolicy, admission: str |
         update={
             "mode": "shadow" if tenant.shadow else "enforce",
             "tenant_rule": tenant.rule,
-            "policy_id": tenant.cache_policy_id(),
+            "policy_id": report.summary.policy_id + ("-shadow" if tenant.shadow else ""),
             "rejection": admission,
             "outcome": "rejected" if admission else report.summary.outcome,
         }
@@ -152,6 +153,9 @@ class SafeLoRAService:
                 f"'{served_model}'. Build a bank for the served model, or add '{served_model}' to the "
                 "configuration's aliases if it is the same model under another name"
             )
+        for policy in all_policies(settings):
+            # e.g. a SaLoRA-style policy on a bank built without --safety-prompts
+            make_policy(policy).validate_bank(bank)
         cache = PatchedAdapterCache(settings.cache_dir, settings.cache_max_bytes, verify=settings.verify_cache)
         service = cls(settings, bank, build_sources(settings), cache, max_rank=max_rank)
         metrics.BANK_BYTES.labels(device=str(bank.device)).set(bank.nbytes)
@@ -275,7 +279,9 @@ class SafeLoRAService:
 
     def _prepare_dir(self, name: str, source_dir: Path, confine: Path | None, tenant: TenantPolicy) -> PreparedAdapter:
         adapter = read_adapter(source_dir, name=name, limits=self.limits, confine_to=confine)
-        key = CacheKey(adapter_hash=adapter.content_hash, bank_id=self.bank.bank_id, policy_id=tenant.cache_policy_id())
+        key = CacheKey(
+            adapter_hash=adapter.content_hash, bank_id=self.bank.bank_id, policy_id=tenant.cache_policy_id(self.bank)
+        )
 
         def build(tmpdir: Path) -> AdapterReport:
             start = time.perf_counter()

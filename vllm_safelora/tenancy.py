@@ -33,10 +33,11 @@ class TenantPolicy:
     shadow: bool
     """Report-only: serve the original adapter, record what the policy would have done."""
 
-    def cache_policy_id(self) -> str:
+    def cache_policy_id(self, bank=None) -> str:
         # A shadow entry holds the original weights; it must never be mistaken
-        # for the enforcing entry of the same policy.
-        return self.policy.policy_id() + ("-shadow" if self.shadow else "")
+        # for the enforcing entry of the same policy. The bank folds in data the
+        # bank_id does not cover (SaLoRA-style safety features).
+        return self.policy.policy_id(bank) + ("-shadow" if self.shadow else "")
 
 
 class TenantRuleBase(BaseModel):
@@ -60,6 +61,10 @@ def resolve_tenant(settings: "SafeLoRASettings", name: str) -> TenantPolicy:
                 shadow=settings.shadow if rule.shadow is None else rule.shadow,
             )
     return TenantPolicy(rule="default", policy=settings.policy, admission=settings.admission, shadow=settings.shadow)
+
+
+def all_policies(settings: "SafeLoRASettings") -> list[PolicyConfig]:
+    return [settings.policy, *(r.policy for r in settings.tenants if r.policy is not None)]
 
 
 def describe_rules(settings: "SafeLoRASettings") -> list[dict[str, Any]]:

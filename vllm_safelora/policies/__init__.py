@@ -2,7 +2,7 @@
 
 * ``safelora``: Safe LoRA projection lora_B := C lora_B of low-cosine modules (arXiv 2405.16833).
 * ``splora``: distance-guided pruning, SPLoRA-style with an explicit robust score (arXiv 2506.18931).
-* ``salora``: SaLoRA-style (post-hoc) safety-feature projection lora_B := (I - V_s V_s^T) lora_B (arXiv 2501.01765).
+* ``salora-style``: SaLoRA-style (post-hoc) safety-feature projection lora_B := (I - V_s V_s^T) lora_B (arXiv 2501.01765).
 * ``chain``: several of the above in order.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Mapping, Union
 
-from pydantic import Field, TypeAdapter
+from pydantic import BeforeValidator, Field, TypeAdapter
 
 from .base import Policy, PolicyConfig, PolicyResult, adapter_view
 from .chain import ChainConfig, ChainPolicy, make_step
@@ -23,13 +23,24 @@ AnyPolicyConfig = Annotated[
     Union[SafeLoRAConfig, SPLoRAConfig, SaLoRAConfig, ChainConfig], Field(discriminator="kind")
 ]
 
-_ANY = TypeAdapter(AnyPolicyConfig)
+def with_default_kind(value: Any) -> Any:
+    """Pydantic BeforeValidator: a policy mapping without ``kind`` is Safe LoRA (configs predating other kinds).
+
+    Use as ``policy: Annotated[AnyPolicyConfig, BeforeValidator(with_default_kind)]``.
+    """
+    if isinstance(value, Mapping) and "kind" not in value:
+        return {**value, "kind": "safelora"}
+    return value
+
+
+PolicySetting = Annotated[AnyPolicyConfig, BeforeValidator(with_default_kind)]
+"""Any policy, ``kind`` defaulting to safelora: the type for a settings field."""
+
+_ANY = TypeAdapter(PolicySetting)
 
 
 def parse_policy(data: Mapping[str, Any]) -> PolicyConfig:
     """A policy config from a mapping (YAML/JSON); ``kind`` defaults to safelora. Raises pydantic ValidationError."""
-    data = dict(data)
-    data.setdefault("kind", "safelora")
     return _ANY.validate_python(data)
 
 
@@ -46,6 +57,7 @@ __all__ = [
     "Policy",
     "PolicyConfig",
     "PolicyResult",
+    "PolicySetting",
     "SPLoRAConfig",
     "SPLoRAPolicy",
     "SaLoRAConfig",
@@ -55,4 +67,5 @@ __all__ = [
     "adapter_view",
     "make_policy",
     "parse_policy",
+    "with_default_kind",
 ]

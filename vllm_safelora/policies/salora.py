@@ -19,6 +19,9 @@ V_s is built offline from the aligned model by ``vllm-safelora build-bank
 raise :class:`BankError`. The features' digest (``features_id``) is folded into
 this policy's id, so new features give new cache entries.
 
+Config: ``{kind: salora-style, rank: null}`` (``rank``: use only the top-k stored
+directions). The kind says "-style" on purpose.
+
 Reported per module: ``salora_removed_fraction`` = ||V_s V_s^T dW||_F / ||dW||_F
 (exact, r x r traces with G = A A^T), plus the Safe LoRA diagnostics of the
 input (approx C) for comparability. A module whose ||V_s^T B||_F is at most
@@ -49,7 +52,7 @@ _NEGLIGIBLE = 1e-6
 class SaLoRAConfig(PolicyConfig):
     """SaLoRA-style (post-hoc) projection: lora_B' = lora_B - V_s V_s^T lora_B."""
 
-    kind: Literal["salora"] = "salora"
+    kind: Literal["salora-style"] = "salora-style"
     rank: int | None = Field(
         None, ge=1, description="use only the top-k stored safety directions per module (default: all stored, r_s)"
     )
@@ -65,7 +68,7 @@ def salora_project(Vs: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
 
 
 class SaLoRAPolicy(Policy):
-    name = "salora"
+    name = "salora-style"
 
     def __init__(self, config: SaLoRAConfig):
         self.config = config
