@@ -13,8 +13,13 @@ factory) and adds, all session-scoped:
 ``vllm_server_factory``  starts :class:`VLLMServer` processes; every server it started is
                    stopped (whole process group killed) at the end of the session.
 
-Helpers (importable as ``from conftest import ...`` is NOT used; tests get them through
-fixtures or the ``e2e`` namespace fixture) cover metrics parsing and completion calls.
+``e2e``            a namespace of helpers (completions through the openai client or plain HTTP,
+                   returning token ids and top logprobs; Prometheus parsing; process helpers),
+                   so test modules never import this conftest.
+
+Every process started here runs in its own session and its whole process group is
+killed at teardown (vLLM leaves engine-core children behind otherwise). Server logs
+are files beside the servers' work directories; start-up failures print their tail.
 """
 
 from __future__ import annotations
@@ -28,9 +33,10 @@ import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import pytest
 import torch
@@ -41,21 +47,29 @@ MAX_LORA_RANK = 8
 SERVER_START_TIMEOUT_S = float(os.environ.get("SAFELORA_E2E_START_TIMEOUT", "300"))
 
 # Each scenario gets its own adapter content (seed), so cache hits in one test never
-# come from another test's loads.
+# come from another test's loads. "random" adapters have low Safe LoRA cosines (about
+# 0.1-0.2) and are projected by the threshold policy, and their projection keeps a
+# visible part of the update (it moves next-token logprobs by ~0.07 from the plain
+# model): "projected", "unprojected" and "no adapter at all" are all told apart.
+# "orthogonal" adapters (cosines ~0.01) project to almost nothing: served, they behave
+# like the plain aligned model.
 ADAPTERS = {
     # name under adapter_dirs: (direction, seed)
     "acme/aligned": ("aligned", 0),  # high cosine: served unchanged
-    "globex/ortho": ("orthogonal", 0),  # low cosine: projected (resolver path, audit)
-    "loadme/ortho": ("orthogonal", 1),  # load endpoint path
-    "static/ortho": ("orthogonal", 2),  # --lora-modules path
-    "cachet/one": ("orthogonal", 3),  # cache: same content under two names ...
-    "cachet2/one": ("orthogonal", 3),  # ... (a copy of the directory)
-    "swap/ortho": ("orthogonal", 5),  # re-uploaded with other content (seed 6) after unload
-    "metrics/ortho": ("orthogonal", 7),  # a fresh projection observed by the metrics test
-    "offline/raw": ("orthogonal", 8),  # the offline LLM run's raw adapter
-    "admit/ortho": ("orthogonal", 9),  # admission server: 100% projected -> refused
+    "globex/ortho": ("orthogonal", 0),  # lowest cosine: projected (resolver path, audit)
+    "globex/random": ("random", 0),  # low cosine: projected (resolver path)
+    "loadme/lora": ("random", 1),  # load endpoint path
+    "static/lora": ("random", 2),  # --lora-modules path
+    "cachet/one": ("random", 3),  # cache: same content under two names ...
+    "cachet2/one": ("random", 3),  # ... (a copy of the directory)
+    "swap/lora": ("random", 5),  # re-uploaded with other content (SWAP_REPLACEMENT) after unload
+    "metrics/lora": ("random", 7),  # a fresh projection observed by the metrics test
+    "offline/raw": ("random", 8),  # the offline LLM run's raw adapter
+    "admit/ortho": ("orthogonal", 9),  # admission server: 100% of modules projected -> refused
 }
-SWAP_REPLACEMENT = ("orthogonal", 6)
+# Names whose CLI-projected copy (`vllm-safelora project`) is placed under adapter_dirs.
+CLI_PROJECTED = ("globex/ortho", "globex/random")
+SWAP_REPLACEMENT = ("random", 6)
 
 
 # ----------------------------------------------------------------------------- processes
@@ -276,13 +290,12 @@ class E2EWorld:
     adapter_root: Path  # the configured adapter_dirs entry
     outside_root: Path  # adapters NOT under adapter_dirs
     adapters: dict[str, Path]  # name -> raw adapter dir under adapter_root
-    offline_projected: Path  # `vllm-safelora project` output of globex/ortho, under adapter_root
-    offline_projected_name: str
+    cli_projected: dict[str, Path]  # name -> `vllm-safelora project` output, under adapter_root
     swap_replacement: Path  # other content for swap/ortho (outside adapter_root until swapped in)
     outside_adapter: Path  # a valid adapter outside adapter_dirs
     nan_name: str
     other_base_name: str
-    mixed_name: str  # q_proj orthogonal + v_proj aligned: 50% of modules projected
+    mixed_name: str  # q_proj random + v_proj aligned: 50% of modules projected
     other_bank: Path  # a bank for another tiny model (seed 1)
     token_ids: list[int]  # prompt (BOS included)
     policy: dict = field(default_factory=lambda: {"select": "threshold", "threshold": 0.35})
@@ -306,6 +319,21 @@ class E2EWorld:
         from vllm_safelora.bank import load_bank
 
         return load_bank(self.bank, "cpu")
+
+    def projected(self, name: str, src: Path | None = None) -> Path:
+        """adapters[name] projected with the Python API (same bank and policy as the servers),
+        written once to ``root/projected/<name>`` (outside adapter_dirs)."""
+        from vllm_safelora.adapters import read_adapter
+        from vllm_safelora.engine import project_adapter, write_projected
+        from vllm_safelora.policies import SafeLoRAConfig
+
+        out = self.root / "projected" / name
+        if not out.exists():
+            adapter = read_adapter(src or self.adapters[name], name=name)
+            outcome = project_adapter(adapter, self.load_bank(), SafeLoRAConfig(**self.policy), name=name)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            write_projected(outcome, out)
+        return out
 
     def offline_report(self, name: str):
         """What the offline engine says about adapters[name] (same bank, same policy)."""
@@ -349,7 +377,7 @@ def e2e_world(tiny_models, tiny_bank_dir, tiny_adapter_factory, tmp_path_factory
 
     direction, seed = SWAP_REPLACEMENT
     swap_replacement = tiny_adapter_factory.copy_to(outside_root / "swap-replacement", direction, seed=seed)
-    outside_adapter = tiny_adapter_factory.copy_to(outside_root / "evil", "orthogonal", seed=0)
+    outside_adapter = tiny_adapter_factory.copy_to(outside_root / "evil", "random", seed=0)
 
     # Refused adapters.
     def poison(tensors):
@@ -357,15 +385,15 @@ def e2e_world(tiny_models, tiny_bank_dir, tiny_adapter_factory, tmp_path_factory
         tensors[key][0, 0] = float("nan")
 
     nan_name = "bad/nan"
-    adapters[nan_name] = _rewrite_tensors(tiny_adapter_factory("orthogonal", seed=10), adapter_root / nan_name, poison)
+    adapters[nan_name] = _rewrite_tensors(tiny_adapter_factory("random", seed=10), adapter_root / nan_name, poison)
     other_base_name = "bad/otherbase"
-    other = tiny_adapter_factory.copy_to(adapter_root / other_base_name, "orthogonal", seed=11)
+    other = tiny_adapter_factory.copy_to(adapter_root / other_base_name, "random", seed=11)
     cfg = json.loads((other / "adapter_config.json").read_text())
     cfg["base_model_name_or_path"] = "/models/some-other-llama"
     (other / "adapter_config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     adapters[other_base_name] = other
 
-    # Mixed adapter: q_proj from an orthogonal adapter (projected), v_proj from an aligned
+    # Mixed adapter: q_proj from a random adapter (projected), v_proj from an aligned
     # one (kept): 2 of 4 modules projected, exactly at an admission limit of 0.5.
     mixed_name = "admit/mixed"
     aligned_src = tiny_adapter_factory("aligned", seed=12)
@@ -378,15 +406,19 @@ def e2e_world(tiny_models, tiny_bank_dir, tiny_adapter_factory, tmp_path_factory
             if ".v_proj." in k:
                 tensors[k] = aligned_tensors[k].clone()
 
-    adapters[mixed_name] = _rewrite_tensors(tiny_adapter_factory("orthogonal", seed=12), adapter_root / mixed_name, mix)
+    adapters[mixed_name] = _rewrite_tensors(tiny_adapter_factory("random", seed=12), adapter_root / mixed_name, mix)
 
-    # The offline-projected copy, made by the CLI, placed under adapter_dirs so the
-    # load endpoint accepts its path.
-    offline_projected_name = "offline/globex-ortho-projected"
-    offline_projected = adapter_root / offline_projected_name
-    res = _cli("project", str(adapters["globex/ortho"]), "--bank", str(tiny_bank_dir), "--out", str(offline_projected),
-               "--select", "threshold", "--threshold", "0.35")
-    assert res.returncode == 0, f"vllm-safelora project failed:\n{res.stdout}\n{res.stderr}"
+    # Offline-projected copies made by the CLI, placed under adapter_dirs so the load
+    # endpoint accepts their paths.
+    cli_projected = {name: adapter_root / "offline-projected" / name.replace("/", "-") for name in CLI_PROJECTED}
+    with ThreadPoolExecutor(max_workers=len(cli_projected)) as pool:  # the CLI runs in subprocesses
+        runs = list(pool.map(
+            lambda item: _cli("project", str(adapters[item[0]]), "--bank", str(tiny_bank_dir), "--out", str(item[1]),
+                              "--select", "threshold", "--threshold", "0.35"),
+            cli_projected.items(),
+        ))
+    for res in runs:
+        assert res.returncode == 0, f"vllm-safelora project failed:\n{res.stdout}\n{res.stderr}"
 
     # A bank for another model (different seed), for the fail-closed start-up test.
     from vllm_safelora.bank import build_bank
@@ -403,7 +435,7 @@ def e2e_world(tiny_models, tiny_bank_dir, tiny_adapter_factory, tmp_path_factory
     return E2EWorld(
         root=root, aligned=tiny_models.aligned, base=tiny_models.base, bank=tiny_bank_dir,
         adapter_root=adapter_root, outside_root=outside_root, adapters=adapters,
-        offline_projected=offline_projected, offline_projected_name=offline_projected_name,
+        cli_projected=cli_projected,
         swap_replacement=swap_replacement, outside_adapter=outside_adapter, nan_name=nan_name,
         other_base_name=other_base_name, mixed_name=mixed_name, other_bank=other_bank, token_ids=token_ids,
     )
