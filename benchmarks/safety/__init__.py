@@ -1,0 +1,1 @@
+"""Safety evidence for vllm-safelora: a CPU-sized Safe LoRA replication (``miniature``)."""
