@@ -158,3 +158,22 @@ def test_altered_entry_is_detected_and_rebuilt(tmp_path, tiny_bank, adapters_roo
     assert again.path == prepared.path and not again.cache_hit
     assert (again.path / WEIGHTS_FILE).read_bytes() == good_bytes
     assert svc.verified(str(again.path)) is not None
+
+
+def test_client_supplied_cache_paths_are_not_trusted(tmp_path, tiny_bank, adapters_root):
+    svc = _service(tmp_path, tiny_bank, adapters_root)
+    entry = svc.prepare("globex/bad").path
+    # internal callers (add_lora, process_inputs) may hand back a path this service issued
+    assert svc.prepare("globex/bad", str(entry)).path == entry
+    # an API client may not load another tenant's entry by its path
+    with pytest.raises(AdapterRefused) as err:
+        svc.prepare("mallory/x", str(entry), trust_cache_paths=False)
+    assert err.value.reason is RefusalReason.INVALID_NAME
+
+
+def test_forget_drops_the_name_but_keeps_the_entry(tmp_path, tiny_bank, adapters_root):
+    svc = _service(tmp_path, tiny_bank, adapters_root)
+    prepared = svc.prepare("globex/bad")
+    svc.forget("globex/bad")
+    assert "globex/bad" not in svc.loaded()
+    assert svc.verified(str(prepared.path)) is not None

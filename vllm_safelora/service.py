@@ -194,15 +194,27 @@ class SafeLoRAService:
 
     # ------------------------------------------------------------------ pipeline
 
-    def prepare(self, name: str, lora_path: str | None = None) -> PreparedAdapter:
+    def forget(self, name: str) -> None:
+        """The server unloaded ``name``: drop it from the audit listing.
+
+        Its cache entry stays leased: vLLM's worker may still hold the adapter
+        and re-read the entry after its own LRU evicts it.
+        """
+        with self._lock:
+            self._by_name.pop(name, None)
+
+    def prepare(self, name: str, lora_path: str | None = None, *, trust_cache_paths: bool = True) -> PreparedAdapter:
         """Locate, validate, project (or take from cache) and admit one adapter.
 
         ``lora_path`` is what a caller supplied (load endpoint, static module,
         offline request); ``None`` means resolve ``name`` through the sources.
+        ``trust_cache_paths=False`` (paths typed by API clients) treats a cache
+        entry path like any other path: it must lie under adapter_dirs, so one
+        tenant cannot load another's projected adapter by its entry path.
         Raises AdapterRefused (already counted in the metrics).
         """
         previous = None
-        if lora_path is not None:
+        if lora_path is not None and trust_cache_paths:
             known = self.verified(lora_path)
             if known is not None:
                 return self._remember(name, known)

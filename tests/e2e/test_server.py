@@ -194,6 +194,8 @@ def test_changed_upload_after_unload_is_projected_again(server, e2e_world, peft_
     r = server.post("/v1/unload_lora_adapter", json={"lora_name": name})
     assert r.status_code == 200, r.text
     assert name not in served_models(server)
+    # the audit API forgets it too
+    assert server.get(f"/safelora/v1/adapters/{name}").status_code == 404
     # The tenant uploads new weights under the same name (file by file, atomically).
     for f in ("adapter_config.json", "adapter_model.safetensors"):
         tmp = target / f".{f}.upload"

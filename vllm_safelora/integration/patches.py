@@ -139,13 +139,29 @@ def _wrap_load_lora_adapter(cls) -> None:
         if svc is None or not request.lora_name or not request.lora_path:
             return await original(self, request, base_model_name)
         try:
-            prepared = await asyncio.to_thread(svc.prepare, request.lora_name, request.lora_path)
+            prepared = await asyncio.to_thread(
+                functools.partial(svc.prepare, request.lora_name, request.lora_path, trust_cache_paths=False)
+            )
         except AdapterRefused as exc:
             return to_error_response(exc)
         request = request.model_copy(update={"lora_path": str(prepared.path)})
         return await original(self, request, base_model_name)
 
     cls.load_lora_adapter = load_lora_adapter
+
+
+def _wrap_unload_lora_adapter(cls) -> None:
+    original = cls.unload_lora_adapter
+
+    @functools.wraps(original)
+    async def unload_lora_adapter(self, request):
+        result = await original(self, request)
+        svc = state.service()
+        if svc is not None and isinstance(result, str):  # vLLM returns a message on success
+            svc.forget(request.lora_name)
+        return result
+
+    cls.unload_lora_adapter = unload_lora_adapter
 
 
 def _wrap_worker_load_adapter(cls) -> None:
@@ -192,5 +208,6 @@ def install() -> None:
         _wrap_async_add_lora(AsyncLLM)
         _wrap_sync_add_lora(LLMEngine)
         _wrap_load_lora_adapter(OpenAIServingModels)
+        _wrap_unload_lora_adapter(OpenAIServingModels)
         _wrap_worker_load_adapter(WorkerLoRAManager)
         _installed = True
