@@ -74,7 +74,6 @@ def _make_broken_adapter(good: Path, target: Path) -> Path:
     """A tenant upload with a NaN in it: the server must refuse it and keep serving."""
     import shutil
 
-    import torch
     from safetensors.torch import load_file, save_file
 
     if target.exists():

@@ -32,9 +32,9 @@ from typing import Mapping
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from ..adapters import LoraAdapter
+from ..adapters import LoraAdapter, LoraModule
 from ..bank import AlignmentBank
-from ..projection import ProjectionKind, apply_operator
+from ..projection import ModuleAnalysis, ProjectionKind, analyze_module, apply_operator
 from ..report import ModuleReport
 
 
@@ -130,3 +130,34 @@ def pdst_term_for(
 def lora_flops_per_token(adapter: LoraAdapter) -> int:
     """LoRA FLOPs per token: sum over modules of 2 r (d_in + d_out) (x A^T, then (x A^T) B^T)."""
     return sum(2 * m.rank * (m.d_in + m.d_out) for m in adapter.modules.values())
+
+
+def analyze_adapter(adapter: LoraAdapter, bank: AlignmentBank, kind: ProjectionKind) -> dict[str, ModuleAnalysis]:
+    """Score every module of the adapter against the bank (fast path)."""
+    analyses = {}
+    for name, module in adapter.modules.items():
+        sub = bank.get(name)
+        assert sub is not None, f"{name} not in bank: check_compatible must run first"
+        analyses[name] = analyze_module(name, sub, module.lora_A, module.lora_B, module.scale, kind)
+    return analyses
+
+
+def module_report(
+    bank: AlignmentBank, module: LoraModule, analysis: ModuleAnalysis, *, projected: bool, pdst_term: float, **extra
+) -> ModuleReport:
+    """The report row every policy writes; ``extra`` holds the policy's own fields."""
+    meta = bank.manifest.module(module.name)
+    return ModuleReport(
+        module=module.name,
+        cosine=analysis.score.cosine_rounded,
+        cosine_raw=analysis.score.cosine,
+        projected=projected,
+        pdst_term=pdst_term,
+        relative_distance=analysis.score.relative_distance,
+        update_norm=analysis.score.update_norm,
+        rank=module.rank,
+        scale=module.scale,
+        shape=(module.d_out, module.d_in),
+        bank_error_bound=meta.approx_error_bound if meta else 0.0,
+        **extra,
+    )

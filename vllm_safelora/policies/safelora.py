@@ -8,9 +8,9 @@ from pydantic import Field
 
 from ..adapters import LoraAdapter
 from ..bank import AlignmentBank
-from ..projection import ProjectionKind, SelectMode, analyze_module, pdst_term, select_modules
+from ..projection import ProjectionKind, SelectMode, pdst_term, select_modules
 from ..report import ModuleReport
-from .base import Policy, PolicyConfig, PolicyResult
+from .base import Policy, PolicyConfig, PolicyResult, analyze_adapter, module_report
 
 
 class SafeLoRAConfig(PolicyConfig):
@@ -29,11 +29,7 @@ class SafeLoRAPolicy(Policy):
 
     def apply(self, adapter: LoraAdapter, bank: AlignmentBank) -> PolicyResult:
         cfg = self.config
-        analyses = {}
-        for name, module in adapter.modules.items():
-            sub = bank.get(name)
-            assert sub is not None, f"{name} not in bank: check_compatible must run first"
-            analyses[name] = analyze_module(name, sub, module.lora_A, module.lora_B, module.scale, cfg.projection)
+        analyses = analyze_adapter(adapter, bank, cfg.projection)
         # A module whose base and aligned weights are identical has no alignment
         # subspace (the reference's C is 0/0 = NaN and never selected): keep the
         # tenant's update there rather than zero it.
@@ -48,22 +44,7 @@ class SafeLoRAPolicy(Policy):
             projected = name in selected
             if projected:
                 tensors[module.b_key] = a.projected_B.to(device="cpu", dtype=module.lora_B.dtype)
-            meta = bank.manifest.module(name)
-            reports.append(
-                ModuleReport(
-                    module=name,
-                    cosine=a.score.cosine_rounded,
-                    cosine_raw=a.score.cosine,
-                    projected=projected,
-                    pdst_term=pdst_term(a.score, projected),
-                    relative_distance=a.score.relative_distance,
-                    update_norm=a.score.update_norm,
-                    rank=module.rank,
-                    scale=module.scale,
-                    shape=(module.d_out, module.d_in),
-                    bank_error_bound=meta.approx_error_bound if meta else 0.0,
-                )
-            )
+            reports.append(module_report(bank, module, a, projected=projected, pdst_term=pdst_term(a.score, projected)))
         notes = []
         if empty:
             notes.append(

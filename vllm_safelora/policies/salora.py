@@ -43,7 +43,7 @@ from ..adapters import LoraAdapter
 from ..bank import AlignmentBank
 from ..projection import ProjectionKind, analyze_module
 from ..report import ModuleReport
-from .base import Policy, PolicyConfig, PolicyResult, pdst_term_for
+from .base import Policy, PolicyConfig, PolicyResult, module_report, pdst_term_for
 
 LABEL = "SaLoRA-style (post-hoc)"
 _NEGLIGIBLE = 1e-6
@@ -106,20 +106,10 @@ class SaLoRAPolicy(Policy):
                 final_B = salora_project(Vs, module.lora_B).to(device="cpu", dtype=module.lora_B.dtype)
                 tensors[module.b_key] = final_B
                 changed += 1
-            meta = bank.manifest.module(name)
             reports.append(
-                ModuleReport(
-                    module=name,
-                    cosine=a.score.cosine_rounded,
-                    cosine_raw=a.score.cosine,
-                    projected=project,
+                module_report(
+                    bank, module, a, projected=project,
                     pdst_term=pdst_term_for(bank, name, module.lora_B, final_B, ProjectionKind.APPROX),
-                    relative_distance=a.score.relative_distance,
-                    update_norm=a.score.update_norm,
-                    rank=module.rank,
-                    scale=module.scale,
-                    shape=(module.d_out, module.d_in),
-                    bank_error_bound=meta.approx_error_bound if meta else 0.0,
                     salora_removed_fraction=fraction,
                 )
             )

@@ -56,9 +56,9 @@ from pydantic import Field
 
 from ..adapters import LoraAdapter
 from ..bank import AlignmentBank
-from ..projection import ProjectionKind, analyze_module
+from ..projection import ProjectionKind
 from ..report import ModuleReport
-from .base import Policy, PolicyConfig, PolicyResult, pdst_term_for
+from .base import Policy, PolicyConfig, PolicyResult, analyze_adapter, module_report, pdst_term_for
 
 _ZERO = 1e-12
 
@@ -123,11 +123,7 @@ class SPLoRAPolicy(Policy):
 
     def apply(self, adapter: LoraAdapter, bank: AlignmentBank) -> PolicyResult:
         cfg = self.config
-        analyses = {}
-        for name, module in adapter.modules.items():
-            sub = bank.get(name)
-            assert sub is not None, f"{name} not in bank: check_compatible must run first"
-            analyses[name] = analyze_module(name, sub, module.lora_A, module.lora_B, module.scale, cfg.projection)
+        analyses = analyze_adapter(adapter, bank, cfg.projection)
         distances = {n: a.score.relative_distance for n, a in analyses.items()}
         z, median, scale, which = standardised_distances(distances)
         pruned, guard_note = select_prune(
@@ -146,22 +142,12 @@ class SPLoRAPolicy(Policy):
                 del tensors[module.a_key], tensors[module.b_key]
             else:
                 flops_after += flops
-            meta = bank.manifest.module(name)
+            final_B = None if is_pruned else module.lora_B
             reports.append(
-                ModuleReport(
-                    module=name,
-                    cosine=a.score.cosine_rounded,
-                    cosine_raw=a.score.cosine,
-                    projected=False,
-                    pdst_term=pdst_term_for(bank, name, module.lora_B, None if is_pruned else module.lora_B, cfg.projection),
-                    relative_distance=a.score.relative_distance,
-                    update_norm=a.score.update_norm,
-                    rank=module.rank,
-                    scale=module.scale,
-                    shape=(module.d_out, module.d_in),
-                    bank_error_bound=meta.approx_error_bound if meta else 0.0,
-                    pruned=is_pruned,
-                    distance_score=z[name],
+                module_report(
+                    bank, module, a, projected=False,
+                    pdst_term=pdst_term_for(bank, name, module.lora_B, final_B, cfg.projection),
+                    pruned=is_pruned, distance_score=z[name],
                 )
             )
         notes = [
