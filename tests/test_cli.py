@@ -242,3 +242,39 @@ def test_subprocess_end_to_end(tiny_models, tiny_adapter_orthogonal, tmp_path):
 
     r = cli("inspect")
     assert r.returncode == EXIT_USAGE
+
+
+def test_serve_checks_the_configuration_before_starting_vllm(tmp_path, monkeypatch, capsys):
+    """`vllm-safelora serve` refuses quickly, before exec'ing vLLM, on a config it cannot use."""
+    import vllm_safelora.launcher as launcher
+
+    monkeypatch.setenv("VLLM_SAFELORA_CONFIG", "restored-after-the-test")
+    started = []
+    monkeypatch.setattr(launcher, "exec_server", lambda *a, **k: started.append(a))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("bank: /nonexistent/bank\npolicy: {threshold: 2.0}\n")
+    assert main(["serve", "--config", str(bad), "--", "--model", "m"]) == EXIT_USAGE
+    assert "threshold" in capsys.readouterr().err
+    missing_bank = tmp_path / "missing.yaml"
+    missing_bank.write_text(f"bank: {tmp_path / 'no-bank'}\n")
+    assert main(["serve", "--config", str(missing_bank), "--", "--model", "m"]) == EXIT_BANK
+    assert "build-bank" in capsys.readouterr().err
+    assert started == []
+
+
+def test_serve_execs_vllm_with_the_plugin_environment(tiny_bank_dir, tmp_path, monkeypatch):
+    import vllm_safelora.launcher as launcher
+
+    monkeypatch.setenv("VLLM_SAFELORA_CONFIG", "restored-after-the-test")
+    calls = []
+    monkeypatch.setattr(launcher.os, "execvpe", lambda exe, argv, env: calls.append((argv, env)))
+    monkeypatch.delenv("VLLM_PLUGINS", raising=False)
+    config = tmp_path / "ok.yaml"
+    config.write_text(f"bank: {tiny_bank_dir}\ncache_dir: {tmp_path / 'cache'}\n")
+    assert main(["serve", "--config", str(config), "--", "--model", "m", "--port", "9"]) == 0
+    (argv, env), = calls
+    assert argv[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
+    assert argv[3:] == ["--model", "m", "--port", "9", "--enable-lora"]
+    assert env["VLLM_SAFELORA_CONFIG"] == str(config.resolve())
+    assert env["VLLM_PLUGINS"] == "safelora,safelora_routes"
+    assert env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "1"
