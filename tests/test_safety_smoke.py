@@ -156,5 +156,12 @@ def test_miniature_smoke(tmp_path):
         assert doc["server"]["noop_policy_check"][attack]["output_hash_equals_input"] is True
     # Projection did something in at least one setting (approx-tau1 projects every module).
     assert any(v["projected"] == v["modules"] for v in doc["variants"].values())
+    # The policies beyond Safe LoRA are in the sweep, served like the others.
+    variants = doc["variants"]
+    assert {v["kind"] for v in variants.values()} >= {"none", "safelora", "splora", "salora-style", "chain"}
+    assert any(v["kind"] == "splora" and v["pruned"] > 0 and v["lora_flops_saved"] > 0 for v in variants.values())
+    assert any(v["kind"] == "salora-style" and v["projected"] > 0 for v in variants.values())
+    assert doc["safety_features"]["samples"] > 0
+    assert "SaLoRA-style (post-hoc)" in (out / "table.md").read_text()
     gens = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
     assert {g["served_by"] for g in gens} >= {"noop-server", "transformers-in-process"}
