@@ -76,6 +76,10 @@ class SafeLoRASettings(BaseSettings):
     aliases: list[str] = Field(default_factory=list, description="other names of the served (aligned) model")
     require_base_model_match: bool = True
     max_adapter_bytes: int = Field(2 << 30, gt=0, description="refuse adapters larger than this")
+    projection_threads: int | None = Field(
+        1, ge=1, description="torch CPU threads in the server process for projection (None: torch's default). "
+        "1 avoids fighting vLLM's own CPU threads: measured 19 ms vs 108 ms median per tiny adapter on 2 cores",
+    )
     verify_bank: bool = Field(True, description="check the bank's sha256 at start-up")
     verify_cache: bool = Field(True, description="re-hash cache entries before handing them to vLLM")
     allow_untested_vllm: bool = Field(False, description="run on a vLLM version this plugin was not tested with")

@@ -145,6 +145,12 @@ class SafeLoRAService:
         cls, settings: SafeLoRASettings, served_model: str, *, max_rank: int | None = None
     ) -> "SafeLoRAService":
         """Load the bank, check it protects ``served_model``, open sources and cache; fail closed."""
+        if settings.projection_threads is not None:
+            import torch
+
+            # The front end does no other torch work; vLLM's engine and workers
+            # are other processes with their own thread settings.
+            torch.set_num_threads(settings.projection_threads)
         bank = load_bank(settings.bank, settings.device, verify=settings.verify_bank)
         if not bank.manifest.protects(served_model, settings.aliases):
             raise BankError(
