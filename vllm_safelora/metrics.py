@@ -10,7 +10,8 @@ from prometheus_client import Counter, Gauge, Histogram
 
 ADAPTERS = Counter(
     "safelora_adapters",
-    "Adapter loads by outcome (projected = changed by the policy); mode=shadow: what would have happened",
+    "Adapter loads by outcome (projected = changed by the policy; error = server-side failure); "
+    "mode=shadow: what would have happened",
     ["outcome", "policy", "mode"],
 )
 REJECTIONS = Counter("safelora_rejections", "Refused adapters by reason", ["reason"])

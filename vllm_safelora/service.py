@@ -242,6 +242,15 @@ class SafeLoRAService:
             metrics.REJECTIONS.labels(reason=exc.reason.value).inc()
             logger.warning("safelora: %s", exc)
             raise
+        except Exception:
+            # Server-side trouble (disk full, cache lock timeout, a bug): the client
+            # gets a 5xx, nothing is served, and the operator gets the traceback.
+            metrics.ADAPTERS.labels(outcome="error", policy=tenant.policy.kind, mode=mode).inc()
+            logger.exception(
+                "safelora: preparing adapter '%s' failed on the server side; it was not served. Check the cache "
+                "directory %s (space, permissions) and the traceback below", name, self.settings.cache_dir,
+            )
+            raise
         summary = prepared.report.summary
         metrics.ADAPTERS.labels(outcome=summary.outcome, policy=tenant.policy.kind, mode=mode).inc()
         metrics.CACHE_REQUESTS.labels(result="hit" if prepared.cache_hit else "miss").inc()
