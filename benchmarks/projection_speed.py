@@ -1,31 +1,57 @@
 """Safe LoRA projection speed: the fast r x r path against the paper's dense arithmetic.
 
-Fast path: ``vllm_safelora.projection.analyze_module`` (C B from the SVD form in float32,
-then the r x r traces in float64): everything it does per module is timed.
+One command, one process, the same inputs for both sides:
 
-Dense reference (IBM SafeLoRA ``projected_weighted``): C = V V^T / ||V|| is precomputed per
-module (the paper keeps it in memory), and the timed part is what it does per adapter
-module: W = C @ B, fW = W @ A, ori = B @ A (two d_out x d_in products) and the cosine over the
-flattened matrices.
+* **fast**: ``vllm_safelora.projection.analyze_module`` (C B = U (w * (U^T B)) in float32 from the
+  bank's SVD form, then the r x r traces in float64); everything it does per module is timed.
+* **dense** (IBM SafeLoRA ``projected_weighted``, the paper's reference): C = V V^T / ||V||_F is
+  materialised (d_out x d_out, float32) and precomputed per module as the paper keeps it in
+  memory; timed is what it does per adapter module: W = C @ B, fW = W @ A and ori = B @ A (two
+  d_out x d_in products) and the cosine over the flattened matrices (``.item()`` included).
 
-Shapes default to Llama-2-7B's q_proj / v_proj: 64 modules of 4096 x 4096. A full SVD of one
-4096 x 4096 takes about 11 s on a 2-core CPU, so only ``--distinct`` alignment matrices are
-built (low-rank part with a decaying spectrum plus noise) and cycled over the module slots;
-each slot gets its own lora_A / lora_B. The output says so.
+Parts (all in ``benchmarks/results/projection_speed.json`` and ``projection_speed.png``):
 
-    python benchmarks/projection_speed.py                 # full default (several minutes)
-    python benchmarks/projection_speed.py --quick         # < 1 minute smoke run
+1. **suites** (ranks 8, 16, 64): ``llama2-7b-qv`` (64 modules 4096x4096), ``llama3-8b-qv``
+   (32 q_proj 4096x4096 + 32 grouped-query v_proj 1024x4096), ``llama2-7b-all`` (q,k,v,o
+   4096x4096, gate/up 11008x4096, down 4096x11008; 32 layers = 224 modules). Only a few modules
+   per DISTINCT SHAPE are timed (``--modules-per-shape`` x ``--repeats`` samples per path); the
+   per-adapter total is sum over the suite's shapes of (module count x per-shape median). It
+   is an extrapolation, not a timed pass over 224 modules; output and JSON say so.
+2. **growth**: square d in 512 .. 8192 x each rank, both paths; log-log plot.
+3. **accuracy** vs float64 for one module per suite (C B relative error, |cosine error|).
+4. **CUDA**: if ``torch.cuda.is_available()``, part 1 again on the GPU (timed with
+   ``torch.cuda.synchronize``), reported separately; otherwise the JSON records that there was none.
+
+No SVD is computed. Each alignment matrix is *built from* its SVD: V = U diag(s) Q^T with
+Haar-random orthonormal U, Q (float64 QR of a Gaussian, cached on disk under ``--cache-dir``
+keyed by shape and seed) and a decaying full-rank spectrum s_i = exp(-8 i / k), k = min(d_out,
+d_in). The bank the fast path gets is then exactly what ``build_bank``'s full float64 SVD
+stores (U rounded to float32, all k directions: the slowest fast-path case; truncation only
+makes it faster), the dense side gets V rounded to float32 (as the reference computes V), and
+the float64 ground truth is known in closed form. The other timed modules of a shape are row
+permutations of the first (P V has the SVD (P U) s Q^T and dense C P C P^T), so each has its
+own memory. Sweep-only shapes (no accuracy measured) use a Kronecker product of two Haar
+matrices as U (exactly orthonormal and dense, no QR) and C formed from the factors in float32:
+GEMM time does not depend on the values. Before each timed call a 64 MiB buffer (2x L3) is
+rewritten: a real adapter walks 64-224 different modules, so the bank's U / C are never hot.
+
+    python benchmarks/projection_speed.py                     # full (~5-15 min on 2 shared cores)
+    python benchmarks/projection_speed.py --wait-quiet 20     # first wait (<= 20 min) for load1 < 1
+    python benchmarks/projection_speed.py --quick             # < 1 minute smoke run (dims / 8)
+    python benchmarks/projection_speed.py --plot-only benchmarks/results/projection_speed.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
-import platform
 import statistics
 import sys
+import tempfile
 import time
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -34,92 +60,218 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from vllm_safelora.projection import ProjectionKind, Subspace, analyze_module  # noqa: E402
+from benchmarks._common import RESULTS_DIR, machine_info, print_table
+from vllm_safelora.projection import ProjectionKind, Subspace, analyze_module
 
-DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "projection_speed.json"
+KIND = ProjectionKind.APPROX  # the paper's default and its headline numbers
+
+# name -> [(module, d_out, d_in, count)]; count = modules of that kind in the adapter.
+SUITES: dict[str, dict] = {
+    "llama2-7b-qv": {
+        "what": "Llama-2-7B q_proj + v_proj, 32 layers (the paper's setting)",
+        "modules": [("q_proj", 4096, 4096, 32), ("v_proj", 4096, 4096, 32)],
+        "accuracy_module": "v_proj",
+    },
+    "llama3-8b-qv": {
+        "what": "Llama-3-8B q_proj + grouped-query v_proj, 32 layers",
+        "modules": [("q_proj", 4096, 4096, 32), ("v_proj", 1024, 4096, 32)],
+        "accuracy_module": "v_proj",
+    },
+    "llama2-7b-all": {
+        "what": "Llama-2-7B all seven linear modules, 32 layers",
+        "modules": [("q_proj", 4096, 4096, 32), ("k_proj", 4096, 4096, 32), ("v_proj", 4096, 4096, 32),
+                    ("o_proj", 4096, 4096, 32), ("gate_proj", 11008, 4096, 32),
+                    ("up_proj", 11008, 4096, 32), ("down_proj", 4096, 11008, 32)],
+        "accuracy_module": "gate_proj",
+    },
+}
+QUICK_DIVISOR = 8  # --quick divides every suite dimension by this
+FLUSH_BYTES = {"cpu": 64 * 2**20, "cuda": 256 * 2**20}
+NO_CUDA_NOTE = "no CUDA device in this run"
+
+DEFAULT_CACHE = Path(tempfile.gettempdir()) / "vllm_safelora_bench_cache"
 
 
-def parse_size(text: str) -> tuple[int, int]:
-    parts = text.lower().split("x")
-    if len(parts) == 1:
-        return int(parts[0]), int(parts[0])
-    if len(parts) != 2:
-        raise argparse.ArgumentTypeError(f"size must be D or DOUTxDIN, got {text!r}")
-    return int(parts[0]), int(parts[1])
+# --------------------------------------------------------------------------- arguments
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sizes", nargs="+", type=parse_size, default=None,
-                   help="module shapes d_out x d_in (default 4096x4096; --quick 1024x1024)")
-    p.add_argument("--ranks", nargs="+", type=int, default=None, help="LoRA ranks (default 8 64)")
-    p.add_argument("--modules", type=int, default=None,
-                   help="modules per adapter (default 64: Llama-2-7B q/v; --quick 8)")
-    p.add_argument("--distinct", type=int, default=None,
-                   help="distinct alignment matrices built and cycled over the modules (default 4; --quick 2)")
-    p.add_argument("--repeats", type=int, default=None, help="passes over the adapter (default 3; --quick 2)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
-    p.add_argument("--kind", choices=[k.value for k in ProjectionKind], default="approx")
-    p.add_argument("--signal-rank", type=int, default=256,
-                   help="rank of the decaying low-rank part of each V (capped at min(d_out, d_in))")
-    p.add_argument("--no-svd64", action="store_true",
-                   help="skip the float64-SVD variant in the accuracy check (it costs one float64 SVD)")
+    p.add_argument("--suites", nargs="+", choices=list(SUITES), default=list(SUITES))
+    p.add_argument("--ranks", nargs="+", type=int, default=None, help="LoRA ranks (default 8 16 64)")
+    p.add_argument("--modules-per-shape", type=int, default=None,
+                   help="distinct modules timed per shape (default 4; quick 2)")
+    p.add_argument("--repeats", type=int, default=None, help="passes over those modules (default 5; quick 2)")
+    p.add_argument("--sweep-dims", nargs="*", type=int, default=None,
+                   help="square d of the growth sweep (default 512 1024 2048 4096 8192; quick 128..1024); "
+                        "give none to skip the sweep")
+    p.add_argument("--sweep-dense-max", type=int, default=None,
+                   help="largest sweep d that also runs the dense path (default 8192; quick 512)")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's own)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    p.add_argument("--quick", action="store_true", help="small dims for a smoke run (< 1 minute)")
+    p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE,
+                   help="where the float64 orthonormal factors are cached (default %(default)s)")
+    p.add_argument("--no-cache", action="store_true", help="do not read or write the factor cache")
+    p.add_argument("--no-flush", action="store_true", help="do not evict caches before each timed call")
+    p.add_argument("--no-cuda", action="store_true", help="skip the CUDA part even if a GPU is present")
+    p.add_argument("--wait-quiet", type=float, default=0.0, metavar="MINUTES",
+                   help="first wait up to MINUTES for the 1-minute load average to drop below --quiet-load "
+                        "(polled every 30 s; the polls are recorded)")
+    p.add_argument("--quiet-load", type=float, default=1.0)
+    p.add_argument("--out", type=Path, default=None,
+                   help="JSON path (default results/projection_speed.json; quick: projection_speed_quick.json)")
+    p.add_argument("--quick", action="store_true", help="smoke run, all dimensions / 8 (< 1 minute)")
+    p.add_argument("--plot-only", type=Path, default=None, metavar="RESULT.json",
+                   help="print the tables of a saved result and redraw its PNG")
     return p
 
 
-def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
-    quick = args.quick
-    if args.sizes is None:
-        args.sizes = [(1024, 1024)] if quick else [(4096, 4096)]
-    if args.ranks is None:
-        args.ranks = [8, 64]
-    if args.modules is None:
-        args.modules = 8 if quick else 64
-    if args.distinct is None:
-        args.distinct = 2 if quick else 4
-    if args.repeats is None:
-        args.repeats = 2 if quick else 3
-    args.distinct = max(1, min(args.distinct, args.modules))
-    return args
+def resolve_defaults(a: argparse.Namespace) -> argparse.Namespace:
+    q = a.quick
+    a.ranks = a.ranks or [8, 16, 64]
+    a.modules_per_shape = a.modules_per_shape or (2 if q else 4)
+    a.repeats = a.repeats or (2 if q else 5)
+    if a.sweep_dims is None:
+        a.sweep_dims = [128, 256, 512, 1024] if q else [512, 1024, 2048, 4096, 8192]
+    if a.sweep_dense_max is None:
+        a.sweep_dense_max = 512 if q else 8192
+    a.out = a.out or (RESULTS_DIR / ("projection_speed_quick.json" if q else "projection_speed.json"))
+    return a
 
 
-def machine_info() -> dict:
-    model = platform.processor() or ""
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return {
-        "cpu_count": os.cpu_count(),
-        "cpu_model": model,
-        "torch_version": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-    }
+def suite_modules(name: str, quick: bool) -> list[tuple[str, int, int, int]]:
+    div = QUICK_DIVISOR if quick else 1
+    return [(m, d_out // div, d_in // div, n) for m, d_out, d_in, n in SUITES[name]["modules"]]
 
 
-# --------------------------------------------------------------------------
-# Problem construction
-# --------------------------------------------------------------------------
+# --------------------------------------------------------------------------- building banks
 
 
-def make_alignment_matrix(d_out: int, d_in: int, signal_rank: int, gen: torch.Generator) -> torch.Tensor:
-    """float32 V = low-rank part with a decaying spectrum + small dense noise."""
-    k = max(1, min(signal_rank, d_out, d_in))
-    left, _ = torch.linalg.qr(torch.randn(d_out, k, generator=gen))
-    right, _ = torch.linalg.qr(torch.randn(d_in, k, generator=gen))
-    spectrum = torch.exp(-torch.arange(k, dtype=torch.float32) / (k / 8))
-    noise = torch.randn(d_out, d_in, generator=gen) * (0.02 / (d_out * d_in) ** 0.25)
-    return ((left * spectrum) @ right.T + noise) * 0.05
+def spectrum(k: int) -> torch.Tensor:
+    """Decaying, full-rank singular values (float64): 1 .. e^-8."""
+    return torch.exp(-8.0 * torch.arange(k, dtype=torch.float64) / k)
+
+
+def haar_orthonormal(n: int, k: int, seed: int, cache: Path | None) -> tuple[torch.Tensor, bool]:
+    """n x k float64 matrix with orthonormal columns, Haar-distributed; (tensor, from_cache)."""
+    path = cache / f"orth_{n}x{k}_seed{seed}.pt" if cache is not None else None
+    if path is not None and path.exists():
+        try:
+            return torch.load(path), True
+        except (RuntimeError, EOFError, OSError, ValueError):  # a damaged cache file
+            path.unlink(missing_ok=True)
+    gen = torch.Generator().manual_seed(seed)
+    Q, R = torch.linalg.qr(torch.randn(n, k, generator=gen, dtype=torch.float64))
+    Q *= torch.sign(torch.diagonal(R)).unsqueeze(0)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save(Q, tmp)
+        os.replace(tmp, path)
+    return Q, False
+
+
+def kron_orthonormal(d: int, seed: int) -> torch.Tensor | None:
+    """d x d orthogonal matrix as kron(H_a, H_b), a * b = d, a <= b; None if d has no useful split."""
+    a = max((x for x in range(2, math.isqrt(d) + 1) if d % x == 0), default=None)
+    if a is None:
+        return None
+    Ha, _ = haar_orthonormal(a, a, seed, None)
+    Hb, _ = haar_orthonormal(d // a, d // a, seed + 1, None)
+    return torch.kron(Ha, Hb)
+
+
+@dataclass
+class ShapeJob:
+    d_out: int
+    d_in: int
+    ranks: list[int]
+    dense: bool
+    faithful: bool  # built with Haar factors, dense C from float32 V, accuracy measured
+    roles: list[str] = field(default_factory=list)
+
+    @property
+    def key(self) -> str:
+        return f"{self.d_out}x{self.d_in}"
+
+
+def plan_jobs(args: argparse.Namespace) -> list[ShapeJob]:
+    jobs: dict[tuple[int, int], ShapeJob] = {}
+    for suite in args.suites:
+        for mod, d_out, d_in, _n in suite_modules(suite, args.quick):
+            j = jobs.setdefault((d_out, d_in), ShapeJob(d_out, d_in, list(args.ranks), True, True))
+            j.roles.append(f"{suite}:{mod}")
+    for d in args.sweep_dims:
+        dense = d <= args.sweep_dense_max
+        j = jobs.get((d, d))
+        if j is None:
+            jobs[(d, d)] = ShapeJob(d, d, list(args.ranks), dense, False, [f"sweep:{d}"])
+        else:
+            j.dense = j.dense or dense
+            j.roles.append(f"sweep:{d}")
+    return sorted(jobs.values(), key=lambda j: j.d_out * j.d_in)
+
+
+@dataclass
+class Prepared:
+    """One shape's bank, both forms, for ``modules_per_shape`` distinct modules (CPU tensors)."""
+
+    job: ShapeJob
+    subs: list[Subspace]  # fast path: U (float32), S, ||V||
+    Cs: list[torch.Tensor] | None  # dense path: materialised C (float32)
+    U64: torch.Tensor | None  # float64 truth of module 0 (faithful jobs only)
+    w64: torch.Tensor | None  # s^2 / ||s||, float64
+    build: dict
+
+
+def prepare(job: ShapeJob, n_modules: int, args: argparse.Namespace) -> Prepared:
+    d_out, d_in = job.d_out, job.d_in
+    k = min(d_out, d_in)
+    s64 = spectrum(k)
+    norm = float(torch.linalg.vector_norm(s64))
+    w64 = s64 * s64 / norm
+    cache = None if args.no_cache else args.cache_dir
+    build: dict = {"k": k, "spectrum": "s_i = exp(-8 i / k), i < k (full rank)"}
+    t0 = time.perf_counter()
+    U64 = C = None
+    if job.faithful:
+        U64, hit_u = haar_orthonormal(d_out, k, 4 * args.seed + 0, cache)
+        Q64, hit_q = haar_orthonormal(d_in, k, 4 * args.seed + 1, cache)
+        build["factors"] = "Haar (float64 QR), " + ("from cache" if hit_u and hit_q else "computed")
+        build["factors_seconds"] = time.perf_counter() - t0
+        U32 = U64.float()
+        if job.dense:
+            t0 = time.perf_counter()
+            V = ((U64 * s64) @ Q64.T).float()  # the float32 V the reference computes
+            build["V_seconds"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            C = torch.mm(V, V.t()) / torch.norm(V)  # the paper's line, float32
+            build["dense_C_seconds"] = time.perf_counter() - t0
+            del V
+        del Q64
+    else:
+        U = kron_orthonormal(d_out, args.seed) if d_out == d_in else None
+        if U is None:
+            U, _ = haar_orthonormal(d_out, k, 4 * args.seed + 0, cache)
+            build["factors"] = "Haar (float64 QR)"
+        else:
+            build["factors"] = "Kronecker product of two Haar matrices (timing only)"
+        U32 = U.float()
+        del U
+        build["factors_seconds"] = time.perf_counter() - t0
+        if job.dense:
+            t0 = time.perf_counter()
+            C = (U32 * w64.float()) @ U32.T  # = V V^T / ||V||, formed from the factors
+            build["dense_C_seconds"] = time.perf_counter() - t0
+    S32 = s64.float()
+    gen = torch.Generator().manual_seed(args.seed + 7919)
+    subs, Cs = [], ([] if C is not None else None)
+    for j in range(n_modules):
+        p = torch.arange(d_out) if j == 0 else torch.randperm(d_out, generator=gen)
+        subs.append(Subspace(U=U32[p].contiguous(), S=S32, frobenius_norm=norm))
+        if Cs is not None:
+            Cs.append(C if j == 0 else C.index_select(0, p).index_select(1, p))
+    return Prepared(job, subs, Cs, U64, w64 if U64 is not None else None, build)
 
 
 def make_lora(d_out: int, d_in: int, r: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -128,237 +280,384 @@ def make_lora(d_out: int, d_in: int, r: int, gen: torch.Generator) -> tuple[torc
     return A.contiguous(), B.contiguous()
 
 
-class Bank:
-    """What each side keeps per distinct module: the fast path's SVD, the paper's dense C."""
-
-    def __init__(self, V: torch.Tensor, kind: ProjectionKind):
-        t0 = time.perf_counter()
-        U, S, _ = torch.linalg.svd(V, full_matrices=False)
-        self.svd_s = time.perf_counter() - t0
-        self.sub = Subspace(U=U.contiguous(), S=S, frobenius_norm=float(torch.linalg.norm(V)))
-        t0 = time.perf_counter()
-        if kind is ProjectionKind.APPROX:
-            self.C = torch.mm(V, V.t()) / torch.norm(V)
-        else:  # V (V^T V)^+ V^T, densely, as the reference would
-            self.C = torch.mm(V, torch.mm(torch.linalg.pinv(torch.mm(V.t(), V)), V.t()))
-        self.dense_c_s = time.perf_counter() - t0
+# --------------------------------------------------------------------------- the two timed paths
 
 
-# --------------------------------------------------------------------------
-# The two timed paths
-# --------------------------------------------------------------------------
-
-
-def fast_path(bank: Bank, A: torch.Tensor, B: torch.Tensor, kind: ProjectionKind):
-    a = analyze_module("m", bank.sub, A, B, 2.0, kind)
+def fast_path(sub: Subspace, A: torch.Tensor, B: torch.Tensor):
+    a = analyze_module("m", sub, A, B, 2.0, KIND)
     return a.projected_B, a.score.cosine
 
 
-def dense_path(bank: Bank, A: torch.Tensor, B: torch.Tensor):
-    W = torch.mm(bank.C, B)
+def dense_path(C: torch.Tensor, A: torch.Tensor, B: torch.Tensor):
+    W = torch.mm(C, B)
     fW = torch.mm(W, A)
     ori = torch.mm(B, A)
     cos = torch.nn.functional.cosine_similarity(fW.reshape(1, -1), ori.reshape(1, -1)).item()
     return W, cos
 
 
-def cb_orientation_probe(bank: Bank, B: torch.Tensor, kind: ProjectionKind, n: int = 10) -> dict:
-    """Median ms of C B alone: as apply_operator does it (U.T @ B) vs (B.T @ U).T (same math).
+class Timer:
+    def __init__(self, device: str, flush: bool):
+        self.device = device
+        self.cuda = device.startswith("cuda")
+        self.buf = (torch.zeros(FLUSH_BYTES["cuda" if self.cuda else "cpu"] // 4, device=device)
+                    if flush else None)
 
-    Some CPU BLAS builds run the transposed-operand thin GEMM several times slower.
-    """
-    U = bank.sub.U
-    w = bank.sub.weights(kind).unsqueeze(1)
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
 
-    def current():
-        return U @ (w * (U.T @ B))
-
-    def alternative():
-        return U @ (w * (B.T @ U).T)
-
-    out = {}
-    for label, fn in (("U_T_at_B", current), ("B_T_at_U_transposed", alternative)):
-        fn()
-        ts = [timed(fn)[0] for _ in range(n)]
-        out[label + "_ms"] = statistics.median(ts) * 1e3
-    return out
-
-
-def timed(fn, *args):
-    t0 = time.perf_counter()
-    out = fn(*args)
-    return time.perf_counter() - t0, out
-
-
-# --------------------------------------------------------------------------
-# Accuracy on one module vs float64
-# --------------------------------------------------------------------------
-
-
-def accuracy(V: torch.Tensor, bank: Bank, A: torch.Tensor, B: torch.Tensor, kind: ProjectionKind,
-             svd64: bool) -> dict:
-    V64, A64, B64 = V.double(), A.double(), B.double()
-    if kind is ProjectionKind.APPROX:
-        C64 = V64 @ V64.T / torch.linalg.norm(V64)
-    else:
-        C64 = V64 @ torch.linalg.pinv(V64.T @ V64) @ V64.T
-    W64 = C64 @ B64
-    del C64
-    ori = B64 @ A64
-    cos64 = torch.nn.functional.cosine_similarity((W64 @ A64).reshape(1, -1), ori.reshape(1, -1)).item()
-    del ori
-
-    def rel(x):
-        return float(torch.linalg.norm(x.double() - W64) / torch.linalg.norm(W64))
-
-    fast_B, fast_cos = fast_path(bank, A, B, kind)
-    dense_B, dense_cos = dense_path(bank, A, B)
-    out = {
-        "cosine_float64": cos64,
-        "fast_svd32": {"cb_rel_err": rel(fast_B), "cosine": fast_cos, "cosine_abs_err": abs(fast_cos - cos64)},
-        "dense_float32": {"cb_rel_err": rel(dense_B), "cosine": dense_cos, "cosine_abs_err": abs(dense_cos - cos64)},
-    }
-    if svd64:
+    def __call__(self, fn, *args) -> float:
+        if self.buf is not None:
+            self.buf.add_(1.0)  # rewrite 2x the last-level cache: the bank's U / C are cold
+        self.sync()
         t0 = time.perf_counter()
-        U, S, _ = torch.linalg.svd(V64, full_matrices=False)
-        secs = time.perf_counter() - t0
-        sub = Subspace(U=U.float().contiguous(), S=S.float(), frobenius_norm=float(torch.linalg.norm(V64)))
-        del U
-        a = analyze_module("m", sub, A, B, 2.0, kind)
-        out["fast_svd64"] = {"cb_rel_err": rel(a.projected_B), "cosine": a.score.cosine,
-                             "cosine_abs_err": abs(a.score.cosine - cos64), "svd64_seconds": secs}
+        fn(*args)
+        self.sync()
+        return time.perf_counter() - t0
+
+
+# --------------------------------------------------------------------------- accuracy
+
+
+def accuracy(prep: Prepared, A: torch.Tensor, B: torch.Tensor, device: str) -> dict:
+    """Module 0 against the float64 truth C = U diag(s^2/||s||) U^T (known in closed form)."""
+    A64, B64 = A.double(), B.double()
+    W64 = prep.U64 @ (prep.w64.unsqueeze(1) * (prep.U64.T @ B64))
+    ori = (B64 @ A64).reshape(1, -1)
+    cos64 = torch.nn.functional.cosine_similarity((W64 @ A64).reshape(1, -1), ori).item()
+    del ori
+    nW = float(torch.linalg.norm(W64))
+
+    def rel(x: torch.Tensor) -> float:
+        return float(torch.linalg.norm(x.cpu().double() - W64) / nW)
+
+    dev = torch.device(device)
+    fB, fcos = fast_path(_to(prep.subs[0], dev), A.to(dev), B.to(dev))
+    out = {"cosine_float64": cos64,
+           "fast": {"cb_rel_err": rel(fB), "cosine": fcos, "cosine_abs_err": abs(fcos - cos64)}}
+    if prep.Cs is not None:
+        dB, dcos = dense_path(prep.Cs[0].to(dev), A.to(dev), B.to(dev))
+        out["dense"] = {"cb_rel_err": rel(dB), "cosine": dcos, "cosine_abs_err": abs(dcos - cos64)}
     return out
 
 
-# --------------------------------------------------------------------------
-# Driver
-# --------------------------------------------------------------------------
+def _to(sub: Subspace, dev: torch.device) -> Subspace:
+    return Subspace(U=sub.U.to(dev), S=sub.S.to(dev), frobenius_norm=sub.frobenius_norm,
+                    numerical_rank=sub.numerical_rank)
+
+
+# --------------------------------------------------------------------------- timing one shape
+
+
+def time_shape(prep: Prepared, device: str, args: argparse.Namespace, accuracy_ranks: bool) -> list[dict]:
+    job = prep.job
+    dev = torch.device(device)
+    subs = [_to(s, dev) for s in prep.subs]
+    Cs = [c.to(dev) for c in prep.Cs] if prep.Cs is not None else None
+    timer = Timer(device, not args.no_flush)
+    gen = torch.Generator().manual_seed(args.seed * 1000 + job.d_out + job.d_in)
+    rows = []
+    n = len(subs)
+    paths = 2 if Cs is not None else 1
+    bar = tqdm(total=len(job.ranks) * args.repeats * n * paths, unit="call",
+               desc=f"{device} {job.key}" + ("" if Cs is not None else " (fast only)"), leave=False)
+    for r in job.ranks:
+        loras = [make_lora(job.d_out, job.d_in, r, gen) for _ in range(n)]
+        loras_dev = [(A.to(dev), B.to(dev)) for A, B in loras]
+        # warm-up: allocator, thread pool, BLAS kernel selection, CUDA context
+        fast_path(subs[0], *loras_dev[0])
+        if Cs is not None:
+            dense_path(Cs[0], *loras_dev[0])
+        fast_t: list[float] = []
+        dense_t: list[float] = []
+        for _rep in range(args.repeats):
+            for j in range(n):
+                A, B = loras_dev[j]
+                fast_t.append(timer(fast_path, subs[j], A, B))
+                bar.update(1)
+                if Cs is not None:
+                    dense_t.append(timer(dense_path, Cs[j], A, B))
+                    bar.update(1)
+        row = {
+            "device": device, "d_out": job.d_out, "d_in": job.d_in, "rank": r, "k": prep.build["k"],
+            "roles": job.roles, "samples_per_path": len(fast_t),
+            "fast_ms_median": statistics.median(fast_t) * 1e3,
+            "fast_ms_min": min(fast_t) * 1e3,
+            "fast_ms": [t * 1e3 for t in fast_t],
+        }
+        if dense_t:
+            row.update({
+                "dense_ms_median": statistics.median(dense_t) * 1e3,
+                "dense_ms_min": min(dense_t) * 1e3,
+                "dense_ms": [t * 1e3 for t in dense_t],
+                "ratio_of_medians": statistics.median(dense_t) / statistics.median(fast_t),
+                "median_paired_ratio": statistics.median(d / f for d, f in zip(dense_t, fast_t)),
+            })
+        if accuracy_ranks and prep.U64 is not None:
+            row["accuracy_vs_float64"] = accuracy(prep, *loras[0], device)
+        rows.append(row)
+    bar.close()
+    del subs, Cs, timer
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return rows
+
+
+# --------------------------------------------------------------------------- aggregation
+
+
+def summarise_suites(shape_rows: list[dict], args: argparse.Namespace, device: str) -> list[dict]:
+    by = {(r["d_out"], r["d_in"], r["rank"]): r for r in shape_rows if r["device"] == device}
+    out = []
+    for suite in args.suites:
+        mods = suite_modules(suite, args.quick)
+        acc_mod = SUITES[suite]["accuracy_module"]
+        for r in args.ranks:
+            rows = [(m, n, by.get((d_out, d_in, r))) for m, d_out, d_in, n in mods]
+            if any(x is None or "dense_ms_median" not in x for _, _, x in rows):
+                continue
+            count = sum(n for _, n, _ in rows)
+            fast_s = sum(n * x["fast_ms_median"] for _, n, x in rows) / 1e3
+            dense_s = sum(n * x["dense_ms_median"] for _, n, x in rows) / 1e3
+            acc_row = next(x for m, _, x in rows if m == acc_mod)
+            out.append({
+                "device": device, "suite": suite, "rank": r, "modules": count,
+                "shapes": {f"{x['d_out']}x{x['d_in']}": {
+                    "modules": sum(n for m2, n, x2 in rows if x2 is x),
+                    "fast_ms_median": x["fast_ms_median"], "dense_ms_median": x["dense_ms_median"],
+                    "ratio_of_medians": x["ratio_of_medians"]} for _, _, x in rows},
+                "fast_ms_per_module": fast_s * 1e3 / count,
+                "dense_ms_per_module": dense_s * 1e3 / count,
+                "fast_s_per_adapter": fast_s,
+                "dense_s_per_adapter": dense_s,
+                "ratio": dense_s / fast_s,
+                "accuracy_module": f"{acc_mod} {acc_row['d_out']}x{acc_row['d_in']}",
+                "accuracy_vs_float64": acc_row.get("accuracy_vs_float64"),
+            })
+    return out
+
+
+def sweep_rows(shape_rows: list[dict], args: argparse.Namespace) -> list[dict]:
+    dims = set(args.sweep_dims)
+    return [{k: r.get(k) for k in ("d_out", "rank", "fast_ms_median", "dense_ms_median", "ratio_of_medians")}
+            for r in shape_rows if r["device"] == "cpu" and r["d_out"] == r["d_in"] and r["d_out"] in dims]
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def loadavg() -> list[float] | None:
+    return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
+
+
+def wait_quiet(minutes: float, below: float) -> dict:
+    polls = []
+    deadline = time.monotonic() + minutes * 60
+    while True:
+        la = loadavg()
+        polls.append({"t": datetime.now(timezone.utc).isoformat(timespec="seconds"), "loadavg": la})
+        if la is None or la[0] < below:
+            return {"waited_minutes_max": minutes, "threshold": below, "quiet": True, "polls": polls}
+        if time.monotonic() >= deadline:
+            return {"waited_minutes_max": minutes, "threshold": below, "quiet": False, "polls": polls}
+        print(f"waiting for a quiet machine: load {la} (need 1-min < {below})", flush=True)
+        time.sleep(30)
 
 
 def run(args: argparse.Namespace) -> dict:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    kind = ProjectionKind(args.kind)
-    gen = torch.Generator().manual_seed(args.seed)
+    quiet = wait_quiet(args.wait_quiet, args.quiet_load) if args.wait_quiet > 0 else None
     info = machine_info()
-    results = []
-    print(f"machine: {info['cpu_count']} CPUs ({info['cpu_model']}), torch {info['torch_version']}, "
-          f"{info['torch_threads']} threads, load {info['load_average_at_start']}")
-    print(f"note: {args.distinct} distinct alignment matrices per shape are cycled over the "
-          f"{args.modules} module slots (each slot has its own lora_A/lora_B).")
-
-    for d_out, d_in in args.sizes:
-        Vs, banks = [], []
-        for _ in tqdm(range(args.distinct), desc=f"bank {d_out}x{d_in} (SVD + dense C)", unit="mod"):
-            V = make_alignment_matrix(d_out, d_in, args.signal_rank, gen)
-            Vs.append(V)
-            banks.append(Bank(V, kind))
-        for r in args.ranks:
-            loras = [make_lora(d_out, d_in, r, gen) for _ in range(args.modules)]
-            # warm-up (allocator, thread pool, BLAS kernels)
-            fast_path(banks[0], *loras[0], kind)
-            dense_path(banks[0], *loras[0])
-            fast_t, dense_t = [], []
-            fast_tot, dense_tot = [], []
-            bar = tqdm(total=args.repeats * args.modules, desc=f"time {d_out}x{d_in} r={r}", unit="mod")
-            for _rep in range(args.repeats):
-                f_sum = d_sum = 0.0
-                for slot in range(args.modules):
-                    bank = banks[slot % args.distinct]
-                    A, B = loras[slot]
-                    tf, _ = timed(fast_path, bank, A, B, kind)
-                    td, _ = timed(dense_path, bank, A, B)
-                    fast_t.append(tf)
-                    dense_t.append(td)
-                    f_sum += tf
-                    d_sum += td
-                    bar.update(1)
-                fast_tot.append(f_sum)
-                dense_tot.append(d_sum)
-            bar.close()
-            probe = cb_orientation_probe(banks[0], loras[0][1], kind)
-            acc = accuracy(Vs[0], banks[0], *loras[0], kind, svd64=not args.no_svd64)
-            fast_ms = statistics.median(fast_t) * 1e3
-            dense_ms = statistics.median(dense_t) * 1e3
-            results.append({
-                "d_out": d_out, "d_in": d_in, "rank": r, "kind": kind.value,
-                "modules": args.modules, "distinct_alignment_matrices": args.distinct,
-                "repeats": args.repeats,
-                "fast_ms_per_module_median": fast_ms,
-                "dense_ms_per_module_median": dense_ms,
-                "fast_ms_per_module_min": min(fast_t) * 1e3,
-                "dense_ms_per_module_min": min(dense_t) * 1e3,
-                "fast_s_per_adapter_median": statistics.median(fast_tot),
-                "dense_s_per_adapter_median": statistics.median(dense_tot),
-                "ratio_dense_over_fast": dense_ms / fast_ms,
-                "svd_seconds_per_module_mean": statistics.mean(b.svd_s for b in banks),
-                "dense_C_seconds_per_module_mean": statistics.mean(b.dense_c_s for b in banks),
-                "cb_only_orientation_probe": probe,
-                "accuracy_vs_float64_module0": acc,
-            })
-        del Vs, banks
-
-    info["load_average_at_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    info["torch_interop_threads"] = torch.get_num_interop_threads()
+    info["load_average_at_start"] = loadavg()
+    cuda = torch.cuda.is_available() and not args.no_cuda
+    devices = ["cpu"] + (["cuda"] if cuda else [])
+    if cuda:
+        info["cuda_device"] = torch.cuda.get_device_name(0)
+        info["cuda_allow_tf32"] = torch.backends.cuda.matmul.allow_tf32
+    print(f"machine: {info['cpu_count']} CPUs ({info['cpu_model']}), torch {info['torch']}, "
+          f"{info['torch_threads']} threads, load {info['load_average_at_start']}; devices {devices}")
+    jobs = plan_jobs(args)
+    print(f"{len(jobs)} distinct shapes: " + ", ".join(j.key + ("" if j.dense else " (fast only)") for j in jobs))
+    print(f"timing {args.modules_per_shape} modules x {args.repeats} repeats per shape, rank and path; "
+          "per-adapter totals = sum(count x per-shape median)")
+    shape_rows: list[dict] = []
+    builds: dict[str, dict] = {}
+    load_samples = []
+    for job in tqdm(jobs, desc="shapes", unit="shape"):
+        load_samples.append({"shape": job.key, "loadavg": loadavg()})
+        t0 = time.perf_counter()
+        prep = prepare(job, args.modules_per_shape, args)
+        prep.build["prepare_seconds"] = time.perf_counter() - t0
+        builds[job.key] = prep.build
+        for device in devices:
+            if device != "cpu" and not job.faithful:
+                continue  # CUDA: the suites only
+            shape_rows.extend(time_shape(prep, device, args, accuracy_ranks=job.faithful))
+        del prep
+    info["load_average_at_end"] = loadavg()
+    info["load_samples"] = load_samples
+    results = {"shapes": shape_rows, "suites": {d: summarise_suites(shape_rows, args, d) for d in devices},
+               "sweep": sweep_rows(shape_rows, args)}
+    if not cuda:
+        results["cuda"] = {"available": False, "note": NO_CUDA_NOTE if not args.no_cuda else "skipped (--no-cuda)"}
+    else:
+        results["cuda"] = {"available": True, "device": info["cuda_device"]}
     return {
         "benchmark": "projection_speed",
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "args": {k: (v if not isinstance(v, Path) else str(v)) for k, v in vars(args).items()},
+        "quick": args.quick,
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "machine": info,
+        "wait_quiet": quiet,
+        "builds": builds,
         "notes": [
-            f"{args.distinct} distinct alignment matrices per shape (low-rank decaying part + noise) "
-            f"are cycled over the {args.modules} module slots; each slot has its own lora_A / lora_B.",
-            "fast = vllm_safelora.projection.analyze_module (C B via the SVD form in float32, "
-            "float64 r x r traces); dense = precomputed C (paper), timing C@B, (C B)@A, B@A and the "
-            "flattened cosine_similarity.",
-            "accuracy: one module against a float64 dense computation; fast_svd64 uses a float64 SVD "
-            "cast to float32, fast_svd32 the float32 SVD that was timed.",
+            (
+                "fast = vllm_safelora.projection.analyze_module (kind approx): C B = U (w * (U^T B)) in float32 "
+                "with the full bank (k = min(d_out, d_in) directions, no truncation), float64 r x r traces."
+            ),
+            (
+                "dense = the paper's reference: C = V V^T / ||V|| (float32) precomputed per module and not timed; "
+                "timed: C @ B, (C B) @ A, B @ A and cosine_similarity over the flattened d_out x d_in matrices."
+            ),
+            (
+                f"per distinct shape, {args.modules_per_shape} modules (row permutations of one V, each its own "
+                f"memory, own lora_A / lora_B) x {args.repeats} repeats are timed per path and rank; fast and dense "
+                "calls alternate; a 64 MiB buffer is rewritten before every timed call (cold caches)"
+                + (" [disabled: --no-flush]" if args.no_flush else "") + "."
+            ),
+            (
+                "per-adapter totals are sum over the suite's shapes of (module count x per-shape median): "
+                "an extrapolation from those samples, not a timed pass over every module. For suites with "
+                "several shapes, ms/module = total / modules (module-weighted mean of per-shape medians)."
+            ),
+            (
+                "no SVD is computed: V = U diag(s) Q^T is built from Haar-random orthonormal U, Q (float64 QR, cached "
+                "on disk) and s_i = exp(-8 i / k); the fast path gets U rounded to float32 (what build_bank's float64 "
+                "SVD stores), the dense path V rounded to float32, and the float64 truth is U diag(s^2/||s||) U^T."
+            ),
+            (
+                "sweep-only shapes: U = kron(H_a, H_b) of two Haar matrices (exactly orthonormal, dense) and C formed "
+                "from the factors in float32; timing only (GEMM time does not depend on the values)."
+            ),
+            (
+                "accuracy: module 0 of the suite's accuracy module's shape, |cos error| is against the unrounded "
+                "float64 cosine of the flattened matrices."
+            ),
+            "the machine is shared (2 vCPUs): see machine.load_average_* and load_samples.",
         ],
         "results": results,
     }
 
 
-def print_table(report: dict) -> None:
-    rows = report["results"]
-    head = (f"{'shape':>11} {'r':>3} {'fast ms/mod':>11} {'dense ms/mod':>12} {'ratio':>6} "
-            f"{'fast s/adapter':>14} {'dense s/adapter':>15}")
-    print("\n" + head)
-    print("-" * len(head))
-    for row in rows:
-        print(f"{row['d_out']:>5}x{row['d_in']:<5} {row['rank']:>3} {row['fast_ms_per_module_median']:>11.2f} "
-              f"{row['dense_ms_per_module_median']:>12.2f} {row['ratio_dense_over_fast']:>5.1f}x "
-              f"{row['fast_s_per_adapter_median']:>14.3f} {row['dense_s_per_adapter_median']:>15.3f}")
-    for row in rows:
-        p = row["cb_only_orientation_probe"]
-        print(f"C B alone, {row['d_out']}x{row['d_in']} r={row['rank']}: U.T @ B {p['U_T_at_B_ms']:.2f} ms, "
-              f"(B.T @ U).T {p['B_T_at_U_transposed_ms']:.2f} ms")
-    print(f"\n(per adapter = {rows[0]['modules']} modules; medians over {rows[0]['repeats']} passes)"
-          if rows else "")
-    print("\naccuracy vs float64, one module:")
-    head = f"{'shape':>11} {'r':>3} {'path':>13} {'C B rel err':>12} {'cosine':>10} {'|cos err|':>10}"
-    print(head)
-    print("-" * len(head))
-    for row in rows:
-        acc = row["accuracy_vs_float64_module0"]
-        print(f"{row['d_out']:>5}x{row['d_in']:<5} {row['rank']:>3} {'float64':>13} {0.0:>12.1e} "
-              f"{acc['cosine_float64']:>10.6f} {0.0:>10.1e}")
-        for label in ("dense_float32", "fast_svd32", "fast_svd64"):
-            if label in acc:
-                a = acc[label]
-                print(f"{'':>11} {'':>3} {label:>13} {a['cb_rel_err']:>12.1e} {a['cosine']:>10.6f} "
-                      f"{a['cosine_abs_err']:>10.1e}")
-    for note in report["notes"]:
+# --------------------------------------------------------------------------- report
+
+
+def print_report(rep: dict) -> None:
+    res = rep["results"]
+    for device, suites in res["suites"].items():
+        print(f"\n== suites on {device} (ms/module: per-shape medians, module-weighted; "
+              "s/adapter = sum(count x median)) ==")
+        print_table(
+            ["suite", "r", "modules", "fast ms/mod", "dense ms/mod", "dense/fast", "fast s/adapter",
+             "dense s/adapter"],
+            [[s["suite"], s["rank"], s["modules"], f"{s['fast_ms_per_module']:.2f}",
+              f"{s['dense_ms_per_module']:.2f}", f"{s['ratio']:.1f}x", f"{s['fast_s_per_adapter']:.3f}",
+              f"{s['dense_s_per_adapter']:.2f}"] for s in suites])
+    print("\n== per shape (medians; min in brackets; paired = median of per-call dense/fast) ==")
+    print_table(
+        ["device", "shape", "r", "n", "fast ms", "dense ms", "dense/fast", "paired"],
+        [[r["device"], f"{r['d_out']}x{r['d_in']}", r["rank"], r["samples_per_path"],
+          f"{r['fast_ms_median']:.2f} [{r['fast_ms_min']:.2f}]",
+          f"{r['dense_ms_median']:.1f} [{r['dense_ms_min']:.1f}]" if "dense_ms_median" in r else "-",
+          f"{r['ratio_of_medians']:.1f}x" if "ratio_of_medians" in r else "-",
+          f"{r['median_paired_ratio']:.1f}x" if "median_paired_ratio" in r else "-"]
+         for r in res["shapes"]])
+    print("\n== accuracy vs float64, one module per suite ==")
+    rows = []
+    for device, suites in res["suites"].items():
+        for s in suites:
+            acc = s.get("accuracy_vs_float64")
+            if not acc:
+                continue
+            for path in ("fast", "dense"):
+                if path in acc:
+                    a = acc[path]
+                    rows.append([device, s["suite"], s["accuracy_module"], s["rank"], path,
+                                 f"{a['cb_rel_err']:.1e}", f"{acc['cosine_float64']:.6f}",
+                                 f"{a['cosine_abs_err']:.1e}"])
+    print_table(["device", "suite", "module", "r", "path", "C B rel err", "cos (f64)", "|cos err|"], rows)
+    print("\ncuda: " + (res["cuda"].get("note") or res["cuda"].get("device", "")))
+    m = rep["machine"]
+    print(f"load average: start {m.get('load_average_at_start')}, end {m.get('load_average_at_end')}")
+    for note in rep["notes"]:
         print(f"note: {note}")
 
 
+def plot(rep: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = rep["results"]["sweep"]
+    if not rows:
+        return
+    ranks = sorted({r["rank"] for r in rows})
+    colors = dict(zip(ranks, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.8))
+    for rk in ranks:
+        pts = sorted((r for r in rows if r["rank"] == rk), key=lambda r: r["d_out"])
+        ax.plot([p["d_out"] for p in pts], [p["fast_ms_median"] for p in pts], "o-", color=colors[rk],
+                label=f"fast r={rk}")
+        dp = [p for p in pts if p.get("dense_ms_median") is not None]
+        ax.plot([p["d_out"] for p in dp], [p["dense_ms_median"] for p in dp], "s--", color=colors[rk],
+                label=f"dense r={rk}")
+        ax2.plot([p["d_out"] for p in dp], [p["ratio_of_medians"] for p in dp], "o-", color=colors[rk],
+                 label=f"r={rk}")
+    for a in (ax, ax2):
+        a.set_xscale("log", base=2)
+        a.set_xlabel("d (square d x d module)")
+        a.grid(True, which="both", alpha=0.3)
+        a.legend(fontsize=8)
+    ax.set_yscale("log")
+    ax.set_ylabel("ms per module (median)")
+    ax.set_title("time per module: fast r x r path vs dense C (paper)")
+    ax2.axhline(1.0, color="gray", lw=1, ls=":")
+    ax2.set_ylabel("dense / fast (ratio of medians)")
+    ax2.set_title("speed-up")
+    m = rep["machine"]
+    fig.suptitle(f"Safe LoRA projection, CPU: {m.get('cpu_model', '')[:30]}, {m.get('cpu_count')} vCPUs, "
+                 f"{m.get('torch_threads')} torch threads, load {m.get('load_average_at_start')} -> "
+                 f"{m.get('load_average_at_end')} (shared machine)", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = resolve_defaults(build_parser().parse_args(argv))
+    args = build_parser().parse_args(argv)
+    if args.plot_only is not None:
+        rep = json.loads(args.plot_only.read_text())
+        print_report(rep)
+        plot(rep, args.plot_only.with_suffix(".png"))
+        print(f"\nsaved {args.plot_only.with_suffix('.png')}")
+        return 0
+    args = resolve_defaults(args)
     t0 = time.perf_counter()
-    report = run(args)
-    report["wall_seconds"] = time.perf_counter() - t0
-    print_table(report)
+    rep = run(args)
+    rep["wall_seconds"] = time.perf_counter() - t0
+    print_report(rep)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\nwrote {args.out} ({report['wall_seconds']:.0f} s)")
+    tmp = args.out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(rep, indent=2) + "\n")
+    os.replace(tmp, args.out)
+    png = args.out.with_suffix(".png")
+    plot(rep, png)
+    print(f"\nsaved {args.out} and {png} ({rep['wall_seconds']:.0f} s)")
     return 0
 
 
