@@ -44,6 +44,9 @@ _ELEMENT_SIZE = {
 }
 _MAX_HEADER_BYTES = 16 << 20
 _MAX_CONFIG_BYTES = 1 << 20
+# rank_pattern / alpha_pattern keys: module names or suffixes only (see _check_pattern).
+_PATTERN_KEY = re.compile(r"[A-Za-z0-9_.\-]{1,256}")
+_MAX_PATTERN_KEYS = 1024
 
 # PEFT names: base_model.model.<module path>.lora_A.weight (adapter name stripped on save).
 _LORA_KEY = re.compile(r"^(?P<prefix>base_model\.model\.)?(?P<module>.+)\.lora_(?P<which>[AB])\.weight$")
@@ -216,9 +219,35 @@ def _check_config(config: Mapping[str, Any], problems: _Problems) -> None:
         value = config.get(key)
         if value is not None and not isinstance(value, dict):
             problems.add(RefusalReason.INVALID_CONFIG, f"{CONFIG_FILE}: {key} must be an object")
+        elif value:
+            _check_pattern(key, value, problems)
     base = config.get("base_model_name_or_path")
     if base is not None and not isinstance(base, str):
         problems.add(RefusalReason.INVALID_CONFIG, f"{CONFIG_FILE}: base_model_name_or_path must be a string")
+
+
+def _check_pattern(key: str, pattern: Mapping[str, Any], problems: _Problems) -> None:
+    """rank_pattern / alpha_pattern keys are matched as regexes (PEFT's rule); a tenant's regex
+    could backtrack for hours (``(.|.)*Z``), so only module names / suffixes are accepted."""
+    if len(pattern) > _MAX_PATTERN_KEYS:
+        problems.add(RefusalReason.INVALID_CONFIG, f"{CONFIG_FILE}: {key} has {len(pattern)} entries (at most {_MAX_PATTERN_KEYS})")
+        return
+    for k, v in pattern.items():
+        if not _PATTERN_KEY.fullmatch(k):
+            problems.add(
+                RefusalReason.INVALID_CONFIG,
+                f"{CONFIG_FILE}: {key} key {k[:80]!r} must be a module name or suffix (letters, digits, '_', '.', '-', "
+                "at most 256 characters); regular-expression operators are not accepted",
+            )
+            return
+        if key == "rank_pattern":
+            bad = isinstance(v, bool) or not isinstance(v, int) or v < 1
+        else:
+            bad = isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
+        if bad:
+            what = "a positive integer" if key == "rank_pattern" else "a finite number"
+            problems.add(RefusalReason.INVALID_CONFIG, f"{CONFIG_FILE}: {key}[{k!r}] must be {what}, got {v!r}")
+            return
 
 
 def _pattern_value(pattern: Mapping[str, Any] | None, module: str, default: Any) -> Any:
@@ -274,7 +303,7 @@ def _check_safetensors_header(data: bytes, problems: _Problems) -> dict[str, Any
             problems.add(RefusalReason.MALFORMED_TENSORS, f"{WEIGHTS_FILE}: tensor {name} has an invalid header entry")
             return None
         dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-        if dtype not in _ELEMENT_SIZE or not isinstance(shape, list) or not isinstance(offsets, list) or len(offsets) != 2:
+        if not isinstance(dtype, str) or dtype not in _ELEMENT_SIZE or not isinstance(shape, list) or not isinstance(offsets, list) or len(offsets) != 2:
             problems.add(RefusalReason.MALFORMED_TENSORS, f"{WEIGHTS_FILE}: tensor {name} has an invalid header entry")
             return None
         if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in [*shape, *offsets]):

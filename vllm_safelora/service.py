@@ -26,7 +26,7 @@ from .adapters import SerializedAdapter
 from .engine import project_adapter, with_report
 from .errors import AdapterRefused, BankError, RefusalReason
 from .report import REPORT_FILE, AdapterReport
-from .sources import AdapterSource, HubSource, LocalDirSource, locate_adapter
+from .sources import AdapterSource, HubSource, LocalDirSource, _shown, locate_adapter
 from .policies import make_policy
 from .tenancy import TenantPolicy, all_policies, describe_rules, resolve_tenant
 
@@ -51,6 +51,34 @@ class PreparedAdapter:
     def unchanged_on_disk(self) -> bool:
         """Cheap per-request check (a stat per file) that the verified entry is still as verified."""
         return bool(self.signature) and _stat_signature(self.path) == self.signature
+
+
+# Served names and lora_paths come from API clients and end up in logs, metrics and
+# HTTP responses: printable text of bounded length only (no NUL, newlines, escapes).
+MAX_SERVED_NAME = 256
+MAX_LORA_PATH = 4096
+
+
+def _check_served_name(name: object) -> None:
+    if not isinstance(name, str) or not name or len(name) > MAX_SERVED_NAME or not name.isprintable():
+        why = (
+            f"is {len(name)} characters long (at most {MAX_SERVED_NAME})"
+            if isinstance(name, str) and len(name) > MAX_SERVED_NAME
+            else "must be non-empty printable text without control characters"
+        )
+        raise AdapterRefused(RefusalReason.INVALID_NAME, f"invalid adapter name: {why}", adapter=_shown(name))
+
+
+def _check_lora_path(lora_path: object) -> None:
+    if not isinstance(lora_path, str) or not lora_path.isprintable():
+        raise AdapterRefused(
+            RefusalReason.INVALID_NAME,
+            f"lora_path {_shown(lora_path)} contains control characters (or is not text)",
+        )
+    if len(lora_path) > MAX_LORA_PATH:
+        raise AdapterRefused(
+            RefusalReason.INVALID_NAME, f"lora_path is {len(lora_path)} characters long, too long (at most {MAX_LORA_PATH})"
+        )
 
 
 def _stat_signature(path: Path) -> tuple:
@@ -229,6 +257,7 @@ class SafeLoRAService:
         tenant = resolve_tenant(self.settings, name)
         mode = "shadow" if tenant.shadow else "enforce"
         try:
+            _check_served_name(name)
             if previous is not None and previous.source_dir is not None:
                 # A cache path handed out earlier whose entry vanished or was altered:
                 # rebuild it from the adapter it came from.
@@ -277,14 +306,22 @@ class SafeLoRAService:
         if lora_path is None:
             source, path = locate_adapter(self.sources, name)
             return path, _confinement(source)
-        candidate = Path(lora_path).expanduser()
-        if candidate.is_absolute() or candidate.exists():
-            real = Path(os.path.realpath(candidate))
+        _check_lora_path(lora_path)
+        try:
+            candidate = Path(lora_path).expanduser()
+            local = candidate.is_absolute() or candidate.exists()
+            real = Path(os.path.realpath(candidate)) if local else None
+        except (OSError, ValueError) as exc:  # e.g. ENAMETOOLONG: the client's path, a 4xx
+            raise AdapterRefused(
+                RefusalReason.INVALID_NAME,
+                f"lora_path {_shown(lora_path)} cannot be used ({getattr(exc, 'strerror', None) or exc})",
+            ) from None
+        if real is not None:
             for source in self.sources:
                 if isinstance(source, LocalDirSource):
                     root = Path(os.path.realpath(source.root))
                     if real == root or root in real.parents:
-                        if not real.is_dir():
+                        if not os.path.isdir(real):
                             raise AdapterRefused(RefusalReason.NOT_FOUND, f"lora_path {lora_path} is not a directory")
                         return real, source.root
             raise AdapterRefused(
