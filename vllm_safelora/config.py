@@ -47,7 +47,6 @@ class AdmissionConfig(BaseModel):
     )
 
 
-
 class TenantRule(TenantRuleBase):
     policy: PolicySetting | None = Field(None, description="policy for these adapters (None: the top-level policy)")
     admission: AdmissionConfig | None = Field(None, description="admission rules (None: the top-level ones)")
