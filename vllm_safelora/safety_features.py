@@ -198,7 +198,8 @@ def collect_output_grams(
         acc = {n: torch.zeros(modules[n][0], modules[n][0], dtype=torch.float64, device=device) for n in group}
         state: dict[str, torch.Tensor] = {}
 
-        def make_hook(name: str):
+        def make_hook(name: str, acc: dict[str, torch.Tensor] = acc, state: dict[str, torch.Tensor] = state):
+            # Bound now: the hooks of this pass write into this pass's accumulators.
             def hook(mod, inputs, output):
                 y = output
                 if mod.bias is not None:  # X W^T, without the bias
