@@ -17,10 +17,8 @@ import json
 import math
 import os
 import re
-import shutil
 import stat
 import struct
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -30,6 +28,7 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
 from .errors import AdapterRefused, RefusalReason
+from .fsutil import atomic_directory, fsync_dir
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -522,20 +521,9 @@ def config_excluding_modules(config_bytes: bytes, modules: list[str] | tuple[str
 
 def write_adapter_dir(out_dir: Path, adapter: SerializedAdapter, *, overwrite: bool = False) -> Path:
     """Write all files into a temp dir beside ``out_dir``, fsync, then rename into place."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise FileExistsError(f"{out_dir} already exists; remove it or pass --overwrite")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         write_adapter_files(tmp, adapter)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.rename(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+    return Path(out_dir)
 
 
 def write_adapter_files(directory: Path, adapter: SerializedAdapter) -> None:
@@ -546,8 +534,4 @@ def write_adapter_files(directory: Path, adapter: SerializedAdapter) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(directory)

@@ -21,12 +21,9 @@ This module imports no vLLM.
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import logging
 import math
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable, Literal, Sequence
@@ -38,6 +35,7 @@ from safetensors.torch import save_file
 
 from .checkpoints import Checkpoint, TensorHasher, resolve_checkpoint, same_model_ref
 from .errors import BankError
+from .fsutil import atomic_directory, sha256_file
 from .projection import Subspace
 
 if TYPE_CHECKING:
@@ -342,7 +340,7 @@ def _now() -> str:
 def _save_features(directory: Path, fname: str, features) -> SafetyFeaturesManifest:
     """Write ``features`` (a ComputedSafetyFeatures) to ``directory/fname`` and describe it."""
     save_file(features.tensors, str(directory / fname), metadata={"format": "vllm-safelora-safety-features"})
-    digest = _sha256_file(directory / fname)
+    digest = sha256_file(directory / fname)
     return SafetyFeaturesManifest(
         features_id=f"sf-{digest[:16]}", file=fname, tensors_sha256=digest, created_at=_now(), **features.info
     )
@@ -351,11 +349,9 @@ def _save_features(directory: Path, fname: str, features) -> SafetyFeaturesManif
 def _write_bank(
     out_dir: Path, tensors: dict, entries: list[BankModule], *, overwrite: bool, features=None, **fields
 ) -> BankManifest:
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         save_file(tensors, str(tmp / TENSORS_FILE), metadata={"format": "vllm-safelora-bank"})
-        digest = _sha256_file(tmp / TENSORS_FILE)
+        digest = sha256_file(tmp / TENSORS_FILE)
         safety = _save_features(tmp, SAFETY_FEATURES_FILE, features) if features is not None else None
         manifest = BankManifest(
             bank_id=f"sb-{digest[:16]}",
@@ -366,13 +362,6 @@ def _write_bank(
             **fields,
         )
         (tmp / MANIFEST_FILE).write_text(manifest.model_dump_json(indent=2) + "\n")
-        _fsync_dir_files(tmp)
-        if out_dir.exists() and overwrite:
-            shutil.rmtree(out_dir)
-        os.rename(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return manifest
 
 
@@ -416,25 +405,6 @@ def add_safety_features(
     if old is not None and old.file != final:
         (bank_dir / old.file).unlink(missing_ok=True)
     return manifest
-
-
-def _fsync_dir_files(directory: Path) -> None:
-    for p in directory.iterdir():
-        with open(p, "rb") as f:
-            os.fsync(f.fileno())
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------
@@ -524,7 +494,7 @@ def load_bank(bank_dir: Path, device: str = "cpu", *, verify: bool = True) -> Al
     if not tensors_path.is_file():
         raise BankError(f"bank {bank_dir} has no {TENSORS_FILE}; rebuild it")
     if verify:
-        digest = _sha256_file(tensors_path)
+        digest = sha256_file(tensors_path)
         if digest != manifest.tensors_sha256:
             raise BankError(
                 f"bank {bank_dir} is corrupt: {TENSORS_FILE} has sha256 {digest[:16]}..., the manifest "
@@ -578,7 +548,7 @@ def _load_safety_features(
         raise BankError(f"bank {bank_dir}: the manifest names safety features {section.file!r}, which is missing; "
                         "rebuild them with --safety-prompts")
     if verify:
-        digest = _sha256_file(path)
+        digest = sha256_file(path)
         if digest != section.tensors_sha256:
             raise BankError(
                 f"bank {bank_dir}: safety features {section.file} have sha256 {digest[:16]}..., the manifest says "

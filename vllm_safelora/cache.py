@@ -38,6 +38,7 @@ from typing import Callable, Iterator
 import fcntl
 
 from .errors import ConfigError
+from .fsutil import fsync_dir, sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +49,6 @@ MANIFEST_NAME = "cache_entry.json"
 STALE_TMP_AGE_S = 3600.0
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _LOCK_POLL_S = 0.02
-_HASH_CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -101,26 +101,6 @@ class CacheEntry:
 
 class _CorruptEntry(Exception):
     """An entry directory exists but cannot be trusted (internal; never escapes)."""
-
-
-def _sha256_file(path: Path, *, fsync: bool = False) -> str:
-    h = hashlib.sha256()
-    # O_NOFOLLOW: entries hold plain files only; a symlink swapped in must not be read.
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    with os.fdopen(fd, "rb") as f:
-        for chunk in iter(lambda: f.read(_HASH_CHUNK), b""):
-            h.update(chunk)
-        if fsync:
-            os.fsync(f.fileno())
-    return h.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _dir_size(path: Path) -> int:
@@ -353,7 +333,7 @@ class PatchedAdapterCache:
                     raise _CorruptEntry(f"{name} is not a regular file")
                 if st.st_size != meta["size"]:
                     raise _CorruptEntry(f"{name} is {st.st_size} bytes, the manifest says {meta['size']}")
-                if self.verify and _sha256_file(fpath) != meta["sha256"]:
+                if self.verify and sha256_file(fpath, follow_symlinks=False) != meta["sha256"]:
                     raise _CorruptEntry(f"{name} does not match its sha256 in the manifest")
             except OSError as exc:
                 raise _CorruptEntry(f"{name} cannot be read ({exc})") from None
@@ -492,7 +472,7 @@ class PatchedAdapterCache:
                     shutil.rmtree(tmp, ignore_errors=True)
                     return theirs, result
                 os.rename(tmp, final)
-            _fsync_dir(self.entries_dir)
+            fsync_dir(self.entries_dir)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -514,7 +494,7 @@ class PatchedAdapterCache:
             st = os.lstat(fpath)
             if not stat.S_ISREG(st.st_mode):
                 raise RuntimeError(f"patched-adapter build must write plain files only; {name!r} in {tmp} is not one")
-            files[name] = {"sha256": _sha256_file(fpath, fsync=True), "size": st.st_size}
+            files[name] = {"sha256": sha256_file(fpath, fsync=True, follow_symlinks=False), "size": st.st_size}
             # Read-only: nothing should modify a published entry in place.
             os.chmod(fpath, 0o444)
         manifest = {
@@ -529,7 +509,7 @@ class PatchedAdapterCache:
             json.dump(manifest, f, indent=2, sort_keys=True)
             f.flush()
             os.fsync(f.fileno())
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
 
     def _discard(self, path: Path) -> bool:
         """Remove an entry directory: rename it into tmp/ first, so readers see the whole

@@ -1,0 +1,59 @@
+"""Durable file writes and content hashes shared by the bank, the adapter writer and the cache."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+_HASH_CHUNK = 1 << 22
+
+
+def sha256_file(path: Path, *, fsync: bool = False, follow_symlinks: bool = True) -> str:
+    """sha256 of a file's bytes; ``fsync`` also flushes it to disk while it is open."""
+    flags = os.O_RDONLY | os.O_CLOEXEC | (0 if follow_symlinks else os.O_NOFOLLOW)
+    h = hashlib.sha256()
+    with os.fdopen(os.open(path, flags), "rb") as f:
+        for chunk in iter(lambda: f.read(_HASH_CHUNK), b""):
+            h.update(chunk)
+        if fsync:
+            os.fsync(f.fileno())
+    return h.hexdigest()
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_directory(out_dir: Path, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temp dir beside ``out_dir``; on success fsync it and rename it into place.
+
+    Readers see the old directory or the complete new one, never a half-written
+    one; on any failure the temp dir is removed and ``out_dir`` is untouched.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise FileExistsError(f"{out_dir} already exists; remove it or pass --overwrite")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        yield tmp
+        for p in tmp.iterdir():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+        fsync_dir(tmp)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.rename(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
