@@ -158,19 +158,23 @@ class SafeLoRAService:
         cache: PatchedAdapterCache,
         *,
         max_rank: int | None = None,
+        limits: ReadLimits | None = None,
     ):
         self.settings = settings
         self.bank = bank
         self.sources = list(sources)
         self.cache = cache
-        self.limits = ReadLimits(max_bytes=settings.max_adapter_bytes, max_rank=max_rank)
+        # The integration passes limits that follow the served vLLM (its dtype, rank and
+        # name rules); without them (tests, offline use) only size and rank are bounded.
+        self.limits = limits or ReadLimits(max_bytes=settings.max_adapter_bytes, max_rank=max_rank)
         self._lock = threading.Lock()
         self._by_path: dict[str, PreparedAdapter] = {}
         self._by_name: dict[str, PreparedAdapter] = {}
 
     @classmethod
     def start(
-        cls, settings: SafeLoRASettings, served_model: str, *, max_rank: int | None = None
+        cls, settings: SafeLoRASettings, served_model: str, *, max_rank: int | None = None,
+        limits: ReadLimits | None = None,
     ) -> "SafeLoRAService":
         """Load the bank, check it protects ``served_model``, open sources and cache; fail closed."""
         if settings.projection_threads is not None:
@@ -191,7 +195,7 @@ class SafeLoRAService:
             # e.g. a SaLoRA-style policy on a bank built without --safety-prompts
             make_policy(policy).validate_bank(bank)
         cache = PatchedAdapterCache(settings.cache_dir, settings.cache_max_bytes, verify=settings.verify_cache)
-        service = cls(settings, bank, build_sources(settings), cache, max_rank=max_rank)
+        service = cls(settings, bank, build_sources(settings), cache, max_rank=max_rank, limits=limits)
         metrics.BANK_BYTES.labels(device=str(bank.device)).set(bank.nbytes)
         metrics.CACHE_BYTES.set(cache.total_bytes())
         logger.info(

@@ -76,7 +76,9 @@ def _wrap_input_processor_init(cls) -> None:
                 "plugin stays idle"
             )
             return
-        state.start_service(vllm_config.model_config.model, max_rank=lora_config.max_lora_rank)
+        from .vllm_rules import read_limits_for
+
+        state.start_service(vllm_config.model_config.model, read_limits_for(vllm_config, state.settings()))
 
     cls.__init__ = __init__
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 
+from ..adapters import ReadLimits
 from ..config import SafeLoRASettings
 from ..service import SafeLoRAService
 
@@ -23,12 +24,12 @@ def settings() -> SafeLoRASettings:
     return _settings
 
 
-def start_service(served_model: str, max_rank: int | None) -> SafeLoRAService:
+def start_service(served_model: str, limits: ReadLimits) -> SafeLoRAService:
     """Start the service once per process (the front end); later engines reuse it."""
     global _service
     with _lock:
         if _service is None:
-            _service = SafeLoRAService.start(settings(), served_model, max_rank=max_rank)
+            _service = SafeLoRAService.start(settings(), served_model, limits=limits)
         elif not _service.bank.manifest.protects(served_model, _service.settings.aliases):
             from ..errors import BankError
 
