@@ -36,3 +36,7 @@ GUARD_EVENTS = Counter(
     "offline LLM use, a bypass online; where=worker: refused)",
     ["where"],
 )
+CACHE_MAX_BYTES = Gauge(
+    "safelora_cache_max_bytes",
+    "Byte budget of the patched-adapter cache (cache_max_bytes); alert when safelora_cache_bytes nears it",
+)

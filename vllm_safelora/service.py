@@ -198,6 +198,7 @@ class SafeLoRAService:
         service = cls(settings, bank, build_sources(settings), cache, max_rank=max_rank, limits=limits)
         metrics.BANK_BYTES.labels(device=str(bank.device)).set(bank.nbytes)
         metrics.CACHE_BYTES.set(cache.total_bytes())
+        metrics.CACHE_MAX_BYTES.set(cache.max_bytes)
         logger.info(
             "safelora: protecting '%s' with bank %s (%d modules, %.1f MiB on %s); policies %s; sources %s; cache %s",
             served_model, bank.bank_id, len(bank.subspaces), bank.nbytes / 2**20, bank.device,
