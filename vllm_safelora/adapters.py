@@ -330,17 +330,31 @@ def _check_safetensors_header(data: bytes, problems: _Problems) -> dict[str, Any
 # Reader
 
 
-def read_adapter(
+@dataclass(frozen=True)
+class AdapterFiles:
+    """An adapter's files as read (once, within limits), before any parsing."""
+
+    path: Path
+    name: str
+    config_bytes: bytes
+    weights_bytes: bytes
+
+    @property
+    def content_hash(self) -> str:
+        return content_hash(self.config_bytes, self.weights_bytes)
+
+
+def read_adapter_files(
     path: Path,
     *,
     name: str | None = None,
     limits: ReadLimits = ReadLimits(),
     confine_to: Path | None = None,
-) -> LoraAdapter:
-    """Read, validate and hash a PEFT LoRA adapter directory, or refuse it.
+) -> AdapterFiles:
+    """Read an adapter directory's two files within the byte limits, parsing nothing.
 
-    ``name`` is how errors name the adapter (its served name); ``confine_to``
-    is a directory every file must resolve into (the source's root).
+    Split from :func:`parse_adapter` so that a caller can recognise content it has
+    already refused (by :attr:`AdapterFiles.content_hash`) before paying for parsing.
     """
     path = Path(path)
     who = name or str(path)
@@ -375,7 +389,28 @@ def read_adapter(
             "the adapter's files were replaced while they were read; upload it again",
             who,
         )
+    return AdapterFiles(path=path, name=who, config_bytes=config_bytes, weights_bytes=weights_bytes)
 
+
+def read_adapter(
+    path: Path,
+    *,
+    name: str | None = None,
+    limits: ReadLimits = ReadLimits(),
+    confine_to: Path | None = None,
+) -> LoraAdapter:
+    """Read, validate and hash a PEFT LoRA adapter directory, or refuse it.
+
+    ``name`` is how errors name the adapter (its served name); ``confine_to``
+    is a directory every file must resolve into (the source's root).
+    """
+    return parse_adapter(read_adapter_files(path, name=name, limits=limits, confine_to=confine_to), limits=limits)
+
+
+def parse_adapter(files: AdapterFiles, *, limits: ReadLimits = ReadLimits()) -> LoraAdapter:
+    """Validate and parse files read by :func:`read_adapter_files`, or refuse them."""
+    path, who = files.path, files.name
+    config_bytes, weights_bytes = files.config_bytes, files.weights_bytes
     problems = _Problems(who)
     config = _parse_config(config_bytes, problems)
     if config is not None:
