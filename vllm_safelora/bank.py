@@ -36,6 +36,7 @@ from safetensors.torch import save_file
 from .checkpoints import Checkpoint, TensorHasher, resolve_checkpoint, same_model_ref
 from .errors import BankError
 from .fsutil import atomic_directory, sha256_file
+from .model_identity import FingerprintMode, ModelFingerprint, fingerprint_directory, fingerprint_model
 from .projection import Subspace
 
 if TYPE_CHECKING:
@@ -64,6 +65,18 @@ _DTYPES: dict[str, torch.dtype] = {
 class SourceIdentity(BaseModel):
     ref: str = Field(description="local path or hub id as given to build-bank")
     tensors_sha256: str = Field(description="sha256 over (name, dtype, shape, bytes) of the tensors used")
+    # Banks built before these fields existed lack them (None): they are then
+    # matched by name only, as before; rebuilding the bank adds them.
+    path: str | None = Field(None, description="absolute, symlink-resolved directory read (local checkpoints)")
+    hub_id: str | None = Field(None, description="hub repo id (hub checkpoints)")
+    revision: str | None = Field(None, description="hub snapshot (commit) that was read (hub checkpoints)")
+    fingerprint: ModelFingerprint | None = Field(
+        None, description="content fingerprint of all the checkpoint's tensors (vllm_safelora.model_identity)"
+    )
+
+    def names(self) -> list[str]:
+        """Every name this checkpoint was recorded under."""
+        return [n for n in (self.ref, self.path, self.hub_id) if n]
 
 
 class BankModule(BaseModel):
@@ -127,8 +140,42 @@ class BankManifest(BaseModel):
 
     def protects(self, model_ref: str, extra_aliases: Iterable[str] = ()) -> bool:
         """Is ``model_ref`` (a served model or an adapter's base model) the aligned model?"""
-        names = [self.aligned.ref, *self.aliases, *extra_aliases]
-        return any(same_model_ref(model_ref, n) for n in names)
+        return self.identify(model_ref, extra_aliases)[0]
+
+    def identify(self, model_ref: str, extra_aliases: Iterable[str] = ()) -> tuple[bool, str]:
+        """(is ``model_ref`` the aligned model, why), by name for aliases, by content otherwise.
+
+        * An alias (the manifest's or the operator's) is accepted by name alone:
+          that is what aliases are for.
+        * When the bank has a fingerprint and ``model_ref`` has a local copy (a
+          directory, or a hub id already in the hub cache: nothing is downloaded),
+          the weights decide, whatever the name: another path, a relative path, a
+          symlink or a copy of the same weights is accepted; other weights under
+          the bank's own path are not.
+        * Otherwise (banks built before fingerprints, models with no local copy)
+          the recorded names decide, as before.
+        """
+        aliases = [*self.aliases, *extra_aliases]
+        if any(same_model_ref(model_ref, a) for a in aliases):
+            return True, f"'{model_ref}' is an alias of the aligned model (name-only check)"
+        named = any(same_model_ref(model_ref, n) for n in self.aligned.names())
+        recorded = self.aligned.fingerprint
+        if recorded is not None:
+            served = fingerprint_model(model_ref, recorded.mode)
+            if served is not None:
+                if served.sha256 == recorded.sha256:
+                    return True, f"'{model_ref}' has the aligned model's weights ({recorded.mode} fingerprint)"
+                return False, (
+                    f"'{model_ref}' has other weights than the bank's aligned model '{self.aligned.path or self.aligned.ref}' "
+                    f"({recorded.mode} fingerprint {served.sha256[:16]}... vs {recorded.sha256[:16]}...)"
+                )
+        if named:
+            return True, f"'{model_ref}' is the name the bank was built from (weights not compared)"
+        why = "no local copy of its weights to compare" if recorded is not None else (
+            "the bank has no weights fingerprint (built before vllm-safelora recorded one; rebuild it to "
+            "match models by content)"
+        )
+        return False, f"'{model_ref}' is not a name of the bank's aligned model {self.aligned.names()} ({why})"
 
 
 # ---------------------------------------------------------------------------
@@ -257,8 +304,13 @@ def build_bank(
     overwrite: bool = False,
     progress: ProgressFactory | None = _tqdm_progress,
     safety: "SafetyFeatureSpec | None" = None,
+    fingerprint: FingerprintMode | None = "sample",
 ) -> BankManifest:
     """Build a bank from two checkpoints, one module at a time, and write it atomically.
+
+    ``fingerprint`` ('sample', 'full' or None) records the checkpoints' content
+    fingerprints (:mod:`vllm_safelora.model_identity`), by which a server's
+    ``--model`` is recognised at start-up whatever its name.
 
     With ``safety`` (a :class:`vllm_safelora.safety_features.SafetyFeatureSpec`)
     the aligned model is also run on the spec's prompts to store SaLoRA-style
@@ -322,14 +374,27 @@ def build_bank(
         out_dir,
         tensors,
         entries,
-        base=SourceIdentity(ref=base.ref, tensors_sha256=base_hash.hexdigest()),
-        aligned=SourceIdentity(ref=aligned.ref, tensors_sha256=aligned_hash.hexdigest()),
+        base=_identity(base, base_hash.hexdigest(), fingerprint),
+        aligned=_identity(aligned, aligned_hash.hexdigest(), fingerprint),
         aliases=list(aliases),
         storage_dtype=storage_dtype,
         svd=svd,
         truncation={"rank": truncation.rank, "energy": truncation.energy},
         overwrite=overwrite,
         features=features,
+    )
+
+
+def _identity(checkpoint: Checkpoint, tensors_sha256: str, fingerprint: FingerprintMode | None) -> SourceIdentity:
+    """Everything that identifies a checkpoint later: its names, resolved, and its content."""
+    local = Path(checkpoint.ref).expanduser().is_dir()
+    return SourceIdentity(
+        ref=checkpoint.ref,
+        tensors_sha256=tensors_sha256,
+        path=str(checkpoint.directory.resolve()) if local else None,
+        hub_id=None if local else checkpoint.ref,
+        revision=None if local else checkpoint.directory.name,
+        fingerprint=fingerprint_directory(checkpoint.directory, fingerprint) if fingerprint else None,
     )
 
 
@@ -485,6 +550,16 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
+def verify_bank_tensors(bank_dir: Path, manifest: BankManifest) -> None:
+    """Raise BankError unless bank.safetensors has the sha256 the manifest records."""
+    digest = sha256_file(Path(bank_dir) / TENSORS_FILE)
+    if digest != manifest.tensors_sha256:
+        raise BankError(
+            f"bank {bank_dir} is corrupt: {TENSORS_FILE} has sha256 {digest[:16]}..., the manifest "
+            f"says {manifest.tensors_sha256[:16]}...; rebuild the bank"
+        )
+
+
 def load_bank(bank_dir: Path, device: str = "cpu", *, verify: bool = True) -> AlignmentBank:
     """Read a bank onto ``device`` ('cpu', 'cuda:N', 'auto'); verifies its hash by default."""
     bank_dir = Path(bank_dir)
@@ -494,12 +569,7 @@ def load_bank(bank_dir: Path, device: str = "cpu", *, verify: bool = True) -> Al
     if not tensors_path.is_file():
         raise BankError(f"bank {bank_dir} has no {TENSORS_FILE}; rebuild it")
     if verify:
-        digest = sha256_file(tensors_path)
-        if digest != manifest.tensors_sha256:
-            raise BankError(
-                f"bank {bank_dir} is corrupt: {TENSORS_FILE} has sha256 {digest[:16]}..., the manifest "
-                f"says {manifest.tensors_sha256[:16]}...; rebuild the bank"
-            )
+        verify_bank_tensors(bank_dir, manifest)
     subspaces: dict[str, Subspace] = {}
     nbytes = 0
     try:

@@ -120,7 +120,7 @@ def cmd_build_bank(args: argparse.Namespace) -> int:
         args.base, args.aligned, Path(args.out),
         modules=modules, truncation=Truncation(rank=args.rank, energy=args.energy),
         storage_dtype=args.dtype, device=args.device, svd=args.svd, aliases=args.alias, overwrite=args.overwrite,
-        safety=safety,
+        safety=safety, fingerprint=None if args.fingerprint == "none" else args.fingerprint,
     )
     if manifest.safety_features is not None:
         sf = manifest.safety_features
@@ -211,6 +211,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="where to compute the SVDs: cpu or cuda[:N]")
     p.add_argument("--svd", choices=["full", "lowrank"], default="full", help="lowrank: randomized SVD, needs --rank")
     p.add_argument("--alias", action="append", default=[], help="another name of the aligned model (repeatable)")
+    p.add_argument(
+        "--fingerprint", choices=["sample", "full", "none"], default="sample",
+        help="record a content fingerprint of the checkpoints' weights, by which a server's --model is recognised "
+        "whatever its path or name: sample (default; 16 x 4 KiB per tensor, milliseconds at start-up), full (every "
+        "byte: proves identical weights, costs one read of the model at every start-up), none (names only)",
+    )
     p.add_argument("--overwrite", action="store_true")
     sg = p.add_argument_group("SaLoRA-style safety features (optional; needs transformers)")
     sg.add_argument(
