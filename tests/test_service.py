@@ -103,7 +103,7 @@ def test_explicit_paths_must_be_under_a_root(tmp_path, tiny_bank, adapters_root,
     with pytest.raises(AdapterRefused) as err:
         svc.prepare("x", str(tiny_adapter_orthogonal))
     assert err.value.reason is RefusalReason.INVALID_NAME
-    assert svc.prepare("x", str(adapters_root / "globex" / "bad")).report.summary.outcome == "projected"
+    assert svc.prepare("globex/bad", str(adapters_root / "globex" / "bad")).report.summary.outcome == "projected"
 
 
 def test_admission_refuses_without_caching(tmp_path, tiny_bank, adapters_root):
@@ -133,6 +133,7 @@ def test_shadow_mode_serves_original_bytes_and_reports(tmp_path, tiny_bank, adap
     svc = _service(tmp_path, tiny_bank, adapters_root, tenants=[{"match": "canary/*", "shadow": True}])
     before = _metric("safelora_adapters_total", outcome="projected", policy="safelora", mode="shadow")
     shadow = svc.prepare("canary/bad")
+    svc.mark_loaded("canary/bad", shadow)  # counted once vLLM accepted it
     original = adapters_root / "canary" / "bad"
     assert (shadow.path / WEIGHTS_FILE).read_bytes() == (original / WEIGHTS_FILE).read_bytes()
     assert shadow.report.summary.mode == "shadow"
@@ -177,3 +178,151 @@ def test_forget_drops_the_name_but_keeps_the_entry(tmp_path, tiny_bank, adapters
     svc.forget("globex/bad")
     assert "globex/bad" not in svc.loaded()
     assert svc.verified(str(prepared.path)) is not None
+
+
+# --------------------------------------------------------------------------- issue: untrusted tenants
+
+
+def test_policy_follows_the_location_not_the_served_name(tmp_path, tiny_bank, adapters_root):
+    """A client cannot pick a tenant's policy by naming its adapter like that tenant."""
+    rules = [{"match": "trusted/*", "policy": {"select": "threshold", "threshold": -1.0}},
+             {"match": "canary/*", "shadow": True}]
+    svc = _service(tmp_path, tiny_bank, adapters_root, tenants=rules, served_names="label")
+    evil = str(adapters_root / "globex" / "bad")
+    for label in ("trusted/x", "canary/y", "trusted/bad", "canary/bad"):
+        prepared = svc.prepare(label, evil, trust_cache_paths=False)
+        s = prepared.report.summary
+        assert (s.outcome, s.mode, s.tenant_rule) == ("projected", "enforce", "default"), label
+    # the trusted tenant's own directory still gets its rule, whatever the label
+    assert svc.prepare("anything", str(adapters_root / "trusted" / "bad")).report.summary.tenant_rule == "trusted/*"
+
+
+def test_a_link_gets_the_policy_of_where_it_leads(tmp_path, tiny_bank, adapters_root):
+    (adapters_root / "trusted" / "current").symlink_to(adapters_root / "globex" / "bad")
+    svc = _service(tmp_path, tiny_bank, adapters_root,
+                   tenants=[{"match": "trusted/*", "policy": {"select": "threshold", "threshold": -1.0}}])
+    for prepared in (svc.prepare("trusted/current"), svc.prepare("trusted/current", str(adapters_root / "trusted" / "current"))):
+        assert prepared.report.summary.tenant_rule == "default" and prepared.report.summary.outcome == "projected"
+
+
+@pytest.mark.parametrize("label", ["trusted/bad", "x", "acme/good", "hub:acme/bad"])
+def test_by_path_loads_are_served_under_their_location_by_default(tmp_path, tiny_bank, adapters_root, label):
+    svc = _service(tmp_path, tiny_bank, adapters_root)
+    with pytest.raises(AdapterRefused) as err:
+        svc.prepare(label, str(adapters_root / "globex" / "bad"), trust_cache_paths=False)
+    assert err.value.reason is RefusalReason.INVALID_NAME and "lora_name='globex/bad'" in err.value.detail
+    assert svc.prepare("globex/bad", str(adapters_root / "globex" / "bad"), trust_cache_paths=False)
+
+
+def test_a_loaded_name_cannot_be_taken_over_from_another_location(tmp_path, tiny_bank, adapters_root):
+    svc = _service(tmp_path, tiny_bank, adapters_root, served_names="label")
+    svc.mark_loaded("shared", svc.prepare("shared", str(adapters_root / "acme" / "good"), trust_cache_paths=False))
+    for other in ("globex/bad", "trusted/bad", "canary/bad"):
+        with pytest.raises(AdapterRefused) as err:
+            svc.prepare("shared", str(adapters_root / other), trust_cache_paths=False)
+        assert err.value.reason is RefusalReason.NAME_IN_USE and "acme/good" in err.value.detail
+    # the same location may be loaded again (in place) under its name
+    assert svc.prepare("shared", str(adapters_root / "acme" / "good"), trust_cache_paths=False)
+    svc.forget("shared")
+    assert svc.prepare("shared", str(adapters_root / "globex" / "bad"), trust_cache_paths=False)
+
+
+def test_refusals_are_remembered_by_content_and_by_files(tmp_path, tiny_bank, adapters_root, monkeypatch):
+    import vllm_safelora.service as service_module
+
+    bad = adapters_root / "globex" / "nan"
+    shutil.copytree(adapters_root / "globex" / "bad", bad)
+    tensors = _weights(bad)
+    next(iter(tensors.values()))[0, 0] = float("nan")
+    (bad / WEIGHTS_FILE).chmod(0o644)
+    save_file(tensors, bad / WEIGHTS_FILE)
+    svc = _service(tmp_path, tiny_bank, adapters_root, served_names="label")
+    parses = []
+    real_parse = service_module.parse_adapter
+    monkeypatch.setattr(service_module, "parse_adapter", lambda *a, **k: parses.append(1) or real_parse(*a, **k))
+    reads = []
+    real_read = service_module.read_adapter_files
+    monkeypatch.setattr(service_module, "read_adapter_files", lambda *a, **k: reads.append(1) or real_read(*a, **k))
+    hits = _metric("safelora_refusal_cache_hits_total")
+    for name in ("globex/nan", "globex/nan", "x1", "x2"):
+        with pytest.raises(AdapterRefused) as err:
+            svc.prepare(name, str(bad) if name.startswith("x") else None, trust_cache_paths=False)
+        assert err.value.reason is RefusalReason.NON_FINITE
+    assert (len(parses), len(reads)) == (1, 1)  # the files' identity answered the repeats
+    assert _metric("safelora_refusal_cache_hits_total") == hits + 3
+    # a copy (other files, same bytes) is read but not parsed again
+    shutil.copytree(bad, adapters_root / "globex" / "nan2")
+    with pytest.raises(AdapterRefused):
+        svc.prepare("globex/nan2")
+    assert (len(parses), len(reads)) == (1, 2)
+    # the memory is bounded
+    small = _service(tmp_path / "s", tiny_bank, adapters_root, refusal_cache_entries=1)
+    for name in ("globex/nan", "globex/nan2"):
+        with pytest.raises(AdapterRefused):
+            small.prepare(name)
+    assert len(small.refusals) == 1
+
+
+def test_not_found_and_bad_names_are_not_remembered(tmp_path, tiny_bank, adapters_root):
+    svc = _service(tmp_path, tiny_bank, adapters_root)
+    for name in ("acme/missing", "../etc", "acme/missing"):
+        with pytest.raises(AdapterRefused):
+            svc.prepare(name)
+    assert len(svc.refusals) == 0
+    shutil.copytree(adapters_root / "acme" / "good", adapters_root / "acme" / "missing")
+    assert svc.prepare("acme/missing").report.summary.outcome == "unchanged"
+
+
+def test_the_throttle_bounds_preparations_and_refuses_beyond_the_queue(tmp_path, tiny_bank, adapters_root, monkeypatch):
+    import threading
+
+    import vllm_safelora.service as service_module
+    from vllm_safelora.errors import Overloaded
+
+    svc = _service(tmp_path, tiny_bank, adapters_root, max_concurrent_preparations=1, max_queued_preparations=1)
+    gate, inside = threading.Event(), threading.Event()
+    real_read = service_module.read_adapter_files
+
+    def slow_read(*a, **k):
+        inside.set()
+        gate.wait(30)
+        return real_read(*a, **k)
+
+    monkeypatch.setattr(service_module, "read_adapter_files", slow_read)
+    results: dict[str, object] = {}
+
+    def run(name):
+        try:
+            results[name] = svc.prepare(name).report.summary.outcome
+        except Exception as exc:  # noqa: BLE001 - recorded for the assertions
+            results[name] = exc
+
+    first = threading.Thread(target=run, args=("acme/good",))
+    first.start()
+    assert inside.wait(30)
+    second = threading.Thread(target=run, args=("globex/bad",))  # waits in the queue
+    second.start()
+    for _ in range(100):
+        if svc.throttle.admitted == 2:
+            break
+        threading.Event().wait(0.01)
+    overloaded = _metric("safelora_overload_total", where="resolver")
+    with pytest.raises(Overloaded) as err:
+        svc.prepare("trusted/bad")
+    assert err.value.retry_after_s > 0 and "limit 1 at once" in str(err.value)
+    assert _metric("safelora_overload_total", where="resolver") == overloaded + 1
+    gate.set()
+    first.join(30)
+    second.join(30)
+    assert results == {"acme/good": "unchanged", "globex/bad": "projected"}
+    assert svc.throttle.admitted == 0 and svc.prepare("trusted/bad")
+
+
+def test_hub_is_deny_by_default(tmp_path):
+    from vllm_safelora.config import HubConfig
+    from vllm_safelora.sources import HubSource
+
+    assert HubConfig().allow == []
+    with pytest.raises(AdapterRefused) as err:
+        HubSource(cache_dir=tmp_path, local_files_only=True).repo_id("hub:acme/lora")
+    assert err.value.reason is RefusalReason.INVALID_NAME and "allow-list is empty" in err.value.detail

@@ -199,14 +199,14 @@ def _hand_built_hub_cache(cache: Path, repo_id: str, commit: str = COMMIT, ref: 
 def test_hub_offline_from_hand_built_cache(tmp_path):
     cache = tmp_path / "hub"
     snap = _hand_built_hub_cache(cache, "acme/my-lora")
-    src = HubSource(cache_dir=cache, local_files_only=True)
+    src = HubSource(cache_dir=cache, local_files_only=True, allow=["acme/*"])
     path = src.locate("hub:acme/my-lora")
     assert path == snap
     assert json.loads((path / "adapter_config.json").read_text())["peft_type"] == "LORA"
     assert src.locate("hub:acme/other") is None
     # pinned commit and a tag that is not cached
-    assert HubSource(cache_dir=cache, local_files_only=True, revision=COMMIT).locate("hub:acme/my-lora") == snap
-    assert HubSource(cache_dir=cache, local_files_only=True, revision="v9").locate("hub:acme/my-lora") is None
+    assert HubSource(cache_dir=cache, local_files_only=True, allow=["acme/*"], revision=COMMIT).locate("hub:acme/my-lora") == snap
+    assert HubSource(cache_dir=cache, local_files_only=True, allow=["acme/*"], revision="v9").locate("hub:acme/my-lora") is None
 
 
 def test_hub_offline_via_hf_hub_offline(tmp_path, monkeypatch):
@@ -215,7 +215,7 @@ def test_hub_offline_via_hf_hub_offline(tmp_path, monkeypatch):
     cache = tmp_path / "hub"
     snap = _hand_built_hub_cache(cache, "acme/my-lora")
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    src = HubSource(cache_dir=cache)  # local_files_only=None: follow HF_HUB_OFFLINE
+    src = HubSource(cache_dir=cache, allow=["*"])  # local_files_only=None: follow HF_HUB_OFFLINE
     assert src.locate("hub:acme/my-lora") == snap
     assert src.locate("hub:acme/not-cached") is None
 
@@ -282,7 +282,7 @@ def test_hub_error_mapping(tmp_path, monkeypatch):
     import huggingface_hub
     from huggingface_hub import errors as e
 
-    src = HubSource(cache_dir=tmp_path, revision="nope", local_files_only=False)
+    src = HubSource(cache_dir=tmp_path, revision="nope", local_files_only=False, allow=["*"])
 
     def raising(exc):
         def fake(*a, **k):
@@ -326,7 +326,7 @@ def test_hub_passes_expected_arguments(tmp_path, monkeypatch):
         return str(tmp_path)
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake)
-    src = HubSource(prefix="hf://", revision="v1", cache_dir=tmp_path, local_files_only=True, token="t")
+    src = HubSource(prefix="hf://", revision="v1", cache_dir=tmp_path, local_files_only=True, token="t", allow=["*"])
     assert src.locate("hf://acme/x") == tmp_path
     assert seen["repo_id"] == "acme/x" and seen["revision"] == "v1" and seen["local_files_only"] is True
     assert set(seen["allow_patterns"]) == {"adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"}

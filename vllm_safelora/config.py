@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
@@ -29,7 +29,10 @@ class HubConfig(BaseModel):
 
     enabled: bool = False
     prefix: str = Field("hub:", description="served names '<prefix><org>/<repo>' are fetched from the hub")
-    allow: list[str] = Field(default_factory=lambda: ["*"], description="fnmatch patterns of allowed repo ids")
+    allow: list[str] = Field(
+        default_factory=list,
+        description="fnmatch patterns of repo ids tenants may name; empty (the default) admits no repository",
+    )
     revision: str | None = None
     local_files_only: bool | None = Field(None, description="None: follow HF_HUB_OFFLINE")
 
@@ -66,7 +69,25 @@ class SafeLoRASettings(BaseSettings):
     policy: PolicySetting = Field(default_factory=SafeLoRAConfig, description="default policy")
     admission: AdmissionConfig = Field(default_factory=AdmissionConfig)
     tenants: list[TenantRule] = Field(
-        default_factory=list, description="first matching rule by adapter-name glob wins; others get the defaults"
+        default_factory=list,
+        description="first rule whose glob matches the adapter's location (its real path under an adapter root, "
+        "or hub:org/repo) wins; others get the defaults. Never matched against a name an API client chose",
+    )
+    served_names: Literal["location", "label"] = Field(
+        "location",
+        description="location: an adapter loaded by path (/v1/load_lora_adapter, --lora-modules, offline requests) "
+        "must be served under its location's name (tenant/adapter, hub:org/repo), so nobody can load their adapter "
+        "under another tenant's name; label: any served name (vLLM's behaviour; for servers whose load endpoint "
+        "only operators can reach). Policies follow the location either way",
+    )
+    max_concurrent_preparations: int = Field(
+        2, ge=1, description="adapters read/validated/projected at once in the server; more wait (see below)"
+    )
+    max_queued_preparations: int = Field(
+        32, ge=0, description="adapters waiting for a preparation slot; beyond this a request gets 503 + Retry-After"
+    )
+    refusal_cache_entries: int = Field(
+        4096, ge=0, description="refusals remembered by content hash and file identity (LRU; 0 disables)"
     )
     shadow: bool = Field(
         False, description="report-only everywhere: adapters are served UNPROJECTED while reports and metrics "

@@ -38,6 +38,10 @@ class RefusalReason(str, enum.Enum):
     EMPTY = "empty"
     ADMISSION = "admission"
     CHANGED_WHILE_READING = "changed_while_reading"
+    DUPLICATE_MODULE = "duplicate_module"  # two tensors vLLM would load into one module
+    UPDATE_OVERFLOW = "update_overflow"  # s*B*A (or alpha) not safely finite in the served dtype
+    VLLM_UNSUPPORTED = "vllm_unsupported"  # the served vLLM's own PEFTHelper refuses the config
+    NAME_IN_USE = "name_in_use"
 
 
 class SafeLoRAError(Exception):
@@ -76,3 +80,11 @@ class BankError(SafeLoRAError):
 
 class ConfigError(SafeLoRAError):
     """The plugin or a command is misconfigured."""
+
+
+class Overloaded(SafeLoRAError):
+    """Too many adapters are being prepared at once: try again shortly (HTTP 503, Retry-After)."""
+
+    def __init__(self, detail: str, retry_after_s: float):
+        self.retry_after_s = retry_after_s
+        super().__init__(f"vllm-safelora is busy preparing other adapters: {detail}")

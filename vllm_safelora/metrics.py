@@ -40,3 +40,13 @@ CACHE_MAX_BYTES = Gauge(
     "safelora_cache_max_bytes",
     "Byte budget of the patched-adapter cache (cache_max_bytes); alert when safelora_cache_bytes nears it",
 )
+PREPARE_INFLIGHT = Gauge("safelora_prepare_inflight", "Adapters being read, validated or projected right now")
+PREPARE_CAPACITY = Gauge("safelora_prepare_capacity", "How many adapters may be prepared at once (the throttle's limit)")
+OVERLOAD = Counter(
+    "safelora_overload",
+    "Adapter requests answered 503 (Retry-After) because the preparation throttle was full",
+    ["where"],
+)
+REFUSAL_CACHE_HITS = Counter(
+    "safelora_refusal_cache_hits", "Refusals answered from memory of an earlier refusal of the same content or files"
+)

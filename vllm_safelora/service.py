@@ -18,17 +18,18 @@ from pathlib import Path
 from typing import Sequence
 
 from . import metrics
-from .adapters import ReadLimits, read_adapter, write_adapter_files
+from .adapters import CONFIG_FILE, WEIGHTS_FILE, AdapterFiles, ReadLimits, SerializedAdapter, parse_adapter, read_adapter_files, write_adapter_files
 from .bank import AlignmentBank, load_bank
 from .cache import MANIFEST_NAME, CacheKey, PatchedAdapterCache
 from .config import AdmissionConfig, SafeLoRASettings
-from .adapters import SerializedAdapter
 from .engine import project_adapter, with_report
-from .errors import AdapterRefused, BankError, RefusalReason
-from .report import REPORT_FILE, AdapterReport
-from .sources import AdapterSource, HubSource, LocalDirSource, _shown, locate_adapter
+from .errors import AdapterRefused, BankError, Overloaded, RefusalReason
 from .policies import make_policy
+from .refusals import RefusalCache
+from .report import REPORT_FILE, AdapterReport
+from .sources import AdapterSource, HubSource, LocalDirSource, Location, _shown, locate, locate_path
 from .tenancy import TenantPolicy, all_policies, describe_rules, resolve_tenant
+from .throttle import PreparationThrottle
 
 logger = logging.getLogger("vllm_safelora")
 
@@ -42,9 +43,8 @@ class PreparedAdapter:
     digest: str
     report: AdapterReport
     cache_hit: bool
-    source_dir: Path | None = None
+    location: Location | None = None
     """Where the uploaded adapter was read from: an entry that vanishes or changes is rebuilt from it."""
-    confine: Path | None = None
     signature: tuple = ()
     """(name, size, mtime_ns, inode) of the entry's files when they were verified."""
 
@@ -93,6 +93,15 @@ def _stat_signature(path: Path) -> tuple:
         return ()
 
 
+def _files_identity(path: Path, decided_by: tuple) -> tuple | None:
+    """What identifies an adapter's unchanged files without reading them (None if they cannot be stat'ed)."""
+    try:
+        stats = [os.stat(path / name) for name in (CONFIG_FILE, WEIGHTS_FILE)]
+    except OSError:
+        return None
+    return (*((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) for st in stats), decided_by)
+
+
 def admission_problem(report: AdapterReport, admission: AdmissionConfig) -> str | None:
     """Why the operator's admission rules refuse this adapter, or None."""
     s = report.summary
@@ -119,17 +128,6 @@ def build_sources(settings: SafeLoRASettings) -> list[AdapterSource]:
             )
         )
     return sources
-
-
-def _confinement(source: AdapterSource) -> Path | None:
-    if isinstance(source, LocalDirSource):
-        return source.root
-    if isinstance(source, HubSource):
-        from huggingface_hub import constants
-
-        # Hub snapshots are symlinks into the cache's blobs/.
-        return Path(getattr(source, "cache_dir", None) or constants.HF_HUB_CACHE)
-    return None
 
 
 def _tenant_report(report: AdapterReport, tenant: TenantPolicy, admission: str | None) -> AdapterReport:
@@ -167,6 +165,8 @@ class SafeLoRAService:
         # The integration passes limits that follow the served vLLM (its dtype, rank and
         # name rules); without them (tests, offline use) only size and rank are bounded.
         self.limits = limits or ReadLimits(max_bytes=settings.max_adapter_bytes, max_rank=max_rank)
+        self.throttle = PreparationThrottle(settings.max_concurrent_preparations, settings.max_queued_preparations)
+        self.refusals = RefusalCache(settings.refusal_cache_entries)
         self._lock = threading.Lock()
         self._by_path: dict[str, PreparedAdapter] = {}
         self._by_name: dict[str, PreparedAdapter] = {}
@@ -204,6 +204,11 @@ class SafeLoRAService:
             served_model, bank.bank_id, len(bank.subspaces), bank.nbytes / 2**20, bank.device,
             describe_rules(settings), [s.describe() for s in service.sources], settings.cache_dir,
         )
+        if settings.hub.enabled and not settings.hub.allow:
+            logger.warning(
+                "safelora: the hub source is enabled but hub.allow is empty, so no hub repository will be served "
+                "(deny by default); list the repositories tenants may name, e.g. hub.allow: ['my-org/*']"
+            )
         for rule in describe_rules(settings):
             if rule["shadow"]:
                 logger.warning(
@@ -242,7 +247,36 @@ class SafeLoRAService:
         with self._lock:
             self._by_name.pop(name, None)
 
-    def prepare(self, name: str, lora_path: str | None = None, *, trust_cache_paths: bool = True) -> PreparedAdapter:
+    def mark_loaded(self, name: str, prepared: PreparedAdapter) -> None:
+        """vLLM accepted ``prepared`` under ``name``: list it in the audit API and count the load.
+
+        Called by the integration only after the engine's own checks passed, so a
+        load vLLM refuses is never listed or counted.
+        """
+        if prepared.name != name:
+            prepared = dataclasses.replace(prepared, name=name)
+        with self._lock:
+            same = self._by_name.get(name)
+            self._by_name[name] = prepared
+        if same is None or same.digest != prepared.digest:
+            summary = prepared.report.summary
+            metrics.ADAPTERS.labels(outcome=summary.outcome, policy=summary.policy_name, mode=summary.mode).inc()
+
+    def ensure(self, name: str, lora_path: str, where: str = "request") -> tuple[PreparedAdapter, bool]:
+        """The verified entry for a request's adapter, rebuilding it if it changed on disk.
+
+        Returns ``(prepared, rebuilt)``: ``rebuilt`` means the path had been handed to vLLM
+        before and its entry was rebuilt, so the engine must drop what it holds for it.
+        """
+        known = self.verified(lora_path)
+        if known is not None:
+            return known, False
+        handed_out = lora_path in self._by_path
+        return self.prepare(name, lora_path, where=where), handed_out
+
+    def prepare(
+        self, name: str, lora_path: str | None = None, *, trust_cache_paths: bool = True, where: str = "resolver"
+    ) -> PreparedAdapter:
         """Locate, validate, project (or take from cache) and admit one adapter.
 
         ``lora_path`` is what a caller supplied (load endpoint, static module,
@@ -250,104 +284,107 @@ class SafeLoRAService:
         ``trust_cache_paths=False`` (paths typed by API clients) treats a cache
         entry path like any other path: it must lie under adapter_dirs, so one
         tenant cannot load another's projected adapter by its entry path.
-        Raises AdapterRefused (already counted in the metrics).
+        Raises AdapterRefused (already counted in the metrics) or Overloaded.
         """
         previous = None
         if lora_path is not None and trust_cache_paths:
             known = self.verified(lora_path)
             if known is not None:
-                return self._remember(name, known)
+                return known if known.name == name else dataclasses.replace(known, name=name)
             previous = self._by_path.get(lora_path)
         start = time.perf_counter()
-        tenant = resolve_tenant(self.settings, name)
-        mode = "shadow" if tenant.shadow else "enforce"
+        tenant: TenantPolicy | None = None
         try:
             _check_served_name(name)
-            if previous is not None and previous.source_dir is not None:
+            if previous is not None and previous.location is not None:
                 # A cache path handed out earlier whose entry vanished or was altered:
                 # rebuild it from the adapter it came from.
-                source_dir, confine = previous.source_dir, previous.confine
+                location = previous.location
             else:
-                source_dir, confine = self._locate(name, lora_path)
-            prepared = self._prepare_dir(name, source_dir, confine, tenant)
+                location = self._locate(name, lora_path)
+                self._check_served_as(name, location, by_path=lora_path is not None)
+            tenant = resolve_tenant(self.settings, location.identity)
+            with self.throttle.slot(name, where):
+                prepared = self._prepare_location(name, location, tenant)
         except AdapterRefused as exc:
             exc.for_adapter(name)
-            metrics.ADAPTERS.labels(outcome="rejected", policy=tenant.policy.kind, mode="enforce").inc()
+            policy = (tenant.policy if tenant is not None else self.settings.policy).kind
+            metrics.ADAPTERS.labels(outcome="rejected", policy=policy, mode="enforce").inc()
             metrics.REJECTIONS.labels(reason=exc.reason.value).inc()
             logger.warning("safelora: %s", exc)
+            raise
+        except Overloaded as exc:
+            logger.warning("safelora: adapter '%s' (%s) not prepared: %s", name, where, exc)
             raise
         except Exception:
             # Server-side trouble (disk full, cache lock timeout, a bug): the client
             # gets a 5xx, nothing is served, and the operator gets the traceback.
-            metrics.ADAPTERS.labels(outcome="error", policy=tenant.policy.kind, mode=mode).inc()
+            metrics.ADAPTERS.labels(outcome="error", policy=self.settings.policy.kind, mode="enforce").inc()
             logger.exception(
                 "safelora: preparing adapter '%s' failed on the server side; it was not served. Check the cache "
                 "directory %s (space, permissions) and the traceback below", name, self.settings.cache_dir,
             )
             raise
         summary = prepared.report.summary
-        metrics.ADAPTERS.labels(outcome=summary.outcome, policy=tenant.policy.kind, mode=mode).inc()
         metrics.CACHE_REQUESTS.labels(result="hit" if prepared.cache_hit else "miss").inc()
         logger.info(
-            "safelora: adapter '%s' %s%s: %d/%d modules projected (min cosine %s, mean Pdst %.4f), policy %s %s, "
-            "bank %s -> cache entry %s [%s, %.3fs]",
-            name, summary.outcome, " (SHADOW: served unprojected)" if tenant.shadow else "",
+            "safelora: adapter '%s' from %s %s%s: %d/%d modules projected (min cosine %s, mean Pdst %.4f), policy %s "
+            "%s (rule '%s'), bank %s -> cache entry %s [%s, %.3fs]",
+            name, location.identity, summary.outcome, " (SHADOW: served unprojected)" if tenant.shadow else "",
             summary.projected, summary.modules,
             f"{summary.min_cosine:.5f}" if summary.min_cosine is not None else "n/a", summary.mean_pdst,
-            summary.policy_name, summary.policy_id, summary.bank_id, prepared.digest[:16],
+            summary.policy_name, summary.policy_id, tenant.rule, summary.bank_id, prepared.digest[:16],
             "cache hit" if prepared.cache_hit else "projected now", time.perf_counter() - start,
         )
-        return self._remember(name, prepared)
-
-    def _remember(self, name: str, prepared: PreparedAdapter) -> PreparedAdapter:
-        if prepared.name != name:
-            prepared = dataclasses.replace(prepared, name=name)
         with self._lock:
             self._by_path[str(prepared.path)] = prepared
-            self._by_name[name] = prepared
         return prepared
 
-    def _locate(self, name: str, lora_path: str | None) -> tuple[Path, Path | None]:
+    def _locate(self, name: str, lora_path: str | None) -> Location:
         if lora_path is None:
-            source, path = locate_adapter(self.sources, name)
-            return path, _confinement(source)
+            return locate(self.sources, name)
         _check_lora_path(lora_path)
-        try:
-            candidate = Path(lora_path).expanduser()
-            local = candidate.is_absolute() or candidate.exists()
-            real = Path(os.path.realpath(candidate)) if local else None
-        except (OSError, ValueError) as exc:  # e.g. ENAMETOOLONG: the client's path, a 4xx
-            raise AdapterRefused(
-                RefusalReason.INVALID_NAME,
-                f"lora_path {_shown(lora_path)} cannot be used ({getattr(exc, 'strerror', None) or exc})",
-            ) from None
-        if real is not None:
-            for source in self.sources:
-                if isinstance(source, LocalDirSource):
-                    root = Path(os.path.realpath(source.root))
-                    if real == root or root in real.parents:
-                        if not os.path.isdir(real):
-                            raise AdapterRefused(RefusalReason.NOT_FOUND, f"lora_path {lora_path} is not a directory")
-                        return real, source.root
-            raise AdapterRefused(
-                RefusalReason.INVALID_NAME,
-                f"lora_path {lora_path} is outside the configured adapter_dirs; only adapters under "
-                f"{[str(s.root) for s in self.sources if isinstance(s, LocalDirSource)]} can be loaded",
-            )
-        hub = next((s for s in self.sources if isinstance(s, HubSource)), None)
-        if hub is not None:
-            ref = lora_path if lora_path.startswith(hub.prefix) else hub.prefix + lora_path
-            path = hub.locate(ref)
-            if path is not None:
-                return path, _confinement(hub)
-        raise AdapterRefused(
-            RefusalReason.NOT_FOUND,
-            f"lora_path {lora_path!r} is not a local directory"
-            + (" and not an allowed, available hub repository" if hub else " (hub sources are disabled)"),
-        )
+        return locate_path(self.sources, lora_path)
 
-    def _prepare_dir(self, name: str, source_dir: Path, confine: Path | None, tenant: TenantPolicy) -> PreparedAdapter:
-        adapter = read_adapter(source_dir, name=name, limits=self.limits, confine_to=confine)
+    def _check_served_as(self, name: str, location: Location, *, by_path: bool) -> None:
+        """A served name never lets one tenant's adapter stand in for another's."""
+        if by_path and self.settings.served_names == "location" and name != location.name:
+            raise AdapterRefused(
+                RefusalReason.INVALID_NAME,
+                f"an adapter loaded from {location.name!r} is served under that name on this server "
+                f"(served_names: location), not as {_shown(name)}; load it with lora_name={location.name!r}",
+            )
+        with self._lock:
+            loaded = self._by_name.get(name)
+        if loaded is not None and loaded.location is not None and loaded.location.name != location.name:
+            raise AdapterRefused(
+                RefusalReason.NAME_IN_USE,
+                f"the name already serves the adapter from {loaded.location.name!r}; an adapter from "
+                f"{location.name!r} cannot replace it (unload it first if you own it)",
+            )
+
+    def _prepare_location(self, name: str, location: Location, tenant: TenantPolicy) -> PreparedAdapter:
+        decided_by = (tenant.cache_policy_id(self.bank), tenant.admission.model_dump_json())
+        files_key = _files_identity(location.path, decided_by)
+        if files_key is not None and (refused := self.refusals.by_files(files_key)) is not None:
+            metrics.REFUSAL_CACHE_HITS.inc()
+            raise refused
+        files = read_adapter_files(location.path, name=name, limits=self.limits, confine_to=location.confine)
+        content_key = (files.content_hash, decided_by)
+        if (refused := self.refusals.by_content(content_key)) is not None:
+            metrics.REFUSAL_CACHE_HITS.inc()
+            self.refusals.remember(refused, content_key, files_key)
+            raise refused
+        try:
+            return self._prepare_files(name, files, location, tenant)
+        except AdapterRefused as exc:
+            self.refusals.remember(exc, content_key, files_key)
+            raise
+
+    def _prepare_files(
+        self, name: str, files: AdapterFiles, location: Location, tenant: TenantPolicy
+    ) -> PreparedAdapter:
+        adapter = parse_adapter(files, limits=self.limits)
         key = CacheKey(
             adapter_hash=adapter.content_hash, bank_id=self.bank.bank_id, policy_id=tenant.cache_policy_id(self.bank)
         )
@@ -364,10 +401,10 @@ class SafeLoRAService:
             report = _tenant_report(outcome.report, tenant, problem)
             if tenant.shadow:
                 # Served as uploaded, byte for byte; the report records what would have been done.
-                files = with_report(SerializedAdapter(adapter.config_bytes, adapter.weights_bytes, {}), report)
+                out = with_report(SerializedAdapter(adapter.config_bytes, adapter.weights_bytes, {}), report)
             else:
-                files = with_report(outcome.adapter, report)
-            write_adapter_files(tmpdir, files)
+                out = with_report(outcome.adapter, report)
+            write_adapter_files(tmpdir, out)
             self._observe_projection(report, tenant, time.perf_counter() - start)
             return report
 
@@ -384,7 +421,7 @@ class SafeLoRAService:
         self.cache.lease(entry.digest)
         return PreparedAdapter(
             name=name, path=entry.path, digest=entry.digest, report=report, cache_hit=hit,
-            source_dir=source_dir, confine=confine, signature=_stat_signature(entry.path),
+            location=location, signature=_stat_signature(entry.path),
         )
 
     def _observe_projection(self, report: AdapterReport, tenant: TenantPolicy, seconds: float) -> None:

@@ -15,6 +15,7 @@ worker fetch any non-local ``lora_path`` from the hub; this module is the replac
 from __future__ import annotations
 
 import abc
+import dataclasses
 import fnmatch
 import logging
 import os
@@ -37,6 +38,23 @@ MAX_NAME_LENGTH = 129
 # Files fetched from the hub. The .bin is fetched only so the reader can refuse
 # pickle-only adapters by name; nothing here or downstream ever unpickles it.
 HUB_ALLOW_PATTERNS = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
+
+
+@dataclass(frozen=True)
+class Location:
+    """Where an adapter's bytes come from. Tenant rules match ``identity``, never a name
+    an API client chose: the served name of a load request is only a label."""
+
+    source: "AdapterSource"
+    path: Path
+    """The real directory holding the adapter's files."""
+    name: str
+    """How the source names it: ``tenant/adapter`` under a local root, or ``hub:org/repo``."""
+    identity: str
+    """Where the files really are: the real path under the root (a link ``tenant/current`` ->
+    ``tenant/v3`` has identity ``tenant/v3``), or ``hub:org/repo``. What tenant rules match."""
+    confine: Path | None
+    """Every file the reader opens must resolve inside this directory."""
 
 
 def _shown(name: object, limit: int = 80) -> str:
@@ -117,6 +135,14 @@ class AdapterSource(abc.ABC):
         """True if ``name`` is addressed to this source by its prefix."""
         return bool(self.prefix) and isinstance(name, str) and name.startswith(self.prefix)
 
+    @abc.abstractmethod
+    def location(self, name: str, path: Path) -> Location:
+        """The :class:`Location` of an adapter this source located as ``name`` at ``path``."""
+
+    def location_of(self, path: str) -> Location | None:
+        """The location of an explicit ``lora_path`` if this source holds it, else None."""
+        return None
+
 
 @dataclass(frozen=True)
 class _ResolvedRoot:
@@ -149,6 +175,29 @@ class LocalDirSource(AdapterSource):
     def describe(self) -> str:
         return f"local directory {str(self._root.given)!r}"
 
+    def contains(self, real: str) -> bool:
+        root = self._root.real
+        return real != root and os.path.commonpath([root, real]) == root
+
+    def location(self, name: str, path: Path) -> Location:
+        identity = os.path.relpath(os.path.realpath(path), self._root.real).replace(os.sep, "/")
+        return Location(source=self, path=Path(path), name=name, identity=identity, confine=self._root.given)
+
+    def location_of(self, path: str) -> Location | None:
+        real = os.path.realpath(path)
+        if not self.contains(real):
+            return None
+        if not os.path.isdir(real):
+            raise AdapterRefused(RefusalReason.NOT_FOUND, f"lora_path {_shown(path)} is not a directory")
+        # The name is the path as given under the root (a link keeps its own name);
+        # the identity, which policies follow, is where it really leads.
+        given = os.path.normpath(os.path.abspath(path))
+        relative = (os.path.relpath(given, root) for root in (os.path.abspath(self._root.given), self._root.real))
+        name = next((rel.replace(os.sep, "/") for rel in relative if not rel.startswith("..")), None)
+        located = self.location(name or "", Path(real))
+        return located if name else dataclasses.replace(located, name=located.identity)
+
+
     def locate(self, name: str) -> Path | None:
         validate_adapter_name(name)
         root_real = self._root.real
@@ -178,7 +227,8 @@ class HubSource(AdapterSource):
     """Adapters on the Hugging Face hub, named ``<prefix><org>/<repo>`` (``hub:acme/my-lora``).
 
     Only repositories matching ``allow`` (fnmatch patterns, case-insensitive because hub
-    ids are) are fetched, and only the adapter files. ``local_files_only=None`` follows
+    ids are) are fetched, and only the adapter files; an empty ``allow`` admits nothing
+    (deny by default, like every other trust decision). ``local_files_only=None`` follows
     ``HF_HUB_OFFLINE``; offline, the local hub cache is used and a repository that is not
     cached is simply not found.
     """
@@ -188,7 +238,7 @@ class HubSource(AdapterSource):
     def __init__(
         self,
         prefix: str = "hub:",
-        allow: Sequence[str] = ("*",),
+        allow: Sequence[str] = (),
         revision: str | None = None,
         cache_dir: Path | str | None = None,
         local_files_only: bool | None = None,
@@ -229,8 +279,20 @@ class HubSource(AdapterSource):
             raise _refuse_name(name, str(exc)) from None
         lowered = repo_id.lower()
         if not any(fnmatch.fnmatchcase(lowered, pat.lower()) for pat in self.allow):
+            if not self.allow:
+                raise _refuse_name(name, "this server's hub allow-list is empty, so no hub repository is served")
             raise _refuse_name(name, f"repository {repo_id!r} is not in the hub allow-list")
         return repo_id
+
+    def confine_root(self) -> Path:
+        from huggingface_hub import constants
+
+        # Hub snapshots are symlinks into the hub cache's blobs/.
+        return Path(self.cache_dir or constants.HF_HUB_CACHE)
+
+    def location(self, name: str, path: Path) -> Location:
+        ref = self.prefix + self.repo_id(name)
+        return Location(source=self, path=Path(path), name=ref, identity=ref, confine=self.confine_root())
 
     def _offline(self) -> bool:
         if self.local_files_only is not None:
@@ -294,6 +356,46 @@ class HubSource(AdapterSource):
                 f"hub repository {repo_id!r} could not be fetched ({type(exc).__name__}); try again later"
             ) from None
         return Path(folder)
+
+
+def locate(sources: Sequence[AdapterSource], name: str) -> Location:
+    """:func:`locate_adapter` as a :class:`Location`."""
+    source, path = locate_adapter(sources, name)
+    return source.location(name, path)
+
+
+def locate_path(sources: Sequence[AdapterSource], lora_path: str) -> Location:
+    """The location of an explicit ``lora_path`` (load endpoint, ``--lora-modules``, offline
+    requests): a directory under a local root, or an allowed hub repository id."""
+    try:
+        candidate = Path(lora_path).expanduser()
+        local = candidate.is_absolute() or candidate.exists()
+    except (OSError, ValueError) as exc:  # e.g. ENAMETOOLONG: the client's path, a 4xx
+        raise AdapterRefused(
+            RefusalReason.INVALID_NAME,
+            f"lora_path {_shown(lora_path)} cannot be used ({getattr(exc, 'strerror', None) or exc})",
+        ) from None
+    if local:
+        for source in sources:
+            found = source.location_of(str(candidate))
+            if found is not None:
+                return found
+        roots = [str(s.root) for s in sources if isinstance(s, LocalDirSource)]
+        raise AdapterRefused(
+            RefusalReason.INVALID_NAME,
+            f"lora_path {_shown(lora_path)} is outside the configured adapter_dirs; only adapters under {roots} can be loaded",
+        )
+    hub = next((s for s in sources if isinstance(s, HubSource)), None)
+    if hub is not None:
+        ref = lora_path if lora_path.startswith(hub.prefix) else hub.prefix + lora_path
+        path = hub.locate(ref)
+        if path is not None:
+            return hub.location(ref, path)
+    raise AdapterRefused(
+        RefusalReason.NOT_FOUND,
+        f"lora_path {_shown(lora_path)} is not a local directory"
+        + (" and not an allowed, available hub repository" if hub else " (hub sources are disabled)"),
+    )
 
 
 def locate_adapter(sources: Sequence[AdapterSource], name: str) -> tuple[AdapterSource, Path]:
