@@ -21,7 +21,7 @@ import stat
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from safetensors.torch import load as load_safetensors_bytes
@@ -41,22 +41,95 @@ _ELEMENT_SIZE = {
     "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
     "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
 }
-_MAX_HEADER_BYTES = 16 << 20
-_MAX_CONFIG_BYTES = 1 << 20
 # rank_pattern / alpha_pattern keys: module names or suffixes only (see _check_pattern).
 _PATTERN_KEY = re.compile(r"[A-Za-z0-9_.\-]{1,256}")
 _MAX_PATTERN_KEYS = 1024
 
-# PEFT names: base_model.model.<module path>.lora_A.weight (adapter name stripped on save).
-_LORA_KEY = re.compile(r"^(?P<prefix>base_model\.model\.)?(?P<module>.+)\.lora_(?P<which>[AB])\.weight$")
+_PEFT_PREFIX = "base_model.model."
+# What the header of one tensor may cost: its name (module paths are < 150 characters),
+# dtype, shape and offsets. __metadata__ gets a fixed allowance on top.
+HEADER_BYTES_PER_TENSOR = 512
+HEADER_METADATA_BYTES = 64 << 10
+# Accumulation headroom of the update bound (see _update_problems): one output of
+# x @ (s B A)^T sums d_in products; with |x| <= ACTIVATION_HEADROOM the sum stays
+# finite in the served dtype when max|s B A| <= finfo.max / (ACTIVATION_HEADROOM * d_in).
+ACTIVATION_HEADROOM = 16.0
+# Rows of B per block when the exact max|s B A| is needed: blocks of <= 2^20 float64 elements.
+_EXACT_BLOCK_ELEMENTS = 1 << 20
+
+NameParser = Callable[[str], "tuple[str, bool]"]
+"""vLLM's tensor-name parser: name -> (module, is_lora_a); raises ValueError where vLLM does."""
+ConfigCheck = Callable[[Mapping[str, Any]], "list[str]"]
+"""Extra adapter_config.json validation (vLLM's PEFTHelper at serve time): problems, or []."""
+ModuleFilter = Callable[[str], bool]
+"""Whether the served vLLM applies LoRA to a module (its --lora-target-modules)."""
+
+
+def parse_lora_name(name: str) -> tuple[str, bool]:
+    """vLLM 0.32's ``vllm.lora.utils.parse_fine_tuned_lora_name`` without a weights mapper, line for line.
+
+    Kept vLLM-free so the reader works offline; at serve time the integration hands
+    the reader vLLM's own function (``ReadLimits.parse_name``), and tests prove the two
+    equal on hostile names. vLLM's quirks are kept on purpose, since they decide which
+    module a tensor lands on: *every* ``base_model.model.`` is removed (not only the
+    prefix), a name that still starts with it afterwards loses two more parts,
+    ``*.score.weight`` / ``*.classifier.bias`` name full modules, and embedding
+    tensors have no ``.weight`` suffix.
+    """
+    if name.startswith(_PEFT_PREFIX):
+        name = name.replace(_PEFT_PREFIX, "")
+    start_index = 2 if name.startswith(_PEFT_PREFIX) else 0
+    parts = name.split(".")
+    if (parts[-1] == "weight" or parts[-1] == "bias") and len(parts) >= 2:
+        if parts[-2] in ("lora_A", "lora_B") and parts[-1] == "weight":
+            return ".".join(parts[start_index:-2]), parts[-2] == "lora_A"
+        if parts[-2] in ("score", "classifier"):
+            return parts[-2], False
+    if parts[-1] == "lora_embedding_A" or parts[-1] == "lora_embedding_B":
+        return ".".join(parts[start_index:-1]), parts[-1] == "lora_embedding_A"
+    raise ValueError(f"{name} is unsupported LoRA weight")
+
+
+def canonical_name(module: str, which: str) -> str:
+    """The one name the writer uses for a module's lora_A / lora_B (PEFT's own layout)."""
+    return f"{_PEFT_PREFIX}{module}.lora_{which}.weight"
 
 
 @dataclass(frozen=True)
 class ReadLimits:
-    """Bounds on what a tenant can make the server read."""
+    """Bounds on what a tenant can make the server read, and how the served vLLM reads it.
+
+    The defaults are vLLM-free and generous (offline tools, tests); the server uses
+    ``vllm_safelora.integration.vllm_rules.read_limits_for``, which derives every
+    bound from the served model and hands in vLLM's own parser and config check.
+    """
 
     max_bytes: int = 2 << 30
+    """Size of adapter_model.safetensors (served: also bounded by the model's largest possible LoRA)."""
     max_rank: int | None = None
+    """vLLM's --max-lora-rank: r, every rank_pattern value and every tensor's rank."""
+    max_config_bytes: int = 1 << 20
+    """Size of adapter_config.json (real ones are a few KB; rank/alpha patterns add ~100 B per key)."""
+    max_config_depth: int = 16
+    """JSON nesting of adapter_config.json (real ones nest 2-3 deep)."""
+    max_tensors: int = 8192
+    """Tensors in one adapter (served: 2 per LoRA module the model has, x 2 slack)."""
+    max_header_bytes: int = 8192 * HEADER_BYTES_PER_TENSOR + HEADER_METADATA_BYTES
+    """Size of the safetensors JSON header, checked before it is parsed (served: from max_tensors)."""
+    max_tensor_elements: int = 1 << 28
+    """Elements of one tensor (served: max_rank x the model's widest projection x 4 for fused ones)."""
+    max_lora_alpha: float = 4096.0
+    """|lora_alpha| and every |alpha_pattern| value; keeps s = alpha / r (or / sqrt r) sane."""
+    max_update_abs: float = 65536.0
+    """Cap on max |s B A| in any dtype, so a finite update cannot blow up the next layer's norm."""
+    serve_dtype: torch.dtype | None = None
+    """dtype vLLM runs LoRA weights in (lora_dtype); None: each adapter's own dtype."""
+    parse_name: NameParser = field(default=parse_lora_name)
+    """How the served vLLM maps tensor names to modules (vLLM's parser with the model's weights mapper)."""
+    module_served: ModuleFilter | None = None
+    """vLLM's deployment filter (--lora-target-modules); None: every module."""
+    check_config: ConfigCheck | None = None
+    """The served vLLM's own adapter_config.json validation (PEFTHelper); None: only the reader's mirror of it."""
 
 
 @dataclass(frozen=True)
@@ -95,6 +168,8 @@ class LoraAdapter:
     nbytes: int
     dtype: torch.dtype
     metadata: dict[str, str] = field(default_factory=dict)
+    canonical_names: bool = True
+    """Whether the uploaded file already names every tensor canonically (then it can be served byte for byte)."""
 
     @property
     def base_model(self) -> str | None:
@@ -181,11 +256,40 @@ def _same_file(before: os.stat_result, path: Path) -> bool:
     )
 
 
-def _parse_config(data: bytes, problems: _Problems) -> dict[str, Any] | None:
+def _parse_json(data: bytes, what: str, max_depth: int, reason: RefusalReason, problems: _Problems, **kw) -> Any:
+    """json.loads that refuses instead of raising: RecursionError ('[' * 10**5) is not a ValueError."""
     try:
-        config = json.loads(data.decode("utf-8"))
+        value = json.loads(data.decode("utf-8"), **kw)
     except (UnicodeDecodeError, ValueError) as exc:
-        problems.add(RefusalReason.INVALID_CONFIG, f"{CONFIG_FILE} is not valid JSON ({exc})")
+        problems.add(reason, f"{what} is not valid JSON ({exc})")
+        return None
+    except RecursionError:
+        problems.add(reason, f"{what} nests JSON too deeply")
+        return None
+    if _json_depth(value, max_depth) > max_depth:
+        problems.add(reason, f"{what} nests JSON more than {max_depth} levels deep")
+        return None
+    return value
+
+
+def _json_depth(value: Any, limit: int) -> int:
+    """Nesting depth of parsed JSON, walked iteratively and cut off just past ``limit``."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if not isinstance(item, (dict, list)):
+            continue
+        deepest = max(deepest, depth)
+        if depth > limit:
+            return depth
+        children = item.values() if isinstance(item, dict) else item
+        stack.extend((child, depth + 1) for child in children)
+    return deepest
+
+
+def _parse_config(data: bytes, limits: ReadLimits, problems: _Problems) -> dict[str, Any] | None:
+    config = _parse_json(data, CONFIG_FILE, limits.max_config_depth, RefusalReason.INVALID_CONFIG, problems)
+    if config is None:
         return None
     if not isinstance(config, dict):
         problems.add(RefusalReason.INVALID_CONFIG, f"{CONFIG_FILE} must hold a JSON object")
@@ -193,39 +297,101 @@ def _parse_config(data: bytes, problems: _Problems) -> dict[str, Any] | None:
     return config
 
 
-def _check_config(config: Mapping[str, Any], problems: _Problems) -> None:
+def _is_number(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def _check_config(config: Mapping[str, Any], limits: ReadLimits, problems: _Problems) -> None:
     peft_type = config.get("peft_type")
     if peft_type != "LORA":
         problems.add(RefusalReason.NOT_LORA, f"{CONFIG_FILE}: peft_type is {peft_type!r}, only 'LORA' is served")
+    _check_scaling_fields(config, limits, problems)
+    _check_vllm_features(config, problems)
+    if config.get("fan_in_fan_out"):
+        problems.add(RefusalReason.UNSUPPORTED_FEATURE, f"{CONFIG_FILE}: fan_in_fan_out=true (Conv1D layers) is not supported")
+    base = config.get("base_model_name_or_path")
+    if base is not None and not isinstance(base, str):
+        problems.add(RefusalReason.INVALID_CONFIG, f"{CONFIG_FILE}: base_model_name_or_path must be a string")
+    if limits.check_config is not None and not problems.items:
+        # The served vLLM's own validation (PEFTHelper), so the list follows vLLM.
+        for problem in limits.check_config(config):
+            problems.add(RefusalReason.VLLM_UNSUPPORTED, f"{CONFIG_FILE}: {problem}")
+
+
+def _check_scaling_fields(config: Mapping[str, Any], limits: ReadLimits, problems: _Problems) -> None:
+    """r, lora_alpha, use_rslora, rank_pattern, alpha_pattern: what s = alpha / r is made of.
+
+    vLLM requires r and lora_alpha (PEFTHelper has no default for them); PEFT always saves both.
+    """
     r = config.get("r")
     if isinstance(r, bool) or not isinstance(r, int) or r < 1:
         problems.add(RefusalReason.INVALID_CONFIG, f"{CONFIG_FILE}: r must be a positive integer, got {r!r}")
-    alpha = config.get("lora_alpha", r)
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
-        problems.add(RefusalReason.INVALID_CONFIG, f"{CONFIG_FILE}: lora_alpha must be a finite number, got {alpha!r}")
-    if config.get("use_dora"):
-        problems.add(RefusalReason.UNSUPPORTED_FEATURE, f"{CONFIG_FILE}: DoRA adapters (use_dora) are not supported")
-    if config.get("modules_to_save"):
-        problems.add(
-            RefusalReason.UNSUPPORTED_FEATURE,
-            f"{CONFIG_FILE}: modules_to_save={config['modules_to_save']!r} trains full modules that cannot be projected",
-        )
-    if config.get("fan_in_fan_out"):
-        problems.add(RefusalReason.UNSUPPORTED_FEATURE, f"{CONFIG_FILE}: fan_in_fan_out=true (Conv1D layers) is not supported")
-    if config.get("bias", "none") not in ("none", None) or config.get("lora_bias"):
-        problems.add(RefusalReason.UNSUPPORTED_FEATURE, f"{CONFIG_FILE}: trained biases are not supported (bias must be 'none')")
+    elif limits.max_rank is not None and r > limits.max_rank:
+        problems.add(RefusalReason.RANK_TOO_LARGE, f"{CONFIG_FILE}: r is {r}, the server allows at most {limits.max_rank}")
+    if "lora_alpha" not in config:
+        problems.add(RefusalReason.INVALID_CONFIG, f"{CONFIG_FILE}: lora_alpha is missing (vLLM requires it)")
+    else:
+        _check_alpha("lora_alpha", config["lora_alpha"], limits, problems)
+    if not isinstance(config.get("use_rslora", False), bool):
+        problems.add(RefusalReason.INVALID_CONFIG, f"{CONFIG_FILE}: use_rslora must be true or false, got {config['use_rslora']!r}")
     for key in ("rank_pattern", "alpha_pattern"):
         value = config.get(key)
         if value is not None and not isinstance(value, dict):
             problems.add(RefusalReason.INVALID_CONFIG, f"{CONFIG_FILE}: {key} must be an object")
         elif value:
-            _check_pattern(key, value, problems)
-    base = config.get("base_model_name_or_path")
-    if base is not None and not isinstance(base, str):
-        problems.add(RefusalReason.INVALID_CONFIG, f"{CONFIG_FILE}: base_model_name_or_path must be a string")
+            _check_pattern(key, value, limits, problems)
 
 
-def _check_pattern(key: str, pattern: Mapping[str, Any], problems: _Problems) -> None:
+def _check_alpha(where: str, alpha: Any, limits: ReadLimits, problems: _Problems) -> bool:
+    if not _is_number(alpha):
+        problems.add(RefusalReason.INVALID_CONFIG, f"{CONFIG_FILE}: {where} must be a finite number, got {alpha!r}")
+        return False
+    if abs(alpha) > limits.max_lora_alpha:
+        problems.add(
+            RefusalReason.UPDATE_OVERFLOW,
+            f"{CONFIG_FILE}: {where} is {alpha!r}; this server allows |alpha| <= {limits.max_lora_alpha:g} "
+            "(the update is scaled by alpha / r)",
+        )
+        return False
+    return True
+
+
+# init_lora_weights values that only set initial weights (vLLM's PEFTHelper._init_is_supported).
+_PLAIN_INITS = ("gaussian", "eva", "orthogonal", "mica", "lora_ga")
+
+
+def _check_vllm_features(config: Mapping[str, Any], problems: _Problems) -> None:
+    """The PEFT features vLLM 0.32's PEFTHelper refuses, mirrored so offline tools refuse them too.
+
+    At serve time ``ReadLimits.check_config`` runs PEFTHelper itself; this mirror is the
+    vLLM-free floor and may only be stricter (tests/test_adapters.py checks both).
+    """
+    refuse = lambda what: problems.add(RefusalReason.UNSUPPORTED_FEATURE, f"{CONFIG_FILE}: {what}")  # noqa: E731
+    if "target_modules" not in config:
+        problems.add(RefusalReason.INVALID_CONFIG, f"{CONFIG_FILE}: target_modules is missing (vLLM requires it)")
+    if config.get("use_dora"):
+        refuse("DoRA adapters (use_dora) are not supported")
+    if config.get("modules_to_save"):
+        refuse(f"modules_to_save={config['modules_to_save']!r} trains full modules that cannot be projected")
+    if config.get("bias", "none") not in ("none", None) or config.get("lora_bias"):
+        refuse("trained biases are not supported (bias must be 'none', lora_bias false)")
+    init = config.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower() not in _PLAIN_INITS:
+        refuse(
+            f"init_lora_weights={init!r} (PiSSA, OLoRA, CorDA, LoftQ) changes the base weights when PEFT loads it; "
+            "convert it to a plain LoRA with PEFT's path_initial_model_for_weight_conversion"
+        )
+    for key, what in (
+        ("alora_invocation_tokens", "Activated LoRA (aLoRA)"),
+        ("layer_replication", "layer_replication"),
+        ("use_bdlora", "block-diagonal LoRA (BD-LoRA)"),
+        ("use_qalora", "QALoRA"),
+    ):
+        if config.get(key):
+            refuse(f"{what} ({key}) is not supported by vLLM")
+
+
+def _check_pattern(key: str, pattern: Mapping[str, Any], limits: ReadLimits, problems: _Problems) -> None:
     """rank_pattern / alpha_pattern keys are matched as regexes (PEFT's rule); a tenant's regex
     could backtrack for hours (``(.|.)*Z``), so only module names / suffixes are accepted."""
     if len(pattern) > _MAX_PATTERN_KEYS:
@@ -239,13 +405,19 @@ def _check_pattern(key: str, pattern: Mapping[str, Any], problems: _Problems) ->
                 "at most 256 characters); regular-expression operators are not accepted",
             )
             return
-        if key == "rank_pattern":
-            bad = isinstance(v, bool) or not isinstance(v, int) or v < 1
-        else:
-            bad = isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
-        if bad:
-            what = "a positive integer" if key == "rank_pattern" else "a finite number"
-            problems.add(RefusalReason.INVALID_CONFIG, f"{CONFIG_FILE}: {key}[{k!r}] must be {what}, got {v!r}")
+        if key == "alpha_pattern":
+            if not _check_alpha(f"alpha_pattern[{k!r}]", v, limits, problems):
+                return
+            continue
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            problems.add(RefusalReason.INVALID_CONFIG, f"{CONFIG_FILE}: rank_pattern[{k!r}] must be a positive integer, got {v!r}")
+            return
+        # vLLM checks every rank_pattern value against --max-lora-rank, used or not.
+        if limits.max_rank is not None and v > limits.max_rank:
+            problems.add(
+                RefusalReason.RANK_TOO_LARGE,
+                f"{CONFIG_FILE}: rank_pattern[{k!r}] is {v}, the server allows at most {limits.max_rank}",
+            )
             return
 
 
@@ -260,17 +432,34 @@ def _pattern_value(pattern: Mapping[str, Any] | None, module: str, default: Any)
     return default
 
 
-def _check_safetensors_header(data: bytes, problems: _Problems) -> dict[str, Any] | None:
-    """Validate the header ourselves: size, JSON, duplicates, dtypes, offsets."""
+def _check_safetensors_header(data: bytes, limits: ReadLimits, problems: _Problems) -> dict[str, Any] | None:
+    """Validate the header ourselves: size, tensor count, JSON, duplicates, dtypes, offsets, sizes.
+
+    Ordered so that the cost of a refusal is bounded before anything is parsed: the
+    length field against ``max_header_bytes``, then a count of ``"data_offsets"`` keys
+    (a C-speed byte count; escaped quotes inside names cannot fake it) against
+    ``max_tensors``, and only then ``json.loads`` of at most ``max_header_bytes``.
+    """
     if len(data) < 8:
         problems.add(RefusalReason.MALFORMED_TENSORS, f"{WEIGHTS_FILE} is {len(data)} bytes, too short for safetensors")
         return None
     (n,) = struct.unpack("<Q", data[:8])
-    if n > min(len(data) - 8, _MAX_HEADER_BYTES):
+    if n > len(data) - 8:
         problems.add(
             RefusalReason.MALFORMED_TENSORS,
             f"{WEIGHTS_FILE} header claims {n} bytes but the file has {len(data) - 8} after the length field",
         )
+        return None
+    if n > limits.max_header_bytes:
+        problems.add(
+            RefusalReason.TOO_LARGE,
+            f"{WEIGHTS_FILE} header is {n} bytes, the limit is {limits.max_header_bytes} "
+            f"(room for {limits.max_tensors} tensors, as many as a LoRA of the served model can have)",
+        )
+        return None
+    raw = data[8 : 8 + n]
+    if raw.count(b'"data_offsets"') > limits.max_tensors:
+        problems.add(RefusalReason.TOO_LARGE, _too_many_tensors(raw.count(b'"data_offsets"'), limits))
         return None
     duplicates: list[str] = []
 
@@ -282,10 +471,9 @@ def _check_safetensors_header(data: bytes, problems: _Problems) -> dict[str, Any
             seen[k] = v
         return seen
 
-    try:
-        header = json.loads(data[8 : 8 + n].decode("utf-8"), object_pairs_hook=no_duplicates)
-    except (UnicodeDecodeError, ValueError) as exc:
-        problems.add(RefusalReason.MALFORMED_TENSORS, f"{WEIGHTS_FILE} header is not valid JSON ({exc})")
+    header = _parse_json(raw, f"{WEIGHTS_FILE} header", 4, RefusalReason.MALFORMED_TENSORS, problems,
+                         object_pairs_hook=no_duplicates)
+    if header is None:
         return None
     if duplicates:
         problems.add(RefusalReason.MALFORMED_TENSORS, f"{WEIGHTS_FILE} header names tensors twice: {sorted(set(duplicates))[:5]}")
@@ -293,37 +481,58 @@ def _check_safetensors_header(data: bytes, problems: _Problems) -> dict[str, Any
     if not isinstance(header, dict):
         problems.add(RefusalReason.MALFORMED_TENSORS, f"{WEIGHTS_FILE} header is not a JSON object")
         return None
-    data_len = len(data) - 8 - n
+    if len(header) - ("__metadata__" in header) > limits.max_tensors:
+        problems.add(RefusalReason.TOO_LARGE, _too_many_tensors(len(header) - ("__metadata__" in header), limits))
+        return None
+    return header if _check_header_entries(header, len(data) - 8 - n, limits, problems) else None
+
+
+def _too_many_tensors(count: int, limits: ReadLimits) -> str:
+    return (
+        f"{WEIGHTS_FILE} holds {count} tensors; a LoRA of the served model has at most {limits.max_tensors} "
+        "(lora_A and lora_B per module)"
+    )
+
+
+def _check_header_entries(header: Mapping[str, Any], data_len: int, limits: ReadLimits, problems: _Problems) -> bool:
     spans: list[tuple[int, int, str]] = []
     for name, info in header.items():
         if name == "__metadata__":
             continue
         if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
             problems.add(RefusalReason.MALFORMED_TENSORS, f"{WEIGHTS_FILE}: tensor {name} has an invalid header entry")
-            return None
+            return False
         dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
         if not isinstance(dtype, str) or dtype not in _ELEMENT_SIZE or not isinstance(shape, list) or not isinstance(offsets, list) or len(offsets) != 2:
             problems.add(RefusalReason.MALFORMED_TENSORS, f"{WEIGHTS_FILE}: tensor {name} has an invalid header entry")
-            return None
+            return False
         if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in [*shape, *offsets]):
             problems.add(RefusalReason.MALFORMED_TENSORS, f"{WEIGHTS_FILE}: tensor {name} has negative or non-integer sizes")
-            return None
+            return False
+        elements = math.prod(shape)
+        if elements > limits.max_tensor_elements:
+            problems.add(
+                RefusalReason.TOO_LARGE,
+                f"{WEIGHTS_FILE}: tensor {name} has {elements} elements {shape}; a LoRA tensor of the served model "
+                f"has at most {limits.max_tensor_elements}",
+            )
+            return False
         begin, end = offsets
-        expected = math.prod(shape) * _ELEMENT_SIZE[dtype]
+        expected = elements * _ELEMENT_SIZE[dtype]
         if not (begin <= end <= data_len) or end - begin != expected:
             problems.add(
                 RefusalReason.MALFORMED_TENSORS,
                 f"{WEIGHTS_FILE}: tensor {name} offsets {offsets} do not fit its shape {shape} ({dtype}) "
                 f"inside {data_len} data bytes",
             )
-            return None
+            return False
         spans.append((begin, end, name))
     spans.sort()
     for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
         if b1 < e0:
             problems.add(RefusalReason.MALFORMED_TENSORS, f"{WEIGHTS_FILE}: tensors {n0} and {n1} overlap")
-            return None
-    return header
+            return False
+    return True
 
 
 # ---------------------------------------------------------------------------
@@ -381,7 +590,7 @@ def read_adapter_files(
             who,
         )
 
-    config_bytes, config_stat = _read_regular_file(config_path, _MAX_CONFIG_BYTES, who, confine_to)
+    config_bytes, config_stat = _read_regular_file(config_path, limits.max_config_bytes, who, confine_to)
     weights_bytes, weights_stat = _read_regular_file(weights_path, limits.max_bytes, who, confine_to)
     if not (_same_file(config_stat, config_path) and _same_file(weights_stat, weights_path)):
         raise AdapterRefused(
@@ -408,22 +617,30 @@ def read_adapter(
 
 
 def parse_adapter(files: AdapterFiles, *, limits: ReadLimits = ReadLimits()) -> LoraAdapter:
-    """Validate and parse files read by :func:`read_adapter_files`, or refuse them."""
+    """Validate and parse files read by :func:`read_adapter_files`, or refuse them.
+
+    Every tensor name is mapped to its module the way the served vLLM maps it, and
+    refused unless each module gets exactly one lora_A and one lora_B, *before* any
+    tensor is materialised. The returned adapter's tensors are keyed by their
+    canonical names (:func:`canonical_name`), which is all the writer writes.
+    """
     path, who = files.path, files.name
     config_bytes, weights_bytes = files.config_bytes, files.weights_bytes
     problems = _Problems(who)
-    config = _parse_config(config_bytes, problems)
+    config = _parse_config(config_bytes, limits, problems)
     if config is not None:
-        _check_config(config, problems)
+        _check_config(config, limits, problems)
     problems.raise_if_any()
     assert config is not None
 
-    header = _check_safetensors_header(weights_bytes, problems)
+    header = _check_safetensors_header(weights_bytes, limits, problems)
     problems.raise_if_any()
     assert header is not None
-    for tname, info in header.items():
-        if tname != "__metadata__" and info["dtype"] not in _FLOAT_CODES:
-            problems.add(RefusalReason.BAD_DTYPE, f"tensor {tname} has dtype {info['dtype']}; LoRA weights must be F16, BF16 or F32")
+    names = [k for k in header if k != "__metadata__"]
+    for tname in names:
+        if header[tname]["dtype"] not in _FLOAT_CODES:
+            problems.add(RefusalReason.BAD_DTYPE, f"tensor {tname} has dtype {header[tname]['dtype']}; LoRA weights must be F16, BF16 or F32")
+    slots = _map_tensor_names(names, limits, problems)
     problems.raise_if_any()
     try:
         tensors = load_safetensors_bytes(weights_bytes)
@@ -431,80 +648,233 @@ def parse_adapter(files: AdapterFiles, *, limits: ReadLimits = ReadLimits()) -> 
         raise AdapterRefused(RefusalReason.MALFORMED_TENSORS, f"{WEIGHTS_FILE} cannot be parsed: {exc}", who) from exc
     metadata = header.get("__metadata__") or {}
 
-    modules = _pair_modules(tensors, config, limits, problems)
+    modules = _pair_modules(tensors, slots, config, limits, problems)
     problems.raise_if_any()
+    canonical = {canonical_name(slots[k].peft_module, slots[k].which): t for k, t in tensors.items()}
     dtypes = {t.dtype for t in tensors.values()}
     return LoraAdapter(
         path=path,
         config=config,
         config_bytes=config_bytes,
         weights_bytes=weights_bytes,
-        tensors=tensors,
+        tensors=canonical,
         modules=modules,
         content_hash=content_hash(config_bytes, weights_bytes),
         nbytes=len(config_bytes) + len(weights_bytes),
         dtype=dtypes.pop() if len(dtypes) == 1 else torch.float32,
         metadata={str(k): str(v) for k, v in metadata.items()} if isinstance(metadata, dict) else {},
+        canonical_names=set(canonical) == set(tensors),
     )
 
 
+@dataclass(frozen=True)
+class _Slot:
+    """Where the served vLLM puts one tensor."""
+
+    module: str
+    """vLLM's module name (after its weights mapper): two tensors with one (module, which) collide."""
+    peft_module: str
+    """The name before mapping: the bank's module name and what rank/alpha patterns match (as in vLLM)."""
+    which: str
+    """"A" or "B"."""
+
+
+def _map_tensor_names(names: list[str], limits: ReadLimits, problems: _Problems) -> dict[str, _Slot]:
+    """Map every tensor name as the served vLLM will; refuse names it cannot map and collisions.
+
+    vLLM fills its modules in file order and the last tensor it meets for a module
+    wins, so an adapter with two names for one module (``base_model.model.X.lora_A.weight``
+    and ``X.lora_A.weight``) would have one checked here and the other served.
+    """
+    slots: dict[str, _Slot] = {}
+    for name in names:
+        slot = _slot_for(name, limits, problems)
+        if slot is not None:
+            slots[name] = slot
+    owners: dict[tuple[str, str], list[str]] = {}
+    for name, slot in slots.items():
+        owners.setdefault((slot.module, slot.which), []).append(name)
+    for (module, which), tensors in sorted(owners.items()):
+        if len(tensors) > 1:
+            problems.add(
+                RefusalReason.DUPLICATE_MODULE,
+                f"tensors {sorted(tensors)} all load into lora_{which} of module {module} (vLLM would serve whichever "
+                "it reads last); keep exactly one tensor per module and half",
+            )
+    return slots
+
+
+def _slot_for(name: str, limits: ReadLimits, problems: _Problems) -> _Slot | None:
+    if "lora_magnitude_vector" in name:
+        problems.add(RefusalReason.UNSUPPORTED_FEATURE, f"tensor {name} is a DoRA magnitude; DoRA is not supported")
+        return None
+    try:
+        module, is_a = limits.parse_name(name)
+    except Exception:  # vLLM's parser raises ValueError; its weights mapper may raise anything
+        problems.add(
+            RefusalReason.UNEXPECTED_TENSOR,
+            f"tensor {name} is not a LoRA A/B weight vLLM can map to a module (names end in .lora_A.weight / .lora_B.weight)",
+        )
+        return None
+    parts = name.split(".")
+    if parts[-1] in ("lora_embedding_A", "lora_embedding_B"):
+        problems.add(RefusalReason.UNSUPPORTED_FEATURE, f"tensor {name} is an embedding LoRA; only linear modules are served")
+        return None
+    if not (len(parts) >= 2 and parts[-1] == "weight" and parts[-2] in ("lora_A", "lora_B")):
+        problems.add(
+            RefusalReason.UNSUPPORTED_FEATURE,
+            f"tensor {name} is a full '{module}' module (modules_to_save), which cannot be projected",
+        )
+        return None
+    which = "A" if is_a else "B"
+    peft_module = parse_lora_name(name)[0]
+    if not module or not peft_module:
+        problems.add(RefusalReason.UNEXPECTED_TENSOR, f"tensor {name} names no module")
+        return None
+    if limits.parse_name(canonical_name(peft_module, which)) != (module, is_a):
+        problems.add(
+            RefusalReason.UNEXPECTED_TENSOR,
+            f"tensor {name} would land on another module under its canonical name {canonical_name(peft_module, which)}; "
+            "save the adapter with PEFT's save_pretrained",
+        )
+        return None
+    if limits.module_served is not None and not limits.module_served(module):
+        problems.add(
+            RefusalReason.UNKNOWN_MODULE,
+            f"tensor {name}: this server applies no LoRA to module {module} (see its --lora-target-modules)",
+        )
+        return None
+    return _Slot(module=module, peft_module=peft_module, which=which)
+
+
 def _pair_modules(
-    tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any], limits: ReadLimits, problems: _Problems
+    tensors: Mapping[str, torch.Tensor],
+    slots: Mapping[str, _Slot],
+    config: Mapping[str, Any],
+    limits: ReadLimits,
+    problems: _Problems,
 ) -> dict[str, LoraModule]:
     halves: dict[str, dict[str, str]] = {}
-    for key in tensors:
-        m = _LORA_KEY.match(key)
-        if m is None:
-            if "lora_magnitude_vector" in key:
-                problems.add(RefusalReason.UNSUPPORTED_FEATURE, f"tensor {key} is a DoRA magnitude; DoRA is not supported")
-            elif "lora_embedding" in key:
-                problems.add(RefusalReason.UNSUPPORTED_FEATURE, f"tensor {key} is an embedding LoRA; only linear modules are served")
-            else:
-                problems.add(RefusalReason.UNEXPECTED_TENSOR, f"tensor {key} is not a LoRA A/B weight")
-            continue
-        halves.setdefault(m["module"], {})[m["which"]] = key
+    for key, slot in slots.items():
+        halves.setdefault(slot.module, {})[slot.which] = key
     if not halves and not problems.items:
         problems.add(RefusalReason.EMPTY, f"{WEIGHTS_FILE} holds no LoRA weights")
-
-    r_default = config.get("r")
-    alpha_default = config.get("lora_alpha", r_default)
-    rslora = bool(config.get("use_rslora"))
     modules: dict[str, LoraModule] = {}
-    for module, pair in sorted(halves.items()):
+    for served, pair in sorted(halves.items()):
         if set(pair) != {"A", "B"}:
             missing = "lora_B" if "B" not in pair else "lora_A"
-            problems.add(RefusalReason.MISSING_TENSOR, f"module {module} has no {missing} weight")
+            problems.add(RefusalReason.MISSING_TENSOR, f"module {slots[next(iter(pair.values()))].peft_module} has no {missing} weight")
             continue
-        A, B = tensors[pair["A"]], tensors[pair["B"]]
-        if A.dim() != 2 or B.dim() != 2:
-            problems.add(RefusalReason.SHAPE_MISMATCH, f"module {module}: lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} must be 2-D")
+        if slots[pair["A"]].peft_module != slots[pair["B"]].peft_module:
+            problems.add(
+                RefusalReason.UNEXPECTED_TENSOR,
+                f"lora_A ({pair['A']}) and lora_B ({pair['B']}) of module {served} come from different module names",
+            )
             continue
-        if A.numel() == 0 or B.numel() == 0:
-            problems.add(RefusalReason.EMPTY, f"module {module} has zero-sized weights {tuple(A.shape)} / {tuple(B.shape)}")
-            continue
-        r = int(A.shape[0])
-        if B.shape[1] != r:
-            problems.add(RefusalReason.RANK_MISMATCH, f"module {module}: lora_A has rank {r}, lora_B has rank {B.shape[1]}")
-            continue
-        declared = _pattern_value(config.get("rank_pattern"), module, r_default)
-        if declared != r:
-            problems.add(RefusalReason.RANK_MISMATCH, f"module {module}: weights have rank {r}, {CONFIG_FILE} declares {declared}")
-            continue
-        if limits.max_rank is not None and r > limits.max_rank:
-            problems.add(RefusalReason.RANK_TOO_LARGE, f"module {module} has rank {r}, the server allows at most {limits.max_rank}")
-            continue
-        if A.dtype != B.dtype:
-            problems.add(RefusalReason.BAD_DTYPE, f"module {module}: lora_A is {A.dtype}, lora_B is {B.dtype}")
-            continue
-        if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
-            problems.add(RefusalReason.NON_FINITE, f"module {module} has NaN or Inf values")
-            continue
-        alpha = float(_pattern_value(config.get("alpha_pattern"), module, alpha_default))
-        scale = alpha / math.sqrt(r) if rslora else alpha / r
-        modules[module] = LoraModule(
-            name=module, a_key=pair["A"], b_key=pair["B"], lora_A=A, lora_B=B, rank=r, alpha=alpha, scale=scale
-        )
+        module = _module(slots[pair["A"]].peft_module, tensors[pair["A"]], tensors[pair["B"]], config, limits, problems)
+        if module is not None:
+            modules[module.name] = module
     return modules
+
+
+def _module(
+    name: str, A: torch.Tensor, B: torch.Tensor, config: Mapping[str, Any], limits: ReadLimits, problems: _Problems
+) -> LoraModule | None:
+    """One module's checks, in the order that makes later ones meaningful; None if refused."""
+    if A.dim() != 2 or B.dim() != 2:
+        problems.add(RefusalReason.SHAPE_MISMATCH, f"module {name}: lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} must be 2-D")
+        return None
+    if A.numel() == 0 or B.numel() == 0:
+        problems.add(RefusalReason.EMPTY, f"module {name} has zero-sized weights {tuple(A.shape)} / {tuple(B.shape)}")
+        return None
+    r = int(A.shape[0])
+    if B.shape[1] != r:
+        problems.add(RefusalReason.RANK_MISMATCH, f"module {name}: lora_A has rank {r}, lora_B has rank {B.shape[1]}")
+        return None
+    declared = _pattern_value(config.get("rank_pattern"), name, config.get("r"))
+    if declared != r:
+        problems.add(RefusalReason.RANK_MISMATCH, f"module {name}: weights have rank {r}, {CONFIG_FILE} declares {declared}")
+        return None
+    if limits.max_rank is not None and r > limits.max_rank:
+        problems.add(RefusalReason.RANK_TOO_LARGE, f"module {name} has rank {r}, the server allows at most {limits.max_rank}")
+        return None
+    if A.dtype != B.dtype:
+        problems.add(RefusalReason.BAD_DTYPE, f"module {name}: lora_A is {A.dtype}, lora_B is {B.dtype}")
+        return None
+    if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
+        problems.add(RefusalReason.NON_FINITE, f"module {name} has NaN or Inf values")
+        return None
+    # vLLM's rule (PEFTHelper.get_rank_and_scaling): patterns match the unmapped module name.
+    alpha = float(_pattern_value(config.get("alpha_pattern"), name, config["lora_alpha"]))
+    scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+    overflow = _update_problems(name, A, B, scale, limits)
+    for detail in overflow:
+        problems.add(RefusalReason.UPDATE_OVERFLOW, detail)
+    if overflow:
+        return None
+    return LoraModule(
+        name=name, a_key=canonical_name(name, "A"), b_key=canonical_name(name, "B"), lora_A=A, lora_B=B,
+        rank=r, alpha=alpha, scale=scale,
+    )
+
+
+def update_limit(dtype: torch.dtype, d_in: int, limits: ReadLimits) -> float:
+    """The largest |entry| of s B A (and of lora_A) a module with ``d_in`` inputs may have in ``dtype``.
+
+    One output of x @ (s B A)^T sums d_in products; with activations up to
+    ACTIVATION_HEADROOM (16: inputs of LoRA'd projections are normalised hidden states,
+    O(1) with outliers) the sum stays finite in ``dtype``. fp16 is the binding case
+    (65504 / (16 d_in): 1.0 at d_in = 4096, 32 on the 128-wide test model); for bf16 and
+    fp32 the dtype allows ~1e33, so ``max_update_abs`` (65536) caps it instead: an
+    update of that size is already far outside any fine-tune (weights are O(0.01-1)),
+    and larger finite ones overflow the next layer's norm (it squares them).
+    """
+    return min(limits.max_update_abs, torch.finfo(dtype).max / (ACTIVATION_HEADROOM * d_in))
+
+
+def _update_problems(name: str, A: torch.Tensor, B: torch.Tensor, scale: float, limits: ReadLimits) -> list[str]:
+    """Whether vLLM can run this module's update finitely, as it will run it.
+
+    vLLM casts lora_A to its LoRA dtype and folds s into lora_B there
+    (``LoRALayerWeights.optimize``: ``lora_b *= scaling``), so both must stay finite
+    after that cast; x @ lora_A^T must not overflow (bounded by max|lora_A|); and
+    the update s B A itself must stay within :func:`update_limit`. The cheap
+    Cauchy-Schwarz bound |s (B A)_ij| <= |s| max_i ||B_i,:|| max_j ||A_:,j|| decides
+    almost every adapter; the exact blockwise max runs only when the bound is over.
+    """
+    dtype = limits.serve_dtype or A.dtype
+    served = f"{str(dtype).removeprefix('torch.')} (the dtype vLLM runs it in)"
+    folded = B.to(dtype) * scale
+    if not (torch.isfinite(A.to(dtype)).all() and torch.isfinite(folded).all()):
+        return [
+            f"module {name}: lora_A or s*lora_B (s = {scale:g}) is not finite in {served}; "
+            "lower lora_alpha or the weights"
+        ]
+    limit = update_limit(dtype, int(A.shape[1]), limits)
+    problems = []
+    a_max = float(A.double().abs().max())
+    if a_max > limit:
+        problems.append(f"module {name}: |lora_A| reaches {a_max:.4g}; at most {limit:.4g} is safe in {served}")
+    A64, B64 = A.double(), B.double()
+    bound = abs(scale) * float(B64.norm(dim=1).max()) * float(A64.norm(dim=0).max())
+    if bound > limit:
+        exact = max_abs_update(A64, B64, scale)
+        if exact > limit:
+            problems.append(
+                f"module {name}: the update s*B*A reaches {exact:.4g} (s = {scale:g}); at most {limit:.4g} is safe "
+                f"in {served}. Lower lora_alpha or the weights"
+            )
+    return problems
+
+
+def max_abs_update(A: torch.Tensor, B: torch.Tensor, scale: float) -> float:
+    """Exact max |s B A| in float64, in row blocks of B so memory stays at ~8 MiB."""
+    A64 = A.double()
+    rows = max(1, _EXACT_BLOCK_ELEMENTS // max(1, int(A.shape[1])))
+    best = 0.0
+    for start in range(0, int(B.shape[0]), rows):
+        best = max(best, float((B[start : start + rows].double() @ A64).abs().max()))
+    return abs(scale) * best
 
 
 # ---------------------------------------------------------------------------
@@ -527,10 +897,33 @@ class SerializedAdapter:
 def serialize_adapter(
     config_bytes: bytes, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
 ) -> SerializedAdapter:
-    """The adapter's files as bytes; the config is kept byte-for-byte."""
+    """The adapter's files as bytes; the config is kept byte-for-byte.
+
+    Only canonical tensor names are written (:func:`canonical_name`): one name per
+    module and half, so the served file holds exactly the tensors that were checked.
+    """
+    odd = [k for k in tensors if not is_canonical_name(k)]
+    if odd:
+        raise ValueError(f"the adapter writer writes only canonical LoRA tensor names, got {sorted(odd)[:3]}")
     cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     meta = {"format": "pt", **dict(metadata or {})}
     return SerializedAdapter(config_bytes, save_safetensors_bytes(cpu, metadata=meta), {})
+
+
+def is_canonical_name(name: str) -> bool:
+    try:
+        module, is_a = parse_lora_name(name)
+    except ValueError:
+        return False
+    return bool(module) and name == canonical_name(module, "A" if is_a else "B")
+
+
+def unchanged_files(adapter: LoraAdapter) -> SerializedAdapter:
+    """An adapter no policy changed, as it is served: byte for byte as uploaded when every
+    tensor already has its canonical name, else the same tensors re-written under them."""
+    if adapter.canonical_names:
+        return SerializedAdapter(adapter.config_bytes, adapter.weights_bytes, {})
+    return serialize_adapter(adapter.config_bytes, adapter.tensors, adapter.metadata)
 
 
 def config_excluding_modules(config_bytes: bytes, modules: list[str] | tuple[str, ...]) -> bytes:

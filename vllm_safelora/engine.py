@@ -18,7 +18,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-from .adapters import LoraAdapter, SerializedAdapter, config_excluding_modules, serialize_adapter, write_adapter_dir
+from .adapters import (
+    LoraAdapter,
+    SerializedAdapter,
+    config_excluding_modules,
+    serialize_adapter,
+    unchanged_files,
+    write_adapter_dir,
+)
 from .bank import AlignmentBank
 from .errors import AdapterRefused, RefusalReason
 from .policies import PolicyConfig, make_policy
@@ -102,8 +109,8 @@ def project_adapter(
         config_bytes = config_excluding_modules(adapter.config_bytes, list(result.pruned))
         serialized = serialize_adapter(config_bytes, result.tensors, adapter.metadata)
     else:
-        # Unchanged adapters are served byte-for-byte as uploaded.
-        serialized = SerializedAdapter(adapter.config_bytes, adapter.weights_bytes, {})
+        # Unchanged adapters are served byte-for-byte as uploaded (re-written only to canonical tensor names).
+        serialized = unchanged_files(adapter)
     cosines = [m.cosine for m in result.modules]
     bounds = [m.bank_error_bound for m in result.modules]
     flops_before = lora_flops_per_token(adapter)
