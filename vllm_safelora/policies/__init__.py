@@ -3,6 +3,7 @@
 * ``safelora``: Safe LoRA projection lora_B := C lora_B of low-cosine modules (arXiv 2405.16833).
 * ``splora``: distance-guided pruning, SPLoRA-style with an explicit robust score (arXiv 2506.18931).
 * ``salora-style``: SaLoRA-style (post-hoc) safety-feature projection lora_B := (I - V_s V_s^T) lora_B (arXiv 2501.01765).
+* ``salora-select``: SaLoRA-style projection on the modules with the highest safety-feature overlap only.
 * ``chain``: several of the above in order.
 """
 
@@ -15,12 +16,13 @@ from pydantic import BeforeValidator, Field, TypeAdapter
 from .base import Policy, PolicyConfig, PolicyResult, adapter_view
 from .chain import ChainConfig, ChainPolicy, make_step
 from .salora import SaLoRAConfig, SaLoRAPolicy
+from .salora_select import SaLoRASelectConfig, SaLoRASelectPolicy
 from .safelora import SafeLoRAConfig, SafeLoRAPolicy
 from .splora import SPLoRAConfig, SPLoRAPolicy
 
 # Discriminated on ``kind``: configs name the policy they want.
 AnyPolicyConfig = Annotated[
-    Union[SafeLoRAConfig, SPLoRAConfig, SaLoRAConfig, ChainConfig], Field(discriminator="kind")
+    Union[SafeLoRAConfig, SPLoRAConfig, SaLoRAConfig, SaLoRASelectConfig, ChainConfig], Field(discriminator="kind")
 ]
 
 def with_default_kind(value: Any) -> Any:
@@ -62,6 +64,8 @@ __all__ = [
     "SPLoRAPolicy",
     "SaLoRAConfig",
     "SaLoRAPolicy",
+    "SaLoRASelectConfig",
+    "SaLoRASelectPolicy",
     "SafeLoRAConfig",
     "SafeLoRAPolicy",
     "adapter_view",

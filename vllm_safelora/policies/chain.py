@@ -40,10 +40,11 @@ from ..projection import ProjectionKind
 from ..report import ModuleReport
 from .base import Policy, PolicyConfig, PolicyResult, adapter_view, pdst_term_for
 from .salora import SaLoRAConfig, SaLoRAPolicy
+from .salora_select import SaLoRASelectConfig, SaLoRASelectPolicy
 from .safelora import SafeLoRAConfig, SafeLoRAPolicy
 from .splora import SPLoRAConfig, SPLoRAPolicy
 
-StepConfig = Annotated[Union[SafeLoRAConfig, SPLoRAConfig, SaLoRAConfig], Field(discriminator="kind")]
+StepConfig = Annotated[Union[SafeLoRAConfig, SPLoRAConfig, SaLoRAConfig, SaLoRASelectConfig], Field(discriminator="kind")]
 
 
 def make_step(config: PolicyConfig) -> Policy:
@@ -53,6 +54,8 @@ def make_step(config: PolicyConfig) -> Policy:
         return SPLoRAPolicy(config)
     if isinstance(config, SaLoRAConfig):
         return SaLoRAPolicy(config)
+    if isinstance(config, SaLoRASelectConfig):
+        return SaLoRASelectPolicy(config)
     raise TypeError(f"no policy implements config kind {config.kind!r}")
 
 
