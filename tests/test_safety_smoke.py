@@ -165,3 +165,28 @@ def test_miniature_smoke(tmp_path):
     assert "SaLoRA-style (post-hoc)" in (out / "table.md").read_text()
     gens = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
     assert {g["served_by"] for g in gens} >= {"noop-server", "transformers-in-process"}
+
+
+def test_selection_smoke(tmp_path):
+    """The selection miniature on a minimal profile (no vLLM: in-process, about 1 minute):
+    policies and their controls, the trade-off plot and the detection population."""
+    out = tmp_path / "results"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.safety.selection", "--smoke", "--workdir", str(tmp_path / "work"), "--out", str(out)],
+        cwd=str(REPO_ROOT), capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, f"selection --smoke failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
+    doc = json.loads((out / "results.json").read_text())
+    for name in ("table.md", "tradeoff.png", "detection_roc.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    families = {r["family"] for r in doc["rows"]}
+    assert families >= {"none", "safelora-topk", "random-modules", "attenuate", "prune", "salora-style",
+                        "random-subspace", "splora-z", "salora-select-rs8"}
+    # controls act on as many modules as Safe LoRA's selection
+    by = {(r["adapter"], r["family"], r["knob"]): r for r in doc["rows"]}
+    for (adapter, fam, k), r in by.items():
+        if fam in ("random-modules", "attenuate", "prune"):
+            assert r["touched"] == by[(adapter, "safelora-topk", k)]["touched"]
+    assert len(doc["population"]) == len({a["adapter"] for a in doc["population"]}) >= 5
+    assert set(doc["detection"]["scores"]) >= {"min_cosine", "mean_overlap_rs8", "max_splora_z"}
+    assert "Controls at the same number of modules" in (out / "table.md").read_text()
