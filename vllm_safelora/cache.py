@@ -99,8 +99,125 @@ class CacheEntry:
         return self.path.name
 
 
-class _CorruptEntry(Exception):
-    """An entry directory exists but cannot be trusted (internal; never escapes)."""
+class CorruptEntry(Exception):
+    """An entry directory exists but cannot be trusted; the message says why."""
+
+def read_entry_manifest(path: Path) -> tuple[CacheKey, dict[str, dict], float, int]:
+    """Parse and structurally check an entry's manifest. Raises CorruptEntry."""
+    mpath = path / MANIFEST_NAME
+    try:
+        raw = mpath.read_bytes()
+        doc = json.loads(raw)
+    except FileNotFoundError:
+        raise CorruptEntry("the manifest cache_entry.json is missing") from None
+    except (OSError, ValueError) as exc:
+        raise CorruptEntry(f"the manifest cannot be read ({exc})") from None
+    if not isinstance(doc, dict):
+        raise CorruptEntry("the manifest is not a JSON object")
+    if doc.get("format_version") != FORMAT_VERSION:
+        raise CorruptEntry(f"manifest format {doc.get('format_version')!r} is not {FORMAT_VERSION}")
+    try:
+        key = CacheKey(**doc["key"])
+        files = doc["files"]
+        created = float(doc["created"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CorruptEntry(f"the manifest is malformed ({exc})") from None
+    if key.digest() != path.name:
+        raise CorruptEntry("the manifest's key does not match the entry's directory name")
+    if not isinstance(files, dict) or not files:
+        raise CorruptEntry("the manifest lists no files")
+    for name, meta in files.items():
+        if (
+            not isinstance(name, str) or name in ("", ".", "..", MANIFEST_NAME) or "/" in name or "\0" in name
+            or not isinstance(meta, dict) or not isinstance(meta.get("sha256"), str)
+            or not isinstance(meta.get("size"), int) or meta["size"] < 0
+        ):
+            raise CorruptEntry(f"the manifest has a bad file record {name!r}")
+    return key, files, created, len(raw)
+
+
+def verify_entry(path: Path, *, hash_files: bool = True) -> CacheEntry:
+    """Check that ``path`` is a complete, unaltered entry: exactly the files its manifest
+    lists, each a regular file of the recorded size and (``hash_files``) sha256.
+
+    Pure: reads, never writes or deletes. Shared by the cache and the worker guard.
+    Raises CorruptEntry saying what is wrong.
+    """
+    path = Path(path)
+    try:
+        present = set(os.listdir(path))
+    except OSError as exc:
+        raise CorruptEntry(f"the entry directory cannot be listed ({exc})") from None
+    key, files, created, manifest_size = read_entry_manifest(path)
+    expected = set(files) | {MANIFEST_NAME}
+    if present != expected:
+        # vLLM picks up optional files (e.g. new_embeddings.*) from the directory, so
+        # an extra file is as dangerous as a modified one.
+        extra, missing = sorted(present - expected), sorted(expected - present)
+        raise CorruptEntry(f"files do not match the manifest (unexpected {extra}, missing {missing})")
+    nbytes = manifest_size
+    for name, meta in files.items():
+        fpath = path / name
+        try:
+            st = os.lstat(fpath)
+            if not stat.S_ISREG(st.st_mode):
+                raise CorruptEntry(f"{name} is not a regular file")
+            if st.st_size != meta["size"]:
+                raise CorruptEntry(f"{name} is {st.st_size} bytes, the manifest says {meta['size']}")
+            if hash_files and sha256_file(fpath, follow_symlinks=False) != meta["sha256"]:
+                raise CorruptEntry(f"{name} does not match its sha256 in the manifest")
+        except OSError as exc:
+            raise CorruptEntry(f"{name} cannot be read ({exc})") from None
+        nbytes += st.st_size
+    return CacheEntry(key=key, path=path, files={n: m["sha256"] for n, m in files.items()}, nbytes=nbytes, created=created)
+
+
+def entry_signature(path: Path) -> tuple:
+    """(name, size, mtime_ns, inode) of an entry's files, manifest excluded (its mtime records use)."""
+    try:
+        return tuple(
+            (e.name, st.st_size, st.st_mtime_ns, st.st_ino)
+            for e in sorted(os.scandir(path), key=lambda e: e.name)
+            if e.name != MANIFEST_NAME
+            for st in (e.stat(follow_symlinks=False),)
+        )
+    except OSError:
+        return ()
+
+
+def entry_path_in(path: Path | str, entries_dir: Path) -> Path | None:
+    """``path`` resolved, if it names an entry directory (entries/<64 hex>) under ``entries_dir``."""
+    real = Path(os.path.realpath(path))
+    if real.parent != Path(os.path.realpath(entries_dir)) or not _HEX64.fullmatch(real.name):
+        return None
+    return real
+
+
+def remove_tree(path: Path) -> None:
+    """Delete a directory tree whose files and directories were made read-only."""
+    def unlock(func, target, _exc):
+        with contextlib.suppress(OSError):
+            os.chmod(os.path.dirname(target), 0o755)
+            os.chmod(target, 0o755)
+            func(target)
+
+    with contextlib.suppress(OSError):
+        os.chmod(path, 0o755)
+    shutil.rmtree(path, onerror=unlock)
+
+
+def discard_entry(path: Path, trash: Path) -> bool:
+    """Remove an entry directory: rename it to ``trash`` (same filesystem) first, so readers
+    see the whole entry or nothing, then delete it. False if it was already gone."""
+    try:
+        # Moving a directory to another parent rewrites its "..": it must be writable.
+        os.chmod(path, 0o755)
+        os.rename(path, trash)
+    except FileNotFoundError:
+        return False
+    remove_tree(trash)
+    return True
+
 
 
 def _dir_size(path: Path) -> int:
@@ -202,7 +319,7 @@ class PatchedAdapterCache:
             if not (owner_dead or age > STALE_TMP_AGE_S):
                 continue
             if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path, ignore_errors=True)
+                remove_tree(path)
             else:
                 with contextlib.suppress(OSError):
                     path.unlink()
@@ -273,74 +390,15 @@ class PatchedAdapterCache:
 
     # ------------------------------------------------------------------ reading
 
-    def _read_manifest(self, path: Path) -> tuple[CacheKey, dict[str, dict], float, int]:
-        """Parse and structurally check an entry's manifest. Raises _CorruptEntry."""
-        mpath = path / MANIFEST_NAME
-        try:
-            raw = mpath.read_bytes()
-            doc = json.loads(raw)
-        except FileNotFoundError:
-            raise _CorruptEntry("the manifest cache_entry.json is missing") from None
-        except (OSError, ValueError) as exc:
-            raise _CorruptEntry(f"the manifest cannot be read ({exc})") from None
-        if not isinstance(doc, dict):
-            raise _CorruptEntry("the manifest is not a JSON object")
-        if doc.get("format_version") != FORMAT_VERSION:
-            raise _CorruptEntry(f"manifest format {doc.get('format_version')!r} is not {FORMAT_VERSION}")
-        try:
-            key = CacheKey(**doc["key"])
-            files = doc["files"]
-            created = float(doc["created"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise _CorruptEntry(f"the manifest is malformed ({exc})") from None
-        if key.digest() != path.name:
-            raise _CorruptEntry("the manifest's key does not match the entry's directory name")
-        if not isinstance(files, dict) or not files:
-            raise _CorruptEntry("the manifest lists no files")
-        for name, meta in files.items():
-            if (
-                not isinstance(name, str) or name in ("", ".", "..", MANIFEST_NAME) or "/" in name or "\0" in name
-                or not isinstance(meta, dict) or not isinstance(meta.get("sha256"), str)
-                or not isinstance(meta.get("size"), int) or meta["size"] < 0
-            ):
-                raise _CorruptEntry(f"the manifest has a bad file record {name!r}")
-        return key, files, created, len(raw)
-
     def _load(self, key: CacheKey) -> CacheEntry | None:
-        """The entry for ``key`` if present and intact; None if absent; _CorruptEntry otherwise."""
+        """The entry for ``key`` if present and intact; None if absent; CorruptEntry otherwise."""
         path = self.entries_dir / key.digest()
-        try:
-            present = set(os.listdir(path))
-        except FileNotFoundError:
+        if not os.path.lexists(path):
             return None
-        except OSError as exc:
-            raise _CorruptEntry(f"the entry directory cannot be listed ({exc})") from None
-        mkey, files, created, manifest_size = self._read_manifest(path)
-        if mkey != key:
-            raise _CorruptEntry("the manifest belongs to a different key")
-        expected = set(files) | {MANIFEST_NAME}
-        if present != expected:
-            # vLLM picks up optional files (e.g. new_embeddings.*) from the directory, so
-            # an extra file is as dangerous as a modified one.
-            extra, missing = sorted(present - expected), sorted(expected - present)
-            raise _CorruptEntry(f"files do not match the manifest (unexpected {extra}, missing {missing})")
-        nbytes = manifest_size
-        for name, meta in files.items():
-            fpath = path / name
-            try:
-                st = os.lstat(fpath)
-                if not stat.S_ISREG(st.st_mode):
-                    raise _CorruptEntry(f"{name} is not a regular file")
-                if st.st_size != meta["size"]:
-                    raise _CorruptEntry(f"{name} is {st.st_size} bytes, the manifest says {meta['size']}")
-                if self.verify and sha256_file(fpath, follow_symlinks=False) != meta["sha256"]:
-                    raise _CorruptEntry(f"{name} does not match its sha256 in the manifest")
-            except OSError as exc:
-                raise _CorruptEntry(f"{name} cannot be read ({exc})") from None
-            nbytes += st.st_size
-        return CacheEntry(
-            key=key, path=path, files={n: m["sha256"] for n, m in files.items()}, nbytes=nbytes, created=created
-        )
+        entry = verify_entry(path, hash_files=self.verify)
+        if entry.key != key:
+            raise CorruptEntry("the manifest belongs to a different key")
+        return entry
 
     def _touch(self, entry: CacheEntry) -> None:
         # Last use is the manifest's mtime: no extra file in the entry, and eviction
@@ -363,7 +421,7 @@ class PatchedAdapterCache:
         nobody is publishing a fresh entry at the same path while we delete."""
         try:
             return self._load(key)
-        except _CorruptEntry as exc:
+        except CorruptEntry as exc:
             self._report_corrupt(key, str(exc))
             self._discard(self.entries_dir / key.digest())
             return None
@@ -372,7 +430,7 @@ class PatchedAdapterCache:
         """A verified entry for ``key`` (recording its use), or None."""
         try:
             entry = self._load(key)
-        except _CorruptEntry:
+        except CorruptEntry:
             # Re-check under the lock: it may have been mid-eviction, or replaced since.
             with self._locked(key.digest()):
                 entry = self._load_or_discard(key)
@@ -442,13 +500,12 @@ class PatchedAdapterCache:
         This is the worker-side check: vLLM may only load a directory that is an
         intact entry of this cache.
         """
-        real = Path(os.path.realpath(path))
-        if real.parent != Path(os.path.realpath(self.entries_dir)) or not _HEX64.fullmatch(real.name):
+        real = entry_path_in(path, self.entries_dir)
+        if real is None:
             return None
         try:
-            key, _, _, _ = self._read_manifest(real)
-            return self._load(key)
-        except _CorruptEntry as exc:
+            return verify_entry(real, hash_files=self.verify)
+        except CorruptEntry as exc:
             logger.error("patched-adapter cache: entry %s failed verification: %s", real.name[:16], exc)
             return None
 
@@ -473,8 +530,12 @@ class PatchedAdapterCache:
                     return theirs, result
                 os.rename(tmp, final)
             fsync_dir(self.entries_dir)
+            # Nothing may add, replace or remove a file in a published entry (vLLM reads
+            # every file in it); eviction makes it writable again just before removal.
+            with contextlib.suppress(OSError):
+                os.chmod(final, 0o555)
         except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
+            remove_tree(tmp)
             raise
         entry = self._load(key)
         if entry is None:  # pragma: no cover - we just renamed it into place under the lock
@@ -509,18 +570,13 @@ class PatchedAdapterCache:
             json.dump(manifest, f, indent=2, sort_keys=True)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp / MANIFEST_NAME, 0o444)  # its mtime still records use: utime needs ownership, not write
         fsync_dir(tmp)
 
     def _discard(self, path: Path) -> bool:
         """Remove an entry directory: rename it into tmp/ first, so readers see the whole
         entry or nothing, then delete it. False if it was already gone."""
-        trash = self._tmp_path("evict", path.name)
-        try:
-            os.rename(path, trash)
-        except FileNotFoundError:
-            return False
-        shutil.rmtree(trash, ignore_errors=True)
-        return True
+        return discard_entry(path, self._tmp_path("evict", path.name))
 
     def remove(self, key: CacheKey) -> bool:
         """Delete the entry for ``key``; False if there was none."""
@@ -549,8 +605,8 @@ class PatchedAdapterCache:
         out = []
         for path in self._entry_dirs():
             try:
-                key, files, created, manifest_size = self._read_manifest(path)
-            except _CorruptEntry:
+                key, files, created, manifest_size = read_entry_manifest(path)
+            except CorruptEntry:
                 continue
             out.append(
                 CacheEntry(

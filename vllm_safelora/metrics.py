@@ -33,7 +33,8 @@ BANK_BYTES = Gauge("safelora_bank_bytes", "Bytes of the alignment bank resident 
 GUARD_EVENTS = Counter(
     "safelora_guard_events",
     "Adapters that reached a last-line guard unprepared (where=process_inputs: projected there, normal for "
-    "offline LLM use, a bypass online; where=worker: refused)",
+    "offline LLM use, a bypass online; where=worker: refused; where=entry_changed: a cache entry handed to vLLM "
+    "changed on disk and was rebuilt)",
     ["where"],
 )
 CACHE_MAX_BYTES = Gauge(

@@ -20,7 +20,7 @@ from typing import Sequence
 from . import metrics
 from .adapters import CONFIG_FILE, WEIGHTS_FILE, AdapterFiles, ReadLimits, SerializedAdapter, parse_adapter, read_adapter_files, write_adapter_files
 from .bank import AlignmentBank, load_bank
-from .cache import MANIFEST_NAME, CacheKey, PatchedAdapterCache
+from .cache import CacheKey, PatchedAdapterCache, entry_signature
 from .config import AdmissionConfig, SafeLoRASettings
 from .engine import project_adapter, with_report
 from .errors import AdapterRefused, BankError, Overloaded, RefusalReason
@@ -50,7 +50,7 @@ class PreparedAdapter:
 
     def unchanged_on_disk(self) -> bool:
         """Cheap per-request check (a stat per file) that the verified entry is still as verified."""
-        return bool(self.signature) and _stat_signature(self.path) == self.signature
+        return bool(self.signature) and entry_signature(self.path) == self.signature
 
 
 # Served names and lora_paths come from API clients and end up in logs, metrics and
@@ -79,18 +79,6 @@ def _check_lora_path(lora_path: object) -> None:
         raise AdapterRefused(
             RefusalReason.INVALID_NAME, f"lora_path is {len(lora_path)} characters long, too long (at most {MAX_LORA_PATH})"
         )
-
-
-def _stat_signature(path: Path) -> tuple:
-    try:
-        return tuple(
-            # The cache records last use in its manifest's mtime: leave that out.
-            (e.name, st.st_size, 0 if e.name == MANIFEST_NAME else st.st_mtime_ns, st.st_ino)
-            for e in sorted(os.scandir(path), key=lambda e: e.name)
-            for st in (e.stat(follow_symlinks=False),)
-        )
-    except OSError:
-        return ()
 
 
 def _files_identity(path: Path, decided_by: tuple) -> tuple | None:
@@ -421,7 +409,7 @@ class SafeLoRAService:
         self.cache.lease(entry.digest)
         return PreparedAdapter(
             name=name, path=entry.path, digest=entry.digest, report=report, cache_hit=hit,
-            location=location, signature=_stat_signature(entry.path),
+            location=location, signature=entry_signature(entry.path),
         )
 
     def _observe_projection(self, report: AdapterReport, tenant: TenantPolicy, seconds: float) -> None:

@@ -1,30 +1,34 @@
-"""How refusals reach HTTP clients: AdapterRefused -> vLLM's GracefulHTTPError with a 4xx."""
+"""How refusals reach HTTP clients: AdapterRefused -> a 4xx, Overloaded -> 503, as vLLM's GracefulHTTPError."""
 
 from __future__ import annotations
 
 from http import HTTPStatus
 
-from ..errors import AdapterRefused, RefusalReason
+from ..errors import AdapterRefused, Overloaded, RefusalReason
 
 _STATUS = {
     RefusalReason.NOT_FOUND: HTTPStatus.NOT_FOUND,
     RefusalReason.TOO_LARGE: HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
     RefusalReason.ADMISSION: HTTPStatus.FORBIDDEN,
+    RefusalReason.NAME_IN_USE: HTTPStatus.CONFLICT,
 }
 
 
-def http_status(exc: AdapterRefused) -> HTTPStatus:
+def http_status(exc: AdapterRefused | Overloaded) -> HTTPStatus:
+    if isinstance(exc, Overloaded):
+        # Like vLLM's own queue overflow: load balancers and SDKs retry on 503.
+        return HTTPStatus.SERVICE_UNAVAILABLE
     return _STATUS.get(exc.reason, HTTPStatus.BAD_REQUEST)
 
 
-def to_http_error(exc: AdapterRefused):
+def to_http_error(exc: AdapterRefused | Overloaded):
     """vLLM keeps a GracefulHTTPError's status and message on every path we raise from."""
     from vllm.exceptions import GracefulHTTPError
 
     return GracefulHTTPError(f"vllm-safelora: {exc}", http_status(exc))
 
 
-def to_error_response(exc: AdapterRefused):
+def to_error_response(exc: AdapterRefused | Overloaded):
     from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
 
     return create_error_response(to_http_error(exc))

@@ -26,9 +26,10 @@ import inspect
 import logging
 import os
 import threading
+from http import HTTPStatus
 
 from .. import metrics
-from ..errors import AdapterRefused
+from ..errors import AdapterRefused, Overloaded
 from . import state
 from .errors import to_error_response, to_http_error
 
@@ -38,25 +39,29 @@ _installed = False
 _install_lock = threading.Lock()
 
 
-def _prepare_sync(lora_request, where: str | None = None):
-    """Project (or verify) synchronously; rewrite nothing. Raises vLLM's 4xx error on refusal."""
+def _service_or_503():
     svc = state.service()
     if svc is None:
         from vllm.exceptions import GracefulHTTPError
-        from http import HTTPStatus
 
         raise GracefulHTTPError(
             "vllm-safelora: LoRA request before the plugin's service started; refusing to load an unprojected adapter",
             HTTPStatus.SERVICE_UNAVAILABLE,
         )
+    return svc
+
+
+def _prepare_sync(lora_request, where: str | None = None):
+    """Project (or verify) synchronously; rewrite nothing. Raises vLLM's HTTP error on refusal."""
+    svc = _service_or_503()
     prepared = svc.verified(lora_request.lora_path)
     if prepared is not None:
         return prepared
     if where is not None:
         metrics.GUARD_EVENTS.labels(where=where).inc()
     try:
-        return svc.prepare(lora_request.lora_name, lora_request.lora_path)
-    except AdapterRefused as exc:
+        return svc.prepare(lora_request.lora_name, lora_request.lora_path, where=where or "add_lora")
+    except (AdapterRefused, Overloaded) as exc:
         raise to_http_error(exc) from None
 
 
@@ -95,6 +100,7 @@ def _wrap_process_inputs(cls) -> None:
         lora_request = bound.arguments.get("lora_request")
         if lora_request is not None:
             prepared = _prepare_sync(lora_request, where="process_inputs")
+            state.service().mark_loaded(lora_request.lora_name, prepared)
             if lora_request.lora_path != str(prepared.path):
                 import msgspec
 
@@ -109,13 +115,13 @@ def _wrap_async_add_lora(cls) -> None:
 
     @functools.wraps(original)
     async def add_lora(self, lora_request):
-        svc = state.service()
-        if svc is None or svc.verified(lora_request.lora_path) is None:
-            # Projection is CPU/GPU work: keep it off the event loop.
-            prepared = await asyncio.to_thread(_prepare_sync, lora_request)
-            # Mutate: the serving layer stores this very object for later requests.
-            lora_request.lora_path = str(prepared.path)
-        return await original(self, lora_request)
+        prepared = await state.off_loop(_prepare_sync, lora_request)
+        # Mutate: the serving layer stores this very object for later requests.
+        lora_request.lora_path = str(prepared.path)
+        accepted = await original(self, lora_request)
+        if accepted:
+            state.service().mark_loaded(lora_request.lora_name, prepared)
+        return accepted
 
     cls.add_lora = add_lora
 
@@ -127,9 +133,47 @@ def _wrap_sync_add_lora(cls) -> None:
     def add_lora(self, lora_request):
         prepared = _prepare_sync(lora_request)
         lora_request.lora_path = str(prepared.path)
-        return original(self, lora_request)
+        accepted = original(self, lora_request)
+        if accepted:
+            state.service().mark_loaded(lora_request.lora_name, prepared)
+        return accepted
 
     cls.add_lora = add_lora
+
+
+def _wrap_async_add_request(cls) -> None:
+    """Every online request's adapter is checked (and rebuilt if its entry changed) here,
+    off the event loop, before the synchronous process_inputs sees it."""
+    original = cls.add_request
+    signature = inspect.signature(original)
+    if "lora_request" not in signature.parameters:
+        raise RuntimeError("AsyncLLM.add_request has no lora_request parameter in this vLLM")
+
+    @functools.wraps(original)
+    async def add_request(self, *args, **kwargs):
+        bound = signature.bind(self, *args, **kwargs)
+        lora_request = bound.arguments.get("lora_request")
+        if lora_request is None:  # deprecated path: a pre-built EngineCoreRequest carries it
+            lora_request = getattr(bound.arguments.get("prompt"), "lora_request", None)
+        if lora_request is not None:
+            svc = _service_or_503()
+            try:
+                prepared, rebuilt = await state.off_loop(svc.ensure, lora_request.lora_name, lora_request.lora_path)
+            except (AdapterRefused, Overloaded) as exc:
+                raise to_http_error(exc) from None
+            if rebuilt:
+                metrics.GUARD_EVENTS.labels(where="entry_changed").inc()
+                # The engine may hold what it read from the old entry (or, if its worker
+                # found the entry altered, nothing): make it read the rebuilt one.
+                logger.warning(
+                    "vllm-safelora: adapter '%s' was rebuilt after its cache entry changed on disk; asking the "
+                    "engine to reload it", lora_request.lora_name,
+                )
+                await self.remove_lora(lora_request.lora_int_id)
+            lora_request.lora_path = str(prepared.path)
+        return await original(*bound.args, **bound.kwargs)
+
+    cls.add_request = add_request
 
 
 def _wrap_load_lora_adapter(cls) -> None:
@@ -140,11 +184,16 @@ def _wrap_load_lora_adapter(cls) -> None:
         svc = state.service()
         if svc is None or not request.lora_name or not request.lora_path:
             return await original(self, request, base_model_name)
+        # vLLM's own checks first (name taken, base-model name): a load vLLM refuses is
+        # never projected, cached, listed or counted.
+        refused = await self._check_load_lora_adapter_request(request)
+        if refused is not None:
+            return refused
         try:
-            prepared = await asyncio.to_thread(
-                functools.partial(svc.prepare, request.lora_name, request.lora_path, trust_cache_paths=False)
+            prepared = await state.off_loop(
+                svc.prepare, request.lora_name, request.lora_path, trust_cache_paths=False, where="load_endpoint"
             )
-        except AdapterRefused as exc:
+        except (AdapterRefused, Overloaded) as exc:
             return to_error_response(exc)
         request = request.model_copy(update={"lora_path": str(prepared.path)})
         return await original(self, request, base_model_name)
@@ -166,29 +215,76 @@ def _wrap_unload_lora_adapter(cls) -> None:
     cls.unload_lora_adapter = unload_lora_adapter
 
 
+_lazy_load = threading.local()
+
+
+def _wrap_worker_set_active_adapters(cls) -> None:
+    """Mark loads made while a batch is being set up (inside execute_model): there an
+    exception kills the engine for every tenant, so the guard must not raise."""
+    original = cls.set_active_adapters
+
+    @functools.wraps(original)
+    def set_active_adapters(self, *args, **kwargs):
+        _lazy_load.active = True
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            _lazy_load.active = False
+
+    cls.set_active_adapters = set_active_adapters
+
+
 def _wrap_worker_load_adapter(cls) -> None:
+    """Only intact cache entries reach vLLM's loader; an altered one is never served.
+
+    Each file of the entry is hashed against its manifest before vLLM reads it, and
+    its (size, mtime, inode) must be the same after vLLM read it. An explicit load
+    (add_lora) that fails this gets an error. A lazy load inside execute_model (a
+    re-read after vLLM's own LRU evicted the adapter) must not raise, because that
+    kills the engine: the altered entry is removed (so the front end rebuilds it from
+    the tenant's upload on the next request and has the engine reload it) and this
+    batch runs the request without the adapter, i.e. as the base model.
+    """
+    from ..cache import CorruptEntry, discard_entry, entry_path_in, entry_signature, verify_entry
+
     original = cls._load_adapter
-    holder: dict[str, object] = {}
-
-    def worker_cache():
-        if "cache" not in holder:
-            from ..cache import PatchedAdapterCache
-
-            s = state.settings()
-            holder["cache"] = PatchedAdapterCache(s.cache_dir, s.cache_max_bytes, verify=True)
-        return holder["cache"]
 
     @functools.wraps(original)
     def _load_adapter(self, lora_request):
+        settings = state.settings()
+        entries_dir = settings.cache_dir / "entries"
         path = lora_request.lora_path
-        if not path or not os.path.isabs(path) or worker_cache().entry_at(path) is None:
-            metrics.GUARD_EVENTS.labels(where="worker").inc()
-            raise ValueError(
-                f"vllm-safelora: refusing to load adapter '{lora_request.lora_name}' from {path!r}: it is not an "
-                "intact entry of the patched-adapter cache, so it was not projected (or was altered on disk). "
-                "Load adapters through the resolver, /v1/load_lora_adapter or --lora-modules"
+        entry = entry_path_in(path, entries_dir) if path and os.path.isabs(path) else None
+        if entry is None:
+            problem, altered = "it is not an entry of the patched-adapter cache, so it was not projected", False
+        else:
+            try:
+                verify_entry(entry, hash_files=True)
+                before = entry_signature(entry)
+                lora = original(self, lora_request)
+                if entry_signature(entry) == before:
+                    return lora
+                problem, altered = "its files changed while vLLM read them", True
+            except CorruptEntry as exc:
+                problem, altered = f"it was altered on disk ({exc})", True
+        metrics.GUARD_EVENTS.labels(where="worker").inc()
+        message = (
+            f"vllm-safelora: refusing to load adapter '{lora_request.lora_name}' from {path!r}: {problem}. "
+            "Load adapters through the resolver, /v1/load_lora_adapter or --lora-modules"
+        )
+        if altered:
+            import uuid
+
+            trash = settings.cache_dir / "tmp" / f"evict.{os.getpid()}.worker.{entry.name[:16]}.{uuid.uuid4().hex[:12]}"
+            discard_entry(entry, trash)
+            message += "; the entry was removed and is rebuilt from the uploaded adapter on its next request"
+        if getattr(_lazy_load, "active", False):
+            logger.error(
+                "%s. This batch runs the adapter's requests WITHOUT it (base model) instead of stopping the "
+                "engine; check the disk under %s", message, settings.cache_dir,
             )
-        return original(self, lora_request)
+            return self._lora_model_cls(lora_request.lora_int_id, 1, {})
+        raise ValueError(message)
 
     cls._load_adapter = _load_adapter
 
@@ -208,8 +304,10 @@ def install() -> None:
         _wrap_input_processor_init(InputProcessor)
         _wrap_process_inputs(InputProcessor)
         _wrap_async_add_lora(AsyncLLM)
+        _wrap_async_add_request(AsyncLLM)
         _wrap_sync_add_lora(LLMEngine)
         _wrap_load_lora_adapter(OpenAIServingModels)
         _wrap_unload_lora_adapter(OpenAIServingModels)
         _wrap_worker_load_adapter(WorkerLoRAManager)
+        _wrap_worker_set_active_adapters(WorkerLoRAManager)
         _installed = True

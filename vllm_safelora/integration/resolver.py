@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
-
 from vllm.lora.request import LoRARequest
 from vllm.lora.resolver import LoRAResolver
 
-from ..errors import AdapterRefused, RefusalReason
+from ..errors import AdapterRefused, Overloaded, RefusalReason
 from . import state
 from .errors import to_http_error
 
@@ -20,10 +18,12 @@ class SafeLoRAResolver(LoRAResolver):
         if svc is None:
             return None
         try:
-            prepared = await asyncio.to_thread(svc.prepare, lora_name)
+            prepared = await state.off_loop(svc.prepare, lora_name)
         except AdapterRefused as exc:
             if exc.reason is RefusalReason.NOT_FOUND:
                 return None  # vLLM answers 404 "model does not exist"
+            raise to_http_error(exc) from None
+        except Overloaded as exc:
             raise to_http_error(exc) from None
         # vLLM assigns the real lora_int_id after we return.
         return LoRARequest(lora_name=lora_name, lora_int_id=1, lora_path=str(prepared.path))

@@ -85,5 +85,15 @@ class SafeLoRARoutes:
     def attach_router(self, app: FastAPI) -> None:
         app.include_router(build_router())
 
+        @app.middleware("http")
+        async def retry_after(request, call_next):
+            # vLLM's error responses carry no Retry-After; a 503 from the preparation
+            # throttle (or vLLM's own queue) is a "come back shortly".
+            response = await call_next(request)
+            if response.status_code == 503 and "retry-after" not in response.headers:
+                svc = state.service()
+                response.headers["Retry-After"] = str(int(svc.throttle.retry_after_s) if svc else 1)
+            return response
+
     async def init_state(self, engine_client, app_state, args: Namespace) -> None:
         return None

@@ -41,3 +41,32 @@ def start_service(served_model: str, limits: ReadLimits) -> SafeLoRAService:
 
 def service() -> SafeLoRAService | None:
     return _service
+
+
+_executor = None
+
+
+def executor():
+    """The plugin's threads for adapter work: one per preparation slot and queue place, so
+    waiting for a slot never takes a thread from vLLM's default executor."""
+    global _executor
+    with _lock:
+        if _executor is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            s = settings()
+            _executor = ThreadPoolExecutor(
+                max_workers=s.max_concurrent_preparations + s.max_queued_preparations + 1,
+                thread_name_prefix="safelora-prepare",
+            )
+        return _executor
+
+
+async def off_loop(fn, *args, **kwargs):
+    """Run adapter work on the plugin's own threads: never on the event loop, and never
+    on the loop's default executor, which vLLM uses for its own blocking work."""
+    import asyncio
+    import functools
+
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(executor(), functools.partial(fn, *args, **kwargs))
