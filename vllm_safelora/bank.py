@@ -511,6 +511,18 @@ class AlignmentBank:
     def get(self, module: str) -> Subspace | None:
         return self.subspaces.get(module)
 
+    @classmethod
+    def described(cls, path: Path, manifest: BankManifest) -> "AlignmentBank":
+        """The bank as its manifest describes it, with no tensor loaded (empty subspaces and features).
+
+        For checks of what a policy needs (``validate_bank``) without the memory of a
+        load: ``vllm-safelora doctor`` on a 20 GiB bank. Never project with it.
+        """
+        section = manifest.safety_features
+        features = {m.name: torch.empty(0) for m in section.modules} if section is not None else None
+        return cls(manifest=manifest, subspaces={}, device=torch.device("cpu"), nbytes=0, path=Path(path),
+                   safety_features=features)
+
 
 def read_manifest(bank_dir: Path) -> BankManifest:
     bank_dir = Path(bank_dir)
@@ -552,11 +564,37 @@ def resolve_device(device: str) -> torch.device:
 
 def verify_bank_tensors(bank_dir: Path, manifest: BankManifest) -> None:
     """Raise BankError unless bank.safetensors has the sha256 the manifest records."""
+    if not (Path(bank_dir) / TENSORS_FILE).is_file():
+        raise BankError(f"bank {bank_dir} has no {TENSORS_FILE}; rebuild it")
     digest = sha256_file(Path(bank_dir) / TENSORS_FILE)
     if digest != manifest.tensors_sha256:
         raise BankError(
             f"bank {bank_dir} is corrupt: {TENSORS_FILE} has sha256 {digest[:16]}..., the manifest "
             f"says {manifest.tensors_sha256[:16]}...; rebuild the bank"
+        )
+
+
+def verify_bank_files(bank_dir: Path, manifest: BankManifest) -> None:
+    """Every file the manifest names has its recorded sha256; no tensor is loaded (``vllm-safelora doctor``)."""
+    verify_bank_tensors(bank_dir, manifest)
+    if manifest.safety_features is not None:
+        _verify_features_file(Path(bank_dir), manifest.safety_features)
+
+
+def _features_path(bank_dir: Path, section: SafetyFeaturesManifest) -> Path:
+    path = bank_dir / section.file
+    if Path(section.file).name != section.file or not path.is_file():
+        raise BankError(f"bank {bank_dir}: the manifest names safety features {section.file!r}, which is missing; "
+                        "rebuild them with --safety-prompts")
+    return path
+
+
+def _verify_features_file(bank_dir: Path, section: SafetyFeaturesManifest) -> None:
+    digest = sha256_file(_features_path(bank_dir, section))
+    if digest != section.tensors_sha256:
+        raise BankError(
+            f"bank {bank_dir}: safety features {section.file} have sha256 {digest[:16]}..., the manifest says "
+            f"{section.tensors_sha256[:16]}...; rebuild them"
         )
 
 
@@ -613,17 +651,9 @@ def _load_safety_features(
 ) -> dict[str, torch.Tensor]:
     section = manifest.safety_features
     assert section is not None
-    path = bank_dir / section.file
-    if Path(section.file).name != section.file or not path.is_file():
-        raise BankError(f"bank {bank_dir}: the manifest names safety features {section.file!r}, which is missing; "
-                        "rebuild them with --safety-prompts")
+    path = _features_path(bank_dir, section)
     if verify:
-        digest = sha256_file(path)
-        if digest != section.tensors_sha256:
-            raise BankError(
-                f"bank {bank_dir}: safety features {section.file} have sha256 {digest[:16]}..., the manifest says "
-                f"{section.tensors_sha256[:16]}...; rebuild them"
-            )
+        _verify_features_file(bank_dir, section)
     bank_modules = {m.name: m for m in manifest.modules}
     listed = {m.name: m for m in section.modules}
     if set(listed) != set(bank_modules):

@@ -1,7 +1,7 @@
-"""``vllm-safelora`` command line: build-bank, project, inspect, make-tiny, demo, serve.
+"""``vllm-safelora`` command line: build-bank, project, inspect, make-tiny, demo, serve, doctor.
 
-Exit codes: 0 success, 2 bad usage or configuration, 3 adapter refused,
-4 bank problem. Errors are one line on stderr naming what to fix.
+Exit codes: 0 success, 1 doctor found a problem, 2 bad usage or configuration,
+3 adapter refused, 4 bank problem. Errors are one line on stderr naming what to fix.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 
 from .errors import AdapterRefused, BankError, ConfigError
 
-EXIT_USAGE, EXIT_REFUSED, EXIT_BANK = 2, 3, 4
+EXIT_PROBLEMS, EXIT_USAGE, EXIT_REFUSED, EXIT_BANK = 1, 2, 3, 4
 
 
 def _add_policy_args(p: argparse.ArgumentParser) -> None:
@@ -194,6 +194,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0  # not reached
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from .doctor import FAIL, render_json, render_table, run_checks
+
+    checks = run_checks(Path(args.config) if args.config else None, args.model)
+    print(render_json(checks) if args.json else render_table(checks))
+    return EXIT_PROBLEMS if any(c.status == FAIL for c in checks) else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vllm-safelora", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -271,6 +279,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("vllm_args", nargs=argparse.REMAINDER, help="arguments for vLLM's OpenAI server")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser(
+        "doctor", help="check a deployment without starting vLLM (config, bank, policies, cache, vLLM, environment)",
+        description="Every check the plugin makes at start-up, and the environment it needs, listed at once. "
+        "Exit status 1 when any check fails.",
+    )
+    p.add_argument("--config", help="vllm-safelora YAML configuration (default: $VLLM_SAFELORA_CONFIG)")
+    p.add_argument("--model", help="the server's --model: check that the bank protects it")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_doctor)
     return parser
 
 
