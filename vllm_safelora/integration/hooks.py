@@ -83,8 +83,11 @@ HOOKS: tuple[Hook, ...] = (
          params=("self", "lora_request"), is_async=True),
     Hook("vllm/v1/engine/llm_engine.py", "LLMEngine.add_lora", "wrapped: every explicit offline load",
          params=("self", "lora_request"), is_async=False),
-    Hook("vllm/v1/engine/async_llm.py", "AsyncLLM.add_request", "online requests pass InputProcessor.process_inputs",
+    Hook("vllm/v1/engine/async_llm.py", "AsyncLLM.add_request", "wrapped: checks (rebuilds) every online request's "
+         "adapter off the event loop; then process_inputs", leading=("self",), has=("lora_request", "prompt"),
          is_async=True, refs=("self.input_processor.process_inputs",)),
+    Hook("vllm/v1/engine/async_llm.py", "AsyncLLM.remove_lora", "add_request wrapper: reload a rebuilt entry",
+         params=("self", "lora_id"), is_async=True),
     Hook("vllm/v1/engine/llm_engine.py", "LLMEngine.add_request", "offline requests pass process_inputs",
          refs=("self.input_processor.process_inputs",)),
     Hook(_INPUT, "InputProcessor.__init__", "wrapped: starts the service once the served model is known",
@@ -95,6 +98,9 @@ HOOKS: tuple[Hook, ...] = (
     Hook("vllm/lora/worker_manager.py", "WorkerLoRAManager._load_adapter", "wrapped: only intact cache entries load",
          params=("self", "lora_request"), is_async=False,
          refs=("PEFTHelper.from_local_dir", "self._lora_model_cls.from_local_checkpoint")),
+    Hook("vllm/lora/worker_manager.py", "WorkerLoRAManager.set_active_adapters", "wrapped: marks lazy loads inside "
+         "execute_model, where the guard must not raise", leading=("self",), is_async=False,
+         refs=("self._apply_adapters",)),
     # ---- what the reader asks vLLM (integration/vllm_rules.py) or mirrors (adapters.py)
     Hook("vllm/lora/peft_helper.py", "PEFTHelper.from_dict", "vllm_rules: vLLM's own adapter_config checks",
          params=("cls", "config_dict")),
