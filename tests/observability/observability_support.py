@@ -31,3 +31,41 @@ def plugin_sample_names() -> set[str]:
 
 def metric_names_in(expr: str) -> set[str]:
     return set(_METRIC.findall(expr))
+
+
+def load_dashboard() -> dict:
+    import json
+
+    return json.loads(DASHBOARD.read_text())
+
+
+def dashboard_queries(dashboard: dict) -> list[tuple[dict, dict]]:
+    """(panel, target) for every query of every panel (rows' nested panels included)."""
+    out = []
+    for panel in dashboard["panels"]:
+        for p in [panel, *panel.get("panels", [])]:
+            out += [(p, t) for t in p.get("targets", [])]
+    return out
+
+
+# What Grafana substitutes before sending a query, for a dashboard time range of RANGE
+# and Prometheus scraping every SCRAPE: $__rate_interval = max($__interval + scrape, 4 x scrape).
+GRAFANA_VARIABLES = {
+    "$__rate_interval": "1m",
+    "$__interval_ms": "15000",
+    "$__interval": "15s",
+    "$__range_ms": "300000",
+    "$__range_s": "300",
+    "$__range": "5m",
+}
+_VARIABLE = re.compile(r"\$(?:\{[^}]+\}|__\w+|\w+)")
+
+
+def grafana_expand(expr: str, variables: dict[str, str] = GRAFANA_VARIABLES) -> str:
+    """The query as Grafana sends it; raises on a variable Grafana would not fill in here."""
+    for name in sorted(variables, key=len, reverse=True):  # $__interval_ms before $__interval
+        expr = expr.replace(name, variables[name])
+    left = _VARIABLE.findall(expr)
+    if left:
+        raise ValueError(f"unknown dashboard variables {left} in {expr!r}")
+    return expr
