@@ -39,7 +39,7 @@ def main() -> int:
         }
 
     # 4. a raw adapter path (under adapter_dirs) in an offline request
-    raw = LoRARequest("x", 1, spec["raw_adapter"])
+    raw = LoRARequest("offline/raw", 1, spec["raw_adapter"])  # served under its location
     out["generate"] = generate(raw)
     out["request_path_after"] = raw.lora_path  # the caller's object is left alone
     from vllm_safelora.integration import state
@@ -63,24 +63,22 @@ def main() -> int:
     #      path that is not a cache entry, even one under adapter_dirs
     attempt("core_add_lora_raw", lambda: llm.llm_engine.engine_core.add_lora(LoRARequest("raw", 3, spec["raw_adapter"])))
     # 10c. a forged entry: a copy of a real cache entry outside the cache
-    entry = Path(out["service_loaded"]["x"])
+    entry = Path(out["service_loaded"]["offline/raw"])
     forged = Path(spec["workdir"]) / "forged-entry" / entry.name
     shutil.copytree(entry, forged)
     attempt("core_add_lora_forged", lambda: llm.llm_engine.engine_core.add_lora(LoRARequest("forged", 4, str(forged))))
     # 10d. a real cache entry altered on disk after it was verified
-    tampered = Path(spec["workdir"]) / "tampered-copy"
-    shutil.copytree(entry, tampered)  # keep the original bytes to restore
     weights = entry / "adapter_model.safetensors"
     data = bytearray(weights.read_bytes())
     data[-1] ^= 0x01
     weights.write_bytes(bytes(data))
     attempt("core_add_lora_tampered", lambda: llm.llm_engine.engine_core.add_lora(LoRARequest("tampered", 5, str(entry))))
-    shutil.copyfile(tampered / "adapter_model.safetensors", weights)
+    out["tampered_entry_removed"] = not entry.exists()  # the worker removed it; the front end rebuilds it
     attempt("list_loras", lambda: sorted(llm.llm_engine.list_loras()))
     out["loaded_ids"] = sorted(llm.llm_engine.list_loras())
 
     # The engine still serves after the refusals.
-    out["generate_again"] = generate(LoRARequest("x", 1, spec["raw_adapter"]))
+    out["generate_again"] = generate(LoRARequest("offline/raw", 1, spec["raw_adapter"]))
     out["done"] = True
     save()
     return 0

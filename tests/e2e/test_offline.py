@@ -58,7 +58,7 @@ def test_offline_generate_serves_projected_adapter(offline_run, e2e_world, peft_
     assert res["generate"]["token_ids"] == peft_reference.greedy(projected, 8)
 
     # The request went to a cache entry of the offline process's own cache.
-    entry = Path(res["service_loaded"]["x"])
+    entry = Path(res["service_loaded"]["offline/raw"])
     assert entry.parent == offline_run["cache_dir"] / "entries"
     report = json.loads((entry / "safelora_report.json").read_text())
     assert report["summary"]["output_hash"] == e2e_world.offline_report(name).summary.output_hash
@@ -81,3 +81,5 @@ def test_worker_only_loads_verified_cache_entries(offline_run):
     # None of the refused adapters was loaded; the projected one still is.
     assert res["loaded_ids"] == [1], res["loaded_ids"]
     assert "failed verification" in offline_run["log"]  # the tampered entry is reported in the log
+    assert res["tampered_entry_removed"]  # ... removed, and rebuilt for the next request:
+    assert res["generate_again"] == res["generate"]

@@ -18,7 +18,7 @@ import pytest
 
 pytestmark = pytest.mark.e2e
 
-STATIC_NAME = "static-lora"
+STATIC_NAME = "static/lora"  # served under its location (served_names: location, the default)
 LOGPROB_TOL = 1e-3  # served vs transformers+peft, float32 on CPU
 SAME_TOL = 1e-5  # two served copies of the same weights
 DIFFERENT = 0.05  # projected vs unprojected must differ by at least this much somewhere
@@ -98,7 +98,7 @@ def test_resolver_serves_projected_adapter(server, e2e_world, peft_reference, e2
     assert_same_completion(served, e2e.completion_from_json(r.json()), "HTTP vs openai client")
 
     # The CLI-projected copy (`vllm-safelora project`), loaded by path, serves the same.
-    by_path_name = f"{name.replace('/', '-')}-offline"
+    by_path_name = cli_copy.relative_to(e2e_world.adapter_root).as_posix()  # its location
     r = server.post("/v1/load_lora_adapter", json={"lora_name": by_path_name, "lora_path": str(cli_copy)})
     assert r.status_code == 200, r.text
     # Projecting the projection again changes nothing, so what is served by path IS the CLI output.
@@ -113,11 +113,11 @@ def test_resolver_serves_projected_adapter(server, e2e_world, peft_reference, e2
 
 def test_load_endpoint_projects_and_confines_paths(server, e2e_world, peft_reference, e2e, cache_dir):
     src = e2e_world.adapters["loadme/lora"]
-    r = server.post("/v1/load_lora_adapter", json={"lora_name": "tenant-load", "lora_path": str(src)})
+    r = server.post("/v1/load_lora_adapter", json={"lora_name": "loadme/lora", "lora_path": str(src)})
     assert r.status_code == 200, r.text
     models = served_models(server)
-    assert_is_cache_entry(models["tenant-load"]["root"], cache_dir)
-    served = e2e.complete(server, "tenant-load", e2e_world.token_ids, max_tokens=8, logprobs=5)
+    assert_is_cache_entry(models["loadme/lora"]["root"], cache_dir)
+    served = e2e.complete(server, "loadme/lora", e2e_world.token_ids, max_tokens=8, logprobs=5)
     assert_projected_not_raw(e2e, peft_reference, served, e2e_world.projected("loadme/lora"), src, "load endpoint")
 
     before = set(served_models(server))

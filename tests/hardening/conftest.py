@@ -67,7 +67,11 @@ class SharedServer:
 def shared_server(hardening_world, tmp_path_factory):
     work = tmp_path_factory.mktemp("shared_server")
     cache_dir = work / "cache"
-    config = hardening_world.config(work / "shared.yaml", cache_dir, max_adapter_bytes=hs.SMALL_MAX_ADAPTER_BYTES)
+    # served_names: label: the catalogue loads hostile directories under many labels; what the
+    # default (location) mode refuses is tested in tests/hardening/test_tenants.py.
+    config = hardening_world.config(
+        work / "shared.yaml", cache_dir, max_adapter_bytes=hs.SMALL_MAX_ADAPTER_BYTES, served_names="label"
+    )
     server = hs.Server("hardening-shared", hardening_world.aligned, config, work)
     server.start()
     try:

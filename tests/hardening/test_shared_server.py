@@ -154,8 +154,8 @@ def test_hostile_catalogue_is_refused_by_the_server(shared_server, hardening_wor
 
 
 def test_load_endpoint_lora_name_is_a_label_not_a_path(shared_server, hardening_world):
-    """Documented: on the load endpoint only ``lora_path`` is a path (confined to adapter_dirs);
-    ``lora_name`` is a label. A printable name that looks like a traversal is served as that label
+    """Documented (with ``served_names: label``): on the load endpoint only ``lora_path`` is a path
+    (confined to adapter_dirs); ``lora_name`` is a label. A printable name that looks like a traversal is served as that label
     and serves the adapter at ``lora_path`` (nothing is looked up under the name)."""
     server = shared_server.server
     cat = hardening_world.catalogue
