@@ -162,10 +162,12 @@ def api_server_cmd(model: Path, port: int, extra_args: Sequence[str] = ()) -> li
 class VLLMServer:
     """``python -m vllm.entrypoints.openai.api_server`` in its own process group."""
 
-    def __init__(self, name: str, model: Path, config: Path | None, workdir: Path, extra_args: Sequence[str] = ()):
+    def __init__(self, name: str, model: Path, config: Path | None, workdir: Path, extra_args: Sequence[str] = (),
+                 env: dict[str, str] | None = None):
         self.name = name
         self.model = Path(model)
         self.config = config
+        self.extra_env = dict(env or {})
         self.workdir = Path(workdir)
         self.extra_args = list(extra_args)
         self.port = free_port()
@@ -182,7 +184,7 @@ class VLLMServer:
         t0 = time.monotonic()
         self._log_file = open(self.log, "wb")
         self.proc = subprocess.Popen(
-            cmd, env=plugin_env(self.config), stdout=self._log_file, stderr=subprocess.STDOUT,
+            cmd, env=plugin_env(self.config, **self.extra_env), stdout=self._log_file, stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent, cwd=str(self.workdir),
         )
         deadline = t0 + timeout_s
@@ -249,8 +251,9 @@ def vllm_server_factory(tmp_path_factory):
     started: list[VLLMServer] = []
     root = tmp_path_factory.mktemp("vllm_servers")
 
-    def start(name: str, model: Path, config: Path | None, extra_args: Sequence[str] = ()) -> VLLMServer:
-        server = VLLMServer(name, model, config, root, extra_args)
+    def start(name: str, model: Path, config: Path | None, extra_args: Sequence[str] = (),
+              env: dict[str, str] | None = None) -> VLLMServer:
+        server = VLLMServer(name, model, config, root, extra_args, env)
         started.append(server)
         return server.start()
 

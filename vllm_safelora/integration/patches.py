@@ -218,6 +218,15 @@ def _wrap_unload_lora_adapter(cls) -> None:
 _lazy_load = threading.local()
 
 
+def _tp_rank() -> str:
+    try:
+        from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+
+        return str(get_tensor_model_parallel_rank())
+    except Exception:  # noqa: BLE001 - only for the log line
+        return "?"
+
+
 def _wrap_worker_set_active_adapters(cls) -> None:
     """Mark loads made while a batch is being set up (inside execute_model): there an
     exception kills the engine for every tenant, so the guard must not raise."""
@@ -256,21 +265,26 @@ def _wrap_worker_load_adapter(cls) -> None:
         path = lora_request.lora_path
         entry = entry_path_in(path, entries_dir) if path and os.path.isabs(path) else None
         if entry is None:
-            problem, altered = "it is not an entry of the patched-adapter cache, so it was not projected", False
+            problem, altered = "it is no entry of that cache, so it was never projected", False
         else:
             try:
                 verify_entry(entry, hash_files=True)
                 before = entry_signature(entry)
                 lora = original(self, lora_request)
                 if entry_signature(entry) == before:
+                    logger.info(
+                        "vllm-safelora worker guard (pid %d, tensor-parallel rank %s): adapter '%s' loaded from "
+                        "verified cache entry %s", os.getpid(), _tp_rank(), lora_request.lora_name, entry.name[:16],
+                    )
                     return lora
                 problem, altered = "its files changed while vLLM read them", True
             except CorruptEntry as exc:
-                problem, altered = f"it was altered on disk ({exc})", True
+                problem, altered = f"it failed verification: {exc}", True
         metrics.GUARD_EVENTS.labels(where="worker").inc()
         message = (
-            f"vllm-safelora: refusing to load adapter '{lora_request.lora_name}' from {path!r}: {problem}. "
-            "Load adapters through the resolver, /v1/load_lora_adapter or --lora-modules"
+            f"vllm-safelora: refusing to load adapter '{lora_request.lora_name}' from {path!r}: it is not an intact "
+            f"entry of the patched-adapter cache ({problem}). Load adapters through the resolver, "
+            "/v1/load_lora_adapter or --lora-modules"
         )
         if altered:
             import uuid
@@ -284,6 +298,7 @@ def _wrap_worker_load_adapter(cls) -> None:
                 "engine; check the disk under %s", message, settings.cache_dir,
             )
             return self._lora_model_cls(lora_request.lora_int_id, 1, {})
+        logger.error("%s", message)
         raise ValueError(message)
 
     cls._load_adapter = _load_adapter
