@@ -31,6 +31,9 @@ MAX_LORA_RANK = 8
 # The catalogue server refuses adapters above this; every valid adapter here is ~29 KB.
 SMALL_MAX_ADAPTER_BYTES = 256 * 1024
 PROMPT_TEXT = "Hello, the safety rule is"
+# The update cap (ReadLimits.max_update_abs) the catalogue's float32 server enforces; the
+# isolation test admits an adapter just under it.
+HOSTILE_MAX_UPDATE = 65536.0
 START_TIMEOUT_S = float(os.environ.get("SAFELORA_E2E_START_TIMEOUT", "300"))
 
 
@@ -66,6 +69,18 @@ def raw_safetensors(header: dict, data: bytes, *, length: int | None = None) -> 
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)
     return struct.pack("<Q", len(text) if length is None else length) + text + data
+
+
+def ordered_safetensors(items: Sequence[tuple[str, torch.Tensor]]) -> bytes:
+    """safetensors bytes with the tensors in exactly this header order (``save`` sorts them)."""
+    codes = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+    header, blobs, offset = {}, [], 0
+    for name, t in items:
+        data = t.contiguous().view(torch.uint8).numpy().tobytes()
+        header[name] = {"dtype": codes[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(data)]}
+        blobs.append(data)
+        offset += len(data)
+    return raw_safetensors(header, b"".join(blobs))
 
 
 def write_adapter(
@@ -344,6 +359,106 @@ def build_catalogue(root: Path, outside: Path, template: Path, aligned_model: st
 
     case("weights-is-directory", "invalid_name", "not a regular file", weights_dir)
 
+    # -- issue 10, class 1: names as vLLM reads them (one tensor per module and half)
+    bare_a = a_key.removeprefix("base_model.model.")
+    q_module = a_key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+
+    def ordered(*extra: tuple[str, torch.Tensor], first: bool = False) -> bytes:
+        """The template's tensors plus ``extra``, in this header order (``first``: extra first)."""
+        items = list(tensors0.items())
+        return ordered_safetensors([*extra, *items] if first else [*items, *extra])
+
+    case("names-prefixed-and-bare-a", "duplicate_module", "whichever it reads last",
+         files(weights=ordered((bare_a, tensors0[a_key] * 50))),
+         note="vLLM serves the last one it reads: the unchecked copy")
+    case("names-bare-first-a", "duplicate_module", "whichever it reads last",
+         files(weights=ordered((bare_a, tensors0[a_key] * 50), first=True)))
+    case("names-prefixed-and-bare-b", "duplicate_module", "whichever it reads last",
+         files(weights=ordered((b_key.removeprefix("base_model.model."), tensors0[b_key] * 50))))
+    case("names-double-prefix", "duplicate_module", "whichever it reads last",
+         files(weights=ordered(("base_model.model." + a_key, tensors0[a_key]))),
+         note="vLLM removes every 'base_model.model.', not only the first")
+    case("names-inner-prefix", "duplicate_module", "whichever it reads last",
+         files(weights=ordered((b_key.replace("model.layers.", "model.base_model.model.layers.", 1), tensors0[b_key]))))
+    case("names-rebuilt-prefix", "unexpected_tensor", "would land on another module",
+         files(weights=ordered((a_key.replace("base_model.model.", "base_model.model.base_model.base_model.model.", 1),
+                                tensors0[a_key]))),
+         note="with the model's weights mapper vLLM re-adds the prefix: a module the model lacks")
+    case("names-peft-adapter-name", "unexpected_tensor", "vLLM can map",
+         files(weights=ordered((a_key.replace(".lora_A.weight", ".lora_A.default.weight"), tensors0[a_key])),),
+         note="'.lora_A.default.weight' (unsaved PEFT state dict): vLLM cannot map it")
+    case("names-no-module", "unexpected_tensor", "names no module",
+         files(weights=ordered(("base_model.model.lora_A.weight", tensors0[a_key]))))
+    case("names-lm-head-lora", "unknown_module", "lm_head", files(weights=ordered(
+        ("base_model.model.lm_head.lora_A.weight", torch.zeros(8, 128)),
+        ("base_model.model.lm_head.lora_B.weight", torch.zeros(512, 8)))))
+    case("names-score-head", "unsupported_feature", "full 'score' module",
+         files(weights=ordered(("base_model.model.score.weight", torch.zeros(2, 128)))))
+    case("names-base-layer-weight", "unexpected_tensor", "vLLM can map",
+         files(weights=ordered(("base_model.model.model.embed_tokens.base_layer.weight", torch.zeros(4, 128)))),
+         note="vLLM skips it; nothing it skips may ride along")
+
+    # -- class 2: the update must run finitely in the served dtype; alpha and patterns bounded
+    def spike(module_key: str, a: float, b: float, dtype=torch.float32) -> dict:
+        """The template's tensors with ``module_key``'s A/B made rank-one: max|B A| = a * b exactly."""
+        t = {k: v.clone().to(dtype) for k, v in tensors0.items()}
+        A, B = torch.zeros_like(t[module_key]), torch.zeros_like(t[module_key.replace("lora_A", "lora_B")])
+        A[0, 0], B[0, 0] = a, b
+        t[module_key], t[module_key.replace("lora_A", "lora_B")] = A, B
+        return t
+
+    s0 = cfg0["lora_alpha"] / cfg0["r"]
+    case("alpha-1e30", "update_overflow", "lora_alpha is 1e+30", files(config=cfg(lora_alpha=1e30)),
+         note="finite tensors, infinite update: NaN for the whole batch before the fix")
+    case("alpha-negative-1e30", "update_overflow", "lora_alpha is -1e+30", files(config=cfg(lora_alpha=-1e30)))
+    case("alpha-just-over", "update_overflow", "lora_alpha is 4097", files(config=cfg(lora_alpha=4097)))
+    case("alpha-pattern-1e30", "update_overflow", "alpha_pattern['v_proj']", files(config=cfg(alpha_pattern={"v_proj": 1e30})))
+    case("alpha-pattern-layer", "update_overflow", "alpha_pattern['layers.1.self_attn.q_proj']",
+         files(config=cfg(alpha_pattern={"layers.1.self_attn.q_proj": 5e3})))
+    case("f32-overflows-16bit", "update_overflow", q_module,
+         files(weights=safetensors_bytes(spike(a_key, 1.0, 3.0e38))),
+         note="3e38: Inf in fp16/bf16, and over the 65536 update cap in fp32")
+    case("update-just-over-cap", "update_overflow", "the update s*B*A reaches",
+         files(weights=safetensors_bytes(spike(a_key, 1.0, 1.02 * HOSTILE_MAX_UPDATE / s0))))
+    case("update-huge-a-tiny-b", "update_overflow", "|lora_A| reaches",
+         files(weights=safetensors_bytes(spike(a_key, 1e6, 1e-9))),
+         note="x @ lora_A^T is computed first: it overflows however small lora_B is")
+    case("rslora-pushes-over", "update_overflow", f"s = {cfg0['lora_alpha'] / math.sqrt(cfg0['r']):g}",
+         files(config=cfg(use_rslora=True), weights=safetensors_bytes(spike(a_key, 1.0, 0.6 * HOSTILE_MAX_UPDATE / s0))),
+         note="admitted without rslora; alpha / sqrt(r) scales it over the cap")
+    case("rslora-not-bool", "invalid_config", "use_rslora must be true or false", files(config=cfg(use_rslora="yes")))
+    case("rank-pattern-over-max", "rank_too_large", "rank_pattern['nothing_matches'] is 16",
+         files(config=cfg(rank_pattern={"nothing_matches": 16})), note="vLLM checks every value, used or not")
+    case("alpha-pattern-not-number", "invalid_config", "must be a finite number", files(config=cfg(alpha_pattern={"q_proj": "x"})))
+
+    # -- class 5: the cost of reading is bounded before parsing (the catalogue server: <= 56 tensors)
+    def zero_size(n: int) -> bytes:
+        return raw_safetensors({f"t{i}": {"dtype": "F32", "shape": [0, 128], "data_offsets": [0, 0]} for i in range(n)}, b"")
+
+    case("st-100k-zero-size-tensors", "too_large", "the limit is", files(weights=zero_size(100_000)), status=413,
+         note="7 MB: refused by size in < 1 ms (took seconds and hundreds of MB before)")
+    case("st-1300-zero-size-tensors", "too_large", "holds 1300 tensors", files(weights=zero_size(1300)), status=413,
+         note="inside the byte limits: refused by a byte count before the header JSON is parsed")
+    case("st-header-over-limit", "too_large", "header is", files(weights=raw_safetensors(
+        {**hdr0, "__metadata__": {"pad": "x" * 120_000}}, body0)), status=413)
+    case("st-tensor-elements", "too_large", "131072 elements", files(weights=raw_safetensors(
+        {"t": {"dtype": "U8", "shape": [8, 16384], "data_offsets": [0, 131072]}}, b"\0" * 131072)), status=413)
+    case("config-deep-json", "invalid_config", "nests JSON", files(config=b"[" * 100_000 + b"]" * 100_000),
+         note="RecursionError inside json.loads used to escape as a 500")
+
+    # -- class 6: what vLLM's PEFTHelper refuses is refused first (nothing projected, cached or listed)
+    for init in ("pissa", "olora", "corda", "loftq"):
+        case(f"init-{init}", "unsupported_feature", f"init_lora_weights='{init}'", files(config=cfg(init_lora_weights=init)))
+    case("alora", "unsupported_feature", "aLoRA", files(config=cfg(alora_invocation_tokens=[1, 2, 3])))
+    case("layer-replication", "unsupported_feature", "layer_replication", files(config=cfg(layer_replication=[[0, 2]])))
+    case("qalora", "unsupported_feature", "QALoRA", files(config=cfg(use_qalora=True)))
+    case("bdlora", "unsupported_feature", "BD-LoRA", files(config=cfg(use_bdlora={"nblocks": 2})))
+    case("lora-bias", "unsupported_feature", "lora_bias", files(config=cfg(lora_bias=True)))
+    case("no-target-modules", "invalid_config", "target_modules is missing", files(config=cfg(target_modules=_DELETE)))
+    case("no-lora-alpha", "invalid_config", "lora_alpha is missing", files(config=cfg(lora_alpha=_DELETE)))
+    case("bias-null", "vllm_unsupported", "Adapter bias is not supported", files(config=cfg(bias=None)),
+         note="only vLLM's own PEFTHelper catches this one (null is not 'none' to it)")
+
     dir_cases = []
     for c, build in cases:
         c.path = hostile / c.name
@@ -409,6 +524,25 @@ class _Delete:
 
 
 _DELETE = _Delete()
+
+
+def served_read_limits(model: Path, max_adapter_bytes: int, dtype: str = "float32"):
+    """The ReadLimits a catalogue server (``server_args``) derives from its vLLM config, built
+    in-process from the same vLLM config classes (no engine, no plugin), so the in-process
+    catalogue refuses exactly as the server does (vLLM's parser, PEFTHelper, dtype, bounds)."""
+    import types
+
+    from vllm.config import ModelConfig
+    from vllm.config.lora import LoRAConfig
+
+    from vllm_safelora.config import SafeLoRASettings
+    from vllm_safelora.integration.vllm_rules import read_limits_for
+
+    model_config = ModelConfig(model=str(model), dtype=dtype, max_model_len=256)
+    lora_config = LoRAConfig(max_lora_rank=MAX_LORA_RANK, max_loras=2)
+    lora_config.verify_with_model_config(model_config)
+    vllm_config = types.SimpleNamespace(model_config=model_config, lora_config=lora_config)
+    return read_limits_for(vllm_config, SafeLoRASettings.model_construct(max_adapter_bytes=max_adapter_bytes))
 
 
 # ----------------------------------------------------------------------------- cache checks

@@ -28,7 +28,9 @@ def service(hardening_world, tmp_path_factory):
         bank=hardening_world.bank, adapter_dirs=[hardening_world.adapter_root], cache_dir=cache_dir, device="cpu",
         max_adapter_bytes=hs.SMALL_MAX_ADAPTER_BYTES,
     )
-    return SafeLoRAService.start(settings, str(hardening_world.aligned), max_rank=hs.MAX_LORA_RANK)
+    # The limits the catalogue server derives from its vLLM (vllm_rules), so both refuse alike.
+    limits = hs.served_read_limits(hardening_world.aligned, hs.SMALL_MAX_ADAPTER_BYTES)
+    return SafeLoRAService.start(settings, str(hardening_world.aligned), max_rank=hs.MAX_LORA_RANK, limits=limits)
 
 
 def test_catalogue_is_large_enough(hardening_world):
