@@ -24,6 +24,8 @@ from vllm_safelora.bank import MANIFEST_FILE, build_bank, read_manifest
 from vllm_safelora.errors import BankError
 from vllm_safelora.model_identity import fingerprint_directory, fingerprint_model
 
+from test_bank import offline_hub  # noqa: F401  (fixture: org/tiny-base, org/tiny-aligned in an offline hub cache)
+
 
 @pytest.fixture(scope="module")
 def bank(tiny_bank_dir):
@@ -105,16 +107,8 @@ def test_aliases_stay_a_name_only_check(bank, tiny_models):
     assert bank.protects(str(tiny_models.base), [str(tiny_models.base)])
 
 
-def test_hub_id_and_local_path_are_the_same_model(tiny_models, tmp_path, monkeypatch):
+def test_hub_id_and_local_path_are_the_same_model(tiny_models, tmp_path, offline_hub):
     """Bank built from a local directory; served by a hub id whose snapshot (already cached) has the same weights."""
-    import huggingface_hub.constants  # noqa: F401  (env set after the import must count)
-    from test_bank import _hub_cache
-
-    cache = tmp_path / "hf-cache"
-    _hub_cache(cache, "org/tiny-aligned", tiny_models.aligned, "b" * 40)
-    _hub_cache(cache, "org/tiny-base", tiny_models.base, "a" * 40)
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     local_bank = build_bank(str(tiny_models.base), str(tiny_models.aligned), tmp_path / "local-bank",
                             modules=["q_proj"], progress=None)
     assert local_bank.protects("org/tiny-aligned")

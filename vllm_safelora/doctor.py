@@ -152,13 +152,13 @@ def _nearest_existing(path: Path) -> Path:
     return path
 
 
-def _tree_bytes(root: Path) -> int:
-    total = 0
-    for dirpath, _, files in os.walk(root):
-        for f in files:
-            with contextlib.suppress(OSError):
-                total += os.lstat(os.path.join(dirpath, f)).st_size
-    return total
+def _cache_bytes(entries: Path) -> int:
+    """Bytes under entries/, counted by the cache's own helper (what it holds against its budget)."""
+    try:
+        from .cache.layout import dir_bytes  # the cache package (being split out of cache.py)
+    except ImportError:
+        from .cache import _dir_size as dir_bytes
+    return dir_bytes(entries)
 
 
 def check_cache(settings) -> list[Check]:
@@ -173,7 +173,7 @@ def check_cache(settings) -> list[Check]:
         what = "is not writable" if anchor == root else f"cannot be created ({anchor} is not writable)"
         return [Check("cache", FAIL, f"patched-adapter cache directory {str(root)!r} {what}; {fix}")]
     budget = settings.cache_max_bytes
-    used = _tree_bytes(root / "entries") if root.is_dir() else 0
+    used = _cache_bytes(root / "entries") if root.is_dir() else 0
     detail = (f"{root} {'writable' if root.exists() else 'will be created'}; {used / 2**20:.1f} MiB of "
               f"{budget / 2**30:.2f} GiB budget ({used / budget:.0%})")
     return [Check("cache", WARN if used > budget else OK, detail + (" - over budget: entries in use cannot be "

@@ -15,7 +15,6 @@ Issue 13, items 1 and 3 end to end:
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -25,7 +24,7 @@ import pytest
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "observability"))  # shared dashboard helpers
-from observability_support import ALERTS, dashboard_queries, grafana_expand, load_dashboard  # noqa: E402
+from observability_support import ALERTS, dashboard_queries, grafana_expand, load_dashboard, tool_or_skip  # noqa: E402
 
 pytestmark = pytest.mark.e2e
 
@@ -44,11 +43,7 @@ EXPECTED_LABELS = {
 
 @pytest.fixture(scope="module")
 def prometheus_bin() -> str:
-    path = shutil.which("prometheus")
-    if path is None:
-        pytest.skip("the prometheus server is not installed: `apt-get install prometheus` (Debian's package; "
-                    ".ci/setup-env installs it where apt-get is available) to run the dashboard against it")
-    return path
+    return tool_or_skip("prometheus", "to run the dashboard and the alert rules against a live server")
 
 
 @pytest.fixture(scope="module")

@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
+
+from observability_support import tool_or_skip
 
 
 @pytest.fixture(scope="session")
 def promtool() -> str:
-    path = shutil.which("promtool")
-    if path is None:
-        pytest.skip("promtool not found: install Debian's prometheus package (`apt-get install prometheus`, which "
-                    ".ci/setup-env does where apt-get is available) to test the alert rules")
-    return path
+    return tool_or_skip("promtool", "to test the alert rules")

@@ -4,6 +4,7 @@ plugin exports, and the dashboard's queries as Grafana would send them."""
 from __future__ import annotations
 
 import re
+import shutil
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -69,3 +70,14 @@ def grafana_expand(expr: str, variables: dict[str, str] = GRAFANA_VARIABLES) -> 
     if left:
         raise ValueError(f"unknown dashboard variables {left} in {expr!r}")
     return expr
+
+
+def tool_or_skip(name: str, purpose: str) -> str:
+    """Path of a Prometheus binary, or skip the test saying how to get it (never silently)."""
+    import pytest
+
+    path = shutil.which(name)
+    if path is None:
+        pytest.skip(f"{name} not found: install Debian's prometheus package (`apt-get install prometheus`, which "
+                    f".ci/setup-env does where apt-get is available) {purpose}")
+    return path
