@@ -323,6 +323,22 @@ def test_cauchy_schwarz_bound_first_exact_only_when_needed(tmp_path, monkeypatch
     assert calls == [1]  # fp16: the bound is over the limit, the exact max (0) is not
 
 
+def test_a_policys_output_is_held_to_the_same_limits(tmp_path):
+    """A projection can grow lora_B (C's eigenvalues reach ||V||_F): its output is checked again."""
+    from vllm_safelora.adapters import changed_update_problems
+
+    limits = ReadLimits(serve_dtype=torch.float16)
+    a = read_adapter(write_adapter(tmp_path / "a"), limits=limits)
+    assert changed_update_problems(a, a.tensors) == []  # nothing changed
+    grown = dict(a.tensors)
+    m = a.modules[MOD]
+    grown[m.b_key] = m.lora_B * 1e3
+    problems = changed_update_problems(a, grown)
+    assert len(problems) == 1 and problems[0].startswith(f"after the policy, module {MOD}")
+    del grown[m.a_key], grown[m.b_key]  # pruned: nothing to check
+    assert changed_update_problems(a, grown) == []
+
+
 def test_exact_max_matches_dense():
     g = torch.Generator().manual_seed(1)
     A, B = torch.randn(8, 300, generator=g), torch.randn(5000, 8, generator=g)

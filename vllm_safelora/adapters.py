@@ -170,6 +170,8 @@ class LoraAdapter:
     metadata: dict[str, str] = field(default_factory=dict)
     canonical_names: bool = True
     """Whether the uploaded file already names every tensor canonically (then it can be served byte for byte)."""
+    limits: ReadLimits = field(default_factory=ReadLimits)
+    """The limits it was read with: a policy's output is held to the same (:func:`changed_update_problems`)."""
 
     @property
     def base_model(self) -> str | None:
@@ -664,6 +666,7 @@ def parse_adapter(files: AdapterFiles, *, limits: ReadLimits = ReadLimits()) -> 
         dtype=dtypes.pop() if len(dtypes) == 1 else torch.float32,
         metadata={str(k): str(v) for k, v in metadata.items()} if isinstance(metadata, dict) else {},
         canonical_names=set(canonical) == set(tensors),
+        limits=limits,
     )
 
 
@@ -864,6 +867,21 @@ def _update_problems(name: str, A: torch.Tensor, B: torch.Tensor, scale: float, 
                 f"module {name}: the update s*B*A reaches {exact:.4g} (s = {scale:g}); at most {limit:.4g} is safe "
                 f"in {served}. Lower lora_alpha or the weights"
             )
+    return problems
+
+
+def changed_update_problems(adapter: LoraAdapter, tensors: Mapping[str, torch.Tensor]) -> list[str]:
+    """The update checks again, on the modules a policy changed (``tensors``: its output).
+
+    A projection can grow lora_B: C = V V^T / ||V||_F has eigenvalues up to ||V||_F, so
+    an admitted update near the limit may leave the policy over it.
+    """
+    problems = []
+    for m in adapter.modules.values():
+        A, B = tensors.get(m.a_key), tensors.get(m.b_key)
+        if A is None or B is None or (A is m.lora_A and B is m.lora_B):
+            continue  # pruned or unchanged
+        problems += [f"after the policy, {p}" for p in _update_problems(m.name, A, B, m.scale, adapter.limits)]
     return problems
 
 

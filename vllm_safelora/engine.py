@@ -21,6 +21,7 @@ from typing import Iterable
 from .adapters import (
     LoraAdapter,
     SerializedAdapter,
+    changed_update_problems,
     config_excluding_modules,
     serialize_adapter,
     unchanged_files,
@@ -105,6 +106,9 @@ def project_adapter(
     start = time.perf_counter()
     check_compatible(adapter, bank, aliases=aliases, require_base_model_match=require_base_model_match, name=who)
     result = make_policy(policy).apply(adapter, bank)
+    overflow = changed_update_problems(adapter, result.tensors)
+    if overflow:
+        raise AdapterRefused(RefusalReason.UPDATE_OVERFLOW, "; ".join(overflow), who)
     if result.changed:
         config_bytes = config_excluding_modules(adapter.config_bytes, list(result.pruned))
         serialized = serialize_adapter(config_bytes, result.tensors, adapter.metadata)
