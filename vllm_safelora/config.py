@@ -89,6 +89,13 @@ class SafeLoRASettings(BaseSettings):
     refusal_cache_entries: int = Field(
         4096, ge=0, description="refusals remembered by content hash and file identity (LRU; 0 disables)"
     )
+    max_tracked_adapters: int = Field(
+        1024, ge=1,
+        description="adapters the server remembers (LRU, separately: entry paths handed to vLLM, names listed as "
+        "loaded). Each keeps its cache entry leased, i.e. never evicted; one that drops out is prepared again on its "
+        "next request (a cache hit: its upload is read and hashed). Keep it above vLLM's --max-cpu-loras plus the "
+        "distinct adapters of requests in flight, or an entry may be evicted while the engine still has to read it",
+    )
     shadow: bool = Field(
         False, description="report-only everywhere: adapters are served UNPROJECTED while reports and metrics "
         "show what the policy would have done (for roll-out); rules may override it",

@@ -8,11 +8,13 @@ imports no vLLM.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -20,7 +22,7 @@ from typing import Sequence
 from . import metrics
 from .adapters import CONFIG_FILE, WEIGHTS_FILE, AdapterFiles, ReadLimits, SerializedAdapter, parse_adapter, read_adapter_files, write_adapter_files
 from .bank import AlignmentBank, load_bank
-from .cache import CacheKey, PatchedAdapterCache, entry_signature
+from .cache import CacheKey, PatchedAdapterCache, entry_path_in, entry_signature
 from .config import AdmissionConfig, SafeLoRASettings
 from .engine import project_adapter, with_report
 from .errors import AdapterRefused, BankError, Overloaded, RefusalReason
@@ -30,6 +32,7 @@ from .report import REPORT_FILE, AdapterReport
 from .sources import AdapterSource, HubSource, LocalDirSource, Location, _shown, locate, locate_path
 from .tenancy import TenantPolicy, all_policies, describe_rules, resolve_tenant
 from .throttle import PreparationThrottle
+from .tracking import LeasedLRU
 
 logger = logging.getLogger("vllm_safelora")
 
@@ -88,6 +91,11 @@ def _files_identity(path: Path, decided_by: tuple) -> tuple | None:
     except OSError:
         return None
     return (*((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) for st in stats), decided_by)
+
+
+def _origin(location: Location) -> str:
+    """How to find an upload again (recorded in the cache index): a local path or a hub name."""
+    return str(location.path) if isinstance(location.source, LocalDirSource) else location.name
 
 
 def admission_problem(report: AdapterReport, admission: AdmissionConfig) -> str | None:
@@ -156,8 +164,14 @@ class SafeLoRAService:
         self.throttle = PreparationThrottle(settings.max_concurrent_preparations, settings.max_queued_preparations)
         self.refusals = RefusalCache(settings.refusal_cache_entries)
         self._lock = threading.Lock()
-        self._by_path: dict[str, PreparedAdapter] = {}
-        self._by_name: dict[str, PreparedAdapter] = {}
+        # Entry paths handed to vLLM, and names listed as loaded: LRU maps of at most
+        # max_tracked_adapters each, every value holding a lease on its cache entry, so
+        # neither memory, leases nor pinned cache bytes grow with the adapters ever served.
+        self._by_path: LeasedLRU[PreparedAdapter] = LeasedLRU(settings.max_tracked_adapters, cache)
+        self._by_name: LeasedLRU[PreparedAdapter] = LeasedLRU(settings.max_tracked_adapters, cache)
+        # Names that dropped out of the listing while vLLM may still hold them (at most
+        # max_tracked_adapters): the integration may unload them from vLLM.
+        self._dropped_names: deque[str] = deque(maxlen=settings.max_tracked_adapters)
 
     @classmethod
     def start(
@@ -221,19 +235,33 @@ class SafeLoRAService:
         return prepared
 
     def loaded(self) -> dict[str, PreparedAdapter]:
-        with self._lock:
-            return dict(self._by_name)
+        return self._by_name.snapshot()
+
+    def tracking(self) -> dict[str, int]:
+        """Sizes of what this server tracks (all bounded): for the status page, tests and benchmarks."""
+        return {
+            "paths": len(self._by_path), "names": len(self._by_name), "leases": sum(self.cache.leases.held().values()),
+            "max_tracked_adapters": self.settings.max_tracked_adapters,
+        }
+
+    def drain_dropped_names(self) -> list[str]:
+        """Names dropped from the loaded listing (LRU) since the last call: vLLM still serves them
+        from its own table until they are unloaded there (``/v1/unload_lora_adapter``)."""
+        out = []
+        while self._dropped_names:
+            out.append(self._dropped_names.popleft())
+        return out
 
     # ------------------------------------------------------------------ pipeline
 
     def forget(self, name: str) -> None:
-        """The server unloaded ``name``: drop it from the audit listing.
+        """The server unloaded ``name``: drop it from the audit listing and give back its lease.
 
-        Its cache entry stays leased: vLLM's worker may still hold the adapter
-        and re-read the entry after its own LRU evicts it.
+        The entry stays leased while its path is still tracked (a request in flight may
+        still make vLLM's worker read it); after that it may be evicted, and it is rebuilt
+        if the adapter is asked for again.
         """
-        with self._lock:
-            self._by_name.pop(name, None)
+        self._by_name.pop(name)
 
     def mark_loaded(self, name: str, prepared: PreparedAdapter) -> None:
         """vLLM accepted ``prepared`` under ``name``: list it in the audit API and count the load.
@@ -243,9 +271,8 @@ class SafeLoRAService:
         """
         if prepared.name != name:
             prepared = dataclasses.replace(prepared, name=name)
-        with self._lock:
-            same = self._by_name.get(name)
-            self._by_name[name] = prepared
+        same, dropped = self._by_name.put(name, prepared)
+        self._dropped_names.extend(old for old, _ in dropped)
         if same is None or same.digest != prepared.digest:
             summary = prepared.report.summary
             metrics.ADAPTERS.labels(outcome=summary.outcome, policy=summary.policy_name, mode=summary.mode).inc()
@@ -260,7 +287,12 @@ class SafeLoRAService:
         if known is not None:
             return known, False
         handed_out = lora_path in self._by_path
-        return self.prepare(name, lora_path, where=where), handed_out
+        prepared = self.prepare(name, lora_path, where=where)
+        if not handed_out and self._entry_path(lora_path) is not None:
+            # An entry path this server handed out but no longer tracks: what the engine
+            # read from it is stale only if the entry had to be rebuilt or moved.
+            handed_out = not prepared.cache_hit or str(prepared.path) != lora_path
+        return prepared, handed_out
 
     def prepare(
         self, name: str, lora_path: str | None = None, *, trust_cache_paths: bool = True, where: str = "resolver"
@@ -288,6 +320,8 @@ class SafeLoRAService:
                 # A cache path handed out earlier whose entry vanished or was altered:
                 # rebuild it from the adapter it came from.
                 location = previous.location
+            elif trust_cache_paths and (untracked := self._untracked_entry_location(name, lora_path)) is not None:
+                location = untracked
             else:
                 location = self._locate(name, lora_path)
                 self._check_served_as(name, location, by_path=lora_path is not None)
@@ -324,9 +358,40 @@ class SafeLoRAService:
             summary.policy_name, summary.policy_id, tenant.rule, summary.bank_id, prepared.digest[:16],
             "cache hit" if prepared.cache_hit else "projected now", time.perf_counter() - start,
         )
-        with self._lock:
-            self._by_path[str(prepared.path)] = prepared
+        # The lease get_or_create took passes to the map of tracked paths.
+        self._by_path.put(str(prepared.path), prepared, leased=True)
         return prepared
+
+    def _entry_path(self, lora_path: str | None) -> Path | None:
+        """``lora_path`` resolved if it names an entry directory of this server's cache."""
+        if not isinstance(lora_path, str) or not os.path.isabs(lora_path) or len(lora_path) > MAX_LORA_PATH:
+            return None
+        return entry_path_in(lora_path, self.cache.entries_dir)
+
+    def _untracked_entry_location(self, name: str, lora_path: str | None) -> Location | None:
+        """Where to prepare again an entry path vLLM still holds but this server no longer
+        tracks (it dropped out of the bounded map): the served name's location (names equal
+        locations under served_names: location), else the upload the index recorded for the
+        entry. Either is checked against the configured sources again; None if not an entry path."""
+        entry = self._entry_path(lora_path)
+        if entry is None:
+            return None
+        if self.settings.served_names == "location":
+            with contextlib.suppress(AdapterRefused):
+                return locate(self.sources, name)
+        origin = self.cache.index.origin(entry.name)
+        if origin is None:
+            raise AdapterRefused(
+                RefusalReason.NOT_FOUND,
+                f"this server no longer tracks cache entry {entry.name[:16]} and the cache index does not say which "
+                "upload it came from; load the adapter again by its name or path",
+            )
+        location = locate_path(self.sources, origin)
+        logger.info(
+            "safelora: adapter '%s' (cache entry %s) had dropped out of the %d adapters this server tracks; "
+            "preparing it again from %s", name, entry.name[:16], self.settings.max_tracked_adapters, location.identity,
+        )
+        return location
 
     def _locate(self, name: str, lora_path: str | None) -> Location:
         if lora_path is None:
@@ -342,8 +407,7 @@ class SafeLoRAService:
                 f"an adapter loaded from {location.name!r} is served under that name on this server "
                 f"(served_names: location), not as {_shown(name)}; load it with lora_name={location.name!r}",
             )
-        with self._lock:
-            loaded = self._by_name.get(name)
+        loaded = self._by_name.peek(name)
         if loaded is not None and loaded.location is not None and loaded.location.name != location.name:
             raise AdapterRefused(
                 RefusalReason.NAME_IN_USE,
@@ -396,17 +460,21 @@ class SafeLoRAService:
             self._observe_projection(report, tenant, time.perf_counter() - start)
             return report
 
-        entry, hit, built_report = self.cache.get_or_create(key, build)
-        if hit:
-            report = AdapterReport.model_validate_json((entry.path / REPORT_FILE).read_bytes())
-            problem = admission_problem(report, tenant.admission)
-            if problem is not None and not tenant.shadow:
-                raise AdapterRefused(RefusalReason.ADMISSION, problem, name)
-        else:
-            report = built_report
-            metrics.CACHE_BYTES.set(self.cache.total_bytes())
-        # vLLM re-reads the entry after its own LRU evicts the adapter: keep it on disk.
-        self.cache.lease(entry.digest)
+        # Leased before it is verified (no eviction can slip in); the lease passes to the
+        # map of tracked paths in prepare(), and is given back when the adapter drops out.
+        entry, hit, built_report = self.cache.get_or_create(key, build, lease=True, origin=_origin(location))
+        try:
+            if hit:
+                report = AdapterReport.model_validate_json((entry.path / REPORT_FILE).read_bytes())
+                problem = admission_problem(report, tenant.admission)
+                if problem is not None and not tenant.shadow:
+                    raise AdapterRefused(RefusalReason.ADMISSION, problem, name)
+            else:
+                report = built_report
+        except BaseException:
+            self.cache.release(entry.digest)
+            raise
+        metrics.CACHE_BYTES.set(self.cache.total_bytes())  # from the index: one row read
         return PreparedAdapter(
             name=name, path=entry.path, digest=entry.digest, report=report, cache_hit=hit,
             location=location, signature=entry_signature(entry.path),

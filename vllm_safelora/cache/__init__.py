@@ -1,0 +1,40 @@
+"""Content-addressed, bounded, multi-process-safe store of patched (projected) adapters.
+
+Split by job:
+
+* ``entry``   what an entry is (key, manifest) and the pure checks on one directory
+              (``verify_entry``, ``entry_signature``, ...) the worker guard uses;
+* ``layout``  the directory layout, temp paths, clean-up after crashed processes;
+* ``locks``   per-key single-flight across threads and processes (flock);
+* ``index``   the SQLite (WAL) index: sizes, last use, state, byte total, leases;
+* ``rebuild`` reconciling the index with ``entries/`` at start-up;
+* ``leases``  which entries each process may still hand to vLLM;
+* ``store``   ``PatchedAdapterCache``: build, seal, publish, verify, evict.
+"""
+
+from .entry import (
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    CacheEntry,
+    CacheKey,
+    CorruptEntry,
+    discard_entry,
+    entry_path_in,
+    entry_signature,
+    read_entry_manifest,
+    remove_tree,
+    verify_entry,
+)
+from .index import CacheIndex, IndexStats
+from .layout import HOST as _HOST
+from .layout import STALE_TMP_AGE_S, CacheLayout
+from .leases import Leases
+from .locks import KeyLocks
+from .rebuild import ReconcileReport
+from .store import PatchedAdapterCache
+
+__all__ = [
+    "FORMAT_VERSION", "MANIFEST_NAME", "STALE_TMP_AGE_S", "CacheEntry", "CacheIndex", "CacheKey", "CacheLayout",
+    "CorruptEntry", "IndexStats", "KeyLocks", "Leases", "PatchedAdapterCache", "ReconcileReport", "_HOST",
+    "discard_entry", "entry_path_in", "entry_signature", "read_entry_manifest", "remove_tree", "verify_entry",
+]

@@ -1,0 +1,194 @@
+"""What a cache entry is, and the pure checks on one (read-only: no cache object needed).
+
+An entry is the directory ``entries/<digest>`` holding a patched adapter's files and
+its manifest ``cache_entry.json`` (key, per-file sha256 and size). The worker guard
+(vLLM's worker process) checks the directory it is about to load with
+:func:`verify_entry` without ever constructing a writable cache.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import shutil
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..fsutil import sha256_file
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "cache_entry.json"
+HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+@dataclass(frozen=True)
+class CacheKey:
+    """What makes two patched adapters the same: the same input, bank and policy."""
+
+    adapter_hash: str  # sha256 (64 lowercase hex) of the uploaded adapter's content
+    bank_id: str  # identity of the alignment bank the projection used
+    policy_id: str  # stable digest of the policy configuration
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.adapter_hash, str) or not HEX64.fullmatch(self.adapter_hash):
+            raise ValueError(f"CacheKey.adapter_hash must be 64 lowercase hex digits, got {self.adapter_hash!r}")
+        for field in ("bank_id", "policy_id"):
+            value = getattr(self, field)
+            if not isinstance(value, str) or not value:
+                raise ValueError(f"CacheKey.{field} must be a non-empty string, got {value!r}")
+
+    def as_dict(self) -> dict[str, str]:
+        return {"adapter_hash": self.adapter_hash, "bank_id": self.bank_id, "policy_id": self.policy_id}
+
+    def digest(self) -> str:
+        # JSON encoding keeps the field boundaries unambiguous (("a","bc") != ("ab","c"));
+        # the tag lets a future key layout never collide with this one.
+        payload = json.dumps(
+            ["vllm-safelora/cache-key/v1", self.adapter_hash, self.bank_id, self.policy_id],
+            ensure_ascii=True,
+            separators=(",", ":"),
+        )
+        return hashlib.sha256(payload.encode("ascii")).hexdigest()
+
+    def describe(self) -> str:
+        return f"adapter sha256 {self.adapter_hash[:12]}, bank {self.bank_id!r}, policy {self.policy_id!r}"
+
+
+@dataclass(frozen=True)
+class CacheEntry:
+    """A complete, (verified if the cache verifies) entry on disk."""
+
+    key: CacheKey
+    path: Path  # entries/<digest>; hand this directory to vLLM
+    files: dict[str, str]  # adapter file name -> sha256 (manifest not included)
+    nbytes: int  # bytes on disk, manifest included
+    created: float  # unix time the entry was sealed
+
+    @property
+    def digest(self) -> str:
+        return self.path.name
+
+
+class CorruptEntry(Exception):
+    """An entry directory exists but cannot be trusted; the message says why."""
+
+
+def read_entry_manifest(path: Path) -> tuple[CacheKey, dict[str, dict], float, int]:
+    """Parse and structurally check an entry's manifest. Raises CorruptEntry."""
+    mpath = path / MANIFEST_NAME
+    try:
+        raw = mpath.read_bytes()
+        doc = json.loads(raw)
+    except FileNotFoundError:
+        raise CorruptEntry("the manifest cache_entry.json is missing") from None
+    except (OSError, ValueError) as exc:
+        raise CorruptEntry(f"the manifest cannot be read ({exc})") from None
+    if not isinstance(doc, dict):
+        raise CorruptEntry("the manifest is not a JSON object")
+    if doc.get("format_version") != FORMAT_VERSION:
+        raise CorruptEntry(f"manifest format {doc.get('format_version')!r} is not {FORMAT_VERSION}")
+    try:
+        key = CacheKey(**doc["key"])
+        files = doc["files"]
+        created = float(doc["created"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CorruptEntry(f"the manifest is malformed ({exc})") from None
+    if key.digest() != path.name:
+        raise CorruptEntry("the manifest's key does not match the entry's directory name")
+    if not isinstance(files, dict) or not files:
+        raise CorruptEntry("the manifest lists no files")
+    for name, meta in files.items():
+        if (
+            not isinstance(name, str) or name in ("", ".", "..", MANIFEST_NAME) or "/" in name or "\0" in name
+            or not isinstance(meta, dict) or not isinstance(meta.get("sha256"), str)
+            or not isinstance(meta.get("size"), int) or meta["size"] < 0
+        ):
+            raise CorruptEntry(f"the manifest has a bad file record {name!r}")
+    return key, files, created, len(raw)
+
+
+def verify_entry(path: Path, *, hash_files: bool = True) -> CacheEntry:
+    """Check that ``path`` is a complete, unaltered entry: exactly the files its manifest
+    lists, each a regular file of the recorded size and (``hash_files``) sha256.
+
+    Pure: reads, never writes or deletes. Shared by the cache and the worker guard.
+    Raises CorruptEntry saying what is wrong.
+    """
+    path = Path(path)
+    try:
+        present = set(os.listdir(path))
+    except OSError as exc:
+        raise CorruptEntry(f"the entry directory cannot be listed ({exc})") from None
+    key, files, created, manifest_size = read_entry_manifest(path)
+    expected = set(files) | {MANIFEST_NAME}
+    if present != expected:
+        # vLLM picks up optional files (e.g. new_embeddings.*) from the directory, so
+        # an extra file is as dangerous as a modified one.
+        extra, missing = sorted(present - expected), sorted(expected - present)
+        raise CorruptEntry(f"files do not match the manifest (unexpected {extra}, missing {missing})")
+    nbytes = manifest_size
+    for name, meta in files.items():
+        fpath = path / name
+        try:
+            st = os.lstat(fpath)
+            if not stat.S_ISREG(st.st_mode):
+                raise CorruptEntry(f"{name} is not a regular file")
+            if st.st_size != meta["size"]:
+                raise CorruptEntry(f"{name} is {st.st_size} bytes, the manifest says {meta['size']}")
+            if hash_files and sha256_file(fpath, follow_symlinks=False) != meta["sha256"]:
+                raise CorruptEntry(f"{name} does not match its sha256 in the manifest")
+        except OSError as exc:
+            raise CorruptEntry(f"{name} cannot be read ({exc})") from None
+        nbytes += st.st_size
+    return CacheEntry(key=key, path=path, files={n: m["sha256"] for n, m in files.items()}, nbytes=nbytes, created=created)
+
+
+def entry_signature(path: Path) -> tuple:
+    """(name, size, mtime_ns, inode) of an entry's files, manifest excluded (its mtime records use)."""
+    try:
+        return tuple(
+            (e.name, st.st_size, st.st_mtime_ns, st.st_ino)
+            for e in sorted(os.scandir(path), key=lambda e: e.name)
+            if e.name != MANIFEST_NAME
+            for st in (e.stat(follow_symlinks=False),)
+        )
+    except OSError:
+        return ()
+
+
+def entry_path_in(path: Path | str, entries_dir: Path) -> Path | None:
+    """``path`` resolved, if it names an entry directory (entries/<64 hex>) under ``entries_dir``."""
+    real = Path(os.path.realpath(path))
+    if real.parent != Path(os.path.realpath(entries_dir)) or not HEX64.fullmatch(real.name):
+        return None
+    return real
+
+
+def remove_tree(path: Path) -> None:
+    """Delete a directory tree whose files and directories were made read-only."""
+    def unlock(func, target, _exc):
+        with contextlib.suppress(OSError):
+            os.chmod(os.path.dirname(target), 0o755)
+            os.chmod(target, 0o755)
+            func(target)
+
+    with contextlib.suppress(OSError):
+        os.chmod(path, 0o755)
+    shutil.rmtree(path, onerror=unlock)
+
+
+def discard_entry(path: Path, trash: Path) -> bool:
+    """Remove an entry directory: rename it to ``trash`` (same filesystem) first, so readers
+    see the whole entry or nothing, then delete it. False if it was already gone."""
+    try:
+        # Moving a directory to another parent rewrites its "..": it must be writable.
+        os.chmod(path, 0o755)
+        os.rename(path, trash)
+    except FileNotFoundError:
+        return False
+    remove_tree(trash)
+    return True

@@ -1,0 +1,194 @@
+"""Leases: "this process may still hand this entry to vLLM; do not delete it".
+
+Model. A process holds a lease on an entry while something in it may still make vLLM
+read the entry: the service takes one per adapter it tracks (the entry paths it handed
+out and the names it lists as loaded, both bounded LRU maps) and gives it back when the
+adapter is unloaded or drops out of those maps. In memory a lease is a count per entry;
+in the shared index it is one row per (entry, process). Eviction never deletes an entry
+that has a lease row.
+
+Owners. A process registers once, lazily, as ``<host>.<pid>.<random>`` and keeps
+``owners/<owner>.lock`` flock'ed for its lifetime: the only file descriptor leases ever
+use, whatever the number of entries. Another process tells a live owner from a dead one
+by trying to flock that file (it works across PID namespaces, where pids do not), and
+drops a dead owner's rows when it sweeps (:meth:`Leases.sweep_dead_owners`).
+
+Releases are deferred: :meth:`Leases.release` only updates memory (it may run on
+vLLM's event loop), and :meth:`Leases.flush`, called by the cache's next operation,
+deletes the rows. Until then the entry is simply protected a little longer.
+
+Bounds: rows and counts of this process <= the distinct entries the service tracks;
+fds: one; owners rows: live processes plus dead ones not yet swept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import fcntl
+
+from .index import CacheIndex
+from .layout import HOST
+
+logger = logging.getLogger(__name__)
+
+SWEEP_INTERVAL_S = 10.0
+
+
+def owner_alive(owners_dir: Path, owner: str) -> bool:
+    """Does the process ``owner`` still hold its owner file? (False also removes a dead one's file.)"""
+    path = owners_dir / f"{owner}.lock"
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        return False
+    finally:
+        os.close(fd)
+
+
+class Leases:
+    """This process's leases on one cache's entries. Thread-safe."""
+
+    def __init__(self, index: CacheIndex, owners_dir: Path):
+        self.index = index
+        self.owners_dir = Path(owners_dir)
+        self._counts: dict[str, int] = {}
+        self._pending: set[str] = set()  # count dropped to 0; row not deleted yet
+        self._owner: str | None = None
+        self._owner_fd: int | None = None
+        # Index writes happen under this lock too, so a row is never deleted by a flush
+        # while another thread is counting a fresh lease on it.
+        self._lock = threading.Lock()
+        self._last_sweep = 0.0
+
+    # ------------------------------------------------------------------ owner
+
+    @property
+    def owner(self) -> str:
+        with self._lock:
+            return self._ensure_owner()
+
+    def _ensure_owner(self) -> str:
+        if self._owner is None:
+            owner = f"{HOST}.{os.getpid()}.{uuid.uuid4().hex[:12]}"
+            fd = os.open(self.owners_dir / f"{owner}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                self.index.register_owner(owner, HOST, os.getpid())
+            except BaseException:
+                os.close(fd)
+                raise
+            self._owner, self._owner_fd = owner, fd
+        return self._owner
+
+    # ------------------------------------------------------------------ counting
+
+    def try_acquire(self, digest: str) -> bool:
+        """Lease the entry unless another process is evicting it right now (False)."""
+        with self._lock:
+            # Our row already exists (held, or given back but not yet flushed): nobody can be
+            # evicting the entry, so no index write is needed (e.g. per request on the event loop).
+            if digest not in self._counts and digest not in self._pending:
+                if not self.index.try_lease(digest, self._ensure_owner()):
+                    return False
+            self._add(digest)
+            return True
+
+    def acquire(self, digest: str) -> None:
+        """Lease the entry; the caller holds its key lock (nobody can be evicting it)."""
+        with self._lock:
+            self.index.add_lease(digest, self._ensure_owner())
+            self._add(digest)
+
+    def _add(self, digest: str) -> None:
+        self._counts[digest] = self._counts.get(digest, 0) + 1
+        self._pending.discard(digest)
+
+    def release(self, digest: str) -> None:
+        """Give back one lease (memory only; the row goes at the next :meth:`flush`)."""
+        with self._lock:
+            n = self._counts.get(digest, 0)
+            if n <= 0:
+                logger.debug("patched-adapter cache: release of %s, which this process does not lease", digest[:16])
+                return
+            if n == 1:
+                del self._counts[digest]
+                self._pending.add(digest)
+            else:
+                self._counts[digest] = n - 1
+
+    def flush(self) -> int:
+        """Delete the rows of leases given back since the last flush; returns how many."""
+        with self._lock:
+            if not self._pending or self._owner is None:
+                return 0
+            done = [d for d in self._pending if d not in self._counts]
+            self.index.drop_leases(done, self._owner)
+            self._pending.clear()
+            return len(done)
+
+    def held(self) -> dict[str, int]:
+        """Entry digest -> number of leases this process holds on it."""
+        with self._lock:
+            return dict(self._counts)
+
+    # ------------------------------------------------------------------ other processes
+
+    def sweep_dead_owners(self, min_interval_s: float = SWEEP_INTERVAL_S) -> list[str]:
+        """Drop the leases of processes that are gone; at most once per ``min_interval_s``.
+        Cost: one flock probe per registered process."""
+        now = time.monotonic()
+        if now - self._last_sweep < min_interval_s:
+            return []
+        self._last_sweep = now
+        mine = self._owner
+        dead = []
+        for owner in self.index.owners():
+            if owner != mine and not owner_alive(self.owners_dir, owner):
+                n = self.index.drop_owner(owner)
+                dead.append(owner)
+                logger.info(
+                    "patched-adapter cache: process %s has stopped; dropped its %d lease%s", owner, n, "" if n == 1 else "s"
+                )
+        return dead
+
+    # ------------------------------------------------------------------ life cycle
+
+    def close(self) -> None:
+        """Give back every lease and the owner file (the process keeps running)."""
+        with self._lock:
+            owner, fd = self._owner, self._owner_fd
+            self._owner = self._owner_fd = None
+            self._counts.clear()
+            self._pending.clear()
+        if owner is not None:
+            with contextlib.suppress(Exception):
+                self.index.drop_owner(owner)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.owners_dir / f"{owner}.lock")
+            os.close(fd)
+
+    def forget_after_fork(self) -> None:
+        """In a forked child: the parent's leases are not ours. Closing our copy of the owner
+        fd does not release the parent's flock (it still holds its own reference)."""
+        if self._owner_fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._owner_fd)
+        self._owner = self._owner_fd = None
+        self._counts = {}
+        self._pending = set()
+        self._lock = threading.Lock()

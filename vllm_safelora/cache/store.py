@@ -1,0 +1,431 @@
+"""Content-addressed, bounded, multi-process-safe store of patched (projected) adapters.
+
+An entry is the patched adapter for one (uploaded adapter content, alignment bank,
+policy) triple. vLLM is only ever pointed at an entry directory, so an entry must be
+either complete and verified or absent: it is built in a temp directory, hashed,
+fsynced and renamed into place in one step, and checked against its manifest on every
+read. Several server processes on one host share a cache directory (layout.py).
+
+Cost per operation does not depend on the number of entries: a hit verifies one
+entry and writes two index rows; a miss builds one entry; eviction walks the index's
+LRU order from the oldest entry and stops as soon as the cache is within budget. The
+only listing of entries/ is at start-up (rebuild.py).
+
+Budget: after every miss, and after leases are given back, least-recently-used
+entries are deleted until the total is within ``max_bytes``. Entries some process
+leases (vLLM may still read them), entries another process is working on, and the
+entry just built are never deleted, so the total can exceed ``max_bytes`` by those.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import logging
+import os
+import shutil
+import stat
+import threading
+import time
+import weakref
+from pathlib import Path
+from typing import Callable
+
+from ..errors import ConfigError
+from ..fsutil import fsync_dir, sha256_file
+from .entry import (
+    FORMAT_VERSION, HEX64, MANIFEST_NAME, CacheEntry, CacheKey, CorruptEntry, discard_entry, entry_path_in,
+    read_entry_manifest, remove_tree, verify_entry,
+)
+from .index import CacheIndex, IndexStats
+from .layout import CacheLayout
+from .leases import Leases
+from .locks import KeyLocks
+from .rebuild import ReconcileReport, reconcile
+
+logger = logging.getLogger(__name__)
+
+_EVICT_PAGE = 64
+_OVER_BUDGET_LOG_INTERVAL_S = 60.0
+_INDEX_LOCK = "index"  # the key lock taken while the index is opened and reconciled
+
+
+class PatchedAdapterCache:
+    """See the module docstring. Thread-safe and safe across processes sharing ``root``."""
+
+    def __init__(
+        self, root: Path | str, max_bytes: int, *, verify: bool = True, lock_timeout_s: float = 600,
+        index_busy_timeout_s: float = 30.0,
+    ):
+        if not isinstance(max_bytes, int) or isinstance(max_bytes, bool) or max_bytes <= 0:
+            raise ConfigError(f"patched-adapter cache size limit must be a positive number of bytes, got {max_bytes!r}")
+        if lock_timeout_s <= 0:
+            raise ConfigError(f"patched-adapter cache lock timeout must be positive, got {lock_timeout_s!r}")
+        self.layout = CacheLayout(Path(root))
+        self.root = self.layout.root
+        self.entries_dir = self.layout.entries_dir
+        self.tmp_dir = self.layout.tmp_dir
+        self.locks_dir = self.layout.locks_dir
+        self.max_bytes = max_bytes
+        self.verify = verify
+        self.lock_timeout_s = float(lock_timeout_s)
+        self.layout.prepare()
+        self.locks = KeyLocks(self.locks_dir, self.lock_timeout_s)
+        self.index = CacheIndex(self.layout.index_path, busy_timeout_s=index_busy_timeout_s)
+        self.leases = Leases(self.index, self.layout.owners_dir)
+        self._evict_guard = threading.Lock()
+        self._last_over_budget_log = 0.0
+        self.cleanup_stale_tmp()
+        self.startup: ReconcileReport = self._open_index()
+        _LIVE.add(self)
+
+    # ------------------------------------------------------------------ set-up
+
+    def _open_index(self) -> ReconcileReport:
+        with self.locks.hold(_INDEX_LOCK):
+            state = self.index.open()
+            report = reconcile(self.index, self.entries_dir, state)
+            # An evictor that died between marking and deleting left 'evicting': whoever
+            # gets the key lock now knows nobody is evicting it.
+            for digest in self.index.evicting():
+                with self.locks.hold(digest, blocking=False) as got:
+                    if got:
+                        if os.path.lexists(self.entries_dir / digest):
+                            self.index.publish(digest, self.index.get(digest)[0])
+                        else:
+                            self.index.remove(digest)
+        return report
+
+    def cleanup_stale_tmp(self) -> list[str]:
+        """Delete temp dirs left by crashed processes; returns the names removed."""
+        return self.layout.cleanup_stale_tmp()
+
+    def close(self) -> None:
+        """Give back this process's leases and close the index (tests, tools; servers just exit)."""
+        self.leases.close()
+        self.index.close()
+
+    # ------------------------------------------------------------------ locking
+
+    def _locked(self, digest: str, *, blocking: bool = True):
+        return self.locks.hold(digest, blocking=blocking)
+
+    # ------------------------------------------------------------------ reading
+
+    def _load(self, key: CacheKey) -> CacheEntry | None:
+        """The entry for ``key`` if present and intact; None if absent; CorruptEntry otherwise."""
+        path = self.entries_dir / key.digest()
+        if not os.path.lexists(path):
+            return None
+        entry = verify_entry(path, hash_files=self.verify)
+        if entry.key != key:
+            raise CorruptEntry("the manifest belongs to a different key")
+        return entry
+
+    def _touch_manifest(self, entry: CacheEntry) -> None:
+        # The manifest's mtime also records use, so an index rebuilt from the directory
+        # keeps the LRU order. One syscall, independent of the number of entries.
+        now = time.time_ns()
+        try:
+            os.utime(entry.path / MANIFEST_NAME, ns=(now, now))
+        except OSError as exc:
+            logger.debug("patched-adapter cache: could not record use of %s: %s", entry.digest, exc)
+
+    def _report_corrupt(self, key: CacheKey, why: str) -> None:
+        logger.warning(
+            "patched-adapter cache: entry %s (%s) failed verification: %s. Removed it; it will be rebuilt "
+            "from the original adapter. If this keeps happening, check the disk under %s",
+            key.digest()[:16], key.describe(), why, self.root,
+        )
+
+    def _load_or_discard(self, key: CacheKey) -> CacheEntry | None:
+        """Like _load, but removes a corrupt entry. Call with the key's lock held, so
+        nobody is publishing a fresh entry at the same path while we delete."""
+        try:
+            return self._load(key)
+        except CorruptEntry as exc:
+            self._report_corrupt(key, str(exc))
+            self._discard(self.entries_dir / key.digest())
+            return None
+
+    def get(self, key: CacheKey) -> CacheEntry | None:
+        """A verified entry for ``key`` (recording its use), or None."""
+        try:
+            entry = self._load(key)
+        except CorruptEntry:
+            # Re-check under the lock: it may have been mid-eviction, or replaced since.
+            with self.locks.hold(key.digest()):
+                entry = self._load_or_discard(key)
+        if entry is not None:
+            self._record_use(entry)
+        return entry
+
+    def _record_use(self, entry: CacheEntry, origin: str | None = None) -> None:
+        self._touch_manifest(entry)
+        self.index.record_use(entry.digest, entry.nbytes, origin=origin)
+
+    # ------------------------------------------------------------------ writing
+
+    def get_or_create(
+        self, key: CacheKey, build: Callable[[Path], object], *, lease: bool = False, origin: str | None = None,
+    ) -> tuple[CacheEntry, bool, object | None]:
+        """Return ``(entry, hit, build_result)``; ``build(tmpdir)`` runs only on a miss,
+        once per key across threads and processes. ``build`` must write plain files
+        (not ``cache_entry.json``) directly into ``tmpdir``. If it raises, nothing is
+        kept and its exception propagates unchanged.
+
+        ``lease=True``: the entry comes back leased by this process (taken before it is
+        verified, so no eviction can slip in between); give it back with :meth:`release`.
+        ``origin`` records where the uploaded adapter was read from (see ``index.origin``).
+        """
+        self.flush_releases()
+        digest = key.digest()
+        leased = lease and self.leases.try_acquire(digest)
+        try:
+            if leased or not lease:
+                try:
+                    entry = self._load(key)
+                except CorruptEntry:
+                    entry = None  # dealt with under the lock below
+                if entry is not None:
+                    self._record_use(entry, origin)
+                    return entry, True, None
+            with self.locks.hold(digest):
+                # Someone else may have built it while we waited for the lock.
+                entry = self._load_or_discard(key)
+                hit = entry is not None
+                result = None
+                if not hit:
+                    entry, result = self._build(key, build)
+                self._touch_manifest(entry)
+                self.index.publish(digest, entry.nbytes, origin=origin)
+                if lease and not leased:
+                    self.leases.acquire(digest)
+                    leased = True
+        except BaseException:
+            if leased:
+                self.leases.release(digest)
+            raise
+        if hit:
+            return entry, True, None
+        logger.info(
+            "patched-adapter cache: stored entry %s (%s), %d bytes", digest[:16], key.describe(), entry.nbytes
+        )
+        self.evict_to_budget(protect={digest})
+        return entry, False, result
+
+    def release(self, digest: str) -> None:
+        """Give back one lease taken by ``get_or_create(..., lease=True)`` or :meth:`lease`.
+        Cheap (memory only): safe to call from an event loop."""
+        self.leases.release(digest)
+
+    def lease(self, digest: str) -> bool:
+        """Take one more lease on an entry this process already holds or that exists; False if
+        it is being evicted right now."""
+        return self.leases.try_acquire(digest)
+
+    def flush_releases(self) -> None:
+        """Delete the index rows of given-back leases and, if that lets the cache shrink, evict."""
+        if self.leases.flush():
+            self.evict_to_budget()
+
+    # ------------------------------------------------------------------ by path
+
+    def entry_at(self, path: Path | str) -> CacheEntry | None:
+        """The verified entry whose directory is ``path``, or None (read-only: never deletes).
+
+        This is the worker-side check: vLLM may only load a directory that is an
+        intact entry of this cache.
+        """
+        real = entry_path_in(path, self.entries_dir)
+        if real is None:
+            return None
+        try:
+            return verify_entry(real, hash_files=self.verify)
+        except CorruptEntry as exc:
+            logger.error("patched-adapter cache: entry %s failed verification: %s", real.name[:16], exc)
+            return None
+
+    def _build(self, key: CacheKey, build: Callable[[Path], object]) -> tuple[CacheEntry, object]:
+        digest = key.digest()
+        tmp = self.layout.tmp_path("build", digest)
+        tmp.mkdir(mode=0o755)
+        try:
+            result = build(tmp)
+            self._seal(tmp, key)
+            final = self.entries_dir / digest
+            try:
+                os.rename(tmp, final)
+            except OSError as exc:
+                if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                    raise
+                # Another writer published first (only possible without our lock, e.g.
+                # a lock-less filesystem). Keep theirs if it is intact.
+                theirs = self._load_or_discard(key)
+                if theirs is not None:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    return theirs, result
+                os.rename(tmp, final)
+            fsync_dir(self.entries_dir)
+            # Nothing may add, replace or remove a file in a published entry (vLLM reads
+            # every file in it); eviction makes it writable again just before removal.
+            with contextlib.suppress(OSError):
+                os.chmod(final, 0o555)
+        except BaseException:
+            remove_tree(tmp)
+            raise
+        entry = self._load(key)
+        if entry is None:  # pragma: no cover - we just renamed it into place under the lock
+            raise RuntimeError(f"patched-adapter cache entry {digest} vanished right after it was written")
+        return entry, result
+
+    def _seal(self, tmp: Path, key: CacheKey) -> None:
+        """Hash and fsync what build wrote, then write and fsync the manifest."""
+        names = sorted(os.listdir(tmp))
+        if not names:
+            raise RuntimeError(f"patched-adapter build wrote no files into {tmp}")
+        if MANIFEST_NAME in names:
+            raise RuntimeError(f"patched-adapter build must not write {MANIFEST_NAME} (the cache owns it)")
+        files = {}
+        for name in names:
+            fpath = tmp / name
+            st = os.lstat(fpath)
+            if not stat.S_ISREG(st.st_mode):
+                raise RuntimeError(f"patched-adapter build must write plain files only; {name!r} in {tmp} is not one")
+            files[name] = {"sha256": sha256_file(fpath, fsync=True, follow_symlinks=False), "size": st.st_size}
+            # Read-only: nothing should modify a published entry in place.
+            os.chmod(fpath, 0o444)
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "key": key.as_dict(),
+            "digest": key.digest(),
+            "files": files,
+            "nbytes": sum(f["size"] for f in files.values()),
+            "created": time.time(),
+        }
+        with open(tmp / MANIFEST_NAME, "x", encoding="utf-8") as f:
+            json.dump(manifest, f, indent=2, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp / MANIFEST_NAME, 0o444)  # its mtime still records use: utime needs ownership, not write
+        fsync_dir(tmp)
+
+    def _discard(self, path: Path) -> bool:
+        """Remove an entry directory: rename it into tmp/ first, so readers see the whole
+        entry or nothing, then delete it. False if it was already gone."""
+        return discard_entry(path, self.layout.tmp_path("evict", path.name))
+
+    def remove(self, key: CacheKey) -> bool:
+        """Delete the entry for ``key``; False if there was none."""
+        digest = key.digest()
+        with self.locks.hold(digest):
+            removed = self._discard(self.entries_dir / digest)
+            self.index.remove(digest)
+            return removed
+
+    # ------------------------------------------------------------------ budget
+
+    def total_bytes(self) -> int:
+        """Bytes of the entries on disk, from the index (one row read, whatever the number of entries)."""
+        return self.index.total_bytes()
+
+    def stats(self) -> IndexStats:
+        """Entries, bytes, leases, owners and index file size: a few row reads (for metrics and benchmarks)."""
+        return self.index.stats()
+
+    def entries(self) -> list[CacheEntry]:
+        """Entries whose manifest reads cleanly (files are not re-hashed here).
+
+        Lists and reads every entry: for diagnostics and tests only, never on a serving path.
+        """
+        out = []
+        for name in sorted(os.listdir(self.entries_dir)):
+            if not HEX64.fullmatch(name):
+                continue
+            path = self.entries_dir / name
+            try:
+                key, files, created, manifest_size = read_entry_manifest(path)
+            except CorruptEntry:
+                continue
+            out.append(
+                CacheEntry(
+                    key=key, path=path, files={n: m["sha256"] for n, m in files.items()},
+                    nbytes=manifest_size + sum(m["size"] for m in files.values()), created=created,
+                )
+            )
+        return out
+
+    def evict_to_budget(self, protect: set[str] | frozenset[str] = frozenset()) -> list[str]:
+        """Delete least-recently-used entries until the total is within ``max_bytes``.
+
+        ``protect`` holds digests that must stay (e.g. the entry just built). Leased
+        entries and entries whose lock another thread or process holds are skipped.
+        Walks the index in LRU order from the oldest and stops once within budget: cost
+        is the entries deleted plus the leased/busy ones stepped over, not the cache's size.
+        Returns the digests removed, oldest first.
+        """
+        evicted: list[str] = []
+        with self._evict_guard:
+            total = self.index.total_bytes()
+            if total <= self.max_bytes:
+                return evicted
+            self.leases.sweep_dead_owners()
+            cursor: tuple[int, str] = (-1, "")
+            while total > self.max_bytes:
+                page = self.index.lru_page(cursor, _EVICT_PAGE)
+                if not page:
+                    break
+                for row in page:
+                    cursor = (row.last_use, row.digest)
+                    if row.digest in protect:
+                        continue
+                    if self._evict_one(row.digest, row.last_use, row.nbytes):
+                        evicted.append(row.digest)
+                    total = self.index.total_bytes()
+                    if total <= self.max_bytes:
+                        break
+            if total > self.max_bytes:
+                self._log_over_budget(total)
+        return evicted
+
+    def _evict_one(self, digest: str, last_use: int, nbytes: int) -> bool:
+        with self.locks.hold(digest, blocking=False) as got:
+            # Skip it if busy, leased or used since we read its row (begin_eviction checks).
+            if not got or not self.index.begin_eviction(digest, last_use):
+                return False
+            removed = self._discard(self.entries_dir / digest)
+            self.index.remove(digest)
+        if removed:
+            logger.info(
+                "patched-adapter cache: evicted least-recently-used entry %s (%d bytes) to stay within %d bytes; "
+                "it will be rebuilt if requested again", digest[:16], nbytes, self.max_bytes,
+            )
+        return removed
+
+    def _log_over_budget(self, total: int) -> None:
+        now = time.monotonic()
+        if now - self._last_over_budget_log < _OVER_BUDGET_LOG_INTERVAL_S:
+            return
+        self._last_over_budget_log = now
+        stats = self.index.stats()
+        logger.warning(
+            "patched-adapter cache %s holds %d bytes, over its %d-byte limit, because the remaining entries are "
+            "leased (%d leases by %d processes: vLLM may still read them), being worked on, or were just created; "
+            "raise cache_max_bytes or lower max_tracked_adapters if this persists",
+            self.root, total, self.max_bytes, stats.leases, stats.owners,
+        )
+
+
+# Caches alive in this process: a forked child must not use their SQLite connection or
+# believe it holds their leases.
+_LIVE: "weakref.WeakSet[PatchedAdapterCache]" = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for cache in list(_LIVE):
+        cache.index.forget_after_fork()
+        cache.leases.forget_after_fork()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
