@@ -101,6 +101,8 @@ HOOKS: tuple[Hook, ...] = (
     Hook("vllm/lora/worker_manager.py", "WorkerLoRAManager.set_active_adapters", "wrapped: marks lazy loads inside "
          "execute_model, where the guard must not raise", leading=("self",), is_async=False,
          refs=("self._apply_adapters",)),
+    Hook("vllm/distributed/parallel_state.py", "get_tensor_model_parallel_rank",
+         "worker guard logs each verified load with its tensor-parallel rank", params=()),
     # ---- what the reader asks vLLM (integration/vllm_rules.py) or mirrors (adapters.py)
     Hook("vllm/lora/peft_helper.py", "PEFTHelper.from_dict", "vllm_rules: vLLM's own adapter_config checks",
          params=("cls", "config_dict")),
