@@ -154,10 +154,8 @@ def _nearest_existing(path: Path) -> Path:
 
 def _cache_bytes(entries: Path) -> int:
     """Bytes under entries/, counted by the cache's own helper (what it holds against its budget)."""
-    try:
-        from .cache.layout import dir_bytes  # the cache package (being split out of cache.py)
-    except ImportError:
-        from .cache import _dir_size as dir_bytes
+    from .cache.layout import dir_bytes
+
     return dir_bytes(entries)
 
 
