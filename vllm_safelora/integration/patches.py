@@ -297,7 +297,10 @@ def _wrap_worker_load_adapter(cls) -> None:
                 "%s. This batch runs the adapter's requests WITHOUT it (base model) instead of stopping the "
                 "engine; check the disk under %s", message, settings.cache_dir,
             )
-            return self._lora_model_cls(lora_request.lora_int_id, 1, {})
+            # vLLM's own zero-initialised adapter (what it warms up with): applying it adds nothing.
+            return self._adapter_manager.create_dummy_lora(
+                lora_request.lora_int_id, self.lora_config.max_lora_rank, self.embedding_modules
+            )
         logger.error("%s", message)
         raise ValueError(message)
 
