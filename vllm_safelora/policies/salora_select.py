@@ -32,9 +32,9 @@ from pydantic import Field, model_validator
 from ..adapters import LoraAdapter, LoraModule
 from ..bank import AlignmentBank
 from ..projection import ProjectionKind, analyze_module
-from .base import Policy, PolicyConfig, PolicyResult, module_report, pdst_term_for
+from .base import PolicyConfig, PolicyResult, module_report, pdst_term_for
 from .salora import LABEL as SALORA_LABEL
-from .salora import salora_project
+from .salora import SaLoRAPolicy, salora_project
 
 LABEL = "selective SaLoRA-style (post-hoc)"
 
@@ -82,14 +82,10 @@ def choose(scores: dict[str, float], config: SaLoRASelectConfig) -> set[str]:
     return set(ranked[: config.topk])
 
 
-class SaLoRASelectPolicy(Policy):
+class SaLoRASelectPolicy(SaLoRAPolicy):
+    """Same features and bank check as SaLoRA-style; ``apply`` adds the module choice."""
+
     name = "salora-select"
-
-    def __init__(self, config: SaLoRASelectConfig):
-        self.config = config
-
-    def validate_bank(self, bank: AlignmentBank) -> None:
-        bank.require_safety_features(f"the {LABEL} policy")
 
     def apply(self, adapter: LoraAdapter, bank: AlignmentBank) -> PolicyResult:
         features = bank.require_safety_features(f"the {LABEL} policy")
