@@ -70,19 +70,23 @@ class Leases:
         self._pending: set[str] = set()  # count dropped to 0; row not deleted yet
         self._owner: str | None = None
         self._owner_fd: int | None = None
-        # Index writes happen under this lock too, so a row is never deleted by a flush
-        # while another thread is counting a fresh lease on it.
+        # _lock guards the counts and is never held during I/O, so release() and a lease on
+        # an entry already held never wait for the database (they may run on vLLM's event
+        # loop). _io_lock orders this process's lease writes: a flush never deletes a row
+        # while another thread is taking a fresh lease on the same entry.
         self._lock = threading.Lock()
+        self._io_lock = threading.Lock()
         self._last_sweep = 0.0
 
     # ------------------------------------------------------------------ owner
 
     @property
     def owner(self) -> str:
-        with self._lock:
+        with self._io_lock:
             return self._ensure_owner()
 
     def _ensure_owner(self) -> str:
+        """Register this process as a lease owner once (call with ``_io_lock`` held)."""
         if self._owner is None:
             owner = f"{HOST}.{os.getpid()}.{uuid.uuid4().hex[:12]}"
             fd = os.open(self.owners_dir / f"{owner}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
@@ -100,23 +104,27 @@ class Leases:
     def try_acquire(self, digest: str) -> bool:
         """Lease the entry unless another process is evicting it right now (False)."""
         with self._lock:
-            # Our row already exists (held, or given back but not yet flushed): nobody can be
-            # evicting the entry, so no index write is needed (e.g. per request on the event loop).
-            if digest not in self._counts and digest not in self._pending:
-                if not self.index.try_lease(digest, self._ensure_owner()):
-                    return False
+            if self._counts.get(digest, 0) > 0:
+                # Our row exists and no flush will touch it: nobody can be evicting the
+                # entry, so no index write is needed.
+                self._counts[digest] += 1
+                return True
+        with self._io_lock:
+            if not self.index.try_lease(digest, self._ensure_owner()):
+                return False
             self._add(digest)
             return True
 
     def acquire(self, digest: str) -> None:
         """Lease the entry; the caller holds its key lock (nobody can be evicting it)."""
-        with self._lock:
+        with self._io_lock:
             self.index.add_lease(digest, self._ensure_owner())
             self._add(digest)
 
     def _add(self, digest: str) -> None:
-        self._counts[digest] = self._counts.get(digest, 0) + 1
-        self._pending.discard(digest)
+        with self._lock:
+            self._counts[digest] = self._counts.get(digest, 0) + 1
+            self._pending.discard(digest)
 
     def release(self, digest: str) -> None:
         """Give back one lease (memory only; the row goes at the next :meth:`flush`)."""
@@ -133,12 +141,14 @@ class Leases:
 
     def flush(self) -> int:
         """Delete the rows of leases given back since the last flush; returns how many."""
-        with self._lock:
-            if not self._pending or self._owner is None:
-                return 0
-            done = [d for d in self._pending if d not in self._counts]
+        with self._io_lock:
+            with self._lock:
+                if not self._pending or self._owner is None:
+                    return 0
+                # Counted again since (by the fast path) means still held: keep those rows.
+                done = [d for d in self._pending if d not in self._counts]
+                self._pending.clear()
             self.index.drop_leases(done, self._owner)
-            self._pending.clear()
             return len(done)
 
     def held(self) -> dict[str, int]:
@@ -170,7 +180,7 @@ class Leases:
 
     def close(self) -> None:
         """Give back every lease and the owner file (the process keeps running)."""
-        with self._lock:
+        with self._io_lock, self._lock:
             owner, fd = self._owner, self._owner_fd
             self._owner = self._owner_fd = None
             self._counts.clear()
@@ -192,3 +202,4 @@ class Leases:
         self._counts = {}
         self._pending = set()
         self._lock = threading.Lock()
+        self._io_lock = threading.Lock()
