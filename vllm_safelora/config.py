@@ -90,11 +90,12 @@ class SafeLoRASettings(BaseSettings):
         4096, ge=0, description="refusals remembered by content hash and file identity (LRU; 0 disables)"
     )
     max_tracked_adapters: int = Field(
-        1024, ge=1,
+        512, ge=1,
         description="adapters the server remembers (LRU, separately: entry paths handed to vLLM, names listed as "
         "loaded). Each keeps its cache entry leased, i.e. never evicted; one that drops out is prepared again on its "
         "next request (a cache hit: its upload is read and hashed). Keep it above vLLM's --max-cpu-loras plus the "
-        "distinct adapters of requests in flight, or an entry may be evicted while the engine still has to read it",
+        "distinct adapters of requests in flight, or an entry may be evicted while the engine still has to read it. "
+        "Memory: its report, about 300 KiB for a 7B adapter on all 224 linear modules (90 KiB on q/v only)",
     )
     shadow: bool = Field(
         False, description="report-only everywhere: adapters are served UNPROJECTED while reports and metrics "
