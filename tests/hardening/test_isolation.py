@@ -106,7 +106,7 @@ def iso_server(request, hardening_world, tiny_deltas, tmp_path_factory):
         hs.write_adapter(root / name, c, t)
     config = world.config(work / "iso.yaml", work / "cache")
     server = hs.Server(f"isolation-{dtype}", world.aligned, config, work,
-                       extra_args=["--dtype", dtype, "--max-loras", "4"])
+                       extra_args=["--dtype", dtype, "--max-loras", "3"])
     server.start()
     try:
         yield server, dtype, tenants, f"iso-{dtype}/max", {f"iso-{dtype}/{k}": v[2] for k, v in refused.items()}
@@ -119,7 +119,9 @@ def test_admitted_hostile_adapter_leaves_other_tenants_unchanged(iso_server, har
     others = [*tenants, str(hardening_world.aligned)]  # two adapters and the base model
     tenant_calls = [(m, p) for m in others for p in PROMPTS]
     hostile_calls = [(hostile, p) for p in PROMPTS]
-    for model in [*others, hostile]:  # load (and project) every adapter before timing batches
+    # Load (and project) every adapter first, in this order: slots 0, 1 for the tenants, the
+    # last slot (2 of --max-loras 3) for the hostile adapter.
+    for model in [*others, hostile]:
         assert complete(server, model, PROMPTS[0])["status"] == 200, model
 
     base1 = concurrently(server, tenant_calls)

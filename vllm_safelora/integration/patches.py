@@ -319,6 +319,8 @@ def install() -> None:
         from vllm.v1.engine.input_processor import InputProcessor
         from vllm.v1.engine.llm_engine import LLMEngine
 
+        from . import lora_isolation
+
         _wrap_input_processor_init(InputProcessor)
         _wrap_process_inputs(InputProcessor)
         _wrap_async_add_lora(AsyncLLM)
@@ -328,4 +330,5 @@ def install() -> None:
         _wrap_unload_lora_adapter(OpenAIServingModels)
         _wrap_worker_load_adapter(WorkerLoRAManager)
         _wrap_worker_set_active_adapters(WorkerLoRAManager)
+        lora_isolation.install()  # vllm-safelora issue 10 (reader owner): CPU ops gave base-model rows the last slot's LoRA
         _installed = True
