@@ -21,6 +21,8 @@ the process about to delete the entry; a lease is only taken while the state is
 
 Concurrency: one connection per cache object, used under a thread lock; writes are
 ``BEGIN IMMEDIATE`` transactions; other processes wait up to ``busy_timeout_s``.
+WAL needs shared memory between the processes, so the cache directory must be on a
+local filesystem: processes on one host share it; hosts do not (each its own cache).
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
+
+from ..errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -126,7 +130,14 @@ class CacheIndex:
             except (sqlite3.DatabaseError, IndexUnusable) as exc:
                 why = str(exc) or type(exc).__name__
             self._set_aside(why)
-            self._connect_and_check()
+            try:
+                self._connect_and_check()
+            except (sqlite3.DatabaseError, IndexUnusable) as exc:
+                raise ConfigError(
+                    f"patched-adapter cache index {self.path} cannot be created ({exc}); the cache directory must be "
+                    "on a local filesystem where SQLite's WAL mode works (not NFS or SMB: give each host its own "
+                    "cache_dir; entries are content-addressed, so replicas still agree)"
+                ) from exc
             return f"corrupt: {why}"
 
     def _connect_and_check(self) -> None:
