@@ -157,7 +157,7 @@ def run_side(side: str, world: dict, work: Path, a) -> dict:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--flooders", type=int, default=8)
+    p.add_argument("--flooders", type=int, default=48, help="more than the throttle's 2 running + 32 waiting")
     p.add_argument("--flood-seconds", type=float, default=60.0)
     p.add_argument("--flood-requests", type=int, default=400)
     p.add_argument("--hostile-tensors", type=int, default=100_000)

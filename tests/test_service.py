@@ -326,3 +326,18 @@ def test_hub_is_deny_by_default(tmp_path):
     with pytest.raises(AdapterRefused) as err:
         HubSource(cache_dir=tmp_path, local_files_only=True).repo_id("hub:acme/lora")
     assert err.value.reason is RefusalReason.INVALID_NAME and "allow-list is empty" in err.value.detail
+
+
+def test_refusals_before_the_content_is_known_are_remembered_by_files(tmp_path, tiny_bank, adapters_root, monkeypatch):
+    import vllm_safelora.service as service_module
+
+    svc = _service(tmp_path, tiny_bank, adapters_root, max_adapter_bytes=1000)
+    reads = []
+    real_read = service_module.read_adapter_files
+    monkeypatch.setattr(service_module, "read_adapter_files", lambda *a, **k: reads.append(1) or real_read(*a, **k))
+    hits = _metric("safelora_refusal_cache_hits_total")
+    for _ in range(3):
+        with pytest.raises(AdapterRefused) as err:
+            svc.prepare("acme/good")
+        assert err.value.reason is RefusalReason.TOO_LARGE
+    assert len(reads) == 1 and _metric("safelora_refusal_cache_hits_total") == hits + 2

@@ -55,12 +55,13 @@ class RefusalCache:
     def __len__(self) -> int:
         return len(self._by_content)
 
-    def remember(self, exc: AdapterRefused, content_key: Hashable, files_key: Hashable | None) -> None:
+    def remember(self, exc: AdapterRefused, content_key: Hashable | None, files_key: Hashable | None) -> None:
         if exc.reason in NOT_REMEMBERED:
             return
         value = (exc.reason, exc.detail[:MAX_DETAIL])
         with self._lock:
-            self._by_content.put(content_key, value)
+            if content_key is not None:
+                self._by_content.put(content_key, value)
             if files_key is not None:
                 self._by_files.put(files_key, value)
 

@@ -421,7 +421,11 @@ class SafeLoRAService:
         if files_key is not None and (refused := self.refusals.by_files(files_key)) is not None:
             metrics.REFUSAL_CACHE_HITS.inc()
             raise refused
-        files = read_adapter_files(location.path, name=name, limits=self.limits, confine_to=location.confine)
+        try:
+            files = read_adapter_files(location.path, name=name, limits=self.limits, confine_to=location.confine)
+        except AdapterRefused as exc:  # e.g. over the size limits: refused before its content is known
+            self.refusals.remember(exc, None, files_key)
+            raise
         content_key = (files.content_hash, decided_by)
         if (refused := self.refusals.by_content(content_key)) is not None:
             metrics.REFUSAL_CACHE_HITS.inc()
