@@ -41,9 +41,6 @@ class RefusalReason(str, enum.Enum):
     DUPLICATE_MODULE = "duplicate_module"  # two tensors vLLM would load into one module
     UPDATE_OVERFLOW = "update_overflow"  # s*B*A (or alpha) not safely finite in the served dtype
     VLLM_UNSUPPORTED = "vllm_unsupported"  # the served vLLM's own PEFTHelper refuses the config
-    DUPLICATE_MODULE = "duplicate_module"  # two tensors vLLM would load into one module
-    UPDATE_OVERFLOW = "update_overflow"  # s*B*A (or alpha) not safely finite in the served dtype
-    VLLM_UNSUPPORTED = "vllm_unsupported"  # the served vLLM's own PEFTHelper refuses the config
     NAME_IN_USE = "name_in_use"
 
 
