@@ -1,4 +1,9 @@
-"""Durable file writes and content hashes shared by the bank, the adapter writer and the cache."""
+"""Durable file writes and content hashes shared by the bank, the adapter writer and the cache.
+
+``atomic_directory`` publishes a whole new directory; ``atomic_file`` (and
+``replace_file``) one file inside an existing directory. Both fsync what they
+write before it becomes visible.
+"""
 
 from __future__ import annotations
 
@@ -33,6 +38,37 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def replace_file(tmp: Path, dest: Path) -> None:
+    """Flush ``tmp``, rename it over ``dest`` and flush the directory.
+
+    Readers (and a restart after a crash) see the old ``dest`` or the complete
+    new one, never a half-written file.
+    """
+    fsync_file(tmp)
+    os.replace(tmp, dest)
+    fsync_dir(Path(dest).parent)
+
+
+@contextlib.contextmanager
+def atomic_file(dest: Path) -> Iterator[Path]:
+    """Yield a temp path beside ``dest``; on success :func:`replace_file` it into place.
+
+    On any failure the temp file is removed and ``dest`` is untouched.
+    """
+    dest = Path(dest)
+    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        replace_file(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 @contextlib.contextmanager
 def atomic_directory(out_dir: Path, *, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temp dir beside ``out_dir``; on success fsync it and rename it into place.
@@ -48,8 +84,7 @@ def atomic_directory(out_dir: Path, *, overwrite: bool = False) -> Iterator[Path
     try:
         yield tmp
         for p in tmp.iterdir():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
+            fsync_file(p)
         fsync_dir(tmp)
         if out_dir.exists():
             shutil.rmtree(out_dir)
