@@ -18,7 +18,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from .errors import ConfigError
 from .policies import PolicySetting, SafeLoRAConfig
-from .tenancy import TenantRuleBase
+from .tenancy import AdmissionConfig, TenantRule  # defined in tenancy; also importable from here
 
 CONFIG_ENV = "VLLM_SAFELORA_CONFIG"
 ENV_PREFIX = "VLLM_SAFELORA_"
@@ -35,24 +35,6 @@ class HubConfig(BaseModel):
     )
     revision: str | None = None
     local_files_only: bool | None = Field(None, description="None: follow HF_HUB_OFFLINE")
-
-
-class AdmissionConfig(BaseModel):
-    """Refuse an adapter outright instead of (only) projecting it."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    max_projected_fraction: float | None = Field(
-        None, ge=0.0, le=1.0, description="refuse when more than this fraction of modules needed projection"
-    )
-    min_cosine: float | None = Field(
-        None, ge=-1.0, le=1.0, description="refuse when any module's cosine is below this floor"
-    )
-
-
-class TenantRule(TenantRuleBase):
-    policy: PolicySetting | None = Field(None, description="policy for these adapters (None: the top-level policy)")
-    admission: AdmissionConfig | None = Field(None, description="admission rules (None: the top-level ones)")
 
 
 class SafeLoRASettings(BaseSettings):

@@ -1,5 +1,8 @@
 """Per-tenant policy: adapter-name patterns -> policy, admission rules, shadow mode.
 
+The tenant and admission models live here (the configuration,
+:mod:`vllm_safelora.config`, uses them; this module does not import it).
+
 Rules are tried in order and the first whose pattern matches the adapter's
 served name wins; names no rule matches get the top-level ``policy`` and
 ``admission``. Patterns are case-sensitive shell globs on the whole name
@@ -12,14 +15,46 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .policies import PolicyConfig
+from .policies import PolicyConfig, PolicySetting
 
-if TYPE_CHECKING:
-    from .config import AdmissionConfig, SafeLoRASettings
+
+class AdmissionConfig(BaseModel):
+    """Refuse an adapter outright instead of (only) projecting it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_projected_fraction: float | None = Field(
+        None, ge=0.0, le=1.0, description="refuse when more than this fraction of modules needed projection"
+    )
+    min_cosine: float | None = Field(
+        None, ge=-1.0, le=1.0, description="refuse when any module's cosine is below this floor"
+    )
+
+
+class TenantRule(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    match: str = Field(description="glob on the adapter's served name, e.g. 'trusted/*'")
+    shadow: bool | None = Field(None, description="report-only for these adapters (None: the global setting)")
+    policy: PolicySetting | None = Field(None, description="policy for these adapters (None: the top-level policy)")
+    admission: AdmissionConfig | None = Field(None, description="admission rules (None: the top-level ones)")
+
+
+class TenantSettings(Protocol):
+    """The part of the configuration (:class:`vllm_safelora.config.SafeLoRASettings`) tenancy reads."""
+
+    @property
+    def tenants(self) -> Sequence[TenantRule]: ...
+    @property
+    def policy(self) -> PolicyConfig: ...
+    @property
+    def admission(self) -> AdmissionConfig: ...
+    @property
+    def shadow(self) -> bool: ...
 
 
 @dataclass(frozen=True)
@@ -29,7 +64,7 @@ class TenantPolicy:
     rule: str
     """The matching pattern, or 'default'."""
     policy: PolicyConfig
-    admission: "AdmissionConfig"
+    admission: AdmissionConfig
     shadow: bool
     """Report-only: serve the original adapter, record what the policy would have done."""
 
@@ -40,18 +75,11 @@ class TenantPolicy:
         return self.policy.policy_id(bank) + ("-shadow" if self.shadow else "")
 
 
-class TenantRuleBase(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    match: str = Field(description="glob on the adapter's served name, e.g. 'trusted/*'")
-    shadow: bool | None = Field(None, description="report-only for these adapters (None: the global setting)")
-
-
 def _rule_applies(pattern: str, name: str) -> bool:
     return fnmatchcase(name, pattern)
 
 
-def resolve_tenant(settings: "SafeLoRASettings", name: str) -> TenantPolicy:
+def resolve_tenant(settings: TenantSettings, name: str) -> TenantPolicy:
     for rule in settings.tenants:
         if _rule_applies(rule.match, name):
             return TenantPolicy(
@@ -63,11 +91,11 @@ def resolve_tenant(settings: "SafeLoRASettings", name: str) -> TenantPolicy:
     return TenantPolicy(rule="default", policy=settings.policy, admission=settings.admission, shadow=settings.shadow)
 
 
-def all_policies(settings: "SafeLoRASettings") -> list[PolicyConfig]:
+def all_policies(settings: TenantSettings) -> list[PolicyConfig]:
     return [settings.policy, *(r.policy for r in settings.tenants if r.policy is not None)]
 
 
-def describe_rules(settings: "SafeLoRASettings") -> list[dict[str, Any]]:
+def describe_rules(settings: TenantSettings) -> list[dict[str, Any]]:
     rows = [
         {
             "match": r.match,
