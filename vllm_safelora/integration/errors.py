@@ -1,4 +1,5 @@
-"""How refusals reach HTTP clients: AdapterRefused -> a 4xx, Overloaded -> 503, as vLLM's GracefulHTTPError."""
+"""How refusals reach HTTP clients: AdapterRefused -> a 4xx, Overloaded -> 503, as vLLM's GracefulHTTPError;
+and the 503 for a LoRA request that arrives before the plugin's service started."""
 
 from __future__ import annotations
 
@@ -26,6 +27,16 @@ def to_http_error(exc: AdapterRefused | Overloaded):
     from vllm.exceptions import GracefulHTTPError
 
     return GracefulHTTPError(f"vllm-safelora: {exc}", http_status(exc))
+
+
+def service_not_started():
+    """A LoRA request before the service started (a 503): never load an unprojected adapter."""
+    from vllm.exceptions import GracefulHTTPError
+
+    return GracefulHTTPError(
+        "vllm-safelora: LoRA request before the plugin's service started; refusing to load an unprojected adapter",
+        HTTPStatus.SERVICE_UNAVAILABLE,
+    )
 
 
 def to_error_response(exc: AdapterRefused | Overloaded):

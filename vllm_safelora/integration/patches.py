@@ -26,12 +26,12 @@ import inspect
 import logging
 import os
 import threading
-from http import HTTPStatus
 
 from .. import metrics
 from ..errors import AdapterRefused, Overloaded
 from . import state
-from .errors import to_error_response, to_http_error
+from .errors import service_not_started, to_error_response, to_http_error
+from .logs import share_vllm_logging
 
 logger = logging.getLogger("vllm_safelora")
 
@@ -42,12 +42,7 @@ _install_lock = threading.Lock()
 def _service_or_503():
     svc = state.service()
     if svc is None:
-        from vllm.exceptions import GracefulHTTPError
-
-        raise GracefulHTTPError(
-            "vllm-safelora: LoRA request before the plugin's service started; refusing to load an unprojected adapter",
-            HTTPStatus.SERVICE_UNAVAILABLE,
-        )
+        raise service_not_started()
     return svc
 
 
@@ -71,8 +66,6 @@ def _wrap_input_processor_init(cls) -> None:
     @functools.wraps(original)
     def __init__(self, vllm_config, *args, **kwargs):
         original(self, vllm_config, *args, **kwargs)
-        from .plugin import share_vllm_logging
-
         share_vllm_logging()
         lora_config = vllm_config.lora_config
         if lora_config is None:
