@@ -26,7 +26,7 @@ def service(hardening_world, tmp_path_factory):
     cache_dir = tmp_path_factory.mktemp("svc_cache")
     settings = SafeLoRASettings(
         bank=hardening_world.bank, adapter_dirs=[hardening_world.adapter_root], cache_dir=cache_dir, device="cpu",
-        max_adapter_bytes=hs.SMALL_MAX_ADAPTER_BYTES,
+        max_adapter_bytes=hs.SMALL_MAX_ADAPTER_BYTES, served_names="label",  # as the shared server (conftest)
     )
     # The limits the catalogue server derives from its vLLM (vllm_rules), so both refuse alike.
     limits = hs.served_read_limits(hardening_world.aligned, hs.SMALL_MAX_ADAPTER_BYTES)
@@ -39,7 +39,8 @@ def test_catalogue_is_large_enough(hardening_world):
     assert len({c.name for c in cat.dir_cases}) == len(cat.dir_cases)
     reasons = {c.reason for c in cat.dir_cases}
     # Every refusal reason an adapter directory can earn is exercised.
-    assert reasons >= {r.value for r in RefusalReason} - {"not_found", "admission", "changed_while_reading"}, reasons
+    # (name_in_use is about a served name, not a directory: tests/hardening/test_tenants.py)
+    assert reasons >= {r.value for r in RefusalReason} - {"not_found", "admission", "changed_while_reading", "name_in_use"}, reasons
 
 
 def test_every_hostile_adapter_is_refused_in_process(service, hardening_world):
