@@ -39,7 +39,7 @@ def test_catalogue_is_large_enough(hardening_world):
     assert len({c.name for c in cat.dir_cases}) == len(cat.dir_cases)
     reasons = {c.reason for c in cat.dir_cases}
     # Every refusal reason an adapter directory can earn is exercised.
-    # (name_in_use is about a served name, not a directory: tests/hardening/test_tenants.py)
+    # (name_in_use is about a served name, not a directory: tests/test_service.py)
     assert reasons >= {r.value for r in RefusalReason} - {"not_found", "admission", "changed_while_reading", "name_in_use"}, reasons
 
 
