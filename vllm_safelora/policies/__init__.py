@@ -9,21 +9,29 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Mapping, Union
+from typing import Annotated, Any, Mapping
 
-from pydantic import BeforeValidator, Field, TypeAdapter
+from pydantic import BeforeValidator, TypeAdapter
 
 from .base import Policy, PolicyConfig, PolicyResult, adapter_view
-from .chain import ChainConfig, ChainPolicy, make_step
+from .chain import ChainConfig, ChainPolicy
+from .registry import make_policy, policy_config_union, register_policy
 from .salora import SaLoRAConfig, SaLoRAPolicy
 from .salora_select import SaLoRASelectConfig, SaLoRASelectPolicy
 from .safelora import SafeLoRAConfig, SafeLoRAPolicy
 from .splora import SPLoRAConfig, SPLoRAPolicy
 
+# The policies, in this order (pydantic's union, its schema and its error messages follow it).
+# A new policy: its own file, and one line here.
+register_policy("safelora", SafeLoRAConfig, SafeLoRAPolicy)
+register_policy("splora", SPLoRAConfig, SPLoRAPolicy)
+register_policy("salora-style", SaLoRAConfig, SaLoRAPolicy)
+register_policy("salora-select", SaLoRASelectConfig, SaLoRASelectPolicy)
+register_policy("chain", ChainConfig, ChainPolicy, step=False)
+
 # Discriminated on ``kind``: configs name the policy they want.
-AnyPolicyConfig = Annotated[
-    Union[SafeLoRAConfig, SPLoRAConfig, SaLoRAConfig, SaLoRASelectConfig, ChainConfig], Field(discriminator="kind")
-]
+AnyPolicyConfig = policy_config_union()
+
 
 def with_default_kind(value: Any) -> Any:
     """Pydantic BeforeValidator: a policy mapping without ``kind`` is Safe LoRA (configs predating other kinds).
@@ -46,12 +54,6 @@ def parse_policy(data: Mapping[str, Any]) -> PolicyConfig:
     return _ANY.validate_python(data)
 
 
-def make_policy(config: PolicyConfig) -> Policy:
-    if isinstance(config, ChainConfig):
-        return ChainPolicy(config)
-    return make_step(config)
-
-
 __all__ = [
     "AnyPolicyConfig",
     "ChainConfig",
@@ -71,5 +73,6 @@ __all__ = [
     "adapter_view",
     "make_policy",
     "parse_policy",
+    "register_policy",
     "with_default_kind",
 ]

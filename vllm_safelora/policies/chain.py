@@ -30,7 +30,7 @@ Notes carry each step's notes, prefixed with the step. Chains do not nest.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Union
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field
 
@@ -39,24 +39,13 @@ from ..bank import AlignmentBank
 from ..projection import ProjectionKind
 from ..report import ModuleReport
 from .base import Policy, PolicyConfig, PolicyResult, adapter_view, pdst_term_for
-from .salora import SaLoRAConfig, SaLoRAPolicy
-from .salora_select import SaLoRASelectConfig, SaLoRASelectPolicy
-from .safelora import SafeLoRAConfig, SafeLoRAPolicy
-from .splora import SPLoRAConfig, SPLoRAPolicy
+from .registry import make_policy
+from .safelora import SafeLoRAConfig
 
-StepConfig = Annotated[Union[SafeLoRAConfig, SPLoRAConfig, SaLoRAConfig, SaLoRASelectConfig], Field(discriminator="kind")]
-
-
-def make_step(config: PolicyConfig) -> Policy:
-    if isinstance(config, SafeLoRAConfig):
-        return SafeLoRAPolicy(config)
-    if isinstance(config, SPLoRAConfig):
-        return SPLoRAPolicy(config)
-    if isinstance(config, SaLoRAConfig):
-        return SaLoRAPolicy(config)
-    if isinstance(config, SaLoRASelectConfig):
-        return SaLoRASelectPolicy(config)
-    raise TypeError(f"no policy implements config kind {config.kind!r}")
+if TYPE_CHECKING:
+    # At run time StepConfig is the union of the registered step policies' configs,
+    # resolved by registry.policy_config_union() once every policy is registered.
+    StepConfig = PolicyConfig
 
 
 class ChainConfig(PolicyConfig):
@@ -72,7 +61,7 @@ class ChainPolicy(Policy):
 
     def __init__(self, config: ChainConfig):
         self.config = config
-        self.steps = [make_step(step) for step in config.steps]
+        self.steps = [make_policy(step) for step in config.steps]
 
     def validate_bank(self, bank: AlignmentBank) -> None:
         for step in self.steps:
