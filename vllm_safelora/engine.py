@@ -119,9 +119,7 @@ def project_adapter(
     bounds = [m.bank_error_bound for m in result.modules]
     flops_before = lora_flops_per_token(adapter)
     pruned = set(result.pruned)
-    flops_after = sum(
-        2 * m.rank * (m.d_in + m.d_out) for name, m in adapter.modules.items() if name not in pruned
-    )
+    flops_after = lora_flops_per_token(adapter, without=pruned)
     summary = ReportSummary(
         outcome="projected" if result.changed else "unchanged",
         modules=len(result.modules),

@@ -27,7 +27,7 @@ import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Collection, Mapping
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -127,9 +127,12 @@ def pdst_term_for(
     return 1.0 / (1.0 + float(torch.linalg.vector_norm(final - CB)))
 
 
-def lora_flops_per_token(adapter: LoraAdapter) -> int:
-    """LoRA FLOPs per token: sum over modules of 2 r (d_in + d_out) (x A^T, then (x A^T) B^T)."""
-    return sum(2 * m.rank * (m.d_in + m.d_out) for m in adapter.modules.values())
+def lora_flops_per_token(adapter: LoraAdapter, without: Collection[str] = ()) -> int:
+    """LoRA FLOPs per token: sum over modules of 2 r (d_in + d_out) (x A^T, then (x A^T) B^T).
+
+    ``without``: modules left out (pruned), for the compute of the adapter as served.
+    """
+    return sum(2 * m.rank * (m.d_in + m.d_out) for name, m in adapter.modules.items() if name not in without)
 
 
 def analyze_adapter(adapter: LoraAdapter, bank: AlignmentBank, kind: ProjectionKind) -> dict[str, ModuleAnalysis]:

@@ -58,7 +58,15 @@ from ..adapters import LoraAdapter
 from ..bank import AlignmentBank
 from ..projection import ProjectionKind
 from ..report import ModuleReport
-from .base import Policy, PolicyConfig, PolicyResult, analyze_adapter, module_report, pdst_term_for
+from .base import (
+    Policy,
+    PolicyConfig,
+    PolicyResult,
+    analyze_adapter,
+    lora_flops_per_token,
+    module_report,
+    pdst_term_for,
+)
 
 _ZERO = 1e-12
 
@@ -132,16 +140,11 @@ class SPLoRAPolicy(Policy):
 
         tensors = dict(adapter.tensors)
         reports: list[ModuleReport] = []
-        flops_before = flops_after = 0
         for name, module in adapter.modules.items():
             a = analyses[name]
-            flops = 2 * module.rank * (module.d_in + module.d_out)
-            flops_before += flops
             is_pruned = name in pruned
             if is_pruned:
                 del tensors[module.a_key], tensors[module.b_key]
-            else:
-                flops_after += flops
             final_B = None if is_pruned else module.lora_B
             reports.append(
                 module_report(
@@ -150,6 +153,7 @@ class SPLoRAPolicy(Policy):
                     pruned=is_pruned, distance_score=z[name],
                 )
             )
+        flops_before, flops_after = lora_flops_per_token(adapter), lora_flops_per_token(adapter, without=pruned)
         notes = [
             f"SPLoRA distance d = ||(C - I) dW||_F / ||dW||_F standardised as z = (d - {median:.4g}) / {scale:.4g} "
             f"(median, scale = {which}); pruned {len(pruned)}/{len(z)} module(s)"
