@@ -13,7 +13,7 @@ from vllm_safelora.projection import (
     ProjectionKind,
     SelectMode,
     Subspace,
-    _trace_with_gram,
+    trace_with_gram,
     analyze_module,
     apply_operator,
     round_cosine,
@@ -64,14 +64,14 @@ def _dense_C(V: torch.Tensor, kind) -> torch.Tensor:
 
 @FAST
 @given(seed=seeds, d_out=dims, d_in=dims, r=ranks)
-def test_trace_with_gram_is_frobenius_inner_product(seed, d_out, d_in, r):
+def testtrace_with_gram_is_frobenius_inner_product(seed, d_out, d_in, r):
     """tr(X^T Y A A^T) = <X A, Y A>_F for any X, Y (d_out x r)."""
     g = _gen(seed)
     X = torch.randn(d_out, r, generator=g, dtype=F64)
     Y = torch.randn(d_out, r, generator=g, dtype=F64)
     A = torch.randn(r, d_in, generator=g, dtype=F64)
     dense = float(torch.sum((X @ A) * (Y @ A)))
-    assert _trace_with_gram(X, Y, A @ A.T) == pytest.approx(dense, rel=1e-10, abs=1e-10)
+    assert trace_with_gram(X, Y, A @ A.T) == pytest.approx(dense, rel=1e-10, abs=1e-10)
 
 
 @FAST
@@ -85,10 +85,10 @@ def test_paper_traces_match_dense(seed, d_out, d_in, r, kind):
     dW = B @ A
     CdW = C @ dW
     pairs = [
-        (_trace_with_gram(B, CB, G), torch.sum(CdW * dW)),
-        (_trace_with_gram(B, B, G), torch.sum(dW * dW)),
-        (_trace_with_gram(CB, CB, G), torch.sum(CdW * CdW)),
-        (_trace_with_gram(CB - B, CB - B, G), torch.sum((CdW - dW) ** 2)),
+        (trace_with_gram(B, CB, G), torch.sum(CdW * dW)),
+        (trace_with_gram(B, B, G), torch.sum(dW * dW)),
+        (trace_with_gram(CB, CB, G), torch.sum(CdW * CdW)),
+        (trace_with_gram(CB - B, CB - B, G), torch.sum((CdW - dW) ** 2)),
     ]
     for fast, dense in pairs:
         dense = float(dense)

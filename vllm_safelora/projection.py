@@ -131,7 +131,11 @@ class ModuleAnalysis:
     """C B in float32 (device of the bank); written only if the module is selected."""
 
 
-def _trace_with_gram(X: torch.Tensor, Y: torch.Tensor, G: torch.Tensor) -> float:
+def trace_with_gram(X: torch.Tensor, Y: torch.Tensor, G: torch.Tensor) -> float:
+    """tr(X^T Y G) for a symmetric r x r G: with G = A A^T, the Frobenius inner product <X A, Y A>.
+
+    The one r x r trace every policy uses (Safe LoRA's scores here, the SaLoRA-style overlap).
+    """
     # tr(X^T Y G) = sum((X^T Y) * G^T) and G is symmetric.
     return float(torch.sum((X.T @ Y) * G))
 
@@ -153,10 +157,10 @@ def analyze_module(
     G = A64 @ A64.T
     D = CB64 - B64
 
-    inner = _trace_with_gram(B64, CB64, G)
-    norm_dw_sq = max(_trace_with_gram(B64, B64, G), 0.0)
-    norm_cdw_sq = max(_trace_with_gram(CB64, CB64, G), 0.0)
-    dist_dw_sq = max(_trace_with_gram(D, D, G), 0.0)
+    inner = trace_with_gram(B64, CB64, G)
+    norm_dw_sq = max(trace_with_gram(B64, B64, G), 0.0)
+    norm_cdw_sq = max(trace_with_gram(CB64, CB64, G), 0.0)
+    dist_dw_sq = max(trace_with_gram(D, D, G), 0.0)
 
     denom = math.sqrt(norm_dw_sq) * math.sqrt(norm_cdw_sq)
     # torch.nn.functional.cosine_similarity (the reference) gives 0 for a zero vector.

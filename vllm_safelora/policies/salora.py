@@ -39,9 +39,9 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from ..adapters import LoraAdapter
+from ..adapters import LoraAdapter, LoraModule
 from ..bank import AlignmentBank
-from ..projection import ProjectionKind, analyze_module
+from ..projection import ProjectionKind, analyze_module, trace_with_gram
 from ..report import ModuleReport
 from .base import Policy, PolicyConfig, PolicyResult, module_report, pdst_term_for
 
@@ -59,6 +59,17 @@ class SaLoRAConfig(PolicyConfig):
 
     def uses_safety_features(self) -> bool:
         return True
+
+
+def safety_overlap(Vs: torch.Tensor, module: LoraModule) -> float:
+    """||V_s V_s^T dW||_F / ||dW||_F in float64 via r x r traces (the scale s cancels)."""
+    A = module.lora_A.to(device=Vs.device, dtype=torch.float64)
+    B = module.lora_B.to(device=Vs.device, dtype=torch.float64)
+    G = A @ A.T
+    inside = Vs.double().T @ B  # (V_s^T B): ||V_s V_s^T B A||^2 = tr((V_s^T B)^T (V_s^T B) G)
+    num = max(trace_with_gram(inside, inside, G), 0.0)
+    den = max(trace_with_gram(B, B, G), 0.0)
+    return math.sqrt(num / den) if den > 0 else 0.0
 
 
 def salora_project(Vs: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
@@ -91,15 +102,11 @@ class SaLoRAPolicy(Policy):
                 Vs = Vs[:, :k]
             a = analyze_module(name, sub, module.lora_A, module.lora_B, module.scale, ProjectionKind.APPROX)
 
-            B64 = module.lora_B.to(device=Vs.device, dtype=torch.float64)
-            A64 = module.lora_A.to(device=Vs.device, dtype=torch.float64)
-            G = A64 @ A64.T
-            VtB = Vs.double().T @ B64
-            removed_sq = max(float(torch.sum((VtB.T @ VtB) * G)), 0.0)
-            total_sq = max(float(torch.sum((B64.T @ B64) * G)), 0.0)
-            fraction = math.sqrt(removed_sq / total_sq) if total_sq > 0 else 0.0
+            fraction = safety_overlap(Vs, module)
             fractions.append(fraction)
 
+            B64 = module.lora_B.to(device=Vs.device, dtype=torch.float64)
+            VtB = Vs.double().T @ B64
             project = float(torch.linalg.vector_norm(VtB)) > _NEGLIGIBLE * float(torch.linalg.vector_norm(B64))
             final_B = module.lora_B
             if project:

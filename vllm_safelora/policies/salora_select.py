@@ -23,18 +23,17 @@ Data-dependent like SaLoRA-style (V_s comes from a prompt set); measure it, do n
 
 from __future__ import annotations
 
-import math
 from typing import Literal
 
 import torch
 from pydantic import Field, model_validator
 
-from ..adapters import LoraAdapter, LoraModule
+from ..adapters import LoraAdapter
 from ..bank import AlignmentBank
 from ..projection import ProjectionKind, analyze_module
 from .base import PolicyConfig, PolicyResult, module_report, pdst_term_for
 from .salora import LABEL as SALORA_LABEL
-from .salora import SaLoRAPolicy, salora_project
+from .salora import SaLoRAPolicy, safety_overlap, salora_project
 
 LABEL = "selective SaLoRA-style (post-hoc)"
 
@@ -59,17 +58,6 @@ class SaLoRASelectConfig(PolicyConfig):
 
     def uses_safety_features(self) -> bool:
         return True
-
-
-def safety_overlap(Vs: torch.Tensor, module: LoraModule) -> float:
-    """||V_s V_s^T dW||_F / ||dW||_F in float64 via r x r traces (the scale s cancels)."""
-    A = module.lora_A.to(device=Vs.device, dtype=torch.float64)
-    B = module.lora_B.to(device=Vs.device, dtype=torch.float64)
-    G = A @ A.T
-    inside = Vs.double().T @ B  # (V_s^T B): ||V_s V_s^T B A||^2 = tr((V_s^T B)^T (V_s^T B) G)
-    num = max(float(torch.sum((inside.T @ inside) * G)), 0.0)
-    den = max(float(torch.sum((B.T @ B) * G)), 0.0)
-    return math.sqrt(num / den) if den > 0 else 0.0
 
 
 def choose(scores: dict[str, float], config: SaLoRASelectConfig) -> set[str]:
