@@ -393,6 +393,21 @@ def test_100k_zero_size_tensors_refused_before_parsing(no_tensor_parsing):
     assert peak < 1 << 20, peak  # measured: a few KB (the 7 MB file is not copied)
 
 
+@pytest.mark.parametrize("header", ["long", "many"])
+def test_a_huge_file_with_a_hostile_header_is_not_read(tmp_path, header):
+    """The header is checked after its first bytes are read: a 256 MiB (sparse) file costs ~100 KB."""
+    limits = ReadLimits(max_tensors=56, max_header_bytes=56 * 512 + 65536)
+    head = struct.pack("<Q", 200_000) if header == "long" else zero_size_flood(400)
+    d = write_adapter(tmp_path / "a", weights=head)
+    with open(d / adapters.WEIGHTS_FILE, "r+b") as f:
+        f.truncate(256 << 20)
+    tracemalloc.start()
+    refused(d, R.TOO_LARGE, must_name=["header is 200000 bytes" if header == "long" else "holds 400 tensors"], limits=limits)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert peak < 4 << 20, peak
+
+
 def test_tensor_count_refused_before_json(no_tensor_parsing):
     # a compact header within max_header_bytes but with more tensors than the model can have
     limits = ReadLimits(max_tensors=56, max_header_bytes=56 * 512 + 65536)

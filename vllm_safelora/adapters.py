@@ -12,6 +12,7 @@ This module imports no vLLM.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -209,7 +210,13 @@ class _Problems:
 # Files
 
 
-def _read_regular_file(path: Path, limit: int, adapter: str, confine_to: Path | None) -> tuple[bytes, os.stat_result]:
+def _read_regular_file(
+    path: Path, limit: int, adapter: str, confine_to: Path | None,
+    head: tuple[int, Callable[[bytes, int], None]] | None = None,
+) -> tuple[bytes, os.stat_result]:
+    """The file's bytes within ``limit``. ``head`` = (n, check): the first n bytes are read
+    first and ``check(head, file_size)`` may refuse them before the rest is read (a huge file with a hostile
+    header costs n bytes, not the file)."""
     real = Path(os.path.realpath(path))
     if confine_to is not None:
         root = Path(os.path.realpath(confine_to))
@@ -230,6 +237,10 @@ def _read_regular_file(path: Path, limit: int, adapter: str, confine_to: Path | 
                 RefusalReason.TOO_LARGE, f"{path.name} is {st.st_size} bytes, the limit is {limit}", adapter
             )
         chunks, total = [], 0
+        if head is not None:
+            first = _read_up_to(fd, min(head[0], limit + 1))
+            head[1](first, st.st_size)
+            chunks, total = [first], len(first)
         while True:
             block = os.read(fd, min(1 << 24, limit + 1 - total))
             if not block:
@@ -246,6 +257,17 @@ def _read_regular_file(path: Path, limit: int, adapter: str, confine_to: Path | 
         return data, st
     finally:
         os.close(fd)
+
+
+def _read_up_to(fd: int, n: int) -> bytes:
+    parts, got = [], 0
+    while got < n:
+        block = os.read(fd, n - got)
+        if not block:
+            break
+        parts.append(block)
+        got += len(block)
+    return b"".join(parts)
 
 
 def _same_file(before: os.stat_result, path: Path) -> bool:
@@ -452,17 +474,9 @@ def _check_safetensors_header(data: bytes, limits: ReadLimits, problems: _Proble
             f"{WEIGHTS_FILE} header claims {n} bytes but the file has {len(data) - 8} after the length field",
         )
         return None
-    if n > limits.max_header_bytes:
-        problems.add(
-            RefusalReason.TOO_LARGE,
-            f"{WEIGHTS_FILE} header is {n} bytes, the limit is {limits.max_header_bytes} "
-            f"(room for {limits.max_tensors} tensors, as many as a LoRA of the served model can have)",
-        )
+    if not _header_within_bounds(data, limits, problems):
         return None
     raw = data[8 : 8 + n]
-    if raw.count(b'"data_offsets"') > limits.max_tensors:
-        problems.add(RefusalReason.TOO_LARGE, _too_many_tensors(raw.count(b'"data_offsets"'), limits))
-        return None
     duplicates: list[str] = []
 
     def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -487,6 +501,32 @@ def _check_safetensors_header(data: bytes, limits: ReadLimits, problems: _Proble
         problems.add(RefusalReason.TOO_LARGE, _too_many_tensors(len(header) - ("__metadata__" in header), limits))
         return None
     return header if _check_header_entries(header, len(data) - 8 - n, limits, problems) else None
+
+
+def _header_within_bounds(data: bytes, limits: ReadLimits, problems: _Problems) -> bool:
+    """The header's size and tensor count, from its length field and a byte count: no parsing."""
+    (n,) = struct.unpack("<Q", data[:8])
+    if n > limits.max_header_bytes:
+        problems.add(
+            RefusalReason.TOO_LARGE,
+            f"{WEIGHTS_FILE} header is {n} bytes, the limit is {limits.max_header_bytes} "
+            f"(room for {limits.max_tensors} tensors, as many as a LoRA of the served model can have)",
+        )
+        return False
+    count = data[8 : 8 + n].count(b'"data_offsets"')
+    if count > limits.max_tensors:
+        problems.add(RefusalReason.TOO_LARGE, _too_many_tensors(count, limits))
+        return False
+    return True
+
+
+def _refuse_oversized_header(head: bytes, size: int, *, limits: ReadLimits, adapter: str) -> None:
+    """While reading: refuse a header over the bounds before the rest of the file is read.
+    (A length field past the end of the file is left to the parser, which calls it malformed.)"""
+    if len(head) >= 8 and 8 + struct.unpack("<Q", head[:8])[0] <= size:
+        problems = _Problems(adapter)
+        _header_within_bounds(head, limits, problems)
+        problems.raise_if_any()
 
 
 def _too_many_tensors(count: int, limits: ReadLimits) -> str:
@@ -593,7 +633,10 @@ def read_adapter_files(
         )
 
     config_bytes, config_stat = _read_regular_file(config_path, limits.max_config_bytes, who, confine_to)
-    weights_bytes, weights_stat = _read_regular_file(weights_path, limits.max_bytes, who, confine_to)
+    weights_bytes, weights_stat = _read_regular_file(
+        weights_path, limits.max_bytes, who, confine_to,
+        head=(8 + limits.max_header_bytes, functools.partial(_refuse_oversized_header, limits=limits, adapter=who)),
+    )
     if not (_same_file(config_stat, config_path) and _same_file(weights_stat, weights_path)):
         raise AdapterRefused(
             RefusalReason.CHANGED_WHILE_READING,
