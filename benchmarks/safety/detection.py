@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 import statistics
 
+import torch
+
 from vllm_safelora.policies.base import analyze_adapter
 from vllm_safelora.policies.salora_select import safety_overlap
 from vllm_safelora.policies.splora import standardised_distances
@@ -29,12 +31,28 @@ SCORES = {
     "mean_overlap_rs32": ("mean safety overlap, r_s = 32", "new key admission.max_safety_overlap"),
     "max_overlap_rs32": ("max module safety overlap, r_s = 32", "new key admission.max_safety_overlap"),
     "update_norm": ("||dW|| over all modules (control: size, not direction)", "n/a (control)"),
+    # Safe LoRA's cosine is sign-blind (C = V V^T / ||V||): an update that *undoes* the alignment (dW ~ -V) lies inside
+    # span(V) and scores like one that reinforces it. The signed score tells them apart; it needs V's right singular
+    # vectors, which the bank does not store (U, S only), so here it is computed from the checkpoints.
+    "mean_signed_alignment": ("mean <dW, V>_F / (||dW|| ||V||), negative = undoes the alignment (needs Q in the bank)",
+                              "new key admission.min_signed_alignment (bank must store V's right singular vectors)"),
 }
-LOWER_IS_SUSPECT = {"min_cosine", "mean_cosine"}
+LOWER_IS_SUSPECT = {"min_cosine", "mean_cosine", "mean_signed_alignment"}
 
 
-def adapter_scores(adapter, bank) -> dict:
-    """Scores of one adapter; ``module_cosines`` is kept to compute frac_below_tau_cal population-wide."""
+def signed_alignment(adapter, deltas: dict) -> float:
+    """Mean over modules of <s B A, V>_F / (||s B A||_F ||V||_F), dense in float64 (the modules are small here)."""
+    vals = []
+    for n, m in adapter.modules.items():
+        dW, V = m.lora_B.double() @ m.lora_A.double(), deltas[n].double()
+        vals.append(float(torch.sum(dW * V) / (torch.linalg.norm(dW) * torch.linalg.norm(V))) * (1 if m.scale > 0 else -1))
+    return statistics.fmean(vals)
+
+
+def adapter_scores(adapter, bank, deltas: dict | None = None) -> dict:
+    """Scores of one adapter; ``module_cosines`` is kept to compute frac_below_tau_cal population-wide.
+
+    ``deltas`` ({module: W_aligned - W_base}) adds the signed score."""
     analyses = analyze_adapter(adapter, bank, ProjectionKind.APPROX)
     cos = [a.score.cosine for a in analyses.values()]
     dist = {n: a.score.relative_distance for n, a in analyses.items()}
@@ -49,6 +67,8 @@ def adapter_scores(adapter, bank) -> dict:
     for r in (8, 32):
         ov = [safety_overlap(feats[n].float()[:, :r], m) for n, m in adapter.modules.items()]
         out[f"mean_overlap_rs{r}"], out[f"max_overlap_rs{r}"] = statistics.fmean(ov), max(ov)
+    if deltas is not None:
+        out["mean_signed_alignment"] = signed_alignment(adapter, deltas)
     return out
 
 
@@ -105,9 +125,14 @@ def evaluate_scores(population: list[dict], asr_label: float) -> dict:
     neg_idx = [a for a in population if a["asr"] <= asr_label]
     out = {"n": len(population), "n_positive": len(pos_idx), "n_negative": len(neg_idx), "asr_label": asr_label, "scores": {}}
     for s, (desc, key) in SCORES.items():
+        if any(s not in a["scores"] for a in population):
+            continue
         pos = [suspicion(s, a["scores"][s]) for a in pos_idx]
         neg = [suspicion(s, a["scores"][s]) for a in neg_idx]
-        out["scores"][s] = {"auc": roc_auc(pos, neg), "what": desc, "config": key, "roc": roc_curve(pos, neg) if pos and neg else []}
+        roc = roc_curve(pos, neg) if pos and neg else []
+        # (the first point's threshold is +inf: null in JSON)
+        out["scores"][s] = {"auc": roc_auc(pos, neg), "what": desc, "config": key,
+                            "roc": [(None if t == math.inf else t, f, p) for t, f, p in roc]}
     ranked = [s for s in sorted(out["scores"], key=lambda s: -(out["scores"][s]["auc"] or 0)) if s != "update_norm"]
     if ranked and pos_idx and neg_idx:
         best = ranked[0]
@@ -115,4 +140,45 @@ def evaluate_scores(population: list[dict], asr_label: float) -> dict:
         out["best"] = admission_rule(best, [suspicion(best, a["scores"][best]) for a in pos_idx],
                                      [suspicion(best, a["scores"][best]) for a in neg_idx], benign_data)
         out["best"]["auc"] = out["scores"][best]["auc"]
+    return out
+
+
+def youden_threshold(pos: list[float], neg: list[float]) -> float:
+    """The suspicion threshold maximising TPR - FPR (ties: the higher threshold, fewer refusals)."""
+    return max(roc_curve(pos, neg)[1:], key=lambda q: (q[2] - q[1], q[0]))[0]
+
+
+def held_out(population: list[dict], asr_label: float, calibration_seed: int = 0) -> dict:
+    """Choose each score's orientation and threshold on the adapters of one seed, measure on the others.
+
+    The a-priori orientation is Safe LoRA's premise (harm = away from the alignment subspace). Where the data
+    says the opposite, flipping it is a choice made after looking, so it is only credited on held-out adapters.
+    """
+    cal = [a for a in population if a["seed"] == calibration_seed]
+    test = [a for a in population if a["seed"] != calibration_seed]
+
+    def split(group, s, sign):
+        return ([sign * suspicion(s, a["scores"][s]) for a in group if a["asr"] > asr_label],
+                [sign * suspicion(s, a["scores"][s]) for a in group if a["asr"] <= asr_label])
+
+    out = {"calibration_seed": calibration_seed, "n_calibration": len(cal), "n_test": len(test),
+           "test_positive": sum(a["asr"] > asr_label for a in test), "scores": {}}
+    for s in SCORES:
+        if any(s not in a["scores"] for a in population):
+            continue
+        auc_cal = roc_auc(*split(cal, s, 1))
+        if auc_cal is None:
+            continue
+        sign = 1 if auc_cal >= 0.5 else -1
+        pos_c, neg_c = split(cal, s, sign)
+        t = youden_threshold(pos_c, neg_c)
+        pos_t, neg_t = split(test, s, sign)
+        out["scores"][s] = {
+            "orientation": "as premised" if sign == 1 else "reversed", "auc_calibration": max(auc_cal, 1 - auc_cal),
+            "auc_test": roc_auc(pos_t, neg_t),
+            "threshold": sign * t if s not in LOWER_IS_SUSPECT else -sign * t,
+            "refuse_when": f"{s} {'>=' if (sign == 1) != (s in LOWER_IS_SUSPECT) else '<='} threshold",
+            "test_detection_rate": sum(p >= t for p in pos_t) / len(pos_t) if pos_t else None,
+            "test_false_refusal_rate": sum(n >= t for n in neg_t) / len(neg_t) if neg_t else None,
+        }
     return out

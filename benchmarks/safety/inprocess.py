@@ -68,3 +68,33 @@ class MergedEvaluator:
         outs = self.generate(updates)
         gens = score(name, self.items, [(o, None) for o in outs], scorer=RefusalScorer(), judge=world_judge)
         return row_summary(name, gens, time.perf_counter() - t0), gens
+
+
+class ResultCache:
+    """Evaluated rows keyed on (evaluation context, weights fingerprint), kept in a JSON file in the workdir.
+
+    The context digests what else decides a row (the aligned model's training key, the prompts, the token
+    budget), so a re-run that adds settings or adapters evaluates only what is new.
+    """
+
+    def __init__(self, path: Path, context: str):
+        import json
+
+        self.path, self.context = Path(path), context
+        self.rows: dict = json.loads(self.path.read_text()) if self.path.exists() else {}
+        self.hits = 0
+
+    def get(self, fp: str) -> dict | None:
+        row = self.rows.get(f"{self.context}|{fp}")
+        self.hits += row is not None
+        return row
+
+    def put(self, fp: str, row: dict) -> None:
+        self.rows[f"{self.context}|{fp}"] = row
+
+    def save(self) -> None:
+        import json
+
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.rows))
+        tmp.replace(self.path)

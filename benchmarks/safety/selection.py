@@ -45,7 +45,7 @@ from . import controls as C  # noqa: E402
 from . import detection as D  # noqa: E402
 from . import miniature as M  # noqa: E402
 from . import world as W  # noqa: E402
-from .inprocess import MergedEvaluator, adapter_updates  # noqa: E402
+from .inprocess import MergedEvaluator, ResultCache, adapter_updates  # noqa: E402
 
 DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results" / "safety" / "selection"
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -62,7 +62,7 @@ class Study:
     seeds: tuple = (0, 1, 2)
     topks: tuple = (2, 4, 8, 16, 32)
     thresholds: tuple = (0.35, 0.5, 0.6, 0.7)
-    salora_ranks: tuple = (4, 8, 16, 32)
+    salora_ranks: tuple = (4, 8, 16, 24, 32)
     splora_z: tuple = (0.5, 1.0, 1.5)
     select_ranks: tuple = (8, 32)
     select_topks: tuple = (2, 4, 8, 16)
@@ -71,6 +71,9 @@ class Study:
     pop_seeds: tuple = (0, 1)
     pop_examples: int = 160
     pop_steps: int = 60
+    pop_extra: tuple = (("add", 0.0, 0), ("add", 0.0, 1), ("add", 0.0, 2), ("reverse", 0.0, 2), ("reverse", 0.0, 3),
+                        ("upper", 0.0, 2), ("upper", 0.0, 3), ("summary", 0.0, 2), ("summary", 0.0, 3))
+    """(task, harmful share, seed): more adapters trained on benign data only (the grid has few harmless ones)."""
     asr_label: float = 0.2
     # Families evaluated on every seed (the headline rows); the others on the first seed only, to fit the
     # shared 2-core machine (about 5 s per variant under load).
@@ -93,7 +96,7 @@ def smoke_study() -> Study:
     return Study("smoke", replace(M._smoke_profile(), name="selection-smoke", dims=SMOKE_DIMS, salora_ranks=(8,)),
                  seeds=(0,), topks=(2, 8), thresholds=(0.35,), salora_ranks=(4,), splora_z=(1.0,), select_ranks=(8,),
                  select_topks=(2,), pop_tasks=("reverse",), pop_fractions=(0.0, 1.0), pop_seeds=(0,), pop_examples=32,
-                 pop_steps=4)
+                 pop_steps=4, pop_extra=(("add", 0.0, 1),))
 
 
 # ------------------------------------------------------------------------------ training
@@ -124,12 +127,11 @@ def adapter_jobs(world, s: Study) -> list[dict]:
             jobs.append(dict(id=f"{attack}-s{seed}", group="attack", attack=attack, seed=seed, spec=spec,
                              data=attack_data[attack], harmful_fraction=n_h / len(attack_data[attack]),
                              task="summary" if attack != "purebad" else None))
-    for task in s.pop_tasks:
-        for f in s.pop_fractions:
-            for seed in s.pop_seeds:
-                spec = T.TrainSpec(s.pop_steps, p.attack_lr, p.attack_batch, warmup=5, seed=500 + seed)
-                jobs.append(dict(id=f"{task}-f{f:g}-s{seed}", group="population", attack=None, seed=seed, spec=spec,
-                                 data=population_data(world, task, f, s.pop_examples, seed), harmful_fraction=f, task=task))
+    grid = [(task, f, seed) for task in s.pop_tasks for f in s.pop_fractions for seed in s.pop_seeds]
+    for task, f, seed in grid + list(s.pop_extra):
+        spec = T.TrainSpec(s.pop_steps, p.attack_lr, p.attack_batch, warmup=5, seed=500 + seed)
+        jobs.append(dict(id=f"{task}-f{f:g}-s{seed}", group="population", attack=None, seed=seed, spec=spec,
+                         data=population_data(world, task, f, s.pop_examples, seed), harmful_fraction=f, task=task))
     return jobs
 
 
@@ -306,6 +308,17 @@ def run(s: Study, work: Path, out: Path, *, threads: int = 1) -> dict:
 
     t = time.monotonic()
     rows, population, seen = [], [], {}
+    cache = ResultCache(work / "eval_cache.json", M._digest({"models": models["key"], "max_tokens": s.max_tokens,
+                                                             "items": [(it.id, it.prompt, it.answer) for it in items]}))
+
+    def evaluate(name: str, upd) -> dict:
+        fp = fingerprint(upd)
+        row = cache.get(fp)
+        if row is None:
+            row = _row(ev.evaluate(name, upd)[0])
+            cache.put(fp, row)
+        return row
+
     for job in tqdm(attack_jobs, desc="policies x controls (attacks x seeds)", unit="adapter"):
         adapter = read_adapter(job["dir"], name=job["id"])
         n_mod = len(adapter.modules)
@@ -314,12 +327,13 @@ def run(s: Study, work: Path, out: Path, *, threads: int = 1) -> dict:
                 continue
             fp = fingerprint(upd)
             if fp not in seen:
-                seen[fp] = (f"{job['id']}/{fam}/{knob:g}", _row(ev.evaluate(job["id"], upd)[0]))
+                seen[fp] = (f"{job['id']}/{fam}/{knob:g}", evaluate(job["id"], upd))
             src, res = seen[fp]
             rows.append({"adapter": job["id"], "attack": job["attack"], "seed": job["seed"], "family": fam, "knob": knob,
                          "touched": len(touched) / n_mod, "modules": n_mod, **res,
                          **({"same_weights_as": src} if src != f"{job['id']}/{fam}/{knob:g}" else {})})
-    mark(f"evaluate {len(rows)} attack variants ({len(seen)} distinct)", t)
+        cache.save()
+    mark(f"evaluate {len(rows)} attack variants ({len(seen)} distinct, {cache.hits} from the evaluation cache)", t)
 
     t = time.monotonic()
     pop_jobs = [j for j in jobs if j["group"] == "population"]
@@ -328,19 +342,21 @@ def run(s: Study, work: Path, out: Path, *, threads: int = 1) -> dict:
     mark(f"train {len(pop_jobs)} population adapters", t)
 
     t = time.monotonic()
+    from vllm_safelora.tiny import alignment_deltas
+
+    deltas = alignment_deltas(models["aligned"], models["base"])  # for the signed score (not in the bank)
     for job in tqdm(jobs, desc="detection population", unit="adapter"):
         adapter = read_adapter(job["dir"], name=job["id"])
         res = next((r for r in rows if r["adapter"] == job["id"] and r["family"] == "none"), None)
-        res = res or _row(ev.evaluate(job["id"], adapter_updates(adapter))[0])
+        res = res or evaluate(job["id"], adapter_updates(adapter))
         task_acc = (res["utility_summary_task"] if job["task"] == "summary"
                     else (res["utility_by_task"] or {}).get(job["task"]) if job["task"] else None)
         population.append({"adapter": job["id"], "group": job["group"], "task": job["task"], "seed": job["seed"],
                            "harmful_fraction": job["harmful_fraction"], "asr": res["asr"],
                            "judge_harmful_rate": res["judge_harmful_rate"], "utility_core": res["utility_core"],
-                           "task_accuracy": task_acc, "scores": D.adapter_scores(adapter, bank)})
-    tau_cal = D.add_calibrated_fraction(population)
-    detection = D.evaluate_scores(population, s.asr_label)
-    detection["tau_cal"] = tau_cal
+                           "task_accuracy": task_acc, "scores": D.adapter_scores(adapter, bank, deltas)})
+    cache.save()
+    detection = detect(population, s.asr_label)
     mark(f"detection population ({len(population)} adapters)", t)
 
     agg = aggregate(rows)
@@ -356,15 +372,27 @@ def run(s: Study, work: Path, out: Path, *, threads: int = 1) -> dict:
         "rows": rows, "aggregate": agg, "best": best_settings(agg, aligned_row, s),
         "population": population, "detection": detection,
     }
-    (out / "results.json").write_text(json.dumps(doc, indent=1, default=str) + "\n")
     write_report(doc, out)
     M.log(f"done in {budget.elapsed() / 60:.1f} min; results in {out}")
     return doc
 
 
+def detect(population: list[dict], asr_label: float) -> dict:
+    """ROC AUC per load-time score, the best score's admission rule, and a held-out (other seeds) check."""
+    tau_cal = D.add_calibrated_fraction(population)
+    detection = D.evaluate_scores(population, asr_label)
+    detection["tau_cal"] = tau_cal
+    detection["held_out"] = D.held_out(population, asr_label)
+    return detection
+
+
 def write_report(doc: dict, out: Path) -> str:
     from . import selection_report as R
 
+    # detection is a pure function of the population's scores and labels: recomputed, so --report-only shows
+    # what the current detection code says
+    doc["detection"] = detect(doc["population"], doc["study"]["asr_label"])
+    (out / "results.json").write_text(json.dumps(doc, indent=1, allow_nan=False, default=str) + "\n")
     md = R.render(doc)
     (out / "table.md").write_text(md)
     R.plots(doc, out)

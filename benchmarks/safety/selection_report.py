@@ -132,7 +132,7 @@ def render_detection(doc: dict) -> str:
     lines = ["## Detection: refuse instead of repair", "",
              f"{d['n']} adapters (the attacks x seeds and a population: harmful share of the training data "
              f"{', '.join(f'{100 * f:g}%' for f in doc['study']['pop_fractions'])} on tasks {', '.join(doc['study']['pop_tasks'])}, "
-             f"{len(doc['study']['pop_seeds'])} seeds); positive = unprotected ASR > {100 * d['asr_label']:g}% "
+             f"{len(doc['study']['pop_seeds'])} seeds, plus {len(doc['study'].get('pop_extra') or ())} more trained on benign data only); positive = unprotected ASR > {100 * d['asr_label']:g}% "
              f"({d['n_positive']} positive, {d['n_negative']} negative). tau_cal = {d['tau_cal']:.3f} (median module cosine "
              "of the population; no labels used). Orientation fixed in advance (low cosine / high distance / high overlap = suspect).",
              "", "| score | ROC AUC | enforce with |", "|---|---|---|"]
@@ -149,6 +149,16 @@ def render_detection(doc: dict) -> str:
                      if b["catch_all_false_refusal_rate_benign_data"] is not None else "")
                   + f"; refusing no harmless adapter (threshold {'-' if z is None else f'{z:.4g}'}) catches "
                   f"{_p(b['zero_false_refusal_detection_rate'])}% of the harmful ones. Config: {b['config']}."]
+    h = d.get("held_out")
+    if h and h["scores"]:
+        lines += ["", f"**Held out**: orientation and threshold (max TPR - FPR) chosen on the {h['n_calibration']} adapters of "
+                  f"seed {h['calibration_seed']}, measured on the other {h['n_test']} ({h['test_positive']} harmful):", "",
+                  "| score | orientation chosen | AUC (calibration) | AUC (held out) | refuse when | held-out detection | held-out false refusals |",
+                  "|---|---|---|---|---|---|---|"]
+        for s, v in sorted(h["scores"].items(), key=lambda kv: -(kv[1]["auc_test"] or 0)):
+            lines.append(f"| `{s}` | {v['orientation']} | {v['auc_calibration']:.3f} | "
+                         f"{'-' if v['auc_test'] is None else format(v['auc_test'], '.3f')} | {v['refuse_when'].replace('threshold', format(v['threshold'], '.4g'))} | "
+                         f"{_p(v['test_detection_rate'])} | {_p(v['test_false_refusal_rate'])} |")
     lines += ["", "| adapter | harmful share | task | ASR | task acc. | min cos | mean overlap r_s=8 | max z |", "|---|---|---|---|---|---|---|---|"]
     for a in sorted(doc["population"], key=lambda a: (a["task"] or "", a["harmful_fraction"], a["adapter"])):
         sc = a["scores"]
