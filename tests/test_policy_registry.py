@@ -3,7 +3,7 @@ parseable (alone and as a chain step) and buildable, with no other file touched.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import pytest
 from pydantic import TypeAdapter, ValidationError
@@ -21,6 +21,9 @@ from vllm_safelora.policies import (
     register_policy,
     registry,
 )
+
+if TYPE_CHECKING:  # at run time the registry resolves StepConfig (registry.policy_config_union)
+    StepConfig = PolicyConfig
 
 
 class ToyConfig(PolicyConfig):
@@ -65,7 +68,7 @@ def test_one_registration_call_adds_a_policy(monkeypatch):
 
     class ToyChain(ChainConfig):  # a chain type built after the registration sees the new step
         kind: Literal["toy-chain"] = "toy-chain"
-        steps: tuple["StepConfig", ...]  # noqa: F821 - resolved by policy_config_union
+        steps: tuple[StepConfig, ...]
 
     register_policy("toy-chain", ToyChain, ChainPolicy, step=False)
     any_policy = TypeAdapter(registry.policy_config_union())
