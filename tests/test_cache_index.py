@@ -416,3 +416,21 @@ def test_lease_rows_match_counts_under_threads(tmp_path):
     assert errors == []
     cache.flush_releases()
     assert cache.leases.held() == {} and cache.index.stats().leases == 0
+
+
+def test_an_entry_that_cannot_be_deleted_stays_and_serving_goes_on(tmp_path, monkeypatch, caplog):
+    cache = PatchedAdapterCache(tmp_path, 10**9)
+    old = cache.get_or_create(key(0), writer(b"o" * 500))[0]
+    cache.max_bytes = old.nbytes + 10
+
+    def broken(path):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(cache, "_discard", broken)
+    with caplog.at_level("ERROR", logger="vllm_safelora.cache"):
+        new, hit, _ = cache.get_or_create(key(1), writer(b"n" * 500))
+    assert not hit and new.path.is_dir() and old.path.is_dir()
+    assert "could not delete entry" in caplog.text
+    assert cache.index.get(old.digest)[2] == "ready"  # evictable again once the disk is fixed
+    monkeypatch.undo()
+    assert cache.evict_to_budget(protect={new.digest}) == [old.digest]

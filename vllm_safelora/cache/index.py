@@ -292,6 +292,14 @@ class CacheIndex:
             )
             return cur.rowcount == 1
 
+    def abort_eviction(self, digest: str) -> None:
+        """The entry could not be deleted: ready again, its last use unchanged."""
+        with self._write() as db:
+            db.execute("UPDATE entries SET state = 'ready' WHERE digest = ? AND state = 'evicting'", (digest,))
+
+    def entry_count(self) -> int:
+        return self._read("SELECT entries FROM totals WHERE id = 0")[0][0]
+
     def evicting(self) -> list[str]:
         """Entries left marked 'evicting' (an evictor died half-way; repaired at start-up)."""
         return [r[0] for r in self._read("SELECT digest FROM entries WHERE state = 'evicting'")]

@@ -372,10 +372,14 @@ class PatchedAdapterCache:
                 return evicted
             self.leases.sweep_dead_owners()
             cursor: tuple[int, str] = (-1, "")
-            while total > self.max_bytes:
+            # Entries used during the pass move behind the cursor and may be met again;
+            # this caps one pass at about one visit per entry whatever happens meanwhile.
+            visits_left = self.index.entry_count() + _EVICT_PAGE
+            while total > self.max_bytes and visits_left > 0:
                 page = self.index.lru_page(cursor, _EVICT_PAGE)
                 if not page:
                     break
+                visits_left -= len(page)
                 for row in page:
                     cursor = (row.last_use, row.digest)
                     if row.digest in protect:
@@ -394,7 +398,16 @@ class PatchedAdapterCache:
             # Skip it if busy, leased or used since we read its row (begin_eviction checks).
             if not got or not self.index.begin_eviction(digest, last_use):
                 return False
-            removed = self._discard(self.entries_dir / digest)
+            try:
+                removed = self._discard(self.entries_dir / digest)
+            except OSError as exc:
+                # Keep serving (the entry that was just built is fine); the operator must fix the disk.
+                self.index.abort_eviction(digest)
+                logger.error(
+                    "patched-adapter cache: could not delete entry %s to stay within budget (%s); it stays. Check "
+                    "permissions and the filesystem under %s", digest[:16], exc, self.root,
+                )
+                return False
             self.index.remove(digest)
         if removed:
             logger.info(
