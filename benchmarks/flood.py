@@ -103,7 +103,7 @@ def run_side(side: str, world: dict, work: Path, a) -> dict:
     config.write_text(config.read_text() + "served_names: location\n" + SIDES[side])
     args = ["--model", str(world["models"].aligned), *TINY_SERVER_ARGS, "--max-loras", "2", "--max-num-seqs", "8"]
     out: dict = {"side": side, "config_extra": SIDES[side].strip().splitlines()}
-    with served(args, safelora_env(config), a.log_dir / f"flood-{side}.log") as server:
+    with served(args, safelora_env(config), a.log_dir / f"flood-{side}.log", timeout=a.start_timeout) as server:
         url = server.base_url
         victim = requests.Session()
         for _ in range(5):
@@ -162,6 +162,7 @@ def main() -> int:
     p.add_argument("--flood-requests", type=int, default=400)
     p.add_argument("--hostile-tensors", type=int, default=100_000)
     p.add_argument("--victim-samples", type=int, default=30)
+    p.add_argument("--start-timeout", type=float, default=900.0, help="seconds a server may take to start")
     p.add_argument("--out", type=Path, default=RESULTS_DIR / "flood.json")
     a = p.parse_args()
     if a.quick:
