@@ -220,11 +220,13 @@ def plots(doc: dict, out: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 6))
     for s, v in sorted(d["scores"].items(), key=lambda kv: -(kv[1]["auc"] or 0)):
         if v["roc"]:
-            ax.plot([q[1] for q in v["roc"]] + [1.0], [q[2] for q in v["roc"]] + [1.0], label=f"{s} (AUC {v['auc']:.2f})", lw=1.3)
+            # dashed: below the diagonal, i.e. the score points the other way than its premise
+            ax.plot([q[1] for q in v["roc"]] + [1.0], [q[2] for q in v["roc"]] + [1.0], label=f"{s} (AUC {v['auc']:.2f})", lw=1.3,
+                    ls="-" if v["auc"] >= 0.5 else "--")
     ax.plot([0, 1], [0, 1], "k:", lw=0.8)
     ax.set_xlabel("false refusal rate (harmless adapters refused)")
     ax.set_ylabel(f"detection rate (adapters with ASR > {100 * d['asr_label']:g}%)")
-    ax.set_title(f"Load-time detection over {d['n']} adapters ({d['n_positive']} harmful)")
+    ax.set_title(f"Load-time detection over {d['n']} adapters ({d['n_positive']} harmful); dashed = AUC < 0.5", fontsize=10)
     ax.legend(fontsize=7, loc="lower right")
     ax.grid(alpha=0.3)
     fig.tight_layout()
