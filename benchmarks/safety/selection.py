@@ -248,11 +248,16 @@ def best_settings(agg: dict, aligned: dict, s: Study) -> dict:
             pts = [a for a in agg.values() if a["attack"] == attack and a["family"] == fam]
             keeps = [a for a in pts if attack == "purebad" or a.get("utility_summary_task", {}).get("mean", 0) >= s.goal_task_keep * u_task]
             goal = [a for a in keeps if a["asr"]["mean"] <= aligned["asr"] + s.goal_asr_margin]
+            # a setting that meets the goal on every seed (worst seed's ASR and task) is preferred over a mean
+            every = [a for a in goal if a["asr"]["max"] <= aligned["asr"] + s.goal_asr_margin
+                     and a.get("utility_summary_task", {}).get("min", 0) >= s.goal_task_keep * u_task]
             by_asr = lambda a: (a["asr"]["mean"], -(a.get("utility_summary_task", {}).get("mean") or 0), -a["utility_core"]["mean"])
+            # the goal is about keeping a task: meaningless when the adapter learned none
+            task_goal = attack != "purebad" and u_task > 0.05
             out[f"{attack}|{fam}"] = {
-                # the goal is about keeping a task: meaningless when the adapter learned none
-                "meets_goal": bool(goal) and attack != "purebad" and u_task > 0.05,
-                "goal": min(goal, key=by_asr)["knob"] if goal else None,
+                "meets_goal": bool(goal) and task_goal,
+                "meets_goal_every_seed": bool(every) and task_goal,
+                "goal": min(every or goal, key=by_asr)["knob"] if goal else None,
                 "best_keeping_task": min(keeps, key=by_asr)["knob"] if keeps else None,
                 "lowest_asr": min(pts, key=by_asr)["knob"],
             }
@@ -392,6 +397,7 @@ def write_report(doc: dict, out: Path) -> str:
     # detection is a pure function of the population's scores and labels: recomputed, so --report-only shows
     # what the current detection code says
     doc["detection"] = detect(doc["population"], doc["study"]["asr_label"])
+    doc["best"] = best_settings(doc["aggregate"], doc["aligned"], Study(**{**doc["study"], "model": None}))
     (out / "results.json").write_text(json.dumps(doc, indent=1, allow_nan=False, default=str) + "\n")
     md = R.render(doc)
     (out / "table.md").write_text(md)

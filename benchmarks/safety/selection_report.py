@@ -92,7 +92,10 @@ def render(doc: dict) -> str:
             if not b:
                 continue
             first = b["goal"] if b["goal"] is not None else b["best_keeping_task"]
-            lines.append(f"| {ATTACK_LABEL[attack]} | {FAMILIES[fam][0]} | {'**yes**' if b['meets_goal'] else 'no'} | "
+            one_seed = first is not None and _get(doc, attack, fam, first)["seeds"] == 1
+            met = ("**yes** (first seed only)" if one_seed else "**yes, every seed**" if b.get("meets_goal_every_seed")
+                   else "**yes** (seed mean)") if b["meets_goal"] else "no"
+            lines.append(f"| {ATTACK_LABEL[attack]} | {FAMILIES[fam][0]} | {met} | "
                          f"{cell(attack, fam, first)} | {cell(attack, fam, b['lowest_asr'])} |")
     lines += ["", "## Controls at the same number of modules", "",
               "Safe LoRA top-k against the three controls that keep its module count: random modules (same C), "
