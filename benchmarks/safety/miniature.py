@@ -911,24 +911,34 @@ def write_report(doc: dict, out: Path) -> str:
     return md
 
 
+def cli_parser(prog: str, doc: str, default_out: Path) -> argparse.ArgumentParser:
+    """The options every miniature has: --smoke, --workdir, --out, --threads, --report-only."""
+    ap = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--smoke", action="store_true", help="tiny pipeline check (a few minutes at most)")
+    ap.add_argument("--workdir", type=Path, default=None, help="models, adapters, banks, logs (default: a dir under /tmp)")
+    ap.add_argument("--out", type=Path, default=None, help=f"results (default: {default_out}; smoke: <workdir>/results)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    ap.add_argument("--report-only", action="store_true", help="rebuild table.md and the plots from <out>/results.json")
+    return ap
+
+
+def cli_paths(args, run_name: str, default_out: Path) -> tuple[Path, Path]:
+    """(workdir, out) from the parsed options: /tmp/vllm-safelora-<run_name> and the results dir by default."""
+    work = args.workdir or Path("/tmp") / f"vllm-safelora-{run_name}"
+    return work, args.out or (work / "results" if args.smoke else default_out)
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.safety.miniature", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--smoke", action="store_true", help="tiny pipeline check (about 2 minutes)")
-    ap.add_argument("--workdir", type=Path, default=None, help="models, adapters, banks, server logs (default: a dir under /tmp)")
-    ap.add_argument("--out", type=Path, default=None, help=f"results (default: {DEFAULT_OUT}; smoke: <workdir>/results)")
+    ap = cli_parser("python -m benchmarks.safety.miniature", __doc__, DEFAULT_OUT)
     ap.add_argument("--budget-min", type=float, default=None, help="time budget in minutes (stops training/evaluation past it)")
     ap.add_argument("--reuse", action="store_true",
                     help="reuse models/attacks in --workdir even without a recorded cache key (models whose key "
                          "matches the configuration are always reused)")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads for training (default 1)")
-    ap.add_argument("--report-only", action="store_true", help="rebuild table.md and the plot from <out>/results.json")
     args = ap.parse_args(argv)
     p = _smoke_profile() if args.smoke else _full_profile()
     if args.budget_min is not None:
         p = replace(p, budget_min=args.budget_min)
-    work = args.workdir or Path("/tmp") / f"vllm-safelora-miniature-{p.name}"
-    out = args.out or (work / "results" if args.smoke else DEFAULT_OUT)
+    work, out = cli_paths(args, f"miniature-{p.name}", DEFAULT_OUT)
     if args.report_only:
         print(write_report(json.loads((out / "results.json").read_text()), out))
         return 0

@@ -25,7 +25,6 @@ shared 2-core machine; the served miniature checks the serving path. Training is
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -406,17 +405,9 @@ def write_report(doc: dict, out: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.safety.selection", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--smoke", action="store_true", help="tiny pipeline check")
-    ap.add_argument("--workdir", type=Path, default=None, help="models, adapters, banks (default: a dir under /tmp)")
-    ap.add_argument("--out", type=Path, default=None, help=f"results (default: {DEFAULT_OUT}; smoke: <workdir>/results)")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-    ap.add_argument("--report-only", action="store_true", help="rebuild table.md and plots from <out>/results.json")
-    args = ap.parse_args(argv)
+    args = M.cli_parser("python -m benchmarks.safety.selection", __doc__, DEFAULT_OUT).parse_args(argv)
     s = smoke_study() if args.smoke else full_study()
-    work = args.workdir or Path("/tmp") / f"vllm-safelora-selection-{s.name}"
-    out = args.out or (work / "results" if args.smoke else DEFAULT_OUT)
+    work, out = M.cli_paths(args, f"selection-{s.name}", DEFAULT_OUT)
     if args.report_only:
         print(write_report(json.loads((out / "results.json").read_text()), out))
         return 0
