@@ -20,7 +20,10 @@ from pathlib import Path
 from typing import Sequence
 
 from . import metrics
-from .adapters import CONFIG_FILE, WEIGHTS_FILE, AdapterFiles, ReadLimits, SerializedAdapter, parse_adapter, read_adapter_files, write_adapter_files
+from .adapters import (
+    CONFIG_FILE, WEIGHTS_FILE, AdapterFiles, ReadLimits, parse_adapter, read_adapter_files, unchanged_files,
+    write_adapter_files,
+)
 from .bank import AlignmentBank, load_bank
 from .cache import CacheKey, PatchedAdapterCache, entry_path_in, entry_signature
 from .config import AdmissionConfig, SafeLoRASettings
@@ -316,6 +319,8 @@ class SafeLoRAService:
         tenant: TenantPolicy | None = None
         try:
             _check_served_name(name)
+            if lora_path is not None:
+                _check_lora_path(lora_path)
             if previous is not None and previous.location is not None:
                 # A cache path handed out earlier whose entry vanished or was altered:
                 # rebuild it from the adapter it came from.
@@ -364,7 +369,10 @@ class SafeLoRAService:
 
     def _entry_path(self, lora_path: str | None) -> Path | None:
         """``lora_path`` resolved if it names an entry directory of this server's cache."""
-        if not isinstance(lora_path, str) or not os.path.isabs(lora_path) or len(lora_path) > MAX_LORA_PATH:
+        if (
+            not isinstance(lora_path, str) or not lora_path.isprintable() or not os.path.isabs(lora_path)
+            or len(lora_path) > MAX_LORA_PATH
+        ):
             return None
         return entry_path_in(lora_path, self.cache.entries_dir)
 
@@ -396,7 +404,6 @@ class SafeLoRAService:
     def _locate(self, name: str, lora_path: str | None) -> Location:
         if lora_path is None:
             return locate(self.sources, name)
-        _check_lora_path(lora_path)
         return locate_path(self.sources, lora_path)
 
     def _check_served_as(self, name: str, location: Location, *, by_path: bool) -> None:
@@ -457,7 +464,7 @@ class SafeLoRAService:
             report = _tenant_report(outcome.report, tenant, problem)
             if tenant.shadow:
                 # Served as uploaded, byte for byte; the report records what would have been done.
-                out = with_report(SerializedAdapter(adapter.config_bytes, adapter.weights_bytes, {}), report)
+                out = with_report(unchanged_files(adapter), report)
             else:
                 out = with_report(outcome.adapter, report)
             write_adapter_files(tmpdir, out)
