@@ -14,7 +14,7 @@ import statistics
 import torch
 
 from vllm_safelora.policies.base import analyze_adapter
-from vllm_safelora.policies.salora_select import safety_overlap
+from vllm_safelora.policies.salora import safety_overlap
 from vllm_safelora.policies.splora import standardised_distances
 from vllm_safelora.projection import ProjectionKind
 
