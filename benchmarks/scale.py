@@ -135,7 +135,7 @@ def tree_stats(pid: int) -> dict:
         out["fds"] += fds
         out["rss"] += rss
         out["cpu_s"] += ct.user + ct.system
-        out["per_proc"].append({"pid": p.pid, "name": name, "fds": fds, "rss": rss})
+        out["per_proc"].append({"pid": p.pid, "name": name, "fds": fds, "rss": rss, "cpu_s": ct.user + ct.system})
     return out
 
 
@@ -244,9 +244,22 @@ def run_service(world: dict, work: Path, a) -> dict:
     cache_du_end = dir_bytes(cache_dir)
     svc.cache.close()
 
+    return {
+        "n": n, "window": a.window, "budget_bytes": budget, "service_start_s": start_s, "loop_s": loop_s,
+        "outcomes": outcomes, "cache_hits": hits, "gen_ms_median": median(gen) * 1e3,
+        "max_tracked_adapters": settings.max_tracked_adapters,
+        **summarize_service(wall, cpu, samples, checkpoints, ckpt_du, budget, a.window),
+        "cache_dir_bytes_du_end": cache_du_end,
+    }
+
+
+def summarize_service(wall, cpu, samples: list[dict], checkpoints: list[int], ckpt_du: dict, budget: int,
+                      width: int) -> dict:
+    """Median windows around each checkpoint, the headline, and binned series for the plot."""
+    n = len(wall)
     windows = {}
     for c in checkpoints:
-        ww, cc = window(wall, c, a.window, n), window(cpu, c, a.window, n)
+        ww, cc = window(wall, c, width, n), window(cpu, c, width, n)
         s_at = min(samples, key=lambda s: abs(s["n"] - c))
         windows[str(c)] = {
             "wall_ms_median": median(ww) * 1e3, "wall_ms_p90": quantile(ww, 0.9) * 1e3,
@@ -268,15 +281,18 @@ def run_service(world: dict, work: Path, a) -> dict:
         "rss_mib_max": max(s["rss"] for s in samples) / 2**20,
         "cache_bytes_max": max(s["cache_bytes"] for s in samples), "cache_budget_bytes": budget,
         "cache_bytes_max_over_budget": max(s["cache_bytes"] for s in samples) / budget,
-        "cache_dir_bytes_du_end": cache_du_end,
     }
-    return {
-        "n": n, "window": a.window, "budget_bytes": budget, "service_start_s": start_s, "loop_s": loop_s,
-        "outcomes": outcomes, "cache_hits": hits, "gen_ms_median": median(gen) * 1e3,
-        "max_tracked_adapters": settings.max_tracked_adapters,
-        "checkpoints": checkpoints, "windows": windows, "headline": headline, "samples": samples,
-        "bins": {"size": max(1, n // 200), "wall": bins(wall, n, max(1, n // 200)), "cpu": bins(cpu, n, max(1, n // 200))},
-    }
+    size = max(1, n // 200)
+    b_wall, b_cpu = bins(wall, n, size), bins(cpu, n, size)
+    # least-squares slope of the binned medians over N >= the first checkpoint: the growth per 1k adapters
+    for key, bs in (("wall", b_wall), ("cpu", b_cpu)):
+        pts = [(b["n"], b["median"]) for b in bs if b["n"] >= checkpoints[0] and b["median"] is not None]
+        if len(pts) >= 3:
+            mx, my = sum(x for x, _ in pts) / len(pts), sum(y for _, y in pts) / len(pts)
+            slope = sum((x - mx) * (y - my) for x, y in pts) / sum((x - mx) ** 2 for x, _ in pts)
+            headline[f"{key}_slope_ms_per_10k_adapters"] = slope * 1e4 * 1e3
+    return {"checkpoints": checkpoints, "windows": windows, "headline": headline, "samples": samples,
+            "bins": {"size": size, "wall": b_wall, "cpu": b_cpu}}
 
 
 # ----------------------------------------------------------------------------- live part
@@ -464,7 +480,8 @@ def plot(result: dict, path: Path) -> None:
         ax[0].set_ylabel("ms")
         ax[0].legend(fontsize=7)
         ns = [s["n"] for s in sv["samples"]]
-        ax[1].plot(ns, [s["fds"] for s in sv["samples"]], color="tab:green", label="open fds")
+        fds = [s["fds"] for s in sv["samples"]]
+        ax[1].plot(ns, fds, color="tab:green", label=f"open fds ({fds[0]} -> {fds[-1]})")
         ax[1].plot(ns, [s["leases"] for s in sv["samples"]], color="tab:purple", label="lease rows (index)")
         ax[1].set_title("service: open fds, leases", fontsize=9)
         ax[1].set_ylim(bottom=0)
@@ -490,10 +507,12 @@ def plot(result: dict, path: Path) -> None:
             ax[0].plot([x["n"] for x in b], [x["median"] * 1e3 for x in b], color=color, label=f"{side} median")
             ax[0].plot([x["n"] for x in b], [x["p90"] * 1e3 for x in b], color=color, alpha=0.3, label=f"{side} p90")
             ns = [s["n"] for s in d["samples"]]
-            ax[1].plot(ns, [s["fds"] for s in d["samples"]], color=color, label=f"{side}: whole tree")
-            ax[1].plot(ns, [s["per_proc"][0]["fds"] if s["per_proc"] else None for s in d["samples"]], color=color,
-                       ls="--", label=f"{side}: API server process")
-            ax[2].plot(ns, [s["rss"] / 2**20 for s in d["samples"]], color=color, label=side)
+            fds = [s["fds"] for s in d["samples"]]
+            api = [s["per_proc"][0]["fds"] if s["per_proc"] else None for s in d["samples"]]
+            rss = [s["rss"] / 2**20 for s in d["samples"]]
+            ax[1].plot(ns, fds, color=color, label=f"{side}: whole tree ({fds[0]} -> {fds[-1]})")
+            ax[1].plot(ns, api, color=color, ls="--", label=f"{side}: API server process ({api[0]} -> {api[-1]})")
+            ax[2].plot(ns, rss, color=color, label=f"{side} ({rss[0]:.0f} -> {rss[-1]:.0f} MiB)")
             cpu = [(s1["cpu_s"] - s0["cpu_s"]) / max(1, s1["n"] - s0["n"]) * 1e3
                    for s0, s1 in zip(d["samples"], d["samples"][1:])]
             ax[3].plot(ns[1:], cpu, color=color, label=side)
@@ -507,7 +526,8 @@ def plot(result: dict, path: Path) -> None:
             a_.set_xlabel("N (requests, each a new adapter)")
             a_.set_ylim(bottom=0)
             a_.legend(fontsize=7)
-    fig.suptitle("vllm-safelora scale: tiny Llama, rank-8 adapters on 7 modules, shared 2-core CPU", fontsize=10)
+    fig.suptitle(f"vllm-safelora scale: {result.get('config', {}).get('adapters', '').split(';')[0]}; "
+                 "shared 2-core CPU", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
