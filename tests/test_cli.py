@@ -137,7 +137,7 @@ def test_inspect_prints_exact_mode_note(tmp_path, capsys):
                  "--out", str(tmp_path / "bank")]) == 0
     ad = tmp_path / "adapter"
     ad.mkdir()
-    (ad / CONFIG_FILE).write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 2,
+    (ad / CONFIG_FILE).write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 2, "target_modules": ["q_proj"],
                                               "base_model_name_or_path": str(tmp_path / "aligned")}))
     save_file({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.randn(2, 16, generator=g),
                "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": torch.randn(8, 2, generator=g)},
