@@ -15,6 +15,9 @@ Schema (``PRAGMA user_version`` = ``SCHEMA_VERSION``)::
     owners(owner PK, host, pid, started ns)          -- processes that hold leases
     leases(digest, owner, since ns) PK(digest, owner), index leases_by_owner(owner)
 
+Size: one row per entry on disk (bounded by the byte budget), one per (entry, process)
+lease (bounded by what each process tracks), one per process holding leases.
+
 ``state = 'evicting'`` is set, in the same transaction that checks no lease exists, by
 the process about to delete the entry; a lease is only taken while the state is
 ``'ready'``. So an entry is never deleted under a process that has just leased it.

@@ -150,7 +150,8 @@ class PatchedAdapterCache:
             return None
 
     def get(self, key: CacheKey) -> CacheEntry | None:
-        """A verified entry for ``key`` (recording its use), or None."""
+        """A verified entry for ``key`` (recording its use), or None. Not leased: another
+        process may evict it at any time (serving paths use ``get_or_create(lease=True)``)."""
         try:
             entry = self._load(key)
         except CorruptEntry:
