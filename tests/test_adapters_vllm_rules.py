@@ -23,6 +23,7 @@ from safetensors.torch import save as st_save
 from test_adapters import MOD, MOD_V, base_config, base_tensors, key, refused, write_adapter
 
 import vllm_safelora.adapters as adapters
+from vllm_safelora.adapters import bounds, reader
 from vllm_safelora.adapters import (
     AdapterFiles,
     ReadLimits,
@@ -304,8 +305,8 @@ def test_rslora_and_pattern_values_are_checked(tmp_path, config, reason, fragmen
 
 def test_cauchy_schwarz_bound_first_exact_only_when_needed(tmp_path, monkeypatch):
     calls = []
-    real = adapters.max_abs_update
-    monkeypatch.setattr(adapters, "max_abs_update", lambda *a: calls.append(1) or real(*a))
+    real = bounds.max_abs_update
+    monkeypatch.setattr(bounds, "max_abs_update", lambda *a: calls.append(1) or real(*a))
     limits = ReadLimits(serve_dtype=torch.float16)
     read_adapter(write_adapter(tmp_path / "plain"), limits=limits)
     assert calls == []  # the bound alone decides ordinary adapters
@@ -370,7 +371,7 @@ def refused_parse(reason, fragment, config, weights, limits):
 @pytest.fixture
 def no_tensor_parsing(monkeypatch):
     """Fails the test if anything materialises tensors or parses the safetensors header JSON."""
-    real = adapters.json.loads
+    real = json.loads
     header_parses = []
 
     def loads(text, **kw):
@@ -378,8 +379,8 @@ def no_tensor_parsing(monkeypatch):
             header_parses.append(len(text))
         return real(text, **kw)
 
-    monkeypatch.setattr(adapters.json, "loads", loads)
-    monkeypatch.setattr(adapters, "load_safetensors_bytes", lambda *a: pytest.fail("tensors were materialised"))
+    monkeypatch.setattr(json, "loads", loads)
+    monkeypatch.setattr(reader, "load_safetensors_bytes", lambda *a: pytest.fail("tensors were materialised"))
     return header_parses
 
 

@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import load_file, save_file
 
-from vllm_safelora import adapters as adapters_mod
 from vllm_safelora.adapters import CONFIG_FILE, WEIGHTS_FILE, content_hash, read_adapter
+from vllm_safelora.adapters import writer as adapter_writer
 from vllm_safelora.bank import AlignmentBank, Truncation, build_bank, load_bank
 from vllm_safelora.engine import check_compatible, project_adapter, write_projected
 from vllm_safelora.errors import AdapterRefused, RefusalReason
@@ -511,13 +511,13 @@ def test_written_adapter_merges_in_peft_to_dense_reference(tiny_adapter_random, 
 
 
 def _fail_after_files(monkeypatch):
-    real = adapters_mod.write_adapter_files
+    real = adapter_writer.write_adapter_files
 
     def fail(directory, adapter):
         real(directory, adapter)  # every file written and fsynced ...
         raise OSError("disk full")  # ... then the rename never happens
 
-    monkeypatch.setattr(adapters_mod, "write_adapter_files", fail)
+    monkeypatch.setattr(adapter_writer, "write_adapter_files", fail)
 
 
 def _fail_mid_file(monkeypatch):
@@ -530,7 +530,7 @@ def _fail_mid_file(monkeypatch):
             raise OSError("I/O error")
         return real_fsync(fd)
 
-    monkeypatch.setattr(adapters_mod.os, "fsync", flaky_fsync)
+    monkeypatch.setattr(adapter_writer.os, "fsync", flaky_fsync)
 
 
 @pytest.mark.parametrize("inject", [_fail_after_files, _fail_mid_file])

@@ -86,10 +86,11 @@ def test_every_hostile_adapter_is_refused_in_process(service, hardening_world):
 def test_directory_swapped_between_config_and_weights_reads(hardening_world, monkeypatch, tmp_path):
     """The reader reads adapter_config.json, then the weights; a tenant swaps the directory in between."""
     from vllm_safelora import adapters
+    from vllm_safelora.adapters import reader as adapter_reader
 
     a = hs.make_valid_adapter(tmp_path / "root" / "t" / "lora", hardening_world.template, seed=7)
     b = hs.make_valid_adapter(tmp_path / "other", hardening_world.template, seed=8)
-    real_read = adapters._read_regular_file
+    real_read = adapter_reader._read_regular_file
     calls = []
 
     def read_then_swap(path, *args, **kwargs):
@@ -100,7 +101,7 @@ def test_directory_swapped_between_config_and_weights_reads(hardening_world, mon
             os.rename(b, a)
         return out
 
-    monkeypatch.setattr(adapters, "_read_regular_file", read_then_swap)
+    monkeypatch.setattr(adapter_reader, "_read_regular_file", read_then_swap)
     with pytest.raises(AdapterRefused) as info:
         adapters.read_adapter(a, name="t/lora", confine_to=tmp_path / "root")
     assert info.value.reason is RefusalReason.CHANGED_WHILE_READING, info.value
@@ -110,9 +111,10 @@ def test_directory_swapped_between_config_and_weights_reads(hardening_world, mon
 def test_file_replaced_between_reads(hardening_world, monkeypatch, tmp_path):
     """Same, file by file: the config is atomically replaced after it was read."""
     from vllm_safelora import adapters
+    from vllm_safelora.adapters import reader as adapter_reader
 
     a = hs.make_valid_adapter(tmp_path / "lora", hardening_world.template, seed=9)
-    real_read = adapters._read_regular_file
+    real_read = adapter_reader._read_regular_file
 
     def read_then_replace(path, *args, **kwargs):
         out = real_read(path, *args, **kwargs)
@@ -122,7 +124,7 @@ def test_file_replaced_between_reads(hardening_world, monkeypatch, tmp_path):
             os.replace(tmp, a / adapters.CONFIG_FILE)
         return out
 
-    monkeypatch.setattr(adapters, "_read_regular_file", read_then_replace)
+    monkeypatch.setattr(adapter_reader, "_read_regular_file", read_then_replace)
     with pytest.raises(AdapterRefused) as info:
         adapters.read_adapter(a, name="lora")
     assert info.value.reason is RefusalReason.CHANGED_WHILE_READING

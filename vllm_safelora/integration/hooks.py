@@ -103,14 +103,14 @@ HOOKS: tuple[Hook, ...] = (
          refs=("self._apply_adapters",)),
     Hook("vllm/distributed/parallel_state.py", "get_tensor_model_parallel_rank",
          "worker guard logs each verified load with its tensor-parallel rank", params=()),
-    # ---- what the reader asks vLLM (integration/vllm_rules.py) or mirrors (adapters.py)
+    # ---- what the reader asks vLLM (integration/vllm_rules.py) or mirrors (adapters/)
     Hook("vllm/lora/peft_helper.py", "PEFTHelper.from_dict", "vllm_rules: vLLM's own adapter_config checks",
          params=("cls", "config_dict")),
     Hook("vllm/lora/peft_helper.py", "PEFTHelper.validate_legal", "vllm_rules: vLLM's own adapter_config checks",
          params=("self", "lora_config")),
-    Hook("vllm/lora/peft_helper.py", "PEFTHelper._validate_features", "adapters.py refuses what vLLM refuses",
+    Hook("vllm/lora/peft_helper.py", "PEFTHelper._validate_features", "adapters/validate.py refuses what vLLM refuses",
          params=("self",), digest="fb8b0865f7cbc1c8"),
-    Hook("vllm/lora/utils.py", "parse_fine_tuned_lora_name", "adapters.py maps tensor names as vLLM does",
+    Hook("vllm/lora/utils.py", "parse_fine_tuned_lora_name", "adapters/names.py maps tensor names as vLLM does",
          params=("name", "weights_mapper"), digest="16c2139ed37dfeee"),
     Hook("vllm/lora/utils.py", "is_in_target_modules", "vllm_rules: --lora-target-modules filter",
          params=("module_name", "target_modules", "packed_modules_mapping")),

@@ -1,0 +1,79 @@
+"""Read and validate a PEFT LoRA adapter directory; write a patched one.
+
+Adapters are tenant uploads, so the reader trusts nothing: it reads each file
+once, with a byte limit, hashes exactly the bytes it parses, checks the
+safetensors header itself before handing the bytes to safetensors (which
+never unpickles anything), and collects every problem it finds into one
+:class:`AdapterRefused`. Pickle files (``adapter_model.bin``) are refused by
+name and never opened.
+
+One job per module, in the order a read goes through them:
+
+* :mod:`.names`: the file names, and tensor names parsed as vLLM parses them;
+* :mod:`.limits`: :class:`ReadLimits` (what a tenant can make the server read) and the refusal collector;
+* :mod:`.reader`: reading the two files within the limits, then parsing them;
+* :mod:`.validate`: adapter_config.json checks and the mirror of vLLM's feature checks;
+* :mod:`.header`: the safetensors header, checked before safetensors parses it;
+* :mod:`.modules`: tensors mapped and paired into :class:`LoraModule` s of a :class:`LoraAdapter`;
+* :mod:`.bounds`: whether each update stays finite in the dtype vLLM serves it in;
+* :mod:`.writer`: serialising a patched adapter and writing it atomically.
+
+This package imports no vLLM.
+"""
+
+from ..errors import AdapterRefused, RefusalReason
+from .bounds import ACTIVATION_HEADROOM, max_abs_update, update_limit
+from .limits import HEADER_BYTES_PER_TENSOR, HEADER_METADATA_BYTES, ConfigCheck, ModuleFilter, ReadLimits
+from .modules import LoraAdapter, LoraModule, changed_update_problems, content_hash
+from .names import (
+    CONFIG_FILE,
+    PICKLE_FILES,
+    WEIGHTS_FILE,
+    NameParser,
+    canonical_name,
+    is_canonical_name,
+    parse_lora_name,
+)
+from .reader import AdapterFiles, _read_regular_file, parse_adapter, read_adapter, read_adapter_files
+from .writer import (
+    SerializedAdapter,
+    config_excluding_modules,
+    serialize_adapter,
+    unchanged_files,
+    write_adapter_dir,
+    write_adapter_files,
+)
+
+__all__ = [
+    "ACTIVATION_HEADROOM",
+    "CONFIG_FILE",
+    "HEADER_BYTES_PER_TENSOR",
+    "HEADER_METADATA_BYTES",
+    "PICKLE_FILES",
+    "WEIGHTS_FILE",
+    "AdapterFiles",
+    "AdapterRefused",
+    "ConfigCheck",
+    "LoraAdapter",
+    "LoraModule",
+    "ModuleFilter",
+    "NameParser",
+    "ReadLimits",
+    "RefusalReason",
+    "SerializedAdapter",
+    "canonical_name",
+    "changed_update_problems",
+    "config_excluding_modules",
+    "content_hash",
+    "is_canonical_name",
+    "max_abs_update",
+    "parse_adapter",
+    "parse_lora_name",
+    "read_adapter",
+    "read_adapter_files",
+    "serialize_adapter",
+    "unchanged_files",
+    "update_limit",
+    "write_adapter_dir",
+    "write_adapter_files",
+]

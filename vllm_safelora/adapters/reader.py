@@ -1,0 +1,231 @@
+"""Read an adapter directory's two files once, within byte limits, and parse them.
+
+Adapters are tenant uploads, so the reader trusts nothing: it reads each file
+once, with a byte limit, hashes exactly the bytes it parses, checks the
+safetensors header itself before handing the bytes to safetensors (which
+never unpickles anything), and collects every problem it finds into one
+:class:`AdapterRefused`. Pickle files (``adapter_model.bin``) are refused by
+name and never opened.
+
+This module imports no vLLM.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import load as load_safetensors_bytes
+
+from ..errors import AdapterRefused, RefusalReason
+from .header import _FLOAT_CODES, _check_safetensors_header, _refuse_oversized_header
+from .limits import ReadLimits, _Problems
+from .modules import LoraAdapter, _map_tensor_names, _pair_modules, content_hash
+from .names import CONFIG_FILE, PICKLE_FILES, WEIGHTS_FILE, canonical_name
+from .validate import _check_config, _parse_config
+
+def _read_regular_file(
+    path: Path, limit: int, adapter: str, confine_to: Path | None,
+    head: tuple[int, Callable[[bytes, int], None]] | None = None,
+) -> tuple[bytes, os.stat_result]:
+    """The file's bytes within ``limit``. ``head`` = (n, check): the first n bytes are read
+    first and ``check(head, file_size)`` may refuse them before the rest is read (a huge file with a hostile
+    header costs n bytes, not the file)."""
+    real = Path(os.path.realpath(path))
+    if confine_to is not None:
+        root = Path(os.path.realpath(confine_to))
+        if real != root and root not in real.parents:
+            raise AdapterRefused(
+                RefusalReason.INVALID_NAME, f"{path.name} is a link pointing outside the adapter source", adapter
+            )
+    try:
+        fd = os.open(real, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    except OSError as exc:
+        raise AdapterRefused(RefusalReason.NOT_FOUND, f"cannot open {path.name}: {exc.strerror}", adapter) from exc
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise AdapterRefused(RefusalReason.INVALID_NAME, f"{path.name} is not a regular file", adapter)
+        if st.st_size > limit:
+            raise AdapterRefused(
+                RefusalReason.TOO_LARGE, f"{path.name} is {st.st_size} bytes, the limit is {limit}", adapter
+            )
+        chunks, total = [], 0
+        if head is not None:
+            first = _read_up_to(fd, min(head[0], limit + 1))
+            head[1](first, st.st_size)
+            chunks, total = [first], len(first)
+        while True:
+            block = os.read(fd, min(1 << 24, limit + 1 - total))
+            if not block:
+                break
+            chunks.append(block)
+            total += len(block)
+            if total > limit:
+                raise AdapterRefused(RefusalReason.TOO_LARGE, f"{path.name} grew past the limit of {limit} bytes while read", adapter)
+        data = b"".join(chunks)
+        if len(data) != st.st_size:
+            raise AdapterRefused(
+                RefusalReason.CHANGED_WHILE_READING, f"{path.name} changed size while it was read", adapter
+            )
+        return data, st
+    finally:
+        os.close(fd)
+
+
+def _read_up_to(fd: int, n: int) -> bytes:
+    parts, got = [], 0
+    while got < n:
+        block = os.read(fd, n - got)
+        if not block:
+            break
+        parts.append(block)
+        got += len(block)
+    return b"".join(parts)
+
+
+def _same_file(before: os.stat_result, path: Path) -> bool:
+    try:
+        now = os.stat(os.path.realpath(path))
+    except OSError:
+        return False
+    return (now.st_ino, now.st_dev, now.st_size, now.st_mtime_ns) == (
+        before.st_ino, before.st_dev, before.st_size, before.st_mtime_ns,
+    )
+
+
+@dataclass(frozen=True)
+class AdapterFiles:
+    """An adapter's files as read (once, within limits), before any parsing."""
+
+    path: Path
+    name: str
+    config_bytes: bytes
+    weights_bytes: bytes
+
+    @property
+    def content_hash(self) -> str:
+        return content_hash(self.config_bytes, self.weights_bytes)
+
+
+def read_adapter_files(
+    path: Path,
+    *,
+    name: str | None = None,
+    limits: ReadLimits = ReadLimits(),
+    confine_to: Path | None = None,
+) -> AdapterFiles:
+    """Read an adapter directory's two files within the byte limits, parsing nothing.
+
+    Split from :func:`parse_adapter` so that a caller can recognise content it has
+    already refused (by :attr:`AdapterFiles.content_hash`) before paying for parsing.
+    """
+    path = Path(path)
+    who = name or str(path)
+    if not path.is_dir():
+        raise AdapterRefused(RefusalReason.NOT_FOUND, f"{path} is not a directory", who)
+    config_path, weights_path = path / CONFIG_FILE, path / WEIGHTS_FILE
+    if not os.path.lexists(config_path):
+        raise AdapterRefused(RefusalReason.INVALID_CONFIG, f"{CONFIG_FILE} is missing", who)
+    pickles = [p for p in PICKLE_FILES if os.path.lexists(path / p)]
+    if not os.path.lexists(weights_path):
+        if pickles:
+            raise AdapterRefused(
+                RefusalReason.PICKLE_ONLY,
+                f"only pickle weights ({', '.join(pickles)}) were found; pickle is never loaded here. "
+                "Re-save the adapter with save_pretrained(..., safe_serialization=True)",
+                who,
+            )
+        raise AdapterRefused(RefusalReason.MISSING_TENSOR, f"{WEIGHTS_FILE} is missing", who)
+    if pickles:
+        raise AdapterRefused(
+            RefusalReason.PICKLE_ONLY,
+            f"{', '.join(pickles)} sits beside {WEIGHTS_FILE}; which weights are meant is ambiguous. "
+            "Upload only the safetensors file",
+            who,
+        )
+
+    config_bytes, config_stat = _read_regular_file(config_path, limits.max_config_bytes, who, confine_to)
+    weights_bytes, weights_stat = _read_regular_file(
+        weights_path, limits.max_bytes, who, confine_to,
+        head=(8 + limits.max_header_bytes, functools.partial(_refuse_oversized_header, limits=limits, adapter=who)),
+    )
+    if not (_same_file(config_stat, config_path) and _same_file(weights_stat, weights_path)):
+        raise AdapterRefused(
+            RefusalReason.CHANGED_WHILE_READING,
+            "the adapter's files were replaced while they were read; upload it again",
+            who,
+        )
+    return AdapterFiles(path=path, name=who, config_bytes=config_bytes, weights_bytes=weights_bytes)
+
+
+def read_adapter(
+    path: Path,
+    *,
+    name: str | None = None,
+    limits: ReadLimits = ReadLimits(),
+    confine_to: Path | None = None,
+) -> LoraAdapter:
+    """Read, validate and hash a PEFT LoRA adapter directory, or refuse it.
+
+    ``name`` is how errors name the adapter (its served name); ``confine_to``
+    is a directory every file must resolve into (the source's root).
+    """
+    return parse_adapter(read_adapter_files(path, name=name, limits=limits, confine_to=confine_to), limits=limits)
+
+
+def parse_adapter(files: AdapterFiles, *, limits: ReadLimits = ReadLimits()) -> LoraAdapter:
+    """Validate and parse files read by :func:`read_adapter_files`, or refuse them.
+
+    Every tensor name is mapped to its module the way the served vLLM maps it, and
+    refused unless each module gets exactly one lora_A and one lora_B, *before* any
+    tensor is materialised. The returned adapter's tensors are keyed by their
+    canonical names (:func:`canonical_name`), which is all the writer writes.
+    """
+    path, who = files.path, files.name
+    config_bytes, weights_bytes = files.config_bytes, files.weights_bytes
+    problems = _Problems(who)
+    config = _parse_config(config_bytes, limits, problems)
+    if config is not None:
+        _check_config(config, limits, problems)
+    problems.raise_if_any()
+    assert config is not None
+
+    header = _check_safetensors_header(weights_bytes, limits, problems)
+    problems.raise_if_any()
+    assert header is not None
+    names = [k for k in header if k != "__metadata__"]
+    for tname in names:
+        if header[tname]["dtype"] not in _FLOAT_CODES:
+            problems.add(RefusalReason.BAD_DTYPE, f"tensor {tname} has dtype {header[tname]['dtype']}; LoRA weights must be F16, BF16 or F32")
+    slots = _map_tensor_names(names, limits, problems)
+    problems.raise_if_any()
+    try:
+        tensors = load_safetensors_bytes(weights_bytes)
+    except Exception as exc:  # safetensors' own validation
+        raise AdapterRefused(RefusalReason.MALFORMED_TENSORS, f"{WEIGHTS_FILE} cannot be parsed: {exc}", who) from exc
+    metadata = header.get("__metadata__") or {}
+
+    modules = _pair_modules(tensors, slots, config, limits, problems)
+    problems.raise_if_any()
+    canonical = {canonical_name(slots[k].peft_module, slots[k].which): t for k, t in tensors.items()}
+    dtypes = {t.dtype for t in tensors.values()}
+    return LoraAdapter(
+        path=path,
+        config=config,
+        config_bytes=config_bytes,
+        weights_bytes=weights_bytes,
+        tensors=canonical,
+        modules=modules,
+        content_hash=content_hash(config_bytes, weights_bytes),
+        nbytes=len(config_bytes) + len(weights_bytes),
+        dtype=dtypes.pop() if len(dtypes) == 1 else torch.float32,
+        metadata={str(k): str(v) for k, v in metadata.items()} if isinstance(metadata, dict) else {},
+        canonical_names=set(canonical) == set(tensors),
+        limits=limits,
+    )
