@@ -33,6 +33,7 @@ from .policies import PolicyConfig, make_policy
 from .policies.base import lora_flops_per_token
 from .projection import mean_pdst
 from .report import REPORT_FILE, AdapterReport, ReportSummary
+from .tenancy import TenantPolicy
 
 
 @dataclass(frozen=True)
@@ -102,7 +103,18 @@ def project_adapter(
     require_base_model_match: bool = True,
 ) -> ProjectionOutcome:
     """Check, apply the policy and serialise; raises AdapterRefused, writes nothing."""
-    who = name or str(adapter.path)
+    served, report = _apply_policy(
+        adapter, bank, policy, who=name or str(adapter.path), aliases=aliases,
+        require_base_model_match=require_base_model_match,
+    )
+    return ProjectionOutcome(adapter=with_report(served, report), report=report)
+
+
+def _apply_policy(
+    adapter: LoraAdapter, bank: AlignmentBank, policy: PolicyConfig, *, who: str, aliases: Iterable[str],
+    require_base_model_match: bool,
+) -> tuple[SerializedAdapter, AdapterReport]:
+    """The policy's output files (without the report) and the report, for any caller."""
     start = time.perf_counter()
     check_compatible(adapter, bank, aliases=aliases, require_base_model_match=require_base_model_match, name=who)
     result = make_policy(policy).apply(adapter, bank)
@@ -141,8 +153,48 @@ def project_adapter(
         lora_flops_saved_fraction=1.0 - flops_after / flops_before if flops_before else 0.0,
         features_id=bank.features_id if policy.uses_safety_features() else None,
     )
-    report = AdapterReport(adapter=who, summary=summary, modules=result.modules, notes=result.notes)
-    return ProjectionOutcome(adapter=with_report(serialized, report), report=report)
+    return serialized, AdapterReport(adapter=who, summary=summary, modules=result.modules, notes=result.notes)
+
+
+def project_for_tenant(
+    adapter: LoraAdapter,
+    bank: AlignmentBank,
+    tenant: TenantPolicy,
+    *,
+    name: str | None = None,
+    aliases: Iterable[str] = (),
+    require_base_model_match: bool = True,
+) -> ProjectionOutcome:
+    """What a server serves for one tenant: the policy's outcome with its final report.
+
+    Raises AdapterRefused(ADMISSION) when the tenant's admission rules refuse it (in
+    shadow mode the refusal is only reported). A shadow outcome holds the upload's own
+    tensors; its report says what the policy would have done.
+    """
+    who = name or str(adapter.path)
+    served, report = _apply_policy(
+        adapter, bank, tenant.policy, who=who, aliases=aliases, require_base_model_match=require_base_model_match
+    )
+    problem = tenant.admission_problem(report)
+    if problem is not None and not tenant.shadow:
+        raise AdapterRefused(RefusalReason.ADMISSION, problem, who)
+    summary = report.summary.model_copy(
+        update={
+            "mode": "shadow" if tenant.shadow else "enforce",
+            "tenant_rule": tenant.rule,
+            "policy_id": tenant.cache_policy_id(bank),
+            "rejection": problem,
+            "outcome": "rejected" if problem else report.summary.outcome,
+        }
+    )
+    notes = report.notes
+    if tenant.shadow:
+        would_be = report.summary.output_hash
+        served = unchanged_files(adapter)
+        summary = summary.model_copy(update={"output_hash": served.content_hash})
+        notes = [*notes, f"SHADOW MODE: served unchanged; the policy would have produced {would_be}"]
+    report = report.model_copy(update={"summary": summary, "notes": notes})
+    return ProjectionOutcome(adapter=with_report(served, report), report=report)
 
 
 def with_report(adapter: SerializedAdapter, report: AdapterReport) -> SerializedAdapter:

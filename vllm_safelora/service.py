@@ -26,8 +26,8 @@ from .adapters import (
 )
 from .bank import AlignmentBank, load_bank
 from .cache import CacheKey, PatchedAdapterCache, entry_path_in, entry_signature
-from .config import AdmissionConfig, SafeLoRASettings
-from .engine import project_adapter, with_report
+from .config import SafeLoRASettings
+from .engine import project_for_tenant
 from .errors import AdapterRefused, BankError, Overloaded, RefusalReason
 from .policies import make_policy
 from .refusals import RefusalCache
@@ -101,22 +101,6 @@ def _origin(location: Location) -> str:
     return str(location.path) if isinstance(location.source, LocalDirSource) else location.name
 
 
-def admission_problem(report: AdapterReport, admission: AdmissionConfig) -> str | None:
-    """Why the operator's admission rules refuse this adapter, or None."""
-    s = report.summary
-    if admission.max_projected_fraction is not None and s.modules:
-        fraction = s.projected / s.modules
-        if fraction > admission.max_projected_fraction:
-            return (
-                f"{s.projected} of {s.modules} modules ({fraction:.0%}) needed projection, more than the "
-                f"allowed {admission.max_projected_fraction:.0%}"
-            )
-    if admission.min_cosine is not None and s.min_cosine is not None and s.min_cosine < admission.min_cosine:
-        worst = min(report.modules, key=lambda m: m.cosine)
-        return f"module {worst.module} has cosine {worst.cosine:.5f}, below the floor {admission.min_cosine}"
-    return None
-
-
 def build_sources(settings: SafeLoRASettings) -> list[AdapterSource]:
     sources: list[AdapterSource] = [LocalDirSource(root) for root in settings.adapter_dirs]
     if settings.hub.enabled:
@@ -127,23 +111,6 @@ def build_sources(settings: SafeLoRASettings) -> list[AdapterSource]:
             )
         )
     return sources
-
-
-def _tenant_report(report: AdapterReport, tenant: TenantPolicy, admission: str | None) -> AdapterReport:
-    summary = report.summary.model_copy(
-        update={
-            "mode": "shadow" if tenant.shadow else "enforce",
-            "tenant_rule": tenant.rule,
-            "policy_id": report.summary.policy_id + ("-shadow" if tenant.shadow else ""),
-            "rejection": admission,
-            "outcome": "rejected" if admission else report.summary.outcome,
-        }
-    )
-    if tenant.shadow:
-        summary = summary.model_copy(update={"output_hash": report.summary.input_hash})
-        notes = [*report.notes, f"SHADOW MODE: served unchanged; the policy would have produced {report.summary.output_hash}"]
-        return report.model_copy(update={"summary": summary, "notes": notes})
-    return report.model_copy(update={"summary": summary})
 
 
 class SafeLoRAService:
@@ -452,36 +419,22 @@ class SafeLoRAService:
             adapter_hash=adapter.content_hash, bank_id=self.bank.bank_id, policy_id=tenant.cache_policy_id(self.bank)
         )
 
-        def build(tmpdir: Path) -> AdapterReport:
+        def build(tmpdir: Path) -> None:
             start = time.perf_counter()
-            outcome = project_adapter(
-                adapter, self.bank, tenant.policy, name=name, aliases=self.settings.aliases,
+            outcome = project_for_tenant(
+                adapter, self.bank, tenant, name=name, aliases=self.settings.aliases,
                 require_base_model_match=self.settings.require_base_model_match,
             )
-            problem = admission_problem(outcome.report, tenant.admission)
-            if problem is not None and not tenant.shadow:
-                raise AdapterRefused(RefusalReason.ADMISSION, problem, name)
-            report = _tenant_report(outcome.report, tenant, problem)
-            if tenant.shadow:
-                # Served as uploaded, byte for byte; the report records what would have been done.
-                out = with_report(unchanged_files(adapter), report)
-            else:
-                out = with_report(outcome.adapter, report)
-            write_adapter_files(tmpdir, out)
-            self._observe_projection(report, tenant, time.perf_counter() - start)
-            return report
+            write_adapter_files(tmpdir, outcome.adapter)
+            self._observe_projection(outcome.report, tenant, time.perf_counter() - start)
 
         # Leased before it is verified (no eviction can slip in); the lease passes to the
         # map of tracked paths in prepare(), and is given back when the adapter drops out.
-        entry, hit, built_report = self.cache.get_or_create(key, build, lease=True, origin=_origin(location))
+        # An entry exists only for an adapter its tenant's rules admitted (they are part
+        # of the key), so a hit and a fresh build are read the same way.
+        entry, hit, _ = self.cache.get_or_create(key, build, lease=True, origin=_origin(location))
         try:
-            if hit:
-                report = AdapterReport.model_validate_json((entry.path / REPORT_FILE).read_bytes())
-                problem = admission_problem(report, tenant.admission)
-                if problem is not None and not tenant.shadow:
-                    raise AdapterRefused(RefusalReason.ADMISSION, problem, name)
-            else:
-                report = built_report
+            report = AdapterReport.model_validate_json((entry.path / REPORT_FILE).read_bytes())
         except BaseException:
             self.cache.release(entry.digest)
             raise

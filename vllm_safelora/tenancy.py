@@ -4,15 +4,17 @@ The tenant and admission models live here (the configuration,
 :mod:`vllm_safelora.config`, uses them; this module does not import it).
 
 Rules are tried in order and the first whose pattern matches the adapter's
-served name wins; names no rule matches get the top-level ``policy`` and
-``admission``. Patterns are case-sensitive shell globs on the whole name
-(``trusted/*`` matches ``trusted/x`` but not ``trusted-x/y``); local adapter
-names are plain ASCII with at most one ``/``, so a name cannot pose as another
-tenant's namespace.
+location wins (its real path under an adapter root, or ``hub:org/repo``: never a
+name an API client chose); adapters no rule matches get the top-level ``policy``
+and ``admission``. Patterns are case-sensitive shell globs on the whole location
+(``trusted/*`` matches ``trusted/x`` but not ``trusted-x/y``); local locations
+are plain ASCII with at most one ``/``, so one cannot pose as another tenant's.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import Any, Protocol, Sequence
@@ -38,7 +40,7 @@ class AdmissionConfig(BaseModel):
 class TenantRule(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    match: str = Field(description="glob on the adapter's served name, e.g. 'trusted/*'")
+    match: str = Field(description="glob on the adapter's location (path under an adapter root, or hub:org/repo)")
     shadow: bool | None = Field(None, description="report-only for these adapters (None: the global setting)")
     policy: PolicySetting | None = Field(None, description="policy for these adapters (None: the top-level policy)")
     admission: AdmissionConfig | None = Field(None, description="admission rules (None: the top-level ones)")
@@ -69,10 +71,31 @@ class TenantPolicy:
     """Report-only: serve the original adapter, record what the policy would have done."""
 
     def cache_policy_id(self, bank=None) -> str:
-        # A shadow entry holds the original weights; it must never be mistaken
-        # for the enforcing entry of the same policy. The bank folds in data the
-        # bank_id does not cover (SaLoRA-style safety features).
-        return self.policy.policy_id(bank) + ("-shadow" if self.shadow else "")
+        """What, besides the upload and the bank, decides a served entry's bytes and report.
+
+        A shadow entry holds the original weights; it must never be mistaken for the
+        enforcing entry of the same policy. The bank folds in data the bank_id does not
+        cover (SaLoRA-style safety features). Admission rules are part of it, so an entry
+        exists only for adapters its rules admitted and a cache hit needs no second check.
+        """
+        rules = self.admission.model_dump(exclude_none=True)
+        admitted = "-admit-" + hashlib.sha256(json.dumps(rules, sort_keys=True).encode()).hexdigest()[:12] if rules else ""
+        return self.policy.policy_id(bank) + admitted + ("-shadow" if self.shadow else "")
+
+    def admission_problem(self, report) -> str | None:
+        """Why this tenant's admission rules refuse an adapter with this report, or None."""
+        s, admission = report.summary, self.admission
+        if admission.max_projected_fraction is not None and s.modules:
+            fraction = s.projected / s.modules
+            if fraction > admission.max_projected_fraction:
+                return (
+                    f"{s.projected} of {s.modules} modules ({fraction:.0%}) needed projection, more than the "
+                    f"allowed {admission.max_projected_fraction:.0%}"
+                )
+        if admission.min_cosine is not None and s.min_cosine is not None and s.min_cosine < admission.min_cosine:
+            worst = min(report.modules, key=lambda m: m.cosine)
+            return f"module {worst.module} has cosine {worst.cosine:.5f}, below the floor {admission.min_cosine}"
+        return None
 
 
 def _rule_applies(pattern: str, name: str) -> bool:
