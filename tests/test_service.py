@@ -341,3 +341,16 @@ def test_refusals_before_the_content_is_known_are_remembered_by_files(tmp_path, 
             svc.prepare("acme/good")
         assert err.value.reason is RefusalReason.TOO_LARGE
     assert len(reads) == 1 and _metric("safelora_refusal_cache_hits_total") == hits + 2
+
+
+def test_admission_can_refuse_updates_along_the_alignment_subspace(tmp_path, tiny_bank, adapters_root):
+    """admission.max_mean_cosine (off by default): the aligned-direction adapter scores a high mean
+    cosine and is refused; the orthogonal one is admitted (and projected)."""
+    svc = _service(tmp_path, tiny_bank, adapters_root, admission={"max_mean_cosine": 0.5})
+    with pytest.raises(AdapterRefused) as err:
+        svc.prepare("acme/good")
+    assert err.value.reason is RefusalReason.ADMISSION and "mean module cosine" in err.value.detail
+    assert svc.prepare("globex/bad").report.summary.mean_cosine < 0.5
+    from vllm_safelora.config import AdmissionConfig
+
+    assert AdmissionConfig().max_mean_cosine is None

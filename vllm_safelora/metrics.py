@@ -51,3 +51,9 @@ OVERLOAD = Counter(
 REFUSAL_CACHE_HITS = Counter(
     "safelora_refusal_cache_hits", "Refusals answered from memory of an earlier refusal of the same content or files"
 )
+ADAPTER_MEAN_COSINE = Histogram(
+    "safelora_adapter_mean_cosine",
+    "Mean module cosine of each projected adapter (one observation per projection): the detection score "
+    "admission.max_mean_cosine thresholds",
+    buckets=(-0.5, 0.0, 0.1, 0.2, 0.3, 0.4, 0.45, 0.5, 0.526, 0.55, 0.6, 0.7, 0.8, 0.9, 1.0),
+)

@@ -448,5 +448,7 @@ class SafeLoRAService:
         metrics.PROJECTIONS.labels(policy=tenant.policy.kind).inc()
         metrics.PROJECTION_SECONDS.observe(seconds)
         metrics.MODULES_PROJECTED.inc(report.summary.projected)
+        if report.summary.mean_cosine is not None:
+            metrics.ADAPTER_MEAN_COSINE.observe(report.summary.mean_cosine)
         for module in report.modules:
             metrics.MODULE_COSINE.observe(module.cosine)

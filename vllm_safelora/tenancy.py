@@ -35,6 +35,13 @@ class AdmissionConfig(BaseModel):
     min_cosine: float | None = Field(
         None, ge=-1.0, le=1.0, description="refuse when any module's cosine is below this floor"
     )
+    max_mean_cosine: float | None = Field(
+        None, ge=-1.0, le=1.0,
+        description="refuse when the adapter's mean module cosine is at or above this (detection, data-free). In the "
+        "safety miniature, jailbreak fine-tunes undo the alignment (dW ~ -V) and score HIGH cosines: 0.526 caught "
+        "90% of held-out harmful adapters with no false refusal among 11 harmless ones (benchmarks/results/safety/"
+        "selection). Toy-scale evidence with a post-hoc orientation: calibrate on your own adapters before enabling",
+    )
 
 
 class TenantRule(BaseModel):
@@ -95,6 +102,11 @@ class TenantPolicy:
         if admission.min_cosine is not None and s.min_cosine is not None and s.min_cosine < admission.min_cosine:
             worst = min(report.modules, key=lambda m: m.cosine)
             return f"module {worst.module} has cosine {worst.cosine:.5f}, below the floor {admission.min_cosine}"
+        if admission.max_mean_cosine is not None and s.mean_cosine is not None and s.mean_cosine >= admission.max_mean_cosine:
+            return (
+                f"the mean module cosine {s.mean_cosine:.5f} is at or above {admission.max_mean_cosine}: the update "
+                "lies along the alignment subspace, as fine-tunes that undo the alignment do"
+            )
         return None
 
 
