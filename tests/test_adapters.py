@@ -19,8 +19,8 @@ from vllm_safelora.adapters import (
     CONFIG_FILE,
     WEIGHTS_FILE,
     ReadLimits,
-    content_hash,
     read_adapter,
+    read_adapter_files,
     serialize_adapter,
     write_adapter_dir,
 )
@@ -555,7 +555,11 @@ def test_content_hash_stable_and_sensitive(tmp_path):
     d = write_adapter(tmp_path / "a")
     h1 = read_adapter(d).content_hash
     assert read_adapter(d).content_hash == h1
-    assert h1 == content_hash((d / CONFIG_FILE).read_bytes(), (d / WEIGHTS_FILE).read_bytes())
+    # the hash taken before parsing (how refused content is recognised) is the parsed adapter's
+    assert read_adapter_files(d).content_hash == h1
+    # only the served files count: another file beside them changes nothing
+    (d / "README.md").write_text("notes")
+    assert read_adapter(d).content_hash == h1
     # a copy elsewhere, under another name: same content, same hash
     copy = write_adapter(tmp_path / "b", weights=(d / WEIGHTS_FILE).read_bytes(),
                          config=(d / CONFIG_FILE).read_bytes())

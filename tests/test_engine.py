@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import load_file, save_file
 
-from vllm_safelora.adapters import CONFIG_FILE, WEIGHTS_FILE, content_hash, read_adapter
+from vllm_safelora.adapters import CONFIG_FILE, WEIGHTS_FILE, read_adapter
 from vllm_safelora.adapters import writer as adapter_writer
 from vllm_safelora.bank import AlignmentBank, Truncation, build_bank, load_bank
 from vllm_safelora.engine import check_compatible, project_adapter, write_projected
@@ -247,10 +248,12 @@ def test_unchanged_half_precision_adapter_bytes(tiny_adapter_factory, tiny_bank,
     assert outcome.report.summary.output_hash == outcome.report.summary.input_hash
 
 
-def test_report_fields(tiny_adapter_random, tiny_bank, tiny_deltas):
+def test_report_fields(tiny_adapter_random, tiny_bank, tiny_deltas, tmp_path):
     adapter = read_adapter(tiny_adapter_random)
     policy = SafeLoRAConfig(select="topk", topk=2)
+    t0 = time.perf_counter()
     outcome = project_adapter(adapter, tiny_bank, policy, name="tenant/bot")
+    wall = time.perf_counter() - t0
     report = outcome.report
     s = report.summary
     cos, selected = expected_selection(adapter, tiny_deltas, policy)
@@ -263,11 +266,12 @@ def test_report_fields(tiny_adapter_random, tiny_bank, tiny_deltas):
     assert s.policy_id == policy.policy_id() and len(s.policy_id) == 16
     assert s.bank_id == tiny_bank.bank_id
     assert s.input_hash == adapter.content_hash
-    assert s.output_hash == content_hash(outcome.adapter.config_bytes, outcome.adapter.weights_bytes)
+    # the output hash names the files that are served: the written adapter, read back
+    assert read_adapter(write_projected(outcome, tmp_path / "served")).content_hash == s.output_hash
     assert s.output_hash != s.input_hash
     assert s.min_cosine == pytest.approx(min(cos.values()), abs=2e-5)
     assert s.mean_cosine == pytest.approx(sum(cos.values()) / len(cos), abs=2e-5)
-    assert s.seconds >= 0 and s.rejection is None
+    assert 0 < s.seconds <= wall and s.rejection is None  # the projection's own time, inside the call
     assert s.max_bank_error_bound == max(
         tiny_bank.manifest.module(n).approx_error_bound for n in adapter.modules
     )

@@ -149,7 +149,8 @@ def test_miniature_smoke(tmp_path):
     assert "asr" in results["aligned"] and "utility_core" in results["aligned"]
     for name, meta in doc["variants"].items():
         assert name in results, name
-        assert "asr" in results[name] or "skipped" not in results[name]
+        # every variant was either evaluated or marked skipped (time budget), never both or neither
+        assert ("asr" in results[name]) != ("skipped" in results[name]), results[name]
     # The no-op server served the unprotected adapters unchanged.
     for attack in ("purebad", "dialog", "benign"):
         assert doc["server"]["noop_policy_check"][attack]["projected"] == 0
