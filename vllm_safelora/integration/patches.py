@@ -189,9 +189,40 @@ def _wrap_load_lora_adapter(cls) -> None:
         except (AdapterRefused, Overloaded) as exc:
             return to_error_response(exc)
         request = request.model_copy(update={"lora_path": str(prepared.path)})
-        return await original(self, request, base_model_name)
+        result = await original(self, request, base_model_name)
+        await _unload_dropped(self, svc)
+        return result
 
     cls.load_lora_adapter = load_lora_adapter
+
+
+async def _unload_dropped(serving_models, svc) -> None:
+    """Bound vLLM's own table of served names: the serving layer keeps every name it ever
+    resolved or loaded (and a lock per name). Names the service dropped from its bounded
+    listing (least recently used) are unloaded through vLLM's own unload path; a later
+    request for one resolves it again, normally a cache hit."""
+    from vllm.entrypoints.serve.lora.protocol import UnloadLoRAAdapterRequest
+
+    for stale in svc.drain_dropped_names():
+        if stale in serving_models.lora_requests:
+            await serving_models.unload_lora_adapter(UnloadLoRAAdapterRequest(lora_name=stale))
+        lock = serving_models.lora_resolver_lock.get(stale)
+        if lock is not None and not lock.locked():  # the event loop is ours until the next await
+            del serving_models.lora_resolver_lock[stale]
+
+
+def _wrap_resolve_lora(cls) -> None:
+    original = cls.resolve_lora
+
+    @functools.wraps(original)
+    async def resolve_lora(self, lora_name):
+        result = await original(self, lora_name)
+        svc = state.service()
+        if svc is not None:
+            await _unload_dropped(self, svc)
+        return result
+
+    cls.resolve_lora = resolve_lora
 
 
 def _wrap_unload_lora_adapter(cls) -> None:
@@ -321,6 +352,7 @@ def install() -> None:
         _wrap_sync_add_lora(LLMEngine)
         _wrap_load_lora_adapter(OpenAIServingModels)
         _wrap_unload_lora_adapter(OpenAIServingModels)
+        _wrap_resolve_lora(OpenAIServingModels)
         _wrap_worker_load_adapter(WorkerLoRAManager)
         _wrap_worker_set_active_adapters(WorkerLoRAManager)
         lora_isolation.install()  # vllm-safelora issue 10 (reader owner): CPU ops gave base-model rows the last slot's LoRA
