@@ -51,10 +51,34 @@ def test_build_bank(tiny_models, tmp_path, capsys):
     # again without --overwrite: a bank error; with it: fine
     code, _, err = run(capsys, "build-bank", "--base", tiny_models.base, "--aligned", tiny_models.aligned,
                        "--out", out, "--modules", "q_proj")
-    assert code == EXIT_BANK and "already exists" in err
+    assert code == EXIT_BANK and "already exists" in err and "pass --overwrite" in err
     code, _, _ = run(capsys, "build-bank", "--base", tiny_models.base, "--aligned", tiny_models.aligned,
                      "--out", out, "--modules", "q_proj", "--overwrite")
     assert code == 0 and len(read_manifest(out).modules) == 2
+
+
+def test_bank_errors_name_the_flags(tiny_models, tmp_path, capsys):
+    """The library names fields and arguments (Truncation.rank, svd='lowrank'); the CLI reports its flags."""
+    common = ("build-bank", "--base", tiny_models.base, "--aligned", tiny_models.aligned, "--modules", "q_proj")
+    code, _, err = run(capsys, *common, "--out", tmp_path / "a", "--rank", "0")
+    assert code == EXIT_BANK and "--rank must be >= 1, got 0" in err and "Truncation" not in err
+    code, _, err = run(capsys, *common, "--out", tmp_path / "c", "--svd", "lowrank")
+    assert code == EXIT_BANK and "--svd lowrank needs --rank K" in err and "svd=" not in err
+
+
+def test_in_flags_translates_every_library_term():
+    from vllm_safelora.cli import in_flags
+
+    assert in_flags("device='cuda:1' requested but CUDA is not available") == (
+        "--device cuda:1 requested but CUDA is not available"
+    )
+    assert in_flags("SafetyFeatureSpec.rank must be >= 1; SafetyFeatureSpec.batch_size too") == (
+        "--safety-rank must be >= 1; --safety-batch-size too"
+    )
+    assert in_flags("check modules=[...] against the names; or pass overwrite=True") == (
+        "check --modules against the names; or pass --overwrite"
+    )
+    assert in_flags("adapter 't/a' is refused") == "adapter 't/a' is refused"  # nothing else changes
 
 
 def test_build_bank_rank_prints_truncation(rank2_bank, tiny_models, tmp_path, capsys):
@@ -82,7 +106,7 @@ def test_project_writes_adapter_and_report(tiny_bank_dir, tiny_adapter_random, t
     # existing output without --overwrite: usage error, output untouched
     before = (out / WEIGHTS_FILE).read_bytes()
     code, _, err = run(capsys, "project", tiny_adapter_random, "--bank", tiny_bank_dir, "--out", out)
-    assert code == EXIT_USAGE and "already exists" in err
+    assert code == EXIT_USAGE and "already exists" in err and "pass --overwrite" in err
     assert (out / WEIGHTS_FILE).read_bytes() == before
     code, _, _ = run(capsys, "project", tiny_adapter_random, "--bank", tiny_bank_dir, "--out", out,
                      "--overwrite", "--select", "topk", "--topk", "1")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
@@ -292,6 +293,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Library errors name the config field or argument (Truncation.rank, overwrite=True);
+# the CLI reports them with the flag that sets it.
+_FLAG_FOR = {
+    "Truncation.rank": "--rank",
+    "Truncation.energy": "--energy",
+    "SafetyFeatureSpec.rank": "--safety-rank",
+    "SafetyFeatureSpec.batch_size": "--safety-batch-size",
+    "overwrite=True": "--overwrite",
+    "modules=[...]": "--modules",
+}
+_FLAG_WITH_VALUE = re.compile(r"\b(device|svd)='([^']*)'")
+
+
+def in_flags(message: str) -> str:
+    """A library error's message in the CLI's words: each field or argument named by its flag."""
+    for term, flag in _FLAG_FOR.items():
+        message = message.replace(term, flag)
+    return _FLAG_WITH_VALUE.sub(lambda m: f"--{m.group(1)} {m.group(2)}", message)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -308,10 +329,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"vllm-safelora: refused: {exc}", file=sys.stderr)
         return EXIT_REFUSED
     except BankError as exc:
-        print(f"vllm-safelora: bank error: {exc}", file=sys.stderr)
+        print(f"vllm-safelora: bank error: {in_flags(str(exc))}", file=sys.stderr)
         return EXIT_BANK
     except (ConfigError, FileExistsError, ValueError) as exc:
-        print(f"vllm-safelora: error: {exc}", file=sys.stderr)
+        print(f"vllm-safelora: error: {in_flags(str(exc))}", file=sys.stderr)
         return EXIT_USAGE
 
 

@@ -78,7 +78,7 @@ def atomic_directory(out_dir: Path, *, overwrite: bool = False) -> Iterator[Path
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
-        raise FileExistsError(f"{out_dir} already exists; remove it or pass --overwrite")
+        raise FileExistsError(f"{out_dir} already exists; remove it or pass overwrite=True")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:

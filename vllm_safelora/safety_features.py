@@ -57,9 +57,9 @@ class SafetyFeatureSpec:
 
     def __post_init__(self) -> None:
         if self.rank < 1:
-            raise BankError(f"--safety-rank must be >= 1, got {self.rank}")
+            raise BankError(f"SafetyFeatureSpec.rank must be >= 1, got {self.rank}")
         if self.batch_size < 1:
-            raise BankError(f"safety batch size must be >= 1, got {self.batch_size}")
+            raise BankError(f"SafetyFeatureSpec.batch_size must be >= 1, got {self.batch_size}")
 
 
 @dataclass
@@ -273,7 +273,7 @@ def compute_safety_features(
     samples, prompts_sha = read_safety_prompts(spec.prompts, spec.max_samples)
     dev = torch.device(device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise BankError(f"--device {device} requested but CUDA is not available")
+        raise BankError(f"device={device!r} requested but CUDA is not available")
     if model is None or tokenizer is None:
         model, tokenizer = _load_model(model_ref, dev)
     batches, templated = tokenize_samples(tokenizer, samples, spec.max_length)

@@ -59,11 +59,11 @@ class Truncation:
 
     def __post_init__(self) -> None:
         if self.rank is not None and self.energy is not None:
-            raise BankError("choose --rank or --energy, not both")
+            raise BankError("choose Truncation.rank or Truncation.energy, not both")
         if self.rank is not None and self.rank < 1:
-            raise BankError(f"--rank must be >= 1, got {self.rank}")
+            raise BankError(f"Truncation.rank must be >= 1, got {self.rank}")
         if self.energy is not None and not (0.0 < self.energy <= 1.0):
-            raise BankError(f"--energy must be in (0, 1], got {self.energy}")
+            raise BankError(f"Truncation.energy must be in (0, 1], got {self.energy}")
 
 
 def select_bank_modules(
@@ -91,7 +91,7 @@ def select_bank_modules(
         wanted = ",".join(suffixes) if suffixes else ",".join(DEFAULT_MODULE_SUFFIXES)
         raise BankError(
             f"no shared 2-D weights named {wanted} in base '{base.ref}' and aligned '{aligned.ref}'; "
-            "check --modules against the checkpoints' tensor names"
+            "check modules=[...] against the checkpoints' tensor names"
         )
     return chosen
 
@@ -99,7 +99,7 @@ def select_bank_modules(
 def _svd(V: torch.Tensor, svd: str, truncation: Truncation) -> tuple[torch.Tensor, torch.Tensor]:
     if svd == "lowrank":
         if truncation.rank is None:
-            raise BankError("--svd lowrank needs --rank K (a randomized SVD computes only K directions)")
+            raise BankError("svd='lowrank' needs Truncation.rank K (a randomized SVD computes only K directions)")
         q = min(truncation.rank + 10, min(V.shape))
         # Seeded so the same checkpoints always give the same bank (and bank id).
         with torch.random.fork_rng(devices=[V.device] if V.is_cuda else []):
@@ -186,12 +186,12 @@ def build_bank(
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
-        raise BankError(f"{out_dir} already exists; remove it or pass --overwrite")
+        raise BankError(f"{out_dir} already exists; remove it or pass overwrite=True")
     if storage_dtype not in _DTYPES:
         raise BankError(f"storage dtype must be one of {sorted(_DTYPES)}, got {storage_dtype}")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise BankError(f"--device {device} requested but CUDA is not available")
+        raise BankError(f"device={device!r} requested but CUDA is not available")
 
     base = resolve_checkpoint(base_ref)
     aligned = resolve_checkpoint(aligned_ref)

@@ -119,7 +119,8 @@ def _features_path(bank_dir: Path, section: SafetyFeaturesManifest) -> Path:
     path = bank_dir / section.file
     if Path(section.file).name != section.file or not path.is_file():
         raise BankError(f"bank {bank_dir}: the manifest names safety features {section.file!r}, which is missing; "
-                        "rebuild them with --safety-prompts")
+                        "add them again with add_safety_features "
+                        "(`vllm-safelora build-bank --out DIR --features-only --safety-prompts FILE.jsonl`)")
     return path
 
 
