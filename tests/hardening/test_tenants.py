@@ -29,6 +29,7 @@ RULES = [
     {"match": "canary/*", "shadow": True},
 ]
 SAME_TOL = 1e-4
+MAX_TRACKED = 8
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +44,7 @@ def tenants(hardening_world, tmp_path_factory):
     cache_dir = work / "cache"
     config = hardening_world.config(
         work / "tenants.yaml", cache_dir, tenants=RULES, hub={"enabled": True},
-        max_concurrent_preparations=1, max_queued_preparations=0,
+        max_concurrent_preparations=1, max_queued_preparations=0, max_tracked_adapters=MAX_TRACKED,
     )
     server = hs.Server("tenants", hardening_world.aligned, config, work, ["--max-loras", "1", "--max-cpu-loras", "1"])
     server.start()
@@ -277,6 +278,18 @@ def test_a_burst_of_new_adapters_gets_503_with_retry_after_never_an_error(tenant
         if r.status_code == 503:
             assert server.complete(name).status_code == 200, name
     assert same(top_logprobs(server, "victim/v"), victim)
+
+
+def test_served_names_stay_bounded_whatever_was_ever_served(tenants):
+    """After ~50 distinct adapters, vLLM's own table of served names and the audit listing
+    hold at most max_tracked_adapters (least recently used names are unloaded); a dropped
+    name is simply resolved again."""
+    server, _, _ = tenants
+    served = [m["id"] for m in server.get("/v1/models").json()["data"] if m["id"] != str(m.get("root"))]
+    listed = server.get("/safelora/v1/adapters").json()
+    assert len(listed) <= MAX_TRACKED, sorted(listed)
+    assert len(served) <= MAX_TRACKED + 1, served  # + the base model
+    assert server.complete("burst/a00").status_code == 200
 
 
 # --------------------------------------------------------------------------- class 7: the hub is deny-by-default
