@@ -69,8 +69,11 @@ HOOKS: tuple[Hook, ...] = (
          params=("self",)),
     Hook(_SERVING, "OpenAIServingModels.__init__", "the serving layer copies the registry at start-up, in order",
          refs=("LoRAResolverRegistry.get_supported_resolvers", "LoRAResolverRegistry.get_resolver")),
-    Hook(_SERVING, "OpenAIServingModels.resolve_lora", "resolved adapters are loaded through engine add_lora",
-         is_async=True, refs=("self.engine_client.add_lora",)),
+    Hook(_SERVING, "OpenAIServingModels.resolve_lora", "resolved adapters are loaded through engine add_lora; "
+         "wrapped: unloads names dropped from the bounded listing",
+         params=("self", "lora_name"), is_async=True, refs=("self.engine_client.add_lora",)),
+    Hook(_SERVING, "OpenAIServingModels._check_load_lora_adapter_request", "the load wrapper runs vLLM's own "
+         "checks before projecting", params=("self", "request"), is_async=True),
     # ---- load endpoint and static --lora-modules (patches.py)
     Hook(_SERVING, "OpenAIServingModels.load_lora_adapter", "wrapped: projects, answers refusals with a 4xx",
          params=("self", "request", "base_model_name"), is_async=True, refs=("self.engine_client.add_lora",)),
@@ -101,6 +104,15 @@ HOOKS: tuple[Hook, ...] = (
     Hook("vllm/lora/worker_manager.py", "WorkerLoRAManager.set_active_adapters", "wrapped: marks lazy loads inside "
          "execute_model, where the guard must not raise", leading=("self",), is_async=False,
          refs=("self._apply_adapters",)),
+    Hook("vllm/lora/model_manager.py", "LoRAModelManager.create_dummy_lora", "an altered entry inside "
+         "execute_model loads vLLM's zero-initialised adapter instead of raising",
+         leading=("self", "lora_id", "rank")),
+    Hook("vllm/lora/ops/torch_ops/lora_ops.py", "bgmv_shrink", "lora_isolation zeroes rows with index -1",
+         leading=("inputs", "lora_b_weights", "output_tensor", "lora_indices_tensor")),
+    Hook("vllm/lora/ops/torch_ops/lora_ops.py", "bgmv_expand", "lora_isolation zeroes rows with index -1",
+         leading=("inputs", "lora_b_weights", "output_tensor", "lora_indices_tensor")),
+    Hook("vllm/lora/ops/torch_ops/lora_ops.py", "bgmv_expand_slice", "lora_isolation zeroes rows with index -1",
+         leading=("inputs", "lora_b_weights", "output_tensor", "lora_indices_tensor")),
     Hook("vllm/distributed/parallel_state.py", "get_tensor_model_parallel_rank",
          "worker guard logs each verified load with its tensor-parallel rank", params=()),
     # ---- what the reader asks vLLM (integration/vllm_rules.py) or mirrors (adapters/)
