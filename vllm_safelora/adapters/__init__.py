@@ -1,11 +1,8 @@
 """Read and validate a PEFT LoRA adapter directory; write a patched one.
 
-Adapters are tenant uploads, so the reader trusts nothing: it reads each file
-once, with a byte limit, hashes exactly the bytes it parses, checks the
-safetensors header itself before handing the bytes to safetensors (which
-never unpickles anything), and collects every problem it finds into one
-:class:`AdapterRefused`. Pickle files (``adapter_model.bin``) are refused by
-name and never opened.
+Adapters are tenant uploads, so the reader trusts nothing (:mod:`.reader` says how):
+every file is read once within a byte limit, every problem found goes into one
+:class:`AdapterRefused`, and pickle files are refused by name, never opened.
 
 One job per module, in the order a read goes through them:
 
