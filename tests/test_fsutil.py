@@ -39,3 +39,11 @@ def test_atomic_file_failure_leaves_the_old_file_and_no_temp(tmp_path, flushed):
     assert dest.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["manifest.json"]
     assert flushed == []
+
+
+def test_atomic_directory_flushes_files_then_the_directory_then_its_parent(tmp_path, flushed):
+    out = tmp_path / "adapter"
+    with fsutil.atomic_directory(out) as tmp:
+        (tmp / "a.json").write_text("{}")
+    assert (out / "a.json").read_text() == "{}"
+    assert flushed == [("file", str(tmp / "a.json")), ("dir", str(tmp)), ("dir", str(tmp_path))]

@@ -92,3 +92,5 @@ def atomic_directory(out_dir: Path, *, overwrite: bool = False) -> Iterator[Path
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    # The rename itself is only durable once the parent directory's entry is on disk.
+    fsync_dir(out_dir.parent)
