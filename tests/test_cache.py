@@ -26,7 +26,6 @@ def writer(payload: bytes = b"patched weights", name: str = "adapter_model.safet
     def build(tmp: Path):
         (tmp / "adapter_config.json").write_text(json.dumps({"r": 4}))
         (tmp / name).write_bytes(payload)
-        return "built"
 
     return build
 
@@ -62,8 +61,8 @@ def test_key_validation(bad):
 def test_miss_then_hit(tmp_path):
     cache = PatchedAdapterCache(tmp_path, 10**9)
     assert cache.get(key()) is None
-    entry, hit, result = cache.get_or_create(key(), writer())
-    assert (hit, result) == (False, "built")
+    entry, hit = cache.get_or_create(key(), writer())
+    assert hit is False
     assert entry.path == tmp_path / "entries" / key().digest()
     assert set(entry.files) == {"adapter_config.json", "adapter_model.safetensors"}
     assert entry.files["adapter_model.safetensors"] == hashlib.sha256(b"patched weights").hexdigest()
@@ -71,8 +70,8 @@ def test_miss_then_hit(tmp_path):
     assert manifest["key"] == key().as_dict() and manifest["format_version"] == 1
     assert entry.nbytes == sum(f.stat().st_size for f in entry.path.iterdir())
 
-    entry2, hit2, result2 = cache.get_or_create(key(), writer(b"never used"))
-    assert (hit2, result2) == (True, None) and entry2 == entry
+    entry2, hit2 = cache.get_or_create(key(), writer(b"never used"))
+    assert hit2 is True and entry2 == entry
     assert cache.get(key()) == entry
     assert [e.key for e in cache.entries()] == [key()]
     assert cache.total_bytes() == entry.nbytes
@@ -135,7 +134,7 @@ def test_single_flight_threads(tmp_path):
     def build(tmp: Path):
         calls.append(1)
         time.sleep(0.2)
-        return writer()(tmp)
+        writer()(tmp)
 
     def worker():
         barrier.wait()
@@ -147,8 +146,8 @@ def test_single_flight_threads(tmp_path):
     for t in threads:
         t.join()
     assert len(calls) == 1
-    assert sorted(hit for _, hit, _ in results) == [False] + [True] * 7
-    assert len({e.path for e, _, _ in results}) == 1
+    assert sorted(hit for _, hit in results) == [False] + [True] * 7
+    assert len({e.path for e, _ in results}) == 1
 
 
 def test_different_keys_build_concurrently(tmp_path):
@@ -177,7 +176,7 @@ def _process_worker(root: str, counter: str, barrier) -> None:
         return writer()(tmp)
 
     barrier.wait()
-    entry, _hit, _ = cache.get_or_create(key(), build)
+    entry, _hit = cache.get_or_create(key(), build)
     assert entry.path.is_dir()
 
 
@@ -211,7 +210,7 @@ def test_single_flight_processes(tmp_path):
 )
 def test_corrupt_entry_detected_and_rebuilt(tmp_path, damage, caplog):
     cache = PatchedAdapterCache(tmp_path, 10**9)
-    entry, _, _ = cache.get_or_create(key(), writer(b"A" * 100))
+    entry, _ = cache.get_or_create(key(), writer(b"A" * 100))
     weights = entry.path / "adapter_model.safetensors"
     manifest = entry.path / MANIFEST_NAME
     if damage == "flip_byte":
@@ -239,25 +238,25 @@ def test_corrupt_entry_detected_and_rebuilt(tmp_path, damage, caplog):
     assert entry_dirs(tmp_path) == []
 
     calls = []
-    rebuilt, hit, _ = cache.get_or_create(key(), lambda tmp: calls.append(1) or writer(b"A" * 100)(tmp))
+    rebuilt, hit = cache.get_or_create(key(), lambda tmp: calls.append(1) or writer(b"A" * 100)(tmp))
     assert (hit, calls) == (False, [1])
     assert cache.get(key()) == rebuilt
 
 
 def test_corrupt_entry_rebuilt_by_get_or_create(tmp_path):
     cache = PatchedAdapterCache(tmp_path, 10**9)
-    entry, _, _ = cache.get_or_create(key(), writer(b"good"))
+    entry, _ = cache.get_or_create(key(), writer(b"good"))
     w = entry.path / "adapter_model.safetensors"
     w.chmod(0o644)
     w.write_bytes(b"evil")
-    entry2, hit, result = cache.get_or_create(key(), writer(b"good"))
-    assert (hit, result) == (False, "built")
+    entry2, hit = cache.get_or_create(key(), writer(b"good"))
+    assert hit is False
     assert (entry2.path / "adapter_model.safetensors").read_bytes() == b"good"
 
 
 def test_verify_false_still_checks_sizes(tmp_path):
     cache = PatchedAdapterCache(tmp_path, 10**9, verify=False)
-    entry, _, _ = cache.get_or_create(key(), writer(b"good"))
+    entry, _ = cache.get_or_create(key(), writer(b"good"))
     w = entry.path / "adapter_model.safetensors"
     w.chmod(0o644)
     w.write_bytes(b"evi1")  # same size: not detected without hashing (documented trade-off)
@@ -267,7 +266,7 @@ def test_verify_false_still_checks_sizes(tmp_path):
 
 
 def test_entry_files_are_read_only(tmp_path):
-    entry, _, _ = PatchedAdapterCache(tmp_path, 10**9).get_or_create(key(), writer())
+    entry, _ = PatchedAdapterCache(tmp_path, 10**9).get_or_create(key(), writer())
     assert all(not (p.stat().st_mode & 0o222) for p in entry.path.iterdir() if p.name != MANIFEST_NAME)
 
 
@@ -314,7 +313,7 @@ def test_evict_to_budget_respects_protect(tmp_path):
 def test_new_entry_larger_than_budget_is_kept(tmp_path):
     cache = PatchedAdapterCache(tmp_path, 100)
     cache.get_or_create(key(0), writer(b"z" * 50))
-    entry, _, _ = cache.get_or_create(key(1), writer(b"z" * 5000))
+    entry, _ = cache.get_or_create(key(1), writer(b"z" * 5000))
     assert cache.get(key(1)) == entry and cache.get(key(0)) is None
 
 
@@ -336,10 +335,10 @@ def test_eviction_skips_entries_locked_by_others(tmp_path):
 # ---------------------------------------------------------------- restarts and crashes
 
 def test_restart_persistence(tmp_path):
-    entry, _, _ = PatchedAdapterCache(tmp_path, 10**9).get_or_create(key(), writer())
+    entry, _ = PatchedAdapterCache(tmp_path, 10**9).get_or_create(key(), writer())
     fresh = PatchedAdapterCache(tmp_path, 10**9)
-    again, hit, result = fresh.get_or_create(key(), writer(b"never"))
-    assert (hit, result) == (True, None) and again == entry
+    again, hit = fresh.get_or_create(key(), writer(b"never"))
+    assert hit is True and again == entry
 
 
 def test_stale_tmp_cleanup(tmp_path):

@@ -164,7 +164,7 @@ def test_entry_vanished_while_serving_is_repaired_lazily(tmp_path):
 
     discard_entry(entry.path, tmp_path / "tmp" / "gone")  # as the worker guard does
     assert cache.get(key()) is None
-    again, hit, _ = cache.get_or_create(key(), writer())
+    again, hit = cache.get_or_create(key(), writer())
     assert not hit and cache.total_bytes() == again.nbytes
     # and a row without a directory is dropped by the eviction that meets it
     cache.index.record_use("f" * 64, 10**6, now_ns=1)
@@ -265,7 +265,7 @@ def _hammer(root: str, worker: int, barrier, n: int) -> None:
     barrier.wait()
     for i in range(n):
         k = key(i % 25)  # overlapping keys: builds, hits, evictions and leases race
-        entry, _hit, _ = cache.get_or_create(k, writer(b"p" * 1000), lease=(i + worker) % 3 == 0)
+        entry, _hit = cache.get_or_create(k, writer(b"p" * 1000), lease=(i + worker) % 3 == 0)
         if (i + worker) % 3 == 0:
             cache.release(entry.digest)
     cache.close()
@@ -428,7 +428,7 @@ def test_an_entry_that_cannot_be_deleted_stays_and_serving_goes_on(tmp_path, mon
 
     monkeypatch.setattr(cache, "_discard", broken)
     with caplog.at_level("ERROR", logger="vllm_safelora.cache"):
-        new, hit, _ = cache.get_or_create(key(1), writer(b"n" * 500))
+        new, hit = cache.get_or_create(key(1), writer(b"n" * 500))
     assert not hit and new.path.is_dir() and old.path.is_dir()
     assert "could not delete entry" in caplog.text
     assert cache.index.get(old.digest)[2] == "ready"  # evictable again once the disk is fixed

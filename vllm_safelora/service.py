@@ -432,7 +432,7 @@ class SafeLoRAService:
         # map of tracked paths in prepare(), and is given back when the adapter drops out.
         # An entry exists only for an adapter its tenant's rules admitted (they are part
         # of the key), so a hit and a fresh build are read the same way.
-        entry, hit, _ = self.cache.get_or_create(key, build, lease=True, origin=_origin(location))
+        entry, hit = self.cache.get_or_create(key, build, lease=True, origin=_origin(location))
         try:
             report = AdapterReport.model_validate_json((entry.path / REPORT_FILE).read_bytes())
         except BaseException:

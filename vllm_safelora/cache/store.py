@@ -170,11 +170,11 @@ class PatchedAdapterCache:
 
     def get_or_create(
         self, key: CacheKey, build: Callable[[Path], object], *, lease: bool = False, origin: str | None = None,
-    ) -> tuple[CacheEntry, bool, object | None]:
-        """Return ``(entry, hit, build_result)``; ``build(tmpdir)`` runs only on a miss,
-        once per key across threads and processes. ``build`` must write plain files
-        (not ``cache_entry.json``) directly into ``tmpdir``. If it raises, nothing is
-        kept and its exception propagates unchanged.
+    ) -> tuple[CacheEntry, bool]:
+        """Return ``(entry, hit)``; ``build(tmpdir)`` runs only on a miss, once per key
+        across threads and processes. ``build`` must write plain files (not
+        ``cache_entry.json``) directly into ``tmpdir``; what it returns is ignored. If it
+        raises, nothing is kept and its exception propagates unchanged.
 
         ``lease=True``: the entry comes back leased by this process (taken before it is
         verified, so no eviction can slip in between); give it back with :meth:`release`.
@@ -191,14 +191,13 @@ class PatchedAdapterCache:
                     entry = None  # dealt with under the lock below
                 if entry is not None:
                     self._record_use(entry, origin)
-                    return entry, True, None
+                    return entry, True
             with self.locks.hold(digest):
                 # Someone else may have built it while we waited for the lock.
                 entry = self._load_or_discard(key)
                 hit = entry is not None
-                result = None
                 if not hit:
-                    entry, result = self._build(key, build)
+                    entry = self._build(key, build)
                 self._touch_manifest(entry)
                 self.index.publish(digest, entry.nbytes, origin=origin)
                 if lease and not leased:
@@ -209,12 +208,12 @@ class PatchedAdapterCache:
                 self.leases.release(digest)
             raise
         if hit:
-            return entry, True, None
+            return entry, True
         logger.info(
             "patched-adapter cache: stored entry %s (%s), %d bytes", digest[:16], key.describe(), entry.nbytes
         )
         self.evict_to_budget(protect={digest})
-        return entry, False, result
+        return entry, False
 
     def release(self, digest: str) -> None:
         """Give back one lease taken by ``get_or_create(..., lease=True)`` or :meth:`lease`.
@@ -248,12 +247,12 @@ class PatchedAdapterCache:
             logger.error("patched-adapter cache: entry %s failed verification: %s", real.name[:16], exc)
             return None
 
-    def _build(self, key: CacheKey, build: Callable[[Path], object]) -> tuple[CacheEntry, object]:
+    def _build(self, key: CacheKey, build: Callable[[Path], object]) -> CacheEntry:
         digest = key.digest()
         tmp = self.layout.tmp_path("build", digest)
         tmp.mkdir(mode=0o755)
         try:
-            result = build(tmp)
+            build(tmp)
             self._seal(tmp, key)
             final = self.entries_dir / digest
             try:
@@ -266,7 +265,7 @@ class PatchedAdapterCache:
                 theirs = self._load_or_discard(key)
                 if theirs is not None:
                     shutil.rmtree(tmp, ignore_errors=True)
-                    return theirs, result
+                    return theirs
                 os.rename(tmp, final)
             fsync_dir(self.entries_dir)
             # Nothing may add, replace or remove a file in a published entry (vLLM reads
@@ -279,7 +278,7 @@ class PatchedAdapterCache:
         entry = self._load(key)
         if entry is None:  # pragma: no cover - we just renamed it into place under the lock
             raise RuntimeError(f"patched-adapter cache entry {digest} vanished right after it was written")
-        return entry, result
+        return entry
 
     def _seal(self, tmp: Path, key: CacheKey) -> None:
         """Hash and fsync what build wrote, then write and fsync the manifest."""
