@@ -426,7 +426,7 @@ def test_an_entry_that_cannot_be_deleted_stays_and_serving_goes_on(tmp_path, mon
     def broken(path):
         raise PermissionError(13, "Permission denied", str(path))
 
-    monkeypatch.setattr(cache, "_discard", broken)
+    monkeypatch.setattr(cache.evictor, "_discard", broken)
     with caplog.at_level("ERROR", logger="vllm_safelora.cache"):
         new, hit = cache.get_or_create(key(1), writer(b"n" * 500))
     assert not hit and new.path.is_dir() and old.path.is_dir()

@@ -9,7 +9,9 @@ Split by job:
 * ``index``   the SQLite (WAL) index: sizes, last use, state, byte total, leases;
 * ``rebuild`` reconciling the index with ``entries/`` at start-up;
 * ``leases``  which entries each process may still hand to vLLM;
-* ``store``   ``PatchedAdapterCache``: build, seal, publish, verify, evict.
+* ``seal``    hashing and fsyncing a freshly built entry and writing its manifest;
+* ``evict``   keeping the cache within its byte budget (LRU, through the index);
+* ``store``   ``PatchedAdapterCache``: look up, build once, publish, lease, verify by path.
 """
 
 from .entry import (

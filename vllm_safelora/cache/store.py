@@ -4,7 +4,8 @@ An entry is the patched adapter for one (uploaded adapter content, alignment ban
 policy) triple. vLLM is only ever pointed at an entry directory, so an entry must be
 either complete and verified or absent: it is built in a temp directory, hashed,
 fsynced and renamed into place in one step, and checked against its manifest on every
-read. Several server processes on one host share a cache directory (layout.py).
+read (sealing: seal.py). Several server processes on one host share a cache directory
+(layout.py).
 
 Cost per operation does not depend on the number of entries: a hit verifies one
 entry and writes two index rows; a miss builds one entry; eviction walks the index's
@@ -12,42 +13,39 @@ LRU order from the oldest entry and stops as soon as the cache is within budget.
 only listing of entries/ is at start-up (rebuild.py).
 
 Budget: after every miss, and after leases are given back, least-recently-used
-entries are deleted until the total is within ``max_bytes``. Entries some process
-leases (vLLM may still read them), entries another process is working on, and the
-entry just built are never deleted, so the total can exceed ``max_bytes`` by those.
+entries are deleted until the total is within ``max_bytes`` (evict.py). Entries some
+process leases (vLLM may still read them), entries another process is working on, and
+the entry just built are never deleted, so the total can exceed ``max_bytes`` by those.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import logging
 import os
 import shutil
-import stat
-import threading
 import time
 import weakref
 from pathlib import Path
 from typing import Callable
 
 from ..errors import ConfigError
-from ..fsutil import fsync_dir, sha256_file
+from ..fsutil import fsync_dir
 from .entry import (
-    FORMAT_VERSION, HEX64, MANIFEST_NAME, CacheEntry, CacheKey, CorruptEntry, discard_entry, entry_path_in,
-    read_entry_manifest, remove_tree, verify_entry,
+    HEX64, MANIFEST_NAME, CacheEntry, CacheKey, CorruptEntry, discard_entry, entry_path_in, read_entry_manifest,
+    remove_tree, verify_entry,
 )
+from .evict import Evictor
 from .index import CacheIndex, IndexStats
 from .layout import CacheLayout
 from .leases import Leases
 from .locks import KeyLocks
 from .rebuild import ReconcileReport, reconcile
+from .seal import seal_entry
 
 logger = logging.getLogger(__name__)
 
-_EVICT_PAGE = 64
-_OVER_BUDGET_LOG_INTERVAL_S = 60.0
 _INDEX_LOCK = "index"  # the key lock taken while the index is opened and reconciled
 
 
@@ -74,8 +72,7 @@ class PatchedAdapterCache:
         self.locks = KeyLocks(self.locks_dir, self.lock_timeout_s)
         self.index = CacheIndex(self.layout.index_path, busy_timeout_s=index_busy_timeout_s)
         self.leases = Leases(self.index, self.layout.owners_dir)
-        self._evict_guard = threading.Lock()
-        self._last_over_budget_log = 0.0
+        self.evictor = Evictor(self.index, self.locks, self.leases, self.entries_dir, self._discard, self.root)
         self.cleanup_stale_tmp()
         self.startup: ReconcileReport = self._open_index()
         _LIVE.add(self)
@@ -253,7 +250,7 @@ class PatchedAdapterCache:
         tmp.mkdir(mode=0o755)
         try:
             build(tmp)
-            self._seal(tmp, key)
+            seal_entry(tmp, key)
             final = self.entries_dir / digest
             try:
                 os.rename(tmp, final)
@@ -279,37 +276,6 @@ class PatchedAdapterCache:
         if entry is None:  # pragma: no cover - we just renamed it into place under the lock
             raise RuntimeError(f"patched-adapter cache entry {digest} vanished right after it was written")
         return entry
-
-    def _seal(self, tmp: Path, key: CacheKey) -> None:
-        """Hash and fsync what build wrote, then write and fsync the manifest."""
-        names = sorted(os.listdir(tmp))
-        if not names:
-            raise RuntimeError(f"patched-adapter build wrote no files into {tmp}")
-        if MANIFEST_NAME in names:
-            raise RuntimeError(f"patched-adapter build must not write {MANIFEST_NAME} (the cache owns it)")
-        files = {}
-        for name in names:
-            fpath = tmp / name
-            st = os.lstat(fpath)
-            if not stat.S_ISREG(st.st_mode):
-                raise RuntimeError(f"patched-adapter build must write plain files only; {name!r} in {tmp} is not one")
-            files[name] = {"sha256": sha256_file(fpath, fsync=True, follow_symlinks=False), "size": st.st_size}
-            # Read-only: nothing should modify a published entry in place.
-            os.chmod(fpath, 0o444)
-        manifest = {
-            "format_version": FORMAT_VERSION,
-            "key": key.as_dict(),
-            "digest": key.digest(),
-            "files": files,
-            "nbytes": sum(f["size"] for f in files.values()),
-            "created": time.time(),
-        }
-        with open(tmp / MANIFEST_NAME, "x", encoding="utf-8") as f:
-            json.dump(manifest, f, indent=2, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp / MANIFEST_NAME, 0o444)  # its mtime still records use: utime needs ownership, not write
-        fsync_dir(tmp)
 
     def _discard(self, path: Path) -> bool:
         """Remove an entry directory: rename it into tmp/ first, so readers see the whole
@@ -357,77 +323,9 @@ class PatchedAdapterCache:
         return out
 
     def evict_to_budget(self, protect: set[str] | frozenset[str] = frozenset()) -> list[str]:
-        """Delete least-recently-used entries until the total is within ``max_bytes``.
-
-        ``protect`` holds digests that must stay (e.g. the entry just built). Leased
-        entries and entries whose lock another thread or process holds are skipped.
-        Walks the index in LRU order from the oldest and stops once within budget: cost
-        is the entries deleted plus the leased/busy ones stepped over, not the cache's size.
-        Returns the digests removed, oldest first.
-        """
-        evicted: list[str] = []
-        with self._evict_guard:
-            total = self.index.total_bytes()
-            if total <= self.max_bytes:
-                return evicted
-            self.leases.sweep_dead_owners()
-            cursor: tuple[int, str] = (-1, "")
-            # Entries used during the pass move behind the cursor and may be met again;
-            # this caps one pass at about one visit per entry whatever happens meanwhile.
-            visits_left = self.index.entry_count() + _EVICT_PAGE
-            while total > self.max_bytes and visits_left > 0:
-                page = self.index.lru_page(cursor, _EVICT_PAGE)
-                if not page:
-                    break
-                visits_left -= len(page)
-                for row in page:
-                    cursor = (row.last_use, row.digest)
-                    if row.digest in protect:
-                        continue
-                    if self._evict_one(row.digest, row.last_use, row.nbytes):
-                        evicted.append(row.digest)
-                    total = self.index.total_bytes()
-                    if total <= self.max_bytes:
-                        break
-            if total > self.max_bytes:
-                self._log_over_budget(total)
-        return evicted
-
-    def _evict_one(self, digest: str, last_use: int, nbytes: int) -> bool:
-        with self.locks.hold(digest, blocking=False) as got:
-            # Skip it if busy, leased or used since we read its row (begin_eviction checks).
-            if not got or not self.index.begin_eviction(digest, last_use):
-                return False
-            try:
-                removed = self._discard(self.entries_dir / digest)
-            except OSError as exc:
-                # Keep serving (the entry that was just built is fine); the operator must fix the disk.
-                self.index.abort_eviction(digest)
-                logger.error(
-                    "patched-adapter cache: could not delete entry %s to stay within budget (%s); it stays. Check "
-                    "permissions and the filesystem under %s", digest[:16], exc, self.root,
-                )
-                return False
-            self.index.remove(digest)
-        if removed:
-            logger.info(
-                "patched-adapter cache: evicted least-recently-used entry %s (%d bytes) to stay within %d bytes; "
-                "it will be rebuilt if requested again", digest[:16], nbytes, self.max_bytes,
-            )
-        return removed
-
-    def _log_over_budget(self, total: int) -> None:
-        now = time.monotonic()
-        if now - self._last_over_budget_log < _OVER_BUDGET_LOG_INTERVAL_S:
-            return
-        self._last_over_budget_log = now
-        stats = self.index.stats()
-        logger.warning(
-            "patched-adapter cache %s holds %d bytes, over its %d-byte limit, because the remaining entries are "
-            "leased (%d leases by %d processes: vLLM may still read them), being worked on, or were just created; "
-            "raise cache_max_bytes or lower max_tracked_adapters if this persists",
-            self.root, total, self.max_bytes, stats.leases, stats.owners,
-        )
+        """Delete least-recently-used entries until the total is within ``max_bytes``
+        (``protect``: digests that must stay); returns the digests removed, oldest first (evict.py)."""
+        return self.evictor.evict_to_budget(self.max_bytes, protect)
 
 
 # Caches alive in this process: a forked child must not use their SQLite connection or
