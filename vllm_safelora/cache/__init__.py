@@ -6,7 +6,8 @@ Split by job:
               (``verify_entry``, ``entry_signature``, ...) the worker guard uses;
 * ``layout``  the directory layout, temp paths, clean-up after crashed processes;
 * ``locks``   per-key single-flight across threads and processes (flock);
-* ``index``   the SQLite (WAL) index: sizes, last use, state, byte total, leases;
+* ``index_db`` the index's SQLite file: schema, WAL connection, setting aside a corrupt one;
+* ``index``   the index's queries: sizes, last use, state, byte total, leases;
 * ``rebuild`` reconciling the index with ``entries/`` at start-up;
 * ``leases``  which entries each process may still hand to vLLM;
 * ``seal``    hashing and fsyncing a freshly built entry and writing its manifest;
