@@ -32,7 +32,7 @@ from .errors import AdapterRefused, BankError, Overloaded, RefusalReason
 from .policies import make_policy
 from .refusals import RefusalCache
 from .report import REPORT_FILE, AdapterReport
-from .sources import AdapterSource, HubSource, LocalDirSource, Location, _shown, locate, locate_path
+from .sources import AdapterSource, HubSource, LocalDirSource, Location, locate, locate_path, shown_name
 from .tenancy import TenantPolicy, all_policies, describe_rules, resolve_tenant
 from .throttle import PreparationThrottle
 from .tracking import LeasedLRU
@@ -72,14 +72,14 @@ def _check_served_name(name: object) -> None:
             if isinstance(name, str) and len(name) > MAX_SERVED_NAME
             else "must be non-empty printable text without control characters"
         )
-        raise AdapterRefused(RefusalReason.INVALID_NAME, f"invalid adapter name: {why}", adapter=_shown(name))
+        raise AdapterRefused(RefusalReason.INVALID_NAME, f"invalid adapter name: {why}", adapter=shown_name(name))
 
 
 def _check_lora_path(lora_path: object) -> None:
     if not isinstance(lora_path, str) or not lora_path.isprintable():
         raise AdapterRefused(
             RefusalReason.INVALID_NAME,
-            f"lora_path {_shown(lora_path)} contains control characters (or is not text)",
+            f"lora_path {shown_name(lora_path)} contains control characters (or is not text)",
         )
     if len(lora_path) > MAX_LORA_PATH:
         raise AdapterRefused(
@@ -379,7 +379,7 @@ class SafeLoRAService:
             raise AdapterRefused(
                 RefusalReason.INVALID_NAME,
                 f"an adapter loaded from {location.name!r} is served under that name on this server "
-                f"(served_names: location), not as {_shown(name)}; load it with lora_name={location.name!r}",
+                f"(served_names: location), not as {shown_name(name)}; load it with lora_name={location.name!r}",
             )
         loaded = self._by_name.peek(name)
         if loaded is not None and loaded.location is not None and loaded.location.name != location.name:
