@@ -10,16 +10,15 @@ factory) and adds, all session-scoped:
 ``peft_reference`` :class:`PeftReference`: greedy next-token logprobs / greedy continuations
                    computed in-process with transformers + peft on the tiny aligned model
                    (the ground truth the served adapters are compared against).
-``vllm_server_factory``  starts :class:`VLLMServer` processes; every server it started is
-                   stopped (whole process group killed) at the end of the session.
+``vllm_server_factory``  starts servers (``tests/support/server.py``, the one harness of the tests
+                   and benchmarks); every server it started is stopped (whole process tree) at
+                   the end of the session.
 
 ``e2e``            a namespace of helpers (completions through the openai client or plain HTTP,
                    returning token ids and top logprobs; Prometheus parsing; process helpers),
                    so test modules never import this conftest.
 
-Every process started here runs in its own session and its whole process group is
-killed at teardown (vLLM leaves engine-core children behind otherwise). Server logs
-are files beside the servers' work directories; start-up failures print their tail.
+Server logs are files in the servers' work directory; start-up failures print their tail.
 """
 
 from __future__ import annotations
@@ -28,8 +27,6 @@ import contextlib
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -40,11 +37,19 @@ from typing import Sequence
 
 import pytest
 import torch
+from support.server import (
+    MAX_LORA_RANK,
+    PROMPT_TEXT,
+    Metrics,
+    Server,
+    api_server_cmd,
+    free_port,
+    new_server,
+    plugin_env,
+    run_to_exit,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-PROMPT_TEXT = "Hello, the safety rule is"
-MAX_LORA_RANK = 8
-SERVER_START_TIMEOUT_S = float(os.environ.get("SAFELORA_E2E_START_TIMEOUT", "300"))
 
 # Each scenario gets its own adapter content (seed), so cache hits in one test never
 # come from another test's loads. "random" adapters have low Safe LoRA cosines (about
@@ -72,222 +77,25 @@ CLI_PROJECTED = ("globex/ortho", "globex/random")
 SWAP_REPLACEMENT = ("random", 6)
 
 
-# ----------------------------------------------------------------------------- processes
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def tail(path: Path, n: int = 80) -> str:
-    try:
-        lines = Path(path).read_text(errors="replace").splitlines()
-    except FileNotFoundError:
-        return "(no log)"
-    return "\n".join(lines[-n:])
-
-
-def plugin_env(config: Path | None, **extra: str) -> dict[str, str]:
-    """The environment of a plugin-enabled vLLM process (no inherited VLLM_SAFELORA_*)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_SAFELORA_")}
-    env.update(
-        VLLM_PLUGINS="safelora,safelora_routes",
-        VLLM_ALLOW_RUNTIME_LORA_UPDATING="1",
-        VLLM_CPU_KVCACHE_SPACE="1",
-        HF_HUB_OFFLINE="1",
-        TRANSFORMERS_OFFLINE="1",
-        PYTHONUNBUFFERED="1",
-        TOKENIZERS_PARALLELISM="false",
-    )
-    if config is not None:
-        env["VLLM_SAFELORA_CONFIG"] = str(config)
-    env.update(extra)
-    return env
-
-
-def _die_with_parent() -> None:
-    """preexec_fn: new session, and SIGKILL when pytest dies without tearing down (Linux)."""
-    os.setsid()
-    with contextlib.suppress(Exception):
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
-def kill_group(proc: subprocess.Popen, grace_s: float = 15.0) -> None:
-    """Terminate the process group ``proc`` leads (it was started with start_new_session)."""
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=grace_s)
-        except subprocess.TimeoutExpired:
-            pass
-    # Children (engine core, workers) may outlive the leader: always SIGKILL the group.
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout=5)
-
-
-def run_to_exit(cmd: Sequence[str], env: dict, log: Path, timeout_s: float) -> tuple[int | None, str]:
-    """Run a command in its own process group; (exit code or None on timeout, output)."""
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            list(cmd), env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            preexec_fn=_die_with_parent, cwd=str(log.parent),
-        )
-        try:
-            rc = proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            rc = None
-        finally:
-            kill_group(proc, grace_s=5)
-    return rc, Path(log).read_text(errors="replace")
-
-
-def api_server_cmd(model: Path, port: int, extra_args: Sequence[str] = ()) -> list[str]:
-    return [
-        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-        "--model", str(model),
-        "--enable-lora", "--max-lora-rank", str(MAX_LORA_RANK), "--max-loras", "2",
-        "--dtype", "float32", "--max-model-len", "256", "--max-num-seqs", "8",
-        "--host", "127.0.0.1", "--port", str(port),
-        *extra_args,
-    ]
-
-
-class VLLMServer:
-    """``python -m vllm.entrypoints.openai.api_server`` in its own process group."""
-
-    def __init__(self, name: str, model: Path, config: Path | None, workdir: Path, extra_args: Sequence[str] = (),
-                 env: dict[str, str] | None = None):
-        self.name = name
-        self.model = Path(model)
-        self.config = config
-        self.extra_env = dict(env or {})
-        self.workdir = Path(workdir)
-        self.extra_args = list(extra_args)
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = self.workdir / f"{name}.log"
-        self.proc: subprocess.Popen | None = None
-        self.started_in_s: float | None = None
-
-    def start(self, timeout_s: float = SERVER_START_TIMEOUT_S) -> "VLLMServer":
-        import requests
-
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        cmd = api_server_cmd(self.model, self.port, self.extra_args)
-        t0 = time.monotonic()
-        self._log_file = open(self.log, "wb")
-        self.proc = subprocess.Popen(
-            cmd, env=plugin_env(self.config, **self.extra_env), stdout=self._log_file, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent, cwd=str(self.workdir),
-        )
-        deadline = t0 + timeout_s
-        while True:
-            if self.proc.poll() is not None:
-                self.stop()
-                raise RuntimeError(
-                    f"vLLM server {self.name} exited with {self.proc.returncode} during start-up; "
-                    f"log {self.log}:\n{tail(self.log)}"
-                )
-            try:
-                r = requests.get(f"{self.url}/v1/models", timeout=2)
-                if r.status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            if time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"vLLM server {self.name} not up after {timeout_s:.0f}s; log tail:\n{tail(self.log)}")
-            time.sleep(0.5)
-        self.started_in_s = time.monotonic() - t0
-        print(f"\n[e2e] vLLM server {self.name} up on port {self.port} in {self.started_in_s:.1f}s (log {self.log})")
-        return self
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            kill_group(self.proc)
-        if getattr(self, "_log_file", None) is not None:
-            self._log_file.close()
-            self._log_file = None
-
-    def log_text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def log_tail(self, n: int = 60) -> str:
-        return tail(self.log, n)
-
-    # -------------------------------------------------------------- HTTP helpers
-
-    def openai(self):
-        import openai
-
-        return openai.OpenAI(base_url=f"{self.url}/v1", api_key="EMPTY", max_retries=0, timeout=120)
-
-    def get(self, path: str, **kw):
-        import requests
-
-        return requests.get(self.url + path, timeout=kw.pop("timeout", 60), **kw)
-
-    def post(self, path: str, **kw):
-        import requests
-
-        return requests.post(self.url + path, timeout=kw.pop("timeout", 120), **kw)
-
-    def metrics(self) -> "Metrics":
-        r = self.get("/metrics")
-        r.raise_for_status()
-        return Metrics(r.text)
+# ----------------------------------------------------------------------------- servers
 
 
 @pytest.fixture(scope="session")
 def vllm_server_factory(tmp_path_factory):
-    """``start(name, config, extra_args=(), model=...)`` -> a running VLLMServer; all stopped at teardown."""
-    started: list[VLLMServer] = []
+    """``start(name, model, config, extra_args=(), env=None)`` -> a running ``support.server.Server``;
+    every server it started is stopped (whole process tree) at teardown."""
+    started: list[Server] = []
     root = tmp_path_factory.mktemp("vllm_servers")
 
     def start(name: str, model: Path, config: Path | None, extra_args: Sequence[str] = (),
-              env: dict[str, str] | None = None) -> VLLMServer:
-        server = VLLMServer(name, model, config, root, extra_args, env)
+              env: dict[str, str] | None = None) -> Server:
+        server = new_server(name, model, config, root, extra_args, env)
         started.append(server)
-        return server.start()
+        return server.start().wait_ready()
 
     yield start
     for server in started:
         server.stop()
-
-
-# ----------------------------------------------------------------------------- metrics
-
-
-class Metrics:
-    """Parsed Prometheus text exposition (prometheus_client's parser)."""
-
-    def __init__(self, text: str):
-        from prometheus_client.parser import text_string_to_metric_families
-
-        self.text = text
-        self.families = {f.name: f for f in text_string_to_metric_families(text)}
-        self.samples = [s for f in self.families.values() for s in f.samples]
-
-    def has_family(self, name: str) -> bool:
-        return name in self.families
-
-    def value(self, sample: str, **labels: str) -> float:
-        """Sum of samples named ``sample`` whose labels include ``labels`` (0 if none)."""
-        total = 0.0
-        for s in self.samples:
-            if s.name == sample and all(s.labels.get(k) == v for k, v in labels.items()):
-                total += s.value
-        return total
-
-    def labelsets(self, sample: str) -> list[dict]:
-        return [dict(s.labels) for s in self.samples if s.name == sample]
 
 
 # ----------------------------------------------------------------------------- the world
@@ -531,7 +339,7 @@ class Completion:
         return self.top_logprobs[0]
 
 
-def complete(server: VLLMServer, model: str, prompt_ids: list[int], *, max_tokens: int = 8, logprobs: int = 5) -> Completion:
+def complete(server: Server, model: str, prompt_ids: list[int], *, max_tokens: int = 8, logprobs: int = 5) -> Completion:
     """Greedy completion through the real openai client; tokens returned as ids."""
     resp = server.openai().completions.create(
         model=model, prompt=prompt_ids, max_tokens=max_tokens, temperature=0, logprobs=logprobs,
@@ -546,7 +354,7 @@ def complete(server: VLLMServer, model: str, prompt_ids: list[int], *, max_token
     )
 
 
-def complete_http(server: VLLMServer, model: str, prompt_ids: list[int], *, max_tokens: int = 8, logprobs: int = 5):
+def complete_http(server: Server, model: str, prompt_ids: list[int], *, max_tokens: int = 8, logprobs: int = 5):
     """The same through plain HTTP (requests); returns the response object."""
     return server.post(
         "/v1/completions",
@@ -579,6 +387,11 @@ def assert_matches_reference(top: dict[int, float], reference: torch.Tensor, tol
     assert gap < tol, f"{what}: served logprobs differ from the reference by {gap:.2e} (tolerance {tol})"
 
 
+def run_in_log_dir(cmd: Sequence[str], env: dict, log: Path, timeout_s: float) -> tuple[int | None, str]:
+    """launcher.run_to_exit with the log's directory as the working directory."""
+    return run_to_exit(cmd, env, log, timeout_s, cwd=Path(log).parent)
+
+
 def cache_entries(cache_dir: Path) -> set[str]:
     d = Path(cache_dir) / "entries"
     return set(os.listdir(d)) if d.is_dir() else set()
@@ -593,7 +406,7 @@ class E2EHelpers:
     assert_matches_reference = staticmethod(assert_matches_reference)
     max_logprob_gap = staticmethod(max_logprob_gap)
     cache_entries = staticmethod(cache_entries)
-    run_to_exit = staticmethod(run_to_exit)
+    run_to_exit = staticmethod(run_in_log_dir)
     plugin_env = staticmethod(plugin_env)
     api_server_cmd = staticmethod(api_server_cmd)
     free_port = staticmethod(free_port)

@@ -26,6 +26,8 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "observability"))  # shared dashboard helpers
 from observability_support import ALERTS, dashboard_queries, grafana_expand, load_dashboard, tool_or_skip  # noqa: E402
 
+from vllm_safelora.launcher import kill_tree, spawn  # noqa: E402
+
 pytestmark = pytest.mark.e2e
 
 SCRAPE = "1s"
@@ -82,12 +84,11 @@ class Prometheus:
             "rule_files": [str(ALERTS)],
             "scrape_configs": [{"job_name": "vllm", "static_configs": [{"targets": [target]}]}],
         }))
-        with open(self.log, "wb") as log:
-            self.proc = subprocess.Popen(
-                [binary, f"--config.file={config}", f"--storage.tsdb.path={workdir / 'data'}",
-                 f"--web.listen-address=127.0.0.1:{port}"],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-            )
+        self.proc = spawn(
+            [binary, f"--config.file={config}", f"--storage.tsdb.path={workdir / 'data'}",
+             f"--web.listen-address=127.0.0.1:{port}"],
+            os.environ, self.log, die_with_parent=True,
+        )
 
     def api(self, path: str, **params):
         import requests
@@ -121,13 +122,7 @@ class Prometheus:
         raise AssertionError(f"no data for {query!r} after {timeout_s:.0f}s")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, 15)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, 9)
-                self.proc.wait(timeout=5)
+        kill_tree(self.proc.pid, grace=15, reap=self.proc)
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 import hardening_support as hs
+from support.server import Server, new_server, write_config
 
 
 @dataclass
@@ -32,7 +33,7 @@ class HardeningWorld:
             policy={"select": "threshold", "threshold": 0.35},
         )
         doc.update(extra)
-        return hs.write_config(path, **doc)
+        return write_config(path, **doc)
 
     def new_adapters(self, prefix: str, n: int, seed0: int) -> list[str]:
         """``n`` new valid adapters with distinct contents under adapter_root/<prefix>/; returns their names."""
@@ -59,7 +60,7 @@ def hardening_world(tiny_models, tiny_bank_dir, tiny_adapter_factory, tmp_path_f
 
 @dataclass
 class SharedServer:
-    server: hs.Server
+    server: Server
     cache_dir: Path
 
 
@@ -72,8 +73,7 @@ def shared_server(hardening_world, tmp_path_factory):
     config = hardening_world.config(
         work / "shared.yaml", cache_dir, max_adapter_bytes=hs.SMALL_MAX_ADAPTER_BYTES, served_names="label"
     )
-    server = hs.Server("hardening-shared", hardening_world.aligned, config, work)
-    server.start()
+    server = new_server("hardening-shared", hardening_world.aligned, config, work).start().wait_ready()
     try:
         yield SharedServer(server, cache_dir)
     finally:

@@ -1,40 +1,34 @@
-"""Helpers for the hardening suite: adapter generation, the hostile catalogue, servers, metrics.
+"""Helpers for the hardening suite: adapter generation, the hostile catalogue, cache checks.
 
 Imported by ``tests/hardening/conftest.py`` and the test modules (pytest puts this
-directory on ``sys.path``; the module name is unique across the test tree).
+directory on ``sys.path``; the module name is unique across the test tree). Servers,
+their environment and /metrics come from ``tests/support/server.py``.
 Nothing here is committed as binary data: every adapter, valid or hostile, is
 generated from a real PEFT adapter made by :func:`vllm_safelora.tiny.make_tiny_adapter`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
 import os
 import pickle
-import signal
 import struct
-import subprocess
-import sys
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Sequence
 
 import torch
+from support.server import MAX_LORA_RANK
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
-MAX_LORA_RANK = 8
 # The catalogue server refuses adapters above this; every valid adapter here is ~29 KB.
 SMALL_MAX_ADAPTER_BYTES = 256 * 1024
-PROMPT_TEXT = "Hello, the safety rule is"
 # The update cap (ReadLimits.max_update_abs) the catalogue's float32 server enforces; the
 # isolation test admits an adapter just under it.
 HOSTILE_MAX_UPDATE = 65536.0
-START_TIMEOUT_S = float(os.environ.get("SAFELORA_E2E_START_TIMEOUT", "300"))
 
 
 # ----------------------------------------------------------------------------- adapters
@@ -601,187 +595,6 @@ def cache_consistency(cache_dir: Path) -> tuple[int, list[str]]:
             problems.append(f"entry {e.digest[:16]} does not verify")
     problems += [f"{k[:16]}: {v}" for k, v in corrupted_entries(cache_dir).items()]
     return len(on_disk), problems
-
-
-# ----------------------------------------------------------------------------- servers
-
-
-def plugin_env(config: Path | None, **extra: str) -> dict[str, str]:
-    from vllm_safelora.launcher import plugin_environment
-
-    base = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_SAFELORA_")}
-    env = plugin_environment(config, base)
-    env.update(
-        VLLM_CPU_KVCACHE_SPACE="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1",
-        TOKENIZERS_PARALLELISM="false",
-    )
-    env.update(extra)
-    return env
-
-
-def server_args(model: Path, extra: Sequence[str] = ()) -> list[str]:
-    return [
-        "--model", str(model), "--enable-lora", "--max-lora-rank", str(MAX_LORA_RANK), "--max-loras", "2",
-        "--dtype", "float32", "--max-model-len", "256", "--max-num-seqs", "8", *extra,
-    ]
-
-
-def kill_group(pid: int, sig: int = signal.SIGKILL) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, sig)
-
-
-class Server:
-    """A plugin-enabled vLLM server (vllm_safelora.launcher.ServerProcess) with HTTP helpers."""
-
-    def __init__(self, name: str, model: Path, config: Path, workdir: Path, extra_args: Sequence[str] = ()):
-        from vllm_safelora.launcher import ServerProcess, free_port
-
-        self.name = name
-        self.config = config
-        self.workdir = Path(workdir)
-        self.process = ServerProcess(
-            args=server_args(model, extra_args), env=plugin_env(config), log_path=self.workdir / f"{name}.log",
-            port=free_port(),
-        )
-        self.url = self.process.base_url
-        self.started_in_s: float | None = None
-
-    # lifecycle
-    def launch(self) -> "Server":
-        self._t0 = time.monotonic()
-        self.process.start()
-        return self
-
-    def wait_ready(self, timeout: float = START_TIMEOUT_S) -> "Server":
-        try:
-            self.process.wait_ready(timeout)
-        except BaseException:
-            self.stop()
-            raise
-        self.started_in_s = time.monotonic() - self._t0
-        print(f"\n[hardening] server {self.name} up on {self.url} in {self.started_in_s:.1f}s (log {self.process.log_path})")
-        return self
-
-    def start(self, timeout: float = START_TIMEOUT_S) -> "Server":
-        return self.launch().wait_ready(timeout)
-
-    @property
-    def pid(self) -> int:
-        assert self.process.proc is not None
-        return self.process.proc.pid
-
-    def alive(self) -> bool:
-        return self.process.proc is not None and self.process.proc.poll() is None
-
-    def sigkill(self) -> None:
-        """SIGKILL the whole process group (API server, engine core, workers) at once."""
-        kill_group(self.pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.process.proc.wait(timeout=30)
-
-    def stop(self) -> None:
-        proc = self.process.proc
-        if proc is None:
-            return
-        if proc.poll() is None:
-            kill_group(proc.pid, signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=20)
-        kill_group(proc.pid, signal.SIGKILL)  # children may outlive the leader
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=5)
-
-    def log_text(self) -> str:
-        return self.process.log_path.read_text(errors="replace")
-
-    def log_tail(self, n: int = 60) -> str:
-        return self.process.log_tail(n)
-
-    # HTTP
-    def get(self, path: str, **kw):
-        import requests
-
-        return requests.get(self.url + path, timeout=kw.pop("timeout", 60), **kw)
-
-    def post(self, path: str, **kw):
-        import requests
-
-        return requests.post(self.url + path, timeout=kw.pop("timeout", 120), **kw)
-
-    def metrics(self) -> "Metrics":
-        r = self.get("/metrics")
-        r.raise_for_status()
-        return Metrics(r.text)
-
-    def complete(self, model: str, prompt=PROMPT_TEXT, max_tokens: int = 2, **extra):
-        body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, **extra}
-        return self.post("/v1/completions", json=body)
-
-    def healthy(self) -> bool:
-        import requests
-
-        try:
-            return self.alive() and self.get("/health", timeout=10).status_code == 200
-        except requests.RequestException:
-            return False
-
-    def rss_bytes(self) -> int:
-        """Resident memory of the whole process group (API server, engine core, workers)."""
-        import psutil
-
-        total = 0
-        for p in psutil.process_iter(["pid"]):
-            with contextlib.suppress(psutil.Error, ProcessLookupError):
-                if os.getpgid(p.pid) == self.pid:
-                    total += p.memory_info().rss
-        return total
-
-
-def start_all(servers: Iterable[Server], timeout: float = START_TIMEOUT_S) -> list[Server]:
-    """Launch several servers at once, then wait for each (their start-ups overlap)."""
-    servers = list(servers)
-    for s in servers:
-        s.launch()
-    try:
-        for s in servers:
-            s.wait_ready(timeout)
-    except BaseException:
-        for s in servers:
-            s.stop()
-        raise
-    return servers
-
-
-def write_config(path: Path, **doc) -> Path:
-    import yaml
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump({k: (str(v) if isinstance(v, Path) else v) for k, v in doc.items()}, sort_keys=False))
-    return path
-
-
-# ----------------------------------------------------------------------------- metrics
-
-
-class Metrics:
-    """Parsed /metrics (prometheus_client's parser)."""
-
-    def __init__(self, text: str):
-        from prometheus_client.parser import text_string_to_metric_families
-
-        self.samples = [s for f in text_string_to_metric_families(text) for s in f.samples]
-
-    def value(self, sample: str, **labels: str) -> float:
-        return sum(
-            s.value for s in self.samples if s.name == sample and all(s.labels.get(k) == v for k, v in labels.items())
-        )
-
-    def rejections(self, reason: str) -> float:
-        return self.value("safelora_rejections_total", reason=reason)
-
-    def projections(self) -> float:
-        return self.value("safelora_projections_total")
 
 
 # ----------------------------------------------------------------------------- reporting

@@ -10,11 +10,11 @@ from __future__ import annotations
 import os
 import shutil
 import threading
-from pathlib import Path
 
 import pytest
 
 import hardening_support as hs
+from support.server import MAX_LORA_RANK
 from vllm_safelora.errors import AdapterRefused, RefusalReason
 
 
@@ -30,7 +30,7 @@ def service(hardening_world, tmp_path_factory):
     )
     # The limits the catalogue server derives from its vLLM (vllm_rules), so both refuse alike.
     limits = hs.served_read_limits(hardening_world.aligned, hs.SMALL_MAX_ADAPTER_BYTES)
-    return SafeLoRAService.start(settings, str(hardening_world.aligned), max_rank=hs.MAX_LORA_RANK, limits=limits)
+    return SafeLoRAService.start(settings, str(hardening_world.aligned), max_rank=MAX_LORA_RANK, limits=limits)
 
 
 def test_catalogue_is_large_enough(hardening_world):

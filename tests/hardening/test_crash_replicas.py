@@ -39,6 +39,7 @@ import pytest
 import torch
 
 import hardening_support as hs
+from support.server import PROMPT_TEXT, Server, new_server, start_all
 
 pytestmark = pytest.mark.e2e
 
@@ -53,7 +54,7 @@ def _first_top(resp_json: dict) -> dict[int, float]:
     return {int(t.split(":", 1)[1]): v for t, v in top.items()}
 
 
-def _complete_ids(server: hs.Server, model: str, ids: list[int]):
+def _complete_ids(server: Server, model: str, ids: list[int]):
     return server.complete(model, prompt=ids, max_tokens=1, logprobs=5, return_tokens_as_token_ids=True)
 
 
@@ -99,7 +100,7 @@ def crash_world(hardening_world, tmp_path_factory):
     names = world.new_adapters("crash", N_CRASH, seed0=5000)
     tamper = world.new_adapters("tamper", 1, seed0=6000)[0]
     tok = AutoTokenizer.from_pretrained(str(world.aligned))
-    ids = list(tok(hs.PROMPT_TEXT)["input_ids"])
+    ids = list(tok(PROMPT_TEXT)["input_ids"])
     return dict(world=world, work=work, cache=cache, config=config, names=names, tamper=tamper, ids=ids)
 
 
@@ -108,8 +109,7 @@ def after_crash(crash_world):
     """Phase 1: run A, crash it mid-projection; then damage the cache while it is down."""
     cw = crash_world
     world, cache = cw["world"], cw["cache"]
-    a = hs.Server("crash-A", world.aligned, cw["config"], cw["work"])
-    a.start()
+    a = new_server("crash-A", world.aligned, cw["config"], cw["work"]).start().wait_ready()
     try:
         r = _complete_ids(a, cw["tamper"], cw["ids"])
         assert r.status_code == 200, r.text
@@ -137,7 +137,7 @@ def after_crash(crash_world):
             if all(f.done() for f in futures):
                 break
         a_pid = a.pid
-        a.sigkill()
+        a.kill()  # SIGKILL to the whole tree at once
         pool.shutdown(wait=True)
     finally:
         a.stop()
@@ -193,8 +193,8 @@ def after_crash(crash_world):
 @pytest.fixture(scope="module")
 def replicas(crash_world, after_crash):
     cw = crash_world
-    servers = [hs.Server(n, cw["world"].aligned, cw["config"], cw["work"]) for n in ("replica-B", "replica-C")]
-    hs.start_all(servers)
+    servers = [new_server(n, cw["world"].aligned, cw["config"], cw["work"]) for n in ("replica-B", "replica-C")]
+    start_all(servers)
     try:
         yield servers
     finally:

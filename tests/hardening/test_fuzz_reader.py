@@ -36,13 +36,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import hardening_support as hs
+from support.server import MAX_LORA_RANK
 from vllm_safelora.adapters import ReadLimits, read_adapter
 from vllm_safelora.errors import AdapterRefused
 
 EXAMPLES = int(os.environ.get("SAFELORA_FUZZ_EXAMPLES", "200"))
 PER_EXAMPLE_S = 10
 PEAK_BYTES = 32 << 20  # the valid adapter is ~30 KB; the limit below is 1 MiB
-LIMITS = ReadLimits(max_bytes=1 << 20, max_rank=hs.MAX_LORA_RANK)
+LIMITS = ReadLimits(max_bytes=1 << 20, max_rank=MAX_LORA_RANK)
 
 FUZZ = settings(
     max_examples=EXAMPLES,

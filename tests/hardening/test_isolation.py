@@ -23,6 +23,7 @@ import pytest
 import torch
 
 import hardening_support as hs
+from support.server import Server, new_server
 
 pytestmark = pytest.mark.e2e
 
@@ -52,7 +53,7 @@ def aligned_spike_tensors(template: dict[str, torch.Tensor], deltas: dict[str, t
     return out
 
 
-def complete(server: hs.Server, model: str, prompt: str) -> dict:
+def complete(server: Server, model: str, prompt: str) -> dict:
     r = server.complete(model, prompt=prompt, max_tokens=MAX_TOKENS, logprobs=1, return_tokens_as_token_ids=True)
     if r.status_code != 200:
         return {"status": r.status_code, "text": r.text[:300]}
@@ -60,7 +61,7 @@ def complete(server: hs.Server, model: str, prompt: str) -> dict:
     return {"status": 200, "tokens": lp["tokens"], "logprobs": lp["token_logprobs"]}
 
 
-def concurrently(server: hs.Server, calls: list[tuple[str, str]]) -> dict[tuple[str, str], dict]:
+def concurrently(server: Server, calls: list[tuple[str, str]]) -> dict[tuple[str, str], dict]:
     """All requests at once (one thread each), so the scheduler batches them together."""
     results: dict[tuple[str, str], dict] = {}
     barrier = threading.Barrier(len(calls))
@@ -105,9 +106,9 @@ def iso_server(request, hardening_world, tiny_deltas, tmp_path_factory):
     for name, (c, t, _) in refused.items():
         hs.write_adapter(root / name, c, t)
     config = world.config(work / "iso.yaml", work / "cache")
-    server = hs.Server(f"isolation-{dtype}", world.aligned, config, work,
-                       extra_args=["--dtype", dtype, "--max-loras", "3"])
-    server.start()
+    server = new_server(f"isolation-{dtype}", world.aligned, config, work,
+                        extra_args=["--dtype", dtype, "--max-loras", "3"])
+    server.start().wait_ready()
     try:
         yield server, dtype, tenants, f"iso-{dtype}/max", {f"iso-{dtype}/{k}": v[2] for k, v in refused.items()}
     finally:

@@ -60,6 +60,7 @@ import zlib
 import pytest
 
 import hardening_support as hs
+from support.server import PROMPT_TEXT, Server
 
 pytestmark = pytest.mark.e2e
 
@@ -81,7 +82,7 @@ def _attempts(cat: hs.Catalogue):
         yield dict(case=case.name, via=case.via, status=case.status, reason=case.reason, fragment=case.fragment, send=send)
 
 
-def _send(server: hs.Server, send):
+def _send(server: Server, send):
     kind, name, path = send
     if kind == "resolver":
         return server.complete(name, max_tokens=1)
@@ -191,12 +192,12 @@ def test_concurrent_first_requests_project_each_content_once(shared_server, hard
     entries0 = hs.entry_dirs(cache_dir)
 
     async def run():
-        client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=300)
+        client = openai.AsyncOpenAI(base_url=server.base_url + "/v1", api_key="x", max_retries=0, timeout=300)
 
         async def one(i: int):
             name = names[i % len(names)]
             try:
-                r = await client.completions.create(model=name, prompt=hs.PROMPT_TEXT, max_tokens=4, temperature=0)
+                r = await client.completions.create(model=name, prompt=PROMPT_TEXT, max_tokens=4, temperature=0)
                 return name, 200, r.choices[0].text
             except openai.APIStatusError as exc:
                 return name, exc.status_code, str(exc)

@@ -9,13 +9,12 @@ a message that names what to fix. The starts run concurrently (each only imports
 
 from __future__ import annotations
 
-import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-import hardening_support as hs
+from support.server import api_server_cmd, free_port, plugin_env, run_to_exit
 
 pytestmark = pytest.mark.e2e
 
@@ -87,22 +86,10 @@ def startups(hardening_world, tmp_path_factory):
         configs[case] = path
 
     def run(case):
-        from vllm_safelora.launcher import free_port, server_command
-
-        cmd = server_command([*hs.server_args(hardening_world.aligned), "--host", "127.0.0.1", "--port", str(free_port())])
-        log = work / f"{case}.log"
         t0 = time.monotonic()
-        with open(log, "wb") as out:
-            proc = subprocess.Popen(cmd, env=hs.plugin_env(configs[case]), stdout=out, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, start_new_session=True, cwd=str(work))
-            try:
-                rc = proc.wait(timeout=TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                rc = None
-            finally:
-                hs.kill_group(proc.pid)
-                proc.wait(10)
-        return case, rc, log.read_text(errors="replace"), time.monotonic() - t0
+        cmd = api_server_cmd(hardening_world.aligned, free_port())
+        rc, out = run_to_exit(cmd, plugin_env(configs[case]), work / f"{case}.log", TIMEOUT_S, cwd=work)
+        return case, rc, out, time.monotonic() - t0
 
     with ThreadPoolExecutor(max_workers=4) as pool:
         return {case: (rc, out, secs) for case, rc, out, secs in pool.map(run, CASES)}

@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import hardening_support as hs
+from support.server import Server, new_server
 from vllm_safelora.cache import remove_tree
 
 pytestmark = pytest.mark.e2e
@@ -46,15 +47,15 @@ def tenants(hardening_world, tmp_path_factory):
         work / "tenants.yaml", cache_dir, tenants=RULES, hub={"enabled": True},
         max_concurrent_preparations=1, max_queued_preparations=0, max_tracked_adapters=MAX_TRACKED,
     )
-    server = hs.Server("tenants", hardening_world.aligned, config, work, ["--max-loras", "1", "--max-cpu-loras", "1"])
-    server.start()
+    server = new_server("tenants", hardening_world.aligned, config, work, ["--max-loras", "1", "--max-cpu-loras", "1"])
+    server.start().wait_ready()
     try:
         yield server, root, cache_dir
     finally:
         server.stop()
 
 
-def top_logprobs(server: hs.Server, model: str) -> dict[str, float]:
+def top_logprobs(server: Server, model: str) -> dict[str, float]:
     r = server.complete(model, max_tokens=1, logprobs=5)
     assert r.status_code == 200, (model, r.status_code, r.text)
     return r.json()["choices"][0]["logprobs"]["top_logprobs"][0]
@@ -64,7 +65,7 @@ def same(a: dict[str, float], b: dict[str, float]) -> bool:
     return set(a) == set(b) and max(abs(a[t] - b[t]) for t in a) < SAME_TOL
 
 
-def summary(server: hs.Server, name: str) -> dict:
+def summary(server: Server, name: str) -> dict:
     r = server.get(f"/safelora/v1/adapters/{name}")
     assert r.status_code == 200, r.text
     return r.json()["summary"]
