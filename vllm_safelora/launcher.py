@@ -321,9 +321,8 @@ class ServerProcess:
         """Resident memory of the whole tree (API server, engine core, workers); Linux."""
         total = 0
         for pid, _ in process_tree(self.pid):
-            with contextlib.suppress(OSError, ValueError, IndexError):
-                with open(f"/proc/{pid}/statm") as f:
-                    total += int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+            with contextlib.suppress(OSError, ValueError, IndexError), open(f"/proc/{pid}/statm") as f:
+                total += int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
         return total
 
     def __enter__(self) -> "ServerProcess":
