@@ -16,7 +16,8 @@ from vllm_safelora.config import SafeLoRASettings
 from vllm_safelora.engine import project_adapter
 from vllm_safelora.errors import AdapterRefused, RefusalReason
 from vllm_safelora.policies import SafeLoRAConfig
-from vllm_safelora.service import SafeLoRAService, build_sources
+from vllm_safelora.service import SafeLoRAService
+from vllm_safelora.startup import build_sources
 
 
 def _metric(name: str, **labels) -> float:

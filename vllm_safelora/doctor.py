@@ -134,7 +134,7 @@ def check_policies(settings, bank) -> list[Check]:
 
 
 def check_sources(settings) -> list[Check]:
-    from .service import build_sources
+    from .startup import build_sources
 
     try:
         sources = build_sources(settings)

@@ -24,16 +24,17 @@ from .adapters import (
     CONFIG_FILE, WEIGHTS_FILE, AdapterFiles, ReadLimits, parse_adapter, read_adapter_files, unchanged_files,
     write_adapter_files,
 )
-from .bank import AlignmentBank, load_bank
+from .bank import AlignmentBank
 from .cache import CacheKey, PatchedAdapterCache, entry_path_in, entry_signature
+from .client_input import MAX_LORA_PATH, check_lora_path, check_served_name
 from .config import SafeLoRASettings
 from .engine import project_for_tenant
-from .errors import AdapterRefused, BankError, Overloaded, RefusalReason
-from .policies import make_policy
+from .errors import AdapterRefused, Overloaded, RefusalReason
 from .refusals import RefusalCache
 from .report import REPORT_FILE, AdapterReport
-from .sources import AdapterSource, HubSource, LocalDirSource, Location, locate, locate_path, shown_name
-from .tenancy import TenantPolicy, all_policies, describe_rules, resolve_tenant
+from .sources import AdapterSource, LocalDirSource, Location, locate, locate_path, shown_name
+from .startup import announce_start, build_sources, load_checked_bank
+from .tenancy import TenantPolicy, resolve_tenant
 from .throttle import PreparationThrottle
 from .tracking import LeasedLRU
 
@@ -59,34 +60,6 @@ class PreparedAdapter:
         return bool(self.signature) and entry_signature(self.path) == self.signature
 
 
-# Served names and lora_paths come from API clients and end up in logs, metrics and
-# HTTP responses: printable text of bounded length only (no NUL, newlines, escapes).
-MAX_SERVED_NAME = 256
-MAX_LORA_PATH = 4096
-
-
-def _check_served_name(name: object) -> None:
-    if not isinstance(name, str) or not name or len(name) > MAX_SERVED_NAME or not name.isprintable():
-        why = (
-            f"is {len(name)} characters long (at most {MAX_SERVED_NAME})"
-            if isinstance(name, str) and len(name) > MAX_SERVED_NAME
-            else "must be non-empty printable text without control characters"
-        )
-        raise AdapterRefused(RefusalReason.INVALID_NAME, f"invalid adapter name: {why}", adapter=shown_name(name))
-
-
-def _check_lora_path(lora_path: object) -> None:
-    if not isinstance(lora_path, str) or not lora_path.isprintable():
-        raise AdapterRefused(
-            RefusalReason.INVALID_NAME,
-            f"lora_path {shown_name(lora_path)} contains control characters (or is not text)",
-        )
-    if len(lora_path) > MAX_LORA_PATH:
-        raise AdapterRefused(
-            RefusalReason.INVALID_NAME, f"lora_path is {len(lora_path)} characters long, too long (at most {MAX_LORA_PATH})"
-        )
-
-
 def _files_identity(path: Path, decided_by: tuple) -> tuple | None:
     """What identifies an adapter's unchanged files without reading them (None if they cannot be stat'ed)."""
     try:
@@ -99,18 +72,6 @@ def _files_identity(path: Path, decided_by: tuple) -> tuple | None:
 def _origin(location: Location) -> str:
     """How to find an upload again (recorded in the cache index): a local path or a hub name."""
     return str(location.path) if isinstance(location.source, LocalDirSource) else location.name
-
-
-def build_sources(settings: SafeLoRASettings) -> list[AdapterSource]:
-    sources: list[AdapterSource] = [LocalDirSource(root) for root in settings.adapter_dirs]
-    if settings.hub.enabled:
-        sources.append(
-            HubSource(
-                prefix=settings.hub.prefix, allow=settings.hub.allow, revision=settings.hub.revision,
-                local_files_only=settings.hub.local_files_only,
-            )
-        )
-    return sources
 
 
 class SafeLoRAService:
@@ -149,45 +110,10 @@ class SafeLoRAService:
         limits: ReadLimits | None = None,
     ) -> "SafeLoRAService":
         """Load the bank, check it protects ``served_model``, open sources and cache; fail closed."""
-        if settings.projection_threads is not None:
-            import torch
-
-            # The front end does no other torch work; vLLM's engine and workers
-            # are other processes with their own thread settings.
-            torch.set_num_threads(settings.projection_threads)
-        bank = load_bank(settings.bank, settings.device, verify=settings.verify_bank)
-        if not bank.manifest.protects(served_model, settings.aliases):
-            raise BankError(
-                f"the alignment bank {settings.bank} ({bank.bank_id}) was built for aligned model "
-                f"'{bank.manifest.aligned.ref}' (aliases {bank.manifest.aliases}), but this server serves "
-                f"'{served_model}'. Build a bank for the served model, or add '{served_model}' to the "
-                "configuration's aliases if it is the same model under another name"
-            )
-        for policy in all_policies(settings):
-            # e.g. a SaLoRA-style policy on a bank built without --safety-prompts
-            make_policy(policy).validate_bank(bank)
+        bank = load_checked_bank(settings, served_model)
         cache = PatchedAdapterCache(settings.cache_dir, settings.cache_max_bytes, verify=settings.verify_cache)
         service = cls(settings, bank, build_sources(settings), cache, max_rank=max_rank, limits=limits)
-        metrics.BANK_BYTES.labels(device=str(bank.device)).set(bank.nbytes)
-        metrics.CACHE_BYTES.set(cache.total_bytes())
-        metrics.CACHE_MAX_BYTES.set(cache.max_bytes)
-        logger.info(
-            "safelora: protecting '%s' with bank %s (%d modules, %.1f MiB on %s); policies %s; sources %s; cache %s",
-            served_model, bank.bank_id, len(bank.subspaces), bank.nbytes / 2**20, bank.device,
-            describe_rules(settings), [s.describe() for s in service.sources], settings.cache_dir,
-        )
-        if settings.hub.enabled and not settings.hub.allow:
-            logger.warning(
-                "safelora: the hub source is enabled but hub.allow is empty, so no hub repository will be served "
-                "(deny by default); list the repositories tenants may name, e.g. hub.allow: ['my-org/*']"
-            )
-        for rule in describe_rules(settings):
-            if rule["shadow"]:
-                logger.warning(
-                    "safelora: SHADOW MODE is ON for adapters matching '%s': they are served UNPROJECTED; reports "
-                    "and metrics (mode=\"shadow\") only show what policy %s would have done. Turn it off once "
-                    "the roll-out is checked.", rule["match"], rule["policy"],
-                )
+        announce_start(settings, served_model, bank, service.sources, cache)
         return service
 
     # ------------------------------------------------------------------ lookups
@@ -285,9 +211,9 @@ class SafeLoRAService:
         start = time.perf_counter()
         tenant: TenantPolicy | None = None
         try:
-            _check_served_name(name)
+            check_served_name(name)
             if lora_path is not None:
-                _check_lora_path(lora_path)
+                check_lora_path(lora_path)
             if previous is not None and previous.location is not None:
                 # A cache path handed out earlier whose entry vanished or was altered:
                 # rebuild it from the adapter it came from.

@@ -1,0 +1,85 @@
+"""Starting the service: the sources the settings name, a bank checked against the served
+model and every policy, and what start-up tells the operator (logs, gauges).
+
+:meth:`SafeLoRAService.start <vllm_safelora.service.SafeLoRAService.start>` calls these
+in order and fails closed: a bank for another model, or a policy the bank cannot serve,
+stops the server before it takes a request.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Sequence
+
+from . import metrics
+from .bank import AlignmentBank, load_bank
+from .cache import PatchedAdapterCache
+from .config import SafeLoRASettings
+from .errors import BankError
+from .policies import make_policy
+from .sources import AdapterSource, HubSource, LocalDirSource
+from .tenancy import all_policies, describe_rules
+
+logger = logging.getLogger("vllm_safelora")
+
+
+def build_sources(settings: SafeLoRASettings) -> list[AdapterSource]:
+    sources: list[AdapterSource] = [LocalDirSource(root) for root in settings.adapter_dirs]
+    if settings.hub.enabled:
+        sources.append(
+            HubSource(
+                prefix=settings.hub.prefix, allow=settings.hub.allow, revision=settings.hub.revision,
+                local_files_only=settings.hub.local_files_only,
+            )
+        )
+    return sources
+
+
+def load_checked_bank(settings: SafeLoRASettings, served_model: str) -> AlignmentBank:
+    """Load the bank, check it protects ``served_model`` and suits every configured policy."""
+    if settings.projection_threads is not None:
+        import torch
+
+        # The front end does no other torch work; vLLM's engine and workers
+        # are other processes with their own thread settings.
+        torch.set_num_threads(settings.projection_threads)
+    bank = load_bank(settings.bank, settings.device, verify=settings.verify_bank)
+    if not bank.manifest.protects(served_model, settings.aliases):
+        raise BankError(
+            f"the alignment bank {settings.bank} ({bank.bank_id}) was built for aligned model "
+            f"'{bank.manifest.aligned.ref}' (aliases {bank.manifest.aliases}), but this server serves "
+            f"'{served_model}'. Build a bank for the served model, or add '{served_model}' to the "
+            "configuration's aliases if it is the same model under another name"
+        )
+    for policy in all_policies(settings):
+        # e.g. a SaLoRA-style policy on a bank built without --safety-prompts
+        make_policy(policy).validate_bank(bank)
+    return bank
+
+
+def announce_start(
+    settings: SafeLoRASettings, served_model: str, bank: AlignmentBank, sources: Sequence[AdapterSource],
+    cache: PatchedAdapterCache,
+) -> None:
+    """Set the bank and cache gauges and log what this server protects, and how (warnings for
+    an empty hub allow-list and for shadow mode)."""
+    metrics.BANK_BYTES.labels(device=str(bank.device)).set(bank.nbytes)
+    metrics.CACHE_BYTES.set(cache.total_bytes())
+    metrics.CACHE_MAX_BYTES.set(cache.max_bytes)
+    logger.info(
+        "safelora: protecting '%s' with bank %s (%d modules, %.1f MiB on %s); policies %s; sources %s; cache %s",
+        served_model, bank.bank_id, len(bank.subspaces), bank.nbytes / 2**20, bank.device,
+        describe_rules(settings), [s.describe() for s in sources], settings.cache_dir,
+    )
+    if settings.hub.enabled and not settings.hub.allow:
+        logger.warning(
+            "safelora: the hub source is enabled but hub.allow is empty, so no hub repository will be served "
+            "(deny by default); list the repositories tenants may name, e.g. hub.allow: ['my-org/*']"
+        )
+    for rule in describe_rules(settings):
+        if rule["shadow"]:
+            logger.warning(
+                "safelora: SHADOW MODE is ON for adapters matching '%s': they are served UNPROJECTED; reports "
+                "and metrics (mode=\"shadow\") only show what policy %s would have done. Turn it off once "
+                "the roll-out is checked.", rule["match"], rule["policy"],
+            )
