@@ -42,7 +42,6 @@ from support.server import (
     PROMPT_TEXT,
     Metrics,
     Server,
-    api_server_cmd,
     free_port,
     new_server,
     plugin_env,
@@ -408,7 +407,6 @@ class E2EHelpers:
     cache_entries = staticmethod(cache_entries)
     run_to_exit = staticmethod(run_in_log_dir)
     plugin_env = staticmethod(plugin_env)
-    api_server_cmd = staticmethod(api_server_cmd)
     free_port = staticmethod(free_port)
     Metrics = Metrics
     MAX_LORA_RANK = MAX_LORA_RANK

@@ -8,10 +8,9 @@ cost about one start.
 from __future__ import annotations
 
 import shutil
-import time
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from support.server import run_startups
 
 pytestmark = pytest.mark.e2e
 
@@ -29,7 +28,7 @@ CASES = {
 
 
 @pytest.fixture(scope="module")
-def startup_failures(e2e_world, e2e, tmp_path_factory):
+def startup_failures(e2e_world, tmp_path_factory):
     work = tmp_path_factory.mktemp("startup_failures")
     w = e2e_world
 
@@ -47,15 +46,7 @@ def startup_failures(e2e_world, e2e, tmp_path_factory):
         "bank_other_model": w.config(work / "other.yaml", work / "cache-other", bank=w.other_bank),
     }
 
-    def run(case):
-        t0 = time.monotonic()
-        cmd = e2e.api_server_cmd(w.aligned, e2e.free_port())
-        rc, out = e2e.run_to_exit(cmd, e2e.plugin_env(configs[case]), work / f"{case}.log", TIMEOUT_S)
-        return case, rc, out, time.monotonic() - t0
-
-    with ThreadPoolExecutor(max_workers=len(configs)) as pool:
-        results = {case: (rc, out, secs) for case, rc, out, secs in pool.map(run, configs)}
-    return results
+    return run_startups(w.aligned, configs, work, TIMEOUT_S, workers=len(configs))
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

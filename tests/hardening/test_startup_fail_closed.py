@@ -9,12 +9,9 @@ a message that names what to fix. The starts run concurrently (each only imports
 
 from __future__ import annotations
 
-import time
-from concurrent.futures import ThreadPoolExecutor
-
 import pytest
 
-from support.server import api_server_cmd, free_port, plugin_env, run_to_exit
+from support.server import run_startups
 
 pytestmark = pytest.mark.e2e
 
@@ -85,14 +82,7 @@ def startups(hardening_world, tmp_path_factory):
             hardening_world.config(path, cache_dir, **overrides)
         configs[case] = path
 
-    def run(case):
-        t0 = time.monotonic()
-        cmd = api_server_cmd(hardening_world.aligned, free_port())
-        rc, out = run_to_exit(cmd, plugin_env(configs[case]), work / f"{case}.log", TIMEOUT_S, cwd=work)
-        return case, rc, out, time.monotonic() - t0
-
-    with ThreadPoolExecutor(max_workers=4) as pool:
-        return {case: (rc, out, secs) for case, rc, out, secs in pool.map(run, CASES)}
+    return run_startups(hardening_world.aligned, {case: configs[case] for case in CASES}, work, TIMEOUT_S)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Mapping, Sequence
@@ -28,8 +30,8 @@ from vllm_safelora.launcher import (
 
 __all__ = [
     "MAX_LORA_RANK", "PROMPT_TEXT", "START_TIMEOUT_S", "Metrics", "Server", "api_server_cmd", "baseline_env",
-    "clean_env", "free_port", "new_server", "plugin_env", "run_to_exit", "served", "server_args", "start_all",
-    "write_config",
+    "clean_env", "free_port", "new_server", "plugin_env", "run_startups", "run_to_exit", "served", "server_args",
+    "start_all", "write_config",
 ]
 
 MAX_LORA_RANK = 8
@@ -145,3 +147,17 @@ def served(args: Sequence[str], env: Mapping[str, str], log_path: Path, *, timeo
     with server:
         server.wait_ready(timeout)
         yield server
+
+
+def run_startups(model: Path | str, configs: Mapping[str, Path | None], workdir: Path, timeout: float, *,
+                 workers: int = 4) -> dict[str, tuple[int | None, str, float]]:
+    """One plugin-enabled server per config, ``workers`` at a time, each run to its exit (for start-ups
+    that must fail): ``{case: (exit code or None if still running after timeout, output, seconds)}``."""
+    def run(case: str) -> tuple[str, tuple[int | None, str, float]]:
+        t0 = time.monotonic()
+        rc, out = run_to_exit(api_server_cmd(model, free_port()), plugin_env(configs[case]),
+                              Path(workdir) / f"{case}.log", timeout, cwd=Path(workdir))
+        return case, (rc, out, time.monotonic() - t0)
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return dict(pool.map(run, configs))
