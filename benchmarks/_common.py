@@ -1,4 +1,5 @@
-"""Helpers shared by the benchmark scripts (machine info, results, vLLM servers, metrics).
+"""Helpers shared by the benchmark scripts (machine info, results); servers, their environment and
+/metrics come from tests/support/server.py (re-exported here: served, baseline_env, plugin_env, ...).
 
 Not a benchmark itself. Imports no vLLM at module level: the scripts that only
 need torch stay light.
@@ -6,24 +7,24 @@ need torch stay light.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import platform
-import re
-import signal
 import statistics
-import subprocess
 import sys
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+for _path in (REPO_ROOT, REPO_ROOT / "tests"):  # vllm_safelora, and tests/support (the server harness)
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
+
+from support.server import (  # noqa: E402, F401 (re-exported for the benchmark scripts)
+    Metrics, ServerProcess, baseline_env, clean_env, plugin_env, served, server_args, write_config,
+)
 
 SHARED_NOTE = (
     "measured on a small shared machine (other engineers' jobs ran at the same time); "
@@ -118,118 +119,25 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> Non
 
 
 # ----------------------------------------------------------------------------- vLLM servers
-
-TINY_SERVER_ARGS = ("--max-lora-rank", "8", "--dtype", "float32", "--max-model-len", "256")
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    """os.environ without any VLLM_SAFELORA_* / VLLM_PLUGINS / resolver settings, plus quiet defaults."""
-    env = {
-        k: v for k, v in os.environ.items()
-        if not k.startswith("VLLM_SAFELORA_")
-        and k not in ("VLLM_PLUGINS", "VLLM_LORA_RESOLVER_CACHE_DIR", "VLLM_ALLOW_RUNTIME_LORA_UPDATING")
-    }
-    env.update(
-        VLLM_CPU_KVCACHE_SPACE="1",
-        HF_HUB_OFFLINE="1",
-        TRANSFORMERS_OFFLINE="1",
-        PYTHONUNBUFFERED="1",
-        TOKENIZERS_PARALLELISM="false",
-    )
-    env.update(extra)
-    return env
-
-
-def baseline_env(*plugins: str, runtime_lora: bool = False, **extra: str) -> dict[str, str]:
-    """Plain vLLM: VLLM_PLUGINS is an allow-list, so naming only ``plugins`` (or 'none') excludes safelora."""
-    env = clean_env(**extra)
-    env["VLLM_PLUGINS"] = ",".join(plugins) if plugins else "none"
-    if runtime_lora:
-        env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "1"
-    return env
-
-
-def safelora_env(config: Path, **extra: str) -> dict[str, str]:
-    from vllm_safelora.launcher import plugin_environment
-
-    return plugin_environment(config, base=clean_env(**extra))
+# Servers, their environment and /metrics: tests/support/server.py, the one harness of the tests and
+# the benchmarks (clean_env, baseline_env, plugin_env, server_args, served, Metrics).
 
 
 def write_safelora_config(path: Path, *, bank: Path, adapter_dirs: Sequence[Path], cache_dir: Path,
                           threshold: float = 0.35) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    dirs = ", ".join(str(d) for d in adapter_dirs)
-    path.write_text(
-        "# written by a vllm-safelora benchmark\n"
-        f"bank: {bank}\n"
-        f"adapter_dirs: [{dirs}]\n"
-        f"cache_dir: {cache_dir}\n"
-        "device: cpu\n"
-        f"policy: {{select: threshold, threshold: {threshold}, projection: approx}}\n"
-    )
-    return path
+    return write_config(path, bank=bank, adapter_dirs=[str(d) for d in adapter_dirs], cache_dir=cache_dir,
+                        device="cpu", policy={"select": "threshold", "threshold": threshold, "projection": "approx"})
 
 
-@contextlib.contextmanager
-def served(args: Sequence[str], env: Mapping[str, str], log_path: Path, *, timeout: float = 400.0):
-    """A ServerProcess that is up; always stopped (and its whole process group killed) on exit."""
-    from vllm_safelora.launcher import ServerProcess, free_port
-
-    server = ServerProcess(args=list(args), env=dict(env), log_path=Path(log_path), port=free_port())
-    t0 = time.monotonic()
-    server.start()
-    try:
-        server.wait_ready(timeout=timeout)
-        server.startup_s = time.monotonic() - t0  # type: ignore[attr-defined]
-        yield server
-    finally:
-        server.stop()
-        # engine-core / worker children can outlive the leader: SIGKILL the group we created.
-        if server.proc is not None:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(server.proc.pid, signal.SIGKILL)
-
-
-def http_get(url: str, timeout: float = 10.0) -> tuple[int, str]:
-    import urllib.error
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:
-            return r.status, r.read().decode(errors="replace")
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode(errors="replace")
-
-
-def metric_values(text: str, name: str) -> dict[str, float]:
-    """{label-string: value} for every sample of metric ``name`` in Prometheus text."""
-    out: dict[str, float] = {}
-    pat = re.compile(rf"^{re.escape(name)}(\{{[^}}]*\}})?\s+([0-9eE+.\-naif]+)$")
-    for line in text.splitlines():
-        m = pat.match(line)
-        if m:
-            out[m.group(1) or ""] = float(m.group(2))
-    return out
-
-
-def metric_total(text: str, name: str) -> float:
-    return sum(metric_values(text, name).values())
-
-
-def check_plugin_state(base_url: str, expect_plugin: bool) -> dict:
+def check_plugin_state(server: ServerProcess, expect_plugin: bool) -> dict:
     """Evidence that the plugin is (not) loaded: its audit route and its metrics on /metrics."""
-    status, body = http_get(f"{base_url}/safelora/v1/status")
-    _, metrics = http_get(f"{base_url}/metrics")
-    has_metrics = any(line.startswith("safelora_") for line in metrics.splitlines())
-    loaded = status == 200 or has_metrics
-    evidence = {"safelora_status_http": status, "safelora_metrics_present": has_metrics, "plugin_loaded": loaded}
+    status = server.get("/safelora/v1/status")
+    has_metrics = server.metrics().has_plugin_metrics()
+    loaded = status.status_code == 200 or has_metrics
+    evidence = {"safelora_status_http": status.status_code, "safelora_metrics_present": has_metrics,
+                "plugin_loaded": loaded}
     if loaded != expect_plugin:
         raise RuntimeError(f"expected plugin_loaded={expect_plugin}, got {evidence}")
     if expect_plugin:
-        evidence["status"] = json.loads(body)
+        evidence["status"] = status.json()
     return evidence
-
-
-def kill_quietly(proc: subprocess.Popen) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)

@@ -36,8 +36,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (  # noqa: E402
-    RESULTS_DIR, TINY_SERVER_ARGS, fmt, machine_info, metric_total, now_iso, print_table, safelora_env, save_json,
-    served, write_safelora_config,
+    RESULTS_DIR, fmt, machine_info, now_iso, plugin_env, print_table, save_json,
+    served, server_args, write_safelora_config,
 )
 
 PROMPT = "Hello, the safety rule is"
@@ -101,9 +101,9 @@ def run_side(side: str, world: dict, work: Path, a) -> dict:
     config = write_safelora_config(work / f"{side}.yaml", bank=world["bank"], adapter_dirs=[world["root"]],
                                    cache_dir=cache)
     config.write_text(config.read_text() + "served_names: location\n" + SIDES[side])
-    args = ["--model", str(world["models"].aligned), *TINY_SERVER_ARGS, "--max-loras", "2", "--max-num-seqs", "8"]
+    args = server_args(world["models"].aligned, max_loras=2, max_num_seqs=8)
     out: dict = {"side": side, "config_extra": SIDES[side].strip().splitlines()}
-    with served(args, safelora_env(config), a.log_dir / f"flood-{side}.log", timeout=a.start_timeout) as server:
+    with served(args, plugin_env(config), a.log_dir / f"flood-{side}.log", timeout=a.start_timeout) as server:
         url = server.base_url
         victim = requests.Session()
         for _ in range(5):
@@ -139,15 +139,15 @@ def run_side(side: str, world: dict, work: Path, a) -> dict:
                 under_flood.append(dt)
         for t in threads:
             t.join(timeout=120)
-        metrics = requests.get(f"{url}/metrics", timeout=30).text
+        metrics = server.metrics()
         out.update(
             quiet_median_s=percentile(quiet, 0.5), quiet_p95_s=percentile(quiet, 0.95),
             flood_median_s=percentile(under_flood, 0.5), flood_p95_s=percentile(under_flood, 0.95),
             victim_requests_under_flood=len(under_flood), flood_statuses=statuses,
-            projections=metric_total(metrics, "safelora_projections_total"),
-            rejections=metric_total(metrics, "safelora_rejections_total"),
-            refusal_cache_hits=metric_total(metrics, "safelora_refusal_cache_hits_total"),
-            overloads=metric_total(metrics, "safelora_overload_total"),
+            projections=metrics.value("safelora_projections_total"),
+            rejections=metrics.value("safelora_rejections_total"),
+            refusal_cache_hits=metrics.value("safelora_refusal_cache_hits_total"),
+            overloads=metrics.value("safelora_overload_total"),
         )
     print(f"[flood] {side}: victim median {fmt(out['quiet_median_s'])} s quiet, {fmt(out['flood_median_s'])} s "
           f"under flood; flood statuses {statuses}", flush=True)

@@ -48,8 +48,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (  # noqa: E402
-    RESULTS_DIR, SHARED_NOTE, TINY_SERVER_ARGS, baseline_env, check_plugin_state, fmt, http_get, machine_info,
-    median, metric_total, metric_values, now_iso, print_table, safelora_env, save_json, served, write_safelora_config,
+    RESULTS_DIR, SHARED_NOTE, ServerProcess, baseline_env, check_plugin_state, fmt, machine_info,
+    median, now_iso, plugin_env, print_table, save_json, served, server_args, write_safelora_config,
 )
 
 PROMPT = "Hello, the safety rule is"
@@ -76,11 +76,12 @@ def make_world(work: Path, n: int) -> dict:
 
 
 class Client:
-    def __init__(self, base_url: str, model_path: str):
+    def __init__(self, server: ServerProcess, model_path: str):
         import requests
 
         self.s = requests.Session()
-        self.url = base_url
+        self.server = server
+        self.url = server.base_url
         self.model_path = model_path
 
     def complete(self, model: str) -> float:
@@ -97,13 +98,13 @@ class Client:
         if r.status_code != 200:
             raise RuntimeError(f"unload {name} failed: HTTP {r.status_code} {r.text[:300]}")
 
-    def metrics(self) -> str:
-        return http_get(f"{self.url}/metrics")[1]
+    def projection_seconds(self) -> float:
+        return self.server.metrics().value("safelora_projection_seconds_sum")
 
 
 def one_run(side: str, run: int, world: dict, work: Path, a) -> dict:
     model = str(world["models"].aligned)
-    args = ["--model", model, *TINY_SERVER_ARGS, "--max-loras", str(a.max_loras), "--max-num-seqs", "8"]
+    args = server_args(model, max_loras=a.max_loras, max_num_seqs=8)
     if side == "baseline":
         env = baseline_env("lora_filesystem_resolver", runtime_lora=True,
                            VLLM_LORA_RESOLVER_CACHE_DIR=str(world["root"]))
@@ -112,7 +113,7 @@ def one_run(side: str, run: int, world: dict, work: Path, a) -> dict:
         shutil.rmtree(cache, ignore_errors=True)
         config = write_safelora_config(work / f"safelora-{run}.yaml", bank=world["bank"],
                                        adapter_dirs=[world["root"]], cache_dir=cache)
-        env = safelora_env(config)
+        env = plugin_env(config)
     log = a.log_dir / f"{side}-{run}.log"
     t: dict[str, list[float]] = {p: [] for p in PHASES}
     proj_metric: list[float] = []
@@ -120,8 +121,8 @@ def one_run(side: str, run: int, world: dict, work: Path, a) -> dict:
     out: dict = {"side": side, "run": run, "env_VLLM_PLUGINS": env.get("VLLM_PLUGINS")}
     with served(args, env, log) as server:
         out["startup_s"] = server.startup_s
-        out["plugin_check"] = check_plugin_state(server.base_url, expect_plugin=(side == "plugin"))
-        c = Client(server.base_url, model)
+        out["plugin_check"] = check_plugin_state(server, expect_plugin=(side == "plugin"))
+        c = Client(server, model)
         for _ in range(3):
             c.complete(model)  # engine warm-up
         c.complete("warmup")  # first LoRA ever: one-off LoRA warm-up outside the measurements
@@ -129,15 +130,13 @@ def one_run(side: str, run: int, world: dict, work: Path, a) -> dict:
         names = world["names"]
         for name in names:
             t["base"].append(c.complete(model))
-            before = metric_total(c.metrics(), "safelora_projection_seconds_sum") if side == "plugin" else 0.0
+            before = c.projection_seconds() if side == "plugin" else 0.0
             t["cold"].append(c.complete(name))
             if side == "plugin":
-                proj_metric.append(metric_total(c.metrics(), "safelora_projection_seconds_sum") - before)
-                status, body = http_get(f"{server.base_url}/safelora/v1/adapters/{name}")
-                if status == 200:
-                    import json
-
-                    proj_report.append(json.loads(body)["summary"]["seconds"])
+                proj_metric.append(c.projection_seconds() - before)
+                r = server.get(f"/safelora/v1/adapters/{name}")
+                if r.status_code == 200:
+                    proj_report.append(r.json()["summary"]["seconds"])
             t["resident"].append(c.complete(name))
         # Every fresh adapter has been evicted from vLLM's LoRA slots by now (N > --max-loras)
         # unless it is one of the last max_loras used: request the oldest ones again.
@@ -153,13 +152,13 @@ def one_run(side: str, run: int, world: dict, work: Path, a) -> dict:
             c.unload(name)
             t["unload_reload"].append(c.complete(name))
         if side == "plugin":
-            text = c.metrics()
+            metrics = server.metrics()
             out["plugin_metrics"] = {
-                m: metric_total(text, m) for m in (
+                m: metrics.value(m) for m in (
                     "safelora_projections_total", "safelora_projection_seconds_count", "safelora_projection_seconds_sum",
                 )
             }
-            out["plugin_metrics"]["safelora_cache_requests_total"] = metric_values(text, "safelora_cache_requests_total")
+            out["plugin_metrics"]["safelora_cache_requests_total"] = metrics.by_labels("safelora_cache_requests_total")
     out["latency_s"] = t
     out["projection_metric_s"] = proj_metric
     out["projection_report_s"] = proj_report
@@ -291,8 +290,7 @@ def main(argv: list[str] | None = None) -> int:
             "adapters": "rank 8 on q,k,v,o,gate,up,down, orthogonal to the alignment subspace (projected)",
             "baseline": "VLLM_PLUGINS=lora_filesystem_resolver, VLLM_LORA_RESOLVER_CACHE_DIR",
             "plugin": "VLLM_PLUGINS=safelora,safelora_routes, adapter_dirs, fresh empty cache per server",
-            "server_flags": " ".join([*TINY_SERVER_ARGS, "--max-loras", str(a.max_loras), "--max-num-seqs", "8",
-                                      "--enable-lora"]),
+            "server_flags": " ".join(server_args("MODEL", max_loras=a.max_loras, max_num_seqs=8)[2:]),
         },
         "runs": [],
     }

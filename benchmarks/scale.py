@@ -48,8 +48,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (  # noqa: E402
-    RESULTS_DIR, SHARED_NOTE, TINY_SERVER_ARGS, baseline_env, check_plugin_state, fmt, http_get, machine_info,
-    median, metric_total, now_iso, print_table, safelora_env, save_json, served, write_safelora_config,
+    RESULTS_DIR, SHARED_NOTE, baseline_env, check_plugin_state, fmt, machine_info,
+    median, now_iso, plugin_env, print_table, save_json, served, server_args, write_safelora_config,
 )
 
 PROMPT = "Hello, the safety rule is"
@@ -303,7 +303,7 @@ def live_side(side: str, world: dict, root: Path, names: list[str], work: Path, 
     from tqdm import tqdm
 
     model = str(world["models"].aligned)
-    args = ["--model", model, *TINY_SERVER_ARGS, "--max-loras", "2", "--max-num-seqs", "8"]
+    args = server_args(model, max_loras=2, max_num_seqs=8)
     if side == "baseline":
         env = baseline_env("lora_filesystem_resolver", runtime_lora=True, VLLM_LORA_RESOLVER_CACHE_DIR=str(root))
     else:
@@ -313,7 +313,7 @@ def live_side(side: str, world: dict, root: Path, names: list[str], work: Path, 
                                        cache_dir=cache)
         with open(config, "a") as f:
             f.write(f"cache_max_bytes: {int(a.live_budget_mb * 2**20)}\n")
-        env = safelora_env(config)
+        env = plugin_env(config)
     log = a.log_dir / f"live-{side}.log"
     n = len(names)
     every = max(1, n // 100)
@@ -323,7 +323,7 @@ def live_side(side: str, world: dict, root: Path, names: list[str], work: Path, 
     out: dict = {"side": side, "env_VLLM_PLUGINS": env.get("VLLM_PLUGINS"), "log": str(log)}
     with served(args, env, log) as server:
         out["startup_s"] = server.startup_s
-        out["plugin_check"] = check_plugin_state(server.base_url, expect_plugin=(side == "plugin"))
+        out["plugin_check"] = check_plugin_state(server, expect_plugin=(side == "plugin"))
         s = requests.Session()
 
         def complete(m: str) -> tuple[float, int, str]:
@@ -358,13 +358,13 @@ def live_side(side: str, world: dict, root: Path, names: list[str], work: Path, 
                 sample(i + 1)
         out["loop_s"] = time.perf_counter() - t_loop
         if side == "plugin":
-            text = http_get(f"{server.base_url}/metrics")[1]
-            out["plugin_metrics"] = {m: metric_total(text, m) for m in (
+            metrics = server.metrics()
+            out["plugin_metrics"] = {m: metrics.value(m) for m in (
                 "safelora_projections_total", "safelora_projection_seconds_sum", "safelora_cache_bytes",
                 "safelora_cache_max_bytes")}
-            code, body = http_get(f"{server.base_url}/safelora/v1/status")
-            if code == 200:
-                out["plugin_status_end"] = json.loads(body)
+            r = server.get("/safelora/v1/status")
+            if r.status_code == 200:
+                out["plugin_status_end"] = r.json()
             out["cache_dir_bytes_du_end"] = dir_bytes(work / "live-cache")
     out["errors"] = errors
     out["latency_s"] = list(lat)
@@ -590,8 +590,7 @@ def main(argv: list[str] | None = None) -> int:
             "service": "SafeLoRAService.start (projection_threads 1); per adapter: write source, prepare + "
                        "mark_loaded (timed), delete source",
             "live_request": f"POST /v1/completions, prompt {PROMPT!r}, max_tokens 1, temperature 0, each a new adapter",
-            "live_server_flags": " ".join([*TINY_SERVER_ARGS, "--max-loras", "2", "--max-num-seqs", "8",
-                                           "--enable-lora"]),
+            "live_server_flags": " ".join(server_args("MODEL", max_loras=2, max_num_seqs=8)[2:]),
             "baseline": "VLLM_PLUGINS=lora_filesystem_resolver, VLLM_LORA_RESOLVER_CACHE_DIR, runtime LoRA updating",
             "plugin": "VLLM_PLUGINS=safelora,safelora_routes, adapter_dirs = the same directory",
         },

@@ -41,8 +41,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (  # noqa: E402
-    RESULTS_DIR, SHARED_NOTE, TINY_SERVER_ARGS, baseline_env, check_plugin_state, fmt, http_get, machine_info,
-    median, metric_values, now_iso, print_table, safelora_env, save_json, served, write_safelora_config,
+    RESULTS_DIR, SHARED_NOTE, baseline_env, check_plugin_state, fmt, machine_info,
+    median, now_iso, plugin_env, print_table, save_json, served, server_args, write_safelora_config,
 )
 
 METRICS = ("output_throughput", "request_throughput", "median_ttft_ms", "p99_ttft_ms", "median_tpot_ms",
@@ -67,10 +67,10 @@ def make_world(work: Path, n_adapters: int) -> dict:
     return {"models": models, "adapters": adapters, "bank": bank}
 
 
-def server_args(world: dict, max_loras: int, max_num_seqs: int) -> list[str]:
+def world_server_args(world: dict, max_loras: int, max_num_seqs: int) -> list[str]:
     mods = [f"{name}={path}" for name, path in world["adapters"].items()]
-    return ["--model", str(world["models"].aligned), *TINY_SERVER_ARGS, "--max-loras", str(max_loras),
-            "--max-num-seqs", str(max_num_seqs), "--lora-modules", *mods]
+    return [*server_args(world["models"].aligned, max_loras=max_loras, max_num_seqs=max_num_seqs),
+            "--lora-modules", *mods]
 
 
 def bench_client(base_url: str, world: dict, loras: list[str], *, num_prompts: int, input_len: int,
@@ -100,7 +100,7 @@ def bench_client(base_url: str, world: dict, loras: list[str], *, num_prompts: i
 
 def one_run(side: str, run: int, world: dict, work: Path, a) -> dict:
     log = a.log_dir / f"{side}-{run}.log"
-    args = server_args(world, a.max_loras, a.max_num_seqs)
+    args = world_server_args(world, a.max_loras, a.max_num_seqs)
     if side == "baseline":
         env = baseline_env()
     else:
@@ -108,12 +108,12 @@ def one_run(side: str, run: int, world: dict, work: Path, a) -> dict:
         shutil.rmtree(cache, ignore_errors=True)
         config = write_safelora_config(work / f"safelora-{run}.yaml", bank=world["bank"],
                                        adapter_dirs=[work / "adapters"], cache_dir=cache)
-        env = safelora_env(config)
+        env = plugin_env(config)
     names = list(world["adapters"])
     out: dict = {"side": side, "run": run, "env_VLLM_PLUGINS": env.get("VLLM_PLUGINS"), "scenarios": {}}
     with served(args, env, log) as server:
         out["startup_s"] = server.startup_s
-        out["plugin_check"] = check_plugin_state(server.base_url, expect_plugin=(side == "plugin"))
+        out["plugin_check"] = check_plugin_state(server, expect_plugin=(side == "plugin"))
         print(f"  [{side} #{run}] up in {server.startup_s:.0f}s on {server.base_url} "
               f"(VLLM_PLUGINS={env.get('VLLM_PLUGINS')}, plugin loaded: {out['plugin_check']['plugin_loaded']})")
         for scenario in a.scenarios:
@@ -133,9 +133,9 @@ def one_run(side: str, run: int, world: dict, work: Path, a) -> dict:
             if res["failed"]:
                 raise RuntimeError(f"{side} {scenario}: {res['failed']} requests failed; see {log}")
         if side == "plugin":
-            _, text = http_get(f"{server.base_url}/metrics")
+            metrics = server.metrics()
             out["plugin_metrics"] = {
-                name: metric_values(text, name) for name in (
+                name: metrics.by_labels(name) for name in (
                     "safelora_adapters_total", "safelora_projections_total", "safelora_cache_requests_total",
                     "safelora_guard_events_total", "safelora_projection_seconds_sum", "safelora_projection_seconds_count",
                 )
@@ -283,9 +283,8 @@ def main(argv: list[str] | None = None) -> int:
             "churn_adapters": a.churn_adapters, "scenarios": a.scenarios, "dataset": "random",
             "lora_assignment": "round-robin", "model": "vllm_safelora.tiny (hidden 128, 2 layers, head_dim 64, fp32)",
             "adapters": "rank 8 on q,k,v,o; directions cycle orthogonal/random/aligned; all given via --lora-modules",
-            "policy": "threshold 0.35, approx", "server_flags": " ".join([*TINY_SERVER_ARGS, "--max-loras",
-                                                                         str(a.max_loras), "--max-num-seqs",
-                                                                         str(a.max_num_seqs), "--enable-lora"]),
+            "policy": "threshold 0.35, approx", "server_flags": " ".join(server_args("MODEL", max_loras=a.max_loras,
+                                                                                     max_num_seqs=a.max_num_seqs)[2:]),
             "env": "VLLM_CPU_KVCACHE_SPACE=1; baseline VLLM_PLUGINS=none; plugin VLLM_PLUGINS=safelora,safelora_routes",
         },
         "runs": [],

@@ -39,12 +39,13 @@ import platform
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+for _path in (REPO_ROOT, REPO_ROOT / "tests"):  # vllm_safelora, and tests/support (the server harness)
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
 
 from vllm_safelora.evaluation.harness import (  # noqa: E402
     GenerationSettings,
@@ -443,21 +444,14 @@ def stage_variants(attack_dirs: dict, banks: dict, p: Profile, work: Path) -> di
 
 
 def _serve(name: str, aligned_dir: Path, config: Path, work: Path, budget: Budget):
-    from vllm_safelora.launcher import ServerProcess, free_port, plugin_environment
+    """The plugin-enabled server of the tiny model (tests/support/server.py, the one server harness)."""
+    from support.server import new_server
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_SAFELORA_")}
-    env = plugin_environment(config, env)
-    env.update(VLLM_CPU_KVCACHE_SPACE="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    server = ServerProcess(
-        args=["--model", str(aligned_dir), "--max-lora-rank", "8", "--max-loras", "2", "--dtype", "float32",
-              "--max-model-len", "256", "--max-num-seqs", "32"],
-        env=env, log_path=work / f"server-{name}.log", port=free_port(),
-    )
-    return server
+    return new_server(f"server-{name}", aligned_dir, config, work, max_num_seqs=32)
 
 
 def _write_config(path: Path, bank: Path, adapter_dir: Path, cache: Path, policy: dict, tenants: list | None = None) -> Path:
-    import yaml
+    from support.server import write_config
 
     doc = {
         "bank": str(bank), "adapter_dirs": [str(adapter_dir)], "cache_dir": str(cache), "device": "cpu",
@@ -465,14 +459,12 @@ def _write_config(path: Path, bank: Path, adapter_dir: Path, cache: Path, policy
     }
     if tenants:
         doc["tenants"] = tenants
-    path.write_text(yaml.safe_dump(doc, sort_keys=False))
-    return path
+    return write_config(path, **doc)
 
 
 def stage_serve_and_evaluate(aligned_dir: Path, banks: dict, variants: dict, items, p: Profile, work: Path,
                              budget: Budget, gen_path: Path) -> dict:
     """ONE server, plugin policy = no-op (threshold -1), every variant evaluated through it."""
-    import requests
     from tqdm.auto import tqdm
 
     config = _write_config(work / "noop.yaml", banks["dirs"]["full"], variants["root"], work / "cache-noop",
@@ -513,7 +505,7 @@ def stage_serve_and_evaluate(aligned_dir: Path, banks: dict, variants: dict, ite
         # What the plugin did to the unprotected adapters: nothing (the audit route says so).
         noop_check = {}
         for attack in ATTACKS:
-            r = requests.get(f"{server.base_url}/safelora/v1/adapters/{attack}/none", timeout=30)
+            r = server.get(f"/safelora/v1/adapters/{attack}/none", timeout=30)
             if r.status_code == 200:
                 s = r.json()["summary"]
                 noop_check[attack] = {"outcome": s["outcome"], "projected": s["projected"],
@@ -550,8 +542,6 @@ def stage_verify(aligned_dir: Path, banks: dict, attack_dirs: dict, variants: di
     ONE server: the first setting is the top-level policy (adapter name ``purebad``); every other setting is a
     tenant rule ``<setting>/*`` with that policy, and the raw adapter is also served as ``<setting>/purebad``.
     """
-    import requests
-
     metas = {s: variants["variants"][f"purebad/{s}"] for s in settings}
     raw_root = work / "raw-adapters"
     if raw_root.exists():
@@ -578,7 +568,7 @@ def stage_verify(aligned_dir: Path, banks: dict, attack_dirs: dict, variants: di
             outs = ep.generate(name, items)
             gens = score(f"purebad (plugin policy {setting})", items, outs, scorer=RefusalScorer(), judge=world_judge)
             write_generations(gen_path, gens, append=True, extra={"served_by": "verify-server"})
-            report = requests.get(f"{server.base_url}/safelora/v1/adapters/{name}", timeout=30).json()
+            report = server.get(f"/safelora/v1/adapters/{name}", timeout=30).json()
             served = [o for o, _ in outs]
             offline = outputs.get(f"purebad/{setting}")
             if offline is None:  # evaluated under another name with the same weights
