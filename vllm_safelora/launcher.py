@@ -131,7 +131,7 @@ def kill_tree(root: int, *, grace: float = 30.0, reap: subprocess.Popen | None =
     for sig, wait in stages:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(root, sig)
-        signalled: set[_Proc] = set()
+        signalled = {p for p in tree if (_stat(p[0]) or ("", 0, 0))[2] == root}  # reached by killpg: once is enough
         deadline = time.monotonic() + wait
         while True:
             if reap is not None:
