@@ -111,6 +111,11 @@ def process_tree(root: int, known: Iterable[_Proc] = ()) -> set[_Proc]:
     return known | {(pid, stats[pid][4]) for pid in found}
 
 
+def _pgrp(pid: int) -> int | None:
+    st = _stat(pid)
+    return None if st is None else st[2]
+
+
 def _alive(proc: _Proc) -> bool:
     st = _stat(proc[0])
     return st is not None and st[4] == proc[1] and st[0] not in ("Z", "X")
@@ -131,7 +136,7 @@ def kill_tree(root: int, *, grace: float = 30.0, reap: subprocess.Popen | None =
     for sig, wait in stages:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(root, sig)
-        signalled = {p for p in tree if (_stat(p[0]) or ("", 0, 0))[2] == root}  # reached by killpg: once is enough
+        signalled = {p for p in tree if _pgrp(p[0]) == root}  # killpg reached these: one signal is enough
         deadline = time.monotonic() + wait
         while True:
             if reap is not None:
@@ -166,6 +171,7 @@ def _die_with_parent() -> None:
 def spawn(cmd: Sequence[str], env: Mapping[str, str], log_path: Path, *, cwd: Path | None = None,
           die_with_parent: bool = False) -> subprocess.Popen:
     """``cmd`` in a session of its own, stdout and stderr to ``log_path``, no stdin."""
+    log_path = Path(log_path)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "wb") as log:
         return subprocess.Popen(
