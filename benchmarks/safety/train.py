@@ -131,7 +131,7 @@ def train(model, tok, examples: Sequence[tuple[str, str]], spec: TrainSpec, *, d
 def save_model(model, tok, out_dir: Path, meta: dict) -> Path:
     from transformers import GenerationConfig
 
-    from vllm_safelora.tiny import _save_tokenizer
+    from vllm_safelora.tiny import save_tokenizer
 
     out_dir = Path(out_dir)
     if out_dir.exists():
@@ -139,7 +139,7 @@ def save_model(model, tok, out_dir: Path, meta: dict) -> Path:
     out_dir.mkdir(parents=True)
     model.save_pretrained(str(out_dir), safe_serialization=True)
     GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id).save_pretrained(str(out_dir))
-    _save_tokenizer(tok, out_dir)
+    save_tokenizer(tok, out_dir)
     (out_dir / "miniature_model.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return out_dir
 

@@ -256,7 +256,7 @@ def make_world_tokenizer(world: World, out_dir: Path | None = None, *, vocab_siz
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from vllm_safelora.tiny import TINY_CHAT_TEMPLATE, _save_tokenizer
+    from vllm_safelora.tiny import TINY_CHAT_TEMPLATE, save_tokenizer
 
     tok = Tokenizer(models.BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -277,5 +277,5 @@ def make_world_tokenizer(world: World, out_dir: Path | None = None, *, vocab_siz
         clean_up_tokenization_spaces=False, chat_template=TINY_CHAT_TEMPLATE,
     )
     if out_dir is not None:
-        _save_tokenizer(fast, Path(out_dir))
+        save_tokenizer(fast, Path(out_dir))
     return fast
