@@ -275,6 +275,29 @@ def test_storage_dtypes_and_loaded_bytes(tiny_models, tmp_path, storage):
     assert bank.nbytes == nbytes > 0
 
 
+def test_loaded_U_of_one_shape_share_one_stack_in_manifest_order(tiny_models, tiny_bank):
+    """load_bank stores same-shape U's side by side, so every layer's q_proj is one strided view
+    for the batched scorer (no copy); each U is still its module's own bytes."""
+    from safetensors import safe_open as _open
+
+    from vllm_safelora.projection import ModuleInput, _stacked_runs
+
+    by_shape: dict[tuple, list] = {}
+    for m in tiny_bank.manifest.modules:
+        by_shape.setdefault((m.shape[0], m.rank_kept), []).append(m.name)
+    with _open(str(tiny_bank.path / TENSORS_FILE), framework="pt") as f:
+        for names in by_shape.values():
+            Us = [tiny_bank.get(n).U for n in names]
+            assert len({u.untyped_storage().data_ptr() for u in Us}) == 1
+            assert [u.storage_offset() for u in Us] == sorted(u.storage_offset() for u in Us)
+            for n, u in zip(names, Us):
+                assert torch.equal(u, f.get_tensor(f"{n}.U"))
+    q = [n for n in tiny_bank.subspaces if n.endswith("q_proj")]
+    shapes = {n: tiny_bank.manifest.module(n).shape for n in q}
+    items = [ModuleInput(n, tiny_bank.get(n), torch.zeros(2, shapes[n][1]), torch.zeros(shapes[n][0], 2), 1.0) for n in q]
+    assert len(list(_stacked_runs(items))) == 1
+
+
 def test_storage_dtype_validated(tiny_models, tmp_path):
     with pytest.raises(BankError, match="storage dtype"):
         _build(tiny_models, tmp_path / "bank", storage_dtype="int8")

@@ -6,19 +6,37 @@ thin SVD V = U S Q^T. The two projections of the paper are then
     approx:  C     = V V^T / ||V||_F  = U diag(S^2 / ||S||_2) U^T   (paper default, not idempotent)
     exact:   C_hat = V (V^T V)^+ V^T  = U U^T                        (over non-zero singular values)
 
-so C B = U (w * (U^T B)) costs O(d_out * k * r) and never materialises a
-d_out x d_out or d_out x d_in matrix.
+i.e. C = U diag(w) U^T. With dW = s B A, G = A A^T, H = B^T B (r x r) and the
+coordinates X = U^T B (k x r, ONE pass over U), every Frobenius quantity the
+paper uses is a trace of an r x r product, because U^T U = I (s cancels in every
+ratio):
 
-With dW = s B A and G = A A^T (r x r), every Frobenius quantity the paper uses
-is a trace of an r x r product (s cancels in every ratio):
+    ||dW||^2         = s^2 tr(H G)
+    <C dW, dW>       = s^2 tr(X^T diag(w) X G)
+    ||C dW||^2       = s^2 tr(X^T diag(w^2) X G)
+    ||(C - I) dW||^2 = s^2 [tr(X^T diag((w-1)^2) X G) + tr((H - X^T X) G)]
 
-    <C dW, dW>      = s^2 tr(B^T C B G)
-    ||dW||^2        = s^2 tr(B^T B G)
-    ||C dW||^2      = s^2 tr((CB)^T (CB) G)
-    ||(C - I)dW||^2 = s^2 tr(((C - I)B)^T ((C - I)B) G)
+The last line splits (C - I) B into its part inside span(U), U (w-1) X, and the
+part outside, B - U X, whose Gram matrix is H - X^T X. Writing it this way
+instead of ||C dW||^2 - 2 <C dW, dW> + ||dW||^2 avoids the cancellation when
+C dW ~ dW (the exact kind on an update inside the subspace): the first term is
+a sum of non-negative weighted squares. The second is a difference, but it is
+exactly 0 when U spans every output direction (k = d_out, the untruncated bank
+of a square or wide module) and is then skipped; for a truncated bank its
+rounding error is ~eps(X's dtype) * ||dW||^2, i.e. the relative distance is
+known to ~sqrt(eps) ~ 3e-4 absolute when it is below that (tests pin it
+against the dense float64 reference).
 
-C B is computed in float32 (on the bank's device); the traces in float64,
-which costs nothing at r x r and makes the cosine exact to the data.
+C B = U (w X) (the projected lora_B) costs a second pass over U and is computed
+only for modules a policy actually changes (:attr:`ModuleAnalysis.projected_B`).
+
+Reduced-precision banks (bfloat16 / float16 U) are used as stored: U is read in
+row blocks converted into a small float32 buffer (float32 accumulation), never
+copied whole to float32. Modules with the same shapes are scored in one batched
+product (:func:`analyze_modules`) over U's that the bank stores side by side.
+
+X is float32 (float64 for a float64 U); the r x r algebra is float64, which
+costs nothing at that size and makes the cosine exact to the data.
 
 This module imports no vLLM and knows nothing about files.
 """
@@ -26,9 +44,10 @@ This module imports no vLLM and knows nothing about files.
 from __future__ import annotations
 
 import enum
+import functools
 import math
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Iterable, Iterator, Mapping
 
 import torch
 
@@ -93,18 +112,68 @@ class Subspace:
         return S * S / self.frobenius_norm
 
 
+# The float32 staging buffer for a reduced-precision U: about L2-sized blocks,
+# so a bfloat16 bank costs one pass over its own bytes and no full float32 copy.
+STAGING_BYTES = 1 << 20
+# Batched scoring keeps X = U^T B of a whole batch (and its float64 copies);
+# batches are cut so that this stays small whatever the adapter's rank.
+BATCH_BYTES = 64 << 20
+
+
+def _compute_dtype(U: torch.Tensor) -> torch.dtype:
+    return torch.float64 if U.dtype == torch.float64 else torch.float32
+
+
+def coordinates(U: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """X = U^T B for a batch: U (n, d_out, k) in its stored dtype, B (n, d_out, r); one pass over U.
+
+    Returns (n, k, r) in float32 (float64 for a float64 U) on U's device.
+    """
+    dt = _compute_dtype(U)
+    B = B.to(device=U.device, dtype=dt)
+    if U.dtype == dt:
+        # (B^T U)^T rather than U^T B: the same product, several times faster on
+        # CPU for small r (the transposed-operand GEMM path).
+        return torch.bmm(B.transpose(1, 2), U).transpose(1, 2)
+    n, d_out, k = U.shape
+    XT = torch.zeros(n, B.shape[2], k, dtype=dt, device=U.device)
+    rows = max(1, STAGING_BYTES // max(1, 4 * n * k))
+    buf = torch.empty(n, min(rows, d_out), k, dtype=dt, device=U.device)
+    for i in range(0, d_out, rows):
+        j = min(d_out, i + rows)
+        block = buf[:, : j - i]
+        block.copy_(U[:, i:j])
+        XT.baddbmm_(B[:, i:j].transpose(1, 2), block)
+    return XT.transpose(1, 2)
+
+
+def expand(U: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+    """U @ Y for one module (U d_out x k in its stored dtype, Y k x r): the second pass, C B = U (w X)."""
+    dt = _compute_dtype(U)
+    Y = Y.to(device=U.device, dtype=dt)
+    if U.dtype == dt:
+        return U @ Y
+    d_out, k = U.shape
+    out = torch.empty(d_out, Y.shape[1], dtype=dt, device=U.device)
+    rows = max(1, STAGING_BYTES // max(1, 4 * k))
+    buf = torch.empty(min(rows, d_out), k, dtype=dt, device=U.device)
+    for i in range(0, d_out, rows):
+        j = min(d_out, i + rows)
+        block = buf[: j - i]
+        block.copy_(U[i:j])
+        torch.mm(block, Y, out=out[i:j])
+    return out
+
+
 def apply_operator(sub: Subspace, B: torch.Tensor, kind: ProjectionKind) -> torch.Tensor:
-    """C @ B in float32 on the subspace's device (B is d_out x r)."""
+    """C @ B in float32 on the subspace's device (B is d_out x r): two passes over U."""
     if B.shape[0] != sub.d_out:
         raise ValueError(f"lora_B has {B.shape[0]} rows, the subspace has {sub.d_out}")
-    U = sub.U.to(torch.float32)
-    B32 = B.to(device=U.device, dtype=torch.float32)
     if sub.rank == 0:
-        return torch.zeros_like(B32)
-    # (B^T U)^T rather than U^T B: the same product, several times faster on
-    # CPU for small r (a transposed-operand GEMM path).
-    X = (B32.T @ U).T
-    return U @ (sub.weights(kind).unsqueeze(1) * X)
+        return torch.zeros(B.shape, dtype=torch.float32, device=sub.U.device)
+    X = coordinates(sub.U.unsqueeze(0), B.unsqueeze(0))[0]
+    w = sub.weights(kind).to(X.dtype)
+    return expand(sub.U, w.unsqueeze(1) * X).to(torch.float32)
 
 
 @dataclass(frozen=True)
@@ -122,22 +191,157 @@ class ModuleScore:
     """||C B - B||_F on the raw lora_B: the reference's Pdst ingredient for modules it keeps."""
     relative_distance: float
     """||(C - I) dW||_F / ||dW||_F: how far the update sits from the alignment subspace."""
+    projected_B_norm: float = 0.0
+    """||C B||_F: the Pdst distance of a module whose served update is 0 (pruned)."""
 
 
 @dataclass(frozen=True)
 class ModuleAnalysis:
+    """One module's score and what it takes to project it: C B = U (w X) on demand."""
+
     score: ModuleScore
-    projected_B: torch.Tensor
-    """C B in float32 (device of the bank); written only if the module is selected."""
+    sub: Subspace
+    weighted: torch.Tensor
+    """w X = diag(w) U^T B (k x r), float32 (float64 for a float64 U), on the bank's device."""
+
+    @functools.cached_property
+    def projected_B(self) -> torch.Tensor:
+        """C B in float32 on the bank's device: one more pass over U, only when asked for."""
+        if self.sub.rank == 0:
+            return torch.zeros(self.sub.d_out, self.weighted.shape[1], dtype=torch.float32, device=self.sub.U.device)
+        return expand(self.sub.U, self.weighted).to(torch.float32)
+
+
+@dataclass(frozen=True)
+class ModuleInput:
+    """One adapter module as the scorer needs it."""
+
+    name: str
+    sub: Subspace
+    lora_A: torch.Tensor
+    lora_B: torch.Tensor
+    scale: float
 
 
 def trace_with_gram(X: torch.Tensor, Y: torch.Tensor, G: torch.Tensor) -> float:
     """tr(X^T Y G) for a symmetric r x r G: with G = A A^T, the Frobenius inner product <X A, Y A>.
 
-    The one r x r trace every policy uses (Safe LoRA's scores here, the SaLoRA-style overlap).
+    The one r x r trace every policy uses (the SaLoRA-style overlap; batched below for Safe LoRA's scores).
     """
     # tr(X^T Y G) = sum((X^T Y) * G^T) and G is symmetric.
     return float(torch.sum((X.T @ Y) * G))
+
+
+def _batched_traces(X: torch.Tensor, Y: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
+    """tr(X_i^T Y_i G_i) for each i of a batch (float64)."""
+    return (torch.bmm(X.transpose(1, 2), Y) * G).sum(dim=(1, 2))
+
+
+def _stacked_runs(items: list[ModuleInput]) -> Iterator[tuple[list[ModuleInput], torch.Tensor]]:
+    """Cut ``items`` (same U shape, dtype, device) into runs whose U's are one strided view.
+
+    A bank stores the U's of one shape side by side (:mod:`vllm_safelora.bank.load`), so
+    e.g. every layer's q_proj is at a constant distance from the next: such a run is
+    batched with no copy. Anything else (a hand-made Subspace) is stacked, a copy.
+    """
+    by_storage: dict[tuple, list[ModuleInput]] = {}
+    for item in items:
+        U = item.sub.U
+        key = (U.untyped_storage().data_ptr(), U.stride()) if U.dim() == 2 else (id(U), ())
+        by_storage.setdefault(key, []).append(item)
+    for key, group in by_storage.items():
+        group.sort(key=lambda it: it.sub.U.storage_offset())
+        run: list[ModuleInput] = []
+        step = 0
+        for item in group:
+            off = item.sub.U.storage_offset()
+            if run:
+                gap = off - run[-1].sub.U.storage_offset()
+                if gap > 0 and (len(run) == 1 or gap == step):
+                    step = gap
+                    run.append(item)
+                    continue
+                yield run, _view(run, step)
+            run, step = [item], 0
+        if run:
+            yield run, _view(run, step)
+
+
+def _view(run: list[ModuleInput], step: int) -> torch.Tensor:
+    U0 = run[0].sub.U
+    if len(run) == 1:
+        return U0.unsqueeze(0)
+    if step > 0:
+        return torch.as_strided(U0, (len(run), *U0.shape), (step, *U0.stride()), U0.storage_offset())
+    return torch.stack([it.sub.U for it in run])  # pragma: no cover - step is always > 0 for len > 1
+
+
+def analyze_modules(items: Iterable[ModuleInput], kind: ProjectionKind) -> dict[str, ModuleAnalysis]:
+    """Score every module from X = U^T B: one pass over each U, batched per shape."""
+    groups: dict[tuple, list[ModuleInput]] = {}
+    for item in items:
+        if item.lora_B.shape[0] != item.sub.d_out:
+            raise ValueError(f"{item.name}: lora_B has {item.lora_B.shape[0]} rows, the subspace has {item.sub.d_out}")
+        U = item.sub.U
+        key = (tuple(U.shape), U.dtype, U.device, tuple(item.lora_A.shape))
+        groups.setdefault(key, []).append(item)
+    out: dict[str, ModuleAnalysis] = {}
+    for (u_shape, _, _, a_shape), group in groups.items():
+        per_module = 8 * u_shape[1] * a_shape[0] * 3 + 1
+        limit = max(1, BATCH_BYTES // per_module)
+        for run, U in _stacked_runs(group):
+            for i in range(0, len(run), limit):
+                out.update(_score_batch(run[i : i + limit], U[i : i + limit], kind))
+    return out
+
+
+def _score_batch(run: list[ModuleInput], U: torch.Tensor, kind: ProjectionKind) -> dict[str, ModuleAnalysis]:
+    device, f64 = U.device, torch.float64
+    B = torch.stack([it.lora_B for it in run]).to(device=device)
+    X = coordinates(U, B)  # (n, k, r)
+    A64 = torch.stack([it.lora_A for it in run]).to(device=device, dtype=f64)
+    B64 = B.to(f64)
+    X64 = X.to(f64)
+    G = torch.bmm(A64, A64.transpose(1, 2))
+    H = torch.bmm(B64.transpose(1, 2), B64)
+    w = torch.stack([it.sub.weights(kind) for it in run]).to(device=device, dtype=f64).unsqueeze(2)
+    WX = w * X64
+    MX = (w - 1.0) * X64
+
+    norm_dw_sq = (H * G).sum(dim=(1, 2)).clamp_min(0.0)
+    inner = _batched_traces(X64, WX, G)
+    norm_cdw_sq = _batched_traces(WX, WX, G).clamp_min(0.0)
+    dist_dw_sq = _batched_traces(MX, MX, G)
+    dist_B_sq = MX.square().sum(dim=(1, 2))
+    d_out, k = U.shape[1], U.shape[2]
+    if k < d_out:
+        # The part of B outside span(U); zero by definition when U spans every output direction.
+        outside = H - torch.bmm(X64.transpose(1, 2), X64)
+        dist_dw_sq = dist_dw_sq + (outside * G).sum(dim=(1, 2))
+        dist_B_sq = dist_B_sq + outside.diagonal(dim1=1, dim2=2).sum(dim=1)
+    dist_dw_sq, dist_B_sq = dist_dw_sq.clamp_min(0.0), dist_B_sq.clamp_min(0.0)
+    projected_norm = WX.square().sum(dim=(1, 2)).sqrt()
+
+    out: dict[str, ModuleAnalysis] = {}
+    values = torch.stack([norm_dw_sq, inner, norm_cdw_sq, dist_dw_sq, dist_B_sq, projected_norm]).cpu().tolist()
+    weighted = WX.to(X.dtype)
+    for i, item in enumerate(run):
+        ndw_sq, inn, ncdw_sq, ddw_sq, dB_sq, pnorm = (col[i] for col in values)
+        denom = math.sqrt(ndw_sq) * math.sqrt(ncdw_sq)
+        # torch.nn.functional.cosine_similarity (the reference) gives 0 for a zero vector.
+        cosine = min(1.0, max(-1.0, inn / denom)) if denom > 0.0 else 0.0
+        norm_dw = math.sqrt(ndw_sq)
+        score = ModuleScore(
+            name=item.name,
+            cosine=cosine,
+            cosine_rounded=round_cosine(cosine),
+            update_norm=abs(item.scale) * norm_dw,
+            distance_B=math.sqrt(dB_sq),
+            relative_distance=math.sqrt(ddw_sq) / norm_dw if norm_dw > 0.0 else 0.0,
+            projected_B_norm=pnorm,
+        )
+        out[item.name] = ModuleAnalysis(score=score, sub=item.sub, weighted=weighted[i])
+    return out
 
 
 def analyze_module(
@@ -148,34 +352,8 @@ def analyze_module(
     scale: float,
     kind: ProjectionKind,
 ) -> ModuleAnalysis:
-    """Score one module and compute its projected lora_B (fast path)."""
-    CB = apply_operator(sub, lora_B, kind)
-    device = CB.device
-    A64 = lora_A.to(device=device, dtype=torch.float64)
-    B64 = lora_B.to(device=device, dtype=torch.float64)
-    CB64 = CB.to(torch.float64)
-    G = A64 @ A64.T
-    D = CB64 - B64
-
-    inner = trace_with_gram(B64, CB64, G)
-    norm_dw_sq = max(trace_with_gram(B64, B64, G), 0.0)
-    norm_cdw_sq = max(trace_with_gram(CB64, CB64, G), 0.0)
-    dist_dw_sq = max(trace_with_gram(D, D, G), 0.0)
-
-    denom = math.sqrt(norm_dw_sq) * math.sqrt(norm_cdw_sq)
-    # torch.nn.functional.cosine_similarity (the reference) gives 0 for a zero vector.
-    cosine = inner / denom if denom > 0.0 else 0.0
-    cosine = min(1.0, max(-1.0, cosine))
-    norm_dw = math.sqrt(norm_dw_sq)
-    score = ModuleScore(
-        name=name,
-        cosine=cosine,
-        cosine_rounded=round_cosine(cosine),
-        update_norm=abs(scale) * norm_dw,
-        distance_B=float(torch.linalg.vector_norm(D)),
-        relative_distance=math.sqrt(dist_dw_sq) / norm_dw if norm_dw > 0.0 else 0.0,
-    )
-    return ModuleAnalysis(score=score, projected_B=CB)
+    """Score one module (C B on demand, :attr:`ModuleAnalysis.projected_B`)."""
+    return analyze_modules([ModuleInput(name, sub, lora_A, lora_B, scale)], kind)[name]
 
 
 def round_cosine(cosine: float) -> float:

@@ -146,6 +146,8 @@ def load_bank(bank_dir: Path, device: str = "cpu", *, verify: bool = True) -> Al
                 for suffix in ("U", "S"):
                     if f"{m.name}.{suffix}" not in present:
                         raise BankError(f"bank {bank_dir} lacks tensor {m.name}.{suffix}; rebuild it")
+            stacks = _stacked_storage(f, manifest, dev)
+            for m in manifest.modules:
                 U = f.get_tensor(f"{m.name}.U")
                 S = f.get_tensor(f"{m.name}.S")
                 if tuple(U.shape) != (m.shape[0], m.rank_kept) or tuple(S.shape) != (m.rank_kept,):
@@ -153,10 +155,13 @@ def load_bank(bank_dir: Path, device: str = "cpu", *, verify: bool = True) -> Al
                         f"bank {bank_dir}: {m.name} tensors have shapes {tuple(U.shape)}/{tuple(S.shape)}, "
                         f"the manifest says ({m.shape[0]}, {m.rank_kept}); rebuild it"
                     )
-                U, S = U.to(dev), S.to(dev)
-                nbytes += U.numel() * U.element_size() + S.numel() * S.element_size()
+                slot = stacks[m.name]
+                slot.copy_(U)
+                del U
+                S = S.to(dev)
+                nbytes += slot.numel() * slot.element_size() + S.numel() * S.element_size()
                 subspaces[m.name] = Subspace(
-                    U=U, S=S, frobenius_norm=m.frobenius_norm, numerical_rank=min(m.numerical_rank, m.rank_kept)
+                    U=slot, S=S, frobenius_norm=m.frobenius_norm, numerical_rank=min(m.numerical_rank, m.rank_kept)
                 )
     except BankError:
         raise
@@ -173,6 +178,29 @@ def load_bank(bank_dir: Path, device: str = "cpu", *, verify: bool = True) -> Al
     return AlignmentBank(
         manifest=manifest, subspaces=subspaces, device=dev, nbytes=nbytes, path=bank_dir, safety_features=features
     )
+
+
+def _stacked_storage(f, manifest: BankManifest, dev: torch.device) -> dict[str, torch.Tensor]:
+    """One (n, d_out, k) tensor per U shape, in manifest order, and each module's U as a view of it.
+
+    The projection scores the modules of one shape in a single batched product over
+    such a stack with no copy (e.g. every layer's q_proj at a constant stride).
+    Same bytes as one tensor per module; the dtype is the bank's storage dtype.
+    """
+    by_shape: dict[tuple[int, int, torch.dtype], list[str]] = {}
+    for m in manifest.modules:
+        stored = f.get_slice(f"{m.name}.U").get_dtype()
+        if stored not in _SAFETENSORS_DTYPES:
+            raise BankError(f"bank {manifest.bank_id}: {m.name}.U is stored as {stored}, not a float type; rebuild it")
+        by_shape.setdefault((m.shape[0], m.rank_kept, _SAFETENSORS_DTYPES[stored]), []).append(m.name)
+    slots: dict[str, torch.Tensor] = {}
+    for (d_out, k, dtype), names in by_shape.items():
+        stack = torch.empty((len(names), d_out, k), dtype=dtype, device=dev)
+        slots.update({name: stack[i] for i, name in enumerate(names)})
+    return slots
+
+
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
 
 def _load_safety_features(

@@ -34,7 +34,7 @@ from pydantic import BaseModel, ConfigDict
 
 from ..adapters import LoraAdapter, LoraModule
 from ..bank import AlignmentBank
-from ..projection import ModuleAnalysis, ProjectionKind, analyze_module, apply_operator
+from ..projection import ModuleAnalysis, ModuleInput, ProjectionKind, analyze_modules
 from ..report import ModuleReport
 
 
@@ -107,24 +107,23 @@ def adapter_view(adapter: LoraAdapter, tensors: Mapping[str, torch.Tensor]) -> L
     return dataclasses.replace(adapter, tensors=dict(tensors), modules=modules)
 
 
-def pdst_term_for(
-    bank: AlignmentBank,
-    name: str,
-    lora_B_in: torch.Tensor,
-    lora_B_final: torch.Tensor | None,
-    kind: ProjectionKind = ProjectionKind.APPROX,
-) -> float:
+def pdst_term_for(analysis: ModuleAnalysis, lora_B_in: torch.Tensor, lora_B_final: torch.Tensor | None) -> float:
     """The reference's Pdst term 1 / (1 + ||lora_B_final - C lora_B_in||_F), for any final lora_B.
 
-    ``lora_B_final=None`` means the module was pruned: the served update is 0.
-    For Safe LoRA this gives 1 for projected modules and 1 / (1 + ||C B - B||_F)
-    for kept ones, exactly as :func:`vllm_safelora.projection.pdst_term`.
+    ``analysis`` is the module's score against ``lora_B_in``. ``lora_B_final=None`` means the
+    module was pruned (the served update is 0): the distance is ||C B||_F. A kept module
+    (``lora_B_final is lora_B_in``) gives 1 / (1 + ||C B - B||_F), a module served as C B
+    gives 1, exactly as :func:`vllm_safelora.projection.pdst_term`; only another final
+    lora_B (SaLoRA-style) costs C B itself.
     """
-    sub = bank.get(name)
-    assert sub is not None, f"{name} not in bank"
-    CB = apply_operator(sub, lora_B_in, kind).double()
-    final = torch.zeros_like(CB) if lora_B_final is None else lora_B_final.to(CB.device, torch.float64)
-    return 1.0 / (1.0 + float(torch.linalg.vector_norm(final - CB)))
+    if lora_B_final is None:
+        distance = analysis.score.projected_B_norm
+    elif lora_B_final is lora_B_in:
+        distance = analysis.score.distance_B
+    else:
+        CB = analysis.projected_B.to(torch.float64)
+        distance = float(torch.linalg.vector_norm(lora_B_final.to(CB.device, torch.float64) - CB))
+    return 1.0 / (1.0 + distance)
 
 
 def lora_flops_per_token(adapter: LoraAdapter, without: Collection[str] = ()) -> int:
@@ -136,13 +135,14 @@ def lora_flops_per_token(adapter: LoraAdapter, without: Collection[str] = ()) ->
 
 
 def analyze_adapter(adapter: LoraAdapter, bank: AlignmentBank, kind: ProjectionKind) -> dict[str, ModuleAnalysis]:
-    """Score every module of the adapter against the bank (fast path)."""
-    analyses = {}
+    """Score every module of the adapter against the bank: one pass over each U, batched per shape."""
+    items = []
     for name, module in adapter.modules.items():
         sub = bank.get(name)
         assert sub is not None, f"{name} not in bank: check_compatible must run first"
-        analyses[name] = analyze_module(name, sub, module.lora_A, module.lora_B, module.scale, kind)
-    return analyses
+        items.append(ModuleInput(name, sub, module.lora_A, module.lora_B, module.scale))
+    analyses = analyze_modules(items, kind)
+    return {name: analyses[name] for name in adapter.modules}
 
 
 def module_report(

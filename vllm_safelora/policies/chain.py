@@ -38,7 +38,7 @@ from ..adapters import LoraAdapter
 from ..bank import AlignmentBank
 from ..projection import ProjectionKind
 from ..report import ModuleReport
-from .base import Policy, PolicyConfig, PolicyResult, adapter_view, pdst_term_for
+from .base import Policy, PolicyConfig, PolicyResult, adapter_view, analyze_adapter, pdst_term_for
 from .registry import make_policy
 from .safelora import SafeLoRAConfig
 
@@ -88,6 +88,8 @@ class ChainPolicy(Policy):
             (c.projection for c in self.config.steps if isinstance(c, SafeLoRAConfig)), ProjectionKind.APPROX
         )
         final = results[-1].tensors
+        # Pdst is measured against the upload (the reference's C lora_B_in), whatever the steps did.
+        analyses = analyze_adapter(adapter, bank, kind)
         per_step = [{r.module: r for r in res.modules} for res in results]
         merged: list[ModuleReport] = []
         for name, module in adapter.modules.items():
@@ -103,7 +105,7 @@ class ChainPolicy(Policy):
                     update={
                         "projected": any(r.projected for _, r in rows),
                         "pruned": pruned,
-                        "pdst_term": pdst_term_for(bank, name, module.lora_B, served_B, kind),
+                        "pdst_term": pdst_term_for(analyses[name], module.lora_B, served_B),
                         "distance_score": z[-1] if z else None,
                         "salora_removed_fraction": sf[-1] if sf else None,
                         "actions": actions,

@@ -41,9 +41,9 @@ from pydantic import Field
 
 from ..adapters import LoraAdapter, LoraModule
 from ..bank import AlignmentBank
-from ..projection import ProjectionKind, analyze_module, trace_with_gram
+from ..projection import ProjectionKind, trace_with_gram
 from ..report import ModuleReport
-from .base import Policy, PolicyConfig, PolicyResult, module_report, pdst_term_for
+from .base import Policy, PolicyConfig, PolicyResult, analyze_adapter, module_report, pdst_term_for
 
 LABEL = "SaLoRA-style (post-hoc)"
 _NEGLIGIBLE = 1e-6
@@ -94,13 +94,12 @@ class SaLoRAPolicy(Policy):
         reports: list[ModuleReport] = []
         changed = 0
         fractions: list[float] = []
+        analyses = analyze_adapter(adapter, bank, ProjectionKind.APPROX)
         for name, module in adapter.modules.items():
-            sub = bank.get(name)
-            assert sub is not None, f"{name} not in bank: check_compatible must run first"
             Vs = features[name].to(torch.float32)
             if k is not None:
                 Vs = Vs[:, :k]
-            a = analyze_module(name, sub, module.lora_A, module.lora_B, module.scale, ProjectionKind.APPROX)
+            a = analyses[name]
 
             fraction = safety_overlap(Vs, module)
             fractions.append(fraction)
@@ -116,7 +115,7 @@ class SaLoRAPolicy(Policy):
             reports.append(
                 module_report(
                     bank, module, a, projected=project,
-                    pdst_term=pdst_term_for(bank, name, module.lora_B, final_B, ProjectionKind.APPROX),
+                    pdst_term=pdst_term_for(a, module.lora_B, final_B),
                     salora_removed_fraction=fraction,
                 )
             )

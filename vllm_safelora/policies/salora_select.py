@@ -30,8 +30,8 @@ from pydantic import Field, model_validator
 
 from ..adapters import LoraAdapter
 from ..bank import AlignmentBank
-from ..projection import ProjectionKind, analyze_module
-from .base import PolicyConfig, PolicyResult, module_report, pdst_term_for
+from ..projection import ProjectionKind
+from .base import PolicyConfig, PolicyResult, analyze_adapter, module_report, pdst_term_for
 from .salora import LABEL as SALORA_LABEL
 from .salora import SaLoRAPolicy, safety_overlap, salora_project
 
@@ -79,10 +79,7 @@ class SaLoRASelectPolicy(SaLoRAPolicy):
         features = bank.require_safety_features(f"the {LABEL} policy")
         k = self.config.rank
         Vs = {n: (features[n].to(torch.float32)[:, :k] if k else features[n].to(torch.float32)) for n in adapter.modules}
-        analyses = {
-            n: analyze_module(n, bank.get(n), m.lora_A, m.lora_B, m.scale, ProjectionKind.APPROX)
-            for n, m in adapter.modules.items()
-        }
+        analyses = analyze_adapter(adapter, bank, ProjectionKind.APPROX)
         overlaps = {n: safety_overlap(Vs[n], m) for n, m in adapter.modules.items()}
         if self.config.score == "overlap":
             chosen = choose(overlaps, self.config)
@@ -100,7 +97,7 @@ class SaLoRASelectPolicy(SaLoRAPolicy):
                 tensors[module.b_key] = final_B
             reports.append(module_report(
                 bank, module, analyses[name], projected=name in chosen,
-                pdst_term=pdst_term_for(bank, name, module.lora_B, final_B, ProjectionKind.APPROX),
+                pdst_term=pdst_term_for(analyses[name], module.lora_B, final_B),
                 salora_removed_fraction=overlaps[name],
             ))
         picked = sorted(overlaps[n] for n in chosen)

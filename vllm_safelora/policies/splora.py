@@ -149,7 +149,7 @@ class SPLoRAPolicy(Policy):
             reports.append(
                 module_report(
                     bank, module, a, projected=False,
-                    pdst_term=pdst_term_for(bank, name, module.lora_B, final_B, cfg.projection),
+                    pdst_term=pdst_term_for(a, module.lora_B, final_B),
                     pruned=is_pruned, distance_score=z[name],
                 )
             )
