@@ -359,7 +359,7 @@ def part3(work: Path, layers: int, hidden: int, inter: int, vocab: int, rank: in
         "baseline": "imports only (baseline)",
         "stream": "A: build_bank streaming, full SVD",
         f"stream_rank{rank}": f"A: build_bank streaming, --svd lowrank --rank {rank}",
-        f"full_models_rank{rank}": f"B: two full models in float32 + same lowrank SVD",
+        f"full_models_rank{rank}": "B: two full models in float32 + same lowrank SVD",
         "reference_dense_c": "B': two full models in float32 + dense C kept (reference)",
     }
     rows = []

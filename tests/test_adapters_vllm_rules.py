@@ -19,7 +19,6 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 from test_adapters import MOD, MOD_V, base_config, base_tensors, key, refused, write_adapter
 
 import vllm_safelora.adapters as adapters
@@ -150,7 +149,7 @@ COLLISIONS = {
     "prefix-rebuilt-by-replace": [
         (key(MOD, "A"), A4), (f"base_model.model.base_model.base_model.model.model.{MOD}.lora_A.weight", A4),
         (key(MOD, "B"), B4)],
-    "inner-prefix": [(key(MOD, "B"), B4), (f"base_model.model.model.base_model.model.layers.0.self_attn.q_proj.lora_B.weight", B4),
+    "inner-prefix": [(key(MOD, "B"), B4), ("base_model.model.model.base_model.model.layers.0.self_attn.q_proj.lora_B.weight", B4),
                      (key(MOD, "A"), A4)],
 }
 

@@ -107,7 +107,7 @@ def test_aliases_stay_a_name_only_check(bank, tiny_models):
     assert bank.protects(str(tiny_models.base), [str(tiny_models.base)])
 
 
-def test_hub_id_and_local_path_are_the_same_model(tiny_models, tmp_path, offline_hub):
+def test_hub_id_and_local_path_are_the_same_model(tiny_models, tmp_path, offline_hub):  # noqa: F811 (fixture from test_bank)
     """Bank built from a local directory; served by a hub id whose snapshot (already cached) has the same weights."""
     local_bank = build_bank(str(tiny_models.base), str(tiny_models.aligned), tmp_path / "local-bank",
                             modules=["q_proj"], progress=None)

@@ -31,7 +31,6 @@ from vllm_safelora.projection import (  # noqa: E402
     SelectMode,
     Subspace,
     analyze_module,
-    apply_operator,
     mean_pdst,
     pdst_term,
     round_cosine,

@@ -21,8 +21,7 @@ from typing import Sequence
 
 from . import metrics
 from .adapters import (
-    CONFIG_FILE, WEIGHTS_FILE, AdapterFiles, ReadLimits, parse_adapter, read_adapter_files, unchanged_files,
-    write_adapter_files,
+    CONFIG_FILE, WEIGHTS_FILE, AdapterFiles, ReadLimits, parse_adapter, read_adapter_files, write_adapter_files,
 )
 from .bank import AlignmentBank
 from .cache import CacheKey, PatchedAdapterCache, entry_path_in, entry_signature

@@ -18,7 +18,6 @@ from typing import Callable, Sequence
 
 import torch
 
-from .world import Example
 
 # Llama-style, servable by vLLM's CPU backend (head_dim 64).
 MODEL_DIMS = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=2, num_key_value_heads=1, head_dim=64)

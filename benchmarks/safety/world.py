@@ -24,7 +24,6 @@ Everything is a pure function of the seed.
 from __future__ import annotations
 
 import itertools
-import json
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path

@@ -31,7 +31,7 @@ from .names import (
     is_canonical_name,
     parse_lora_name,
 )
-from .reader import AdapterFiles, _read_regular_file, parse_adapter, read_adapter, read_adapter_files
+from .reader import AdapterFiles, parse_adapter, read_adapter, read_adapter_files
 from .writer import (
     SerializedAdapter,
     config_excluding_modules,

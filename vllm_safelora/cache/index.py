@@ -110,8 +110,8 @@ class CacheIndex(IndexDatabase):
         Call with the entry's key lock held; then delete the directory and :meth:`remove` the row."""
         with self._write() as db:
             cur = db.execute(
-                f"UPDATE entries SET state = 'evicting' WHERE digest = ? AND state = 'ready' AND last_use = ? "
-                f"AND NOT EXISTS (SELECT 1 FROM leases l WHERE l.digest = ?)",
+                "UPDATE entries SET state = 'evicting' WHERE digest = ? AND state = 'ready' AND last_use = ? "
+                "AND NOT EXISTS (SELECT 1 FROM leases l WHERE l.digest = ?)",
                 (digest, last_use, digest),
             )
             return cur.rowcount == 1

@@ -20,7 +20,6 @@ downloading non-local paths from the hub inside the worker.
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import inspect
 import logging
