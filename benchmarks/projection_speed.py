@@ -61,7 +61,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._common import RESULTS_DIR, machine_info, print_table
-from vllm_safelora.projection import ProjectionKind, Subspace, analyze_module
+from vllm_safelora.projection import ModuleInput, ProjectionKind, Subspace, analyze_module, analyze_modules
 
 KIND = ProjectionKind.APPROX  # the paper's default and its headline numbers
 
@@ -88,6 +88,7 @@ SUITES: dict[str, dict] = {
 QUICK_DIVISOR = 8  # --quick divides every suite dimension by this
 FLUSH_BYTES = {"cpu": 64 * 2**20, "cuda": 256 * 2**20}
 NO_CUDA_NOTE = "no CUDA device in this run"
+BANK_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 DEFAULT_CACHE = Path(tempfile.gettempdir()) / "vllm_safelora_bench_cache"
 
@@ -107,7 +108,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "give none to skip the sweep")
     p.add_argument("--sweep-dense-max", type=int, default=None,
                    help="largest sweep d that also runs the dense path (default 8192; quick 512)")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's own)")
+    p.add_argument("--bank-dtypes", nargs="+", choices=list(BANK_DTYPES), default=["bfloat16", "float32"],
+                   help="storage dtypes of the (untruncated) bank the fast path uses; the first is the headline")
+    p.add_argument("--parity-seeds", type=int, default=None,
+                   help="adapters of the decision-parity check (default 40; quick 8)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads (default: 1 with --clock cpu, else torch's own)")
+    p.add_argument("--clock", choices=["cpu", "wall"], default="cpu",
+                   help="cpu (default): the calling thread's CPU time with 1 torch thread, which other processes "
+                        "on a shared machine barely disturb; wall: perf_counter with torch's threads")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE,
                    help="where the float64 orthonormal factors are cached (default %(default)s)")
@@ -131,6 +140,7 @@ def resolve_defaults(a: argparse.Namespace) -> argparse.Namespace:
     a.ranks = a.ranks or [8, 16, 64]
     a.modules_per_shape = a.modules_per_shape or (2 if q else 4)
     a.repeats = a.repeats or (2 if q else 5)
+    a.parity_seeds = a.parity_seeds or (8 if q else 40)
     if a.sweep_dims is None:
         a.sweep_dims = [128, 256, 512, 1024] if q else [512, 1024, 2048, 4096, 8192]
     if a.sweep_dense_max is None:
@@ -217,7 +227,7 @@ class Prepared:
     """One shape's bank, both forms, for ``modules_per_shape`` distinct modules (CPU tensors)."""
 
     job: ShapeJob
-    subs: list[Subspace]  # fast path: U (float32), S, ||V||
+    subs: dict[str, list[Subspace]]  # fast path per bank dtype: U views of one (n, d_out, k) stack, S, ||V||
     Cs: list[torch.Tensor] | None  # dense path: materialised C (float32)
     U64: torch.Tensor | None  # float64 truth of module 0 (faithful jobs only)
     w64: torch.Tensor | None  # s^2 / ||s||, float64
@@ -265,12 +275,15 @@ def prepare(job: ShapeJob, n_modules: int, args: argparse.Namespace) -> Prepared
             build["dense_C_seconds"] = time.perf_counter() - t0
     S32 = s64.float()
     gen = torch.Generator().manual_seed(args.seed + 7919)
-    subs, Cs = [], ([] if C is not None else None)
-    for j in range(n_modules):
-        p = torch.arange(d_out) if j == 0 else torch.randperm(d_out, generator=gen)
-        subs.append(Subspace(U=U32[p].contiguous(), S=S32, frobenius_norm=norm))
-        if Cs is not None:
-            Cs.append(C if j == 0 else C.index_select(0, p).index_select(1, p))
+    perms = [torch.arange(d_out) if j == 0 else torch.randperm(d_out, generator=gen) for j in range(n_modules)]
+    Cs = [C if j == 0 else C.index_select(0, p).index_select(1, p) for j, p in enumerate(perms)] if C is not None else None
+    subs: dict[str, list[Subspace]] = {}
+    for name in args.bank_dtypes:
+        # Side by side in one tensor, as bank.load stores a shape's U's (what the batched scorer reads).
+        stack = torch.empty((n_modules, d_out, k), dtype=BANK_DTYPES[name])
+        for j, p in enumerate(perms):
+            stack[j].copy_(U32[p])
+        subs[name] = [Subspace(U=stack[j], S=S32, frobenius_norm=norm) for j in range(n_modules)]
     return Prepared(job, subs, Cs, U64, w64 if U64 is not None else None, build)
 
 
@@ -280,12 +293,27 @@ def make_lora(d_out: int, d_in: int, r: int, gen: torch.Generator) -> tuple[torc
     return A.contiguous(), B.contiguous()
 
 
-# --------------------------------------------------------------------------- the two timed paths
+# --------------------------------------------------------------------------- the timed paths
+
+
+def fast_score(sub: Subspace, A: torch.Tensor, B: torch.Tensor):
+    """Scoring only: X = U^T B (one pass over U) and the r x r traces; what every module costs."""
+    return analyze_module("m", sub, A, B, 2.0, KIND)
+
+
+def fast_project(analysis) -> torch.Tensor:
+    """C B = U (w X): the second pass, only for modules the policy changes."""
+    return analysis.projected_B
+
+
+def fast_batched(subs: list[Subspace], loras: list[tuple[torch.Tensor, torch.Tensor]]):
+    """Every module of the shape in one analyze_modules call (one batched product over the stack)."""
+    return analyze_modules([ModuleInput(f"m{j}", s, A, B, 2.0) for j, (s, (A, B)) in enumerate(zip(subs, loras))], KIND)
 
 
 def fast_path(sub: Subspace, A: torch.Tensor, B: torch.Tensor):
-    a = analyze_module("m", sub, A, B, 2.0, KIND)
-    return a.projected_B, a.score.cosine
+    a = fast_score(sub, A, B)
+    return fast_project(a), a.score.cosine
 
 
 def dense_path(C: torch.Tensor, A: torch.Tensor, B: torch.Tensor):
@@ -297,9 +325,11 @@ def dense_path(C: torch.Tensor, A: torch.Tensor, B: torch.Tensor):
 
 
 class Timer:
-    def __init__(self, device: str, flush: bool):
+    def __init__(self, device: str, flush: bool, clock: str = "wall"):
         self.device = device
         self.cuda = device.startswith("cuda")
+        # CUDA work runs on the device: only wall time (with synchronize) measures it.
+        self.now = time.thread_time if clock == "cpu" and not self.cuda else time.perf_counter
         self.buf = (torch.zeros(FLUSH_BYTES["cuda" if self.cuda else "cpu"] // 4, device=device)
                     if flush else None)
 
@@ -307,14 +337,24 @@ class Timer:
         if self.cuda:
             torch.cuda.synchronize()
 
-    def __call__(self, fn, *args) -> float:
-        if self.buf is not None:
+    def __call__(self, fn, *args, flush: bool = True) -> tuple[float, object]:
+        if self.buf is not None and flush:
             self.buf.add_(1.0)  # rewrite 2x the last-level cache: the bank's U / C are cold
         self.sync()
-        t0 = time.perf_counter()
-        fn(*args)
+        t0 = self.now()
+        out = fn(*args)
         self.sync()
-        return time.perf_counter() - t0
+        return self.now() - t0, out
+
+
+def peak_read_bandwidth(device: str, clock: str, nbytes: int = 512 * 2**20, repeats: int = 7) -> float:
+    """Bytes/s of the fastest full read of a large float32 buffer (torch.sum), with the same threads and
+    clock as the timed paths: the roof for one pass over U."""
+    x = torch.ones(nbytes // 4, device=device)
+    timer = Timer(device, flush=False, clock=clock)
+    best = min(timer(lambda: x.sum().item())[0] for _ in range(repeats))
+    del x
+    return nbytes / best
 
 
 # --------------------------------------------------------------------------- accuracy
@@ -333,9 +373,10 @@ def accuracy(prep: Prepared, A: torch.Tensor, B: torch.Tensor, device: str) -> d
         return float(torch.linalg.norm(x.cpu().double() - W64) / nW)
 
     dev = torch.device(device)
-    fB, fcos = fast_path(_to(prep.subs[0], dev), A.to(dev), B.to(dev))
-    out = {"cosine_float64": cos64,
-           "fast": {"cb_rel_err": rel(fB), "cosine": fcos, "cosine_abs_err": abs(fcos - cos64)}}
+    out: dict = {"cosine_float64": cos64}
+    for dtype, subs in prep.subs.items():
+        fB, fcos = fast_path(_to(subs[0], dev), A.to(dev), B.to(dev))
+        out[f"fast-{dtype}"] = {"cb_rel_err": rel(fB), "cosine": fcos, "cosine_abs_err": abs(fcos - cos64)}
     if prep.Cs is not None:
         dB, dcos = dense_path(prep.Cs[0].to(dev), A.to(dev), B.to(dev))
         out["dense"] = {"cb_rel_err": rel(dB), "cosine": dcos, "cosine_abs_err": abs(dcos - cos64)}
@@ -343,57 +384,91 @@ def accuracy(prep: Prepared, A: torch.Tensor, B: torch.Tensor, device: str) -> d
 
 
 def _to(sub: Subspace, dev: torch.device) -> Subspace:
+    if sub.U.device == dev:
+        return sub
     return Subspace(U=sub.U.to(dev), S=sub.S.to(dev), frobenius_norm=sub.frobenius_norm,
                     numerical_rank=sub.numerical_rank)
+
+
+def _on(subs: list[Subspace], dev: torch.device) -> list[Subspace]:
+    """The subspaces on ``dev``, still views of one stack (so the batched scorer reads it without a copy)."""
+    if subs[0].U.device == dev:
+        return subs
+    stack = torch.stack([s.U for s in subs]).to(dev)
+    return [Subspace(U=stack[j], S=s.S.to(dev), frobenius_norm=s.frobenius_norm) for j, s in enumerate(subs)]
 
 
 # --------------------------------------------------------------------------- timing one shape
 
 
-def time_shape(prep: Prepared, device: str, args: argparse.Namespace, accuracy_ranks: bool) -> list[dict]:
+def _stats(samples: list[float], prefix: str) -> dict:
+    return {f"{prefix}_ms_median": statistics.median(samples) * 1e3, f"{prefix}_ms_min": min(samples) * 1e3,
+            f"{prefix}_ms": [t * 1e3 for t in samples]}
+
+
+def time_shape(prep: Prepared, device: str, args: argparse.Namespace, accuracy_ranks: bool,
+               bandwidth: float) -> list[dict]:
     job = prep.job
     dev = torch.device(device)
-    subs = [_to(s, dev) for s in prep.subs]
+    subs = {dtype: _on(lst, dev) for dtype, lst in prep.subs.items()}
     Cs = [c.to(dev) for c in prep.Cs] if prep.Cs is not None else None
-    timer = Timer(device, not args.no_flush)
+    timer = Timer(device, not args.no_flush, args.clock)
     gen = torch.Generator().manual_seed(args.seed * 1000 + job.d_out + job.d_in)
     rows = []
-    n = len(subs)
-    paths = 2 if Cs is not None else 1
-    bar = tqdm(total=len(job.ranks) * args.repeats * n * paths, unit="call",
+    n = len(Cs) if Cs is not None else len(next(iter(subs.values())))
+    calls_per_rep = n * (2 * len(subs) + (1 if Cs is not None else 0)) + len(subs)
+    bar = tqdm(total=len(job.ranks) * args.repeats * calls_per_rep, unit="call",
                desc=f"{device} {job.key}" + ("" if Cs is not None else " (fast only)"), leave=False)
     for r in job.ranks:
         loras = [make_lora(job.d_out, job.d_in, r, gen) for _ in range(n)]
         loras_dev = [(A.to(dev), B.to(dev)) for A, B in loras]
         # warm-up: allocator, thread pool, BLAS kernel selection, CUDA context
-        fast_path(subs[0], *loras_dev[0])
+        for lst in subs.values():
+            fast_path(lst[0], *loras_dev[0])
+            fast_batched(lst, loras_dev)
         if Cs is not None:
             dense_path(Cs[0], *loras_dev[0])
-        fast_t: list[float] = []
+        score_t: dict[str, list[float]] = {d: [] for d in subs}
+        cb_t: dict[str, list[float]] = {d: [] for d in subs}
+        batch_t: dict[str, list[float]] = {d: [] for d in subs}
         dense_t: list[float] = []
         for _rep in range(args.repeats):
             for j in range(n):
                 A, B = loras_dev[j]
-                fast_t.append(timer(fast_path, subs[j], A, B))
-                bar.update(1)
+                for dtype, lst in subs.items():
+                    t, a = timer(fast_score, lst[j], A, B)
+                    score_t[dtype].append(t)
+                    t, _ = timer(fast_project, a)
+                    cb_t[dtype].append(t)
+                    bar.update(2)
                 if Cs is not None:
-                    dense_t.append(timer(dense_path, Cs[j], A, B))
+                    dense_t.append(timer(dense_path, Cs[j], A, B)[0])
                     bar.update(1)
+            for dtype, lst in subs.items():
+                batch_t[dtype].append(timer(fast_batched, lst, loras_dev)[0] / n)
+                bar.update(1)
         row = {
             "device": device, "d_out": job.d_out, "d_in": job.d_in, "rank": r, "k": prep.build["k"],
-            "roles": job.roles, "samples_per_path": len(fast_t),
-            "fast_ms_median": statistics.median(fast_t) * 1e3,
-            "fast_ms_min": min(fast_t) * 1e3,
-            "fast_ms": [t * 1e3 for t in fast_t],
+            "roles": job.roles, "samples_per_path": len(dense_t) or len(next(iter(score_t.values()))),
+            "fast": {},
         }
+        dense_med = statistics.median(dense_t) if dense_t else None
         if dense_t:
-            row.update({
-                "dense_ms_median": statistics.median(dense_t) * 1e3,
-                "dense_ms_min": min(dense_t) * 1e3,
-                "dense_ms": [t * 1e3 for t in dense_t],
-                "ratio_of_medians": statistics.median(dense_t) / statistics.median(fast_t),
-                "median_paired_ratio": statistics.median(d / f for d, f in zip(dense_t, fast_t)),
-            })
+            row.update(_stats(dense_t, "dense"))
+        for dtype, lst in subs.items():
+            u_bytes = job.d_out * prep.build["k"] * lst[0].U.element_size()
+            f = {**_stats(score_t[dtype], "score"), **_stats(cb_t[dtype], "cb"), **_stats(batch_t[dtype], "batched")}
+            score_med = statistics.median(score_t[dtype])
+            total = [s + c for s, c in zip(score_t[dtype], cb_t[dtype])]
+            f.update(_stats(total, "score_and_cb"))
+            f["bank_U_bytes"] = u_bytes
+            f["bandwidth_fraction_score"] = (u_bytes / score_med) / bandwidth
+            f["bandwidth_fraction_batched"] = (u_bytes / statistics.median(batch_t[dtype])) / bandwidth
+            if dense_med is not None:
+                f["ratio_score"] = dense_med / score_med
+                f["ratio_batched"] = dense_med / statistics.median(batch_t[dtype])
+                f["ratio_score_and_cb"] = dense_med / statistics.median(total)
+            row["fast"][dtype] = f
         if accuracy_ranks and prep.U64 is not None:
             row["accuracy_vs_float64"] = accuracy(prep, *loras[0], device)
         rows.append(row)
@@ -408,6 +483,7 @@ def time_shape(prep: Prepared, device: str, args: argparse.Namespace, accuracy_r
 
 
 def summarise_suites(shape_rows: list[dict], args: argparse.Namespace, device: str) -> list[dict]:
+    """Per suite, rank and bank dtype: ms/module (module-weighted per-shape medians) and dense / fast."""
     by = {(r["d_out"], r["d_in"], r["rank"]): r for r in shape_rows if r["device"] == device}
     out = []
     for suite in args.suites:
@@ -418,30 +494,101 @@ def summarise_suites(shape_rows: list[dict], args: argparse.Namespace, device: s
             if any(x is None or "dense_ms_median" not in x for _, _, x in rows):
                 continue
             count = sum(n for _, n, _ in rows)
-            fast_s = sum(n * x["fast_ms_median"] for _, n, x in rows) / 1e3
-            dense_s = sum(n * x["dense_ms_median"] for _, n, x in rows) / 1e3
+            dense_ms = sum(n * x["dense_ms_median"] for _, n, x in rows) / count
             acc_row = next(x for m, _, x in rows if m == acc_mod)
-            out.append({
-                "device": device, "suite": suite, "rank": r, "modules": count,
-                "shapes": {f"{x['d_out']}x{x['d_in']}": {
-                    "modules": sum(n for m2, n, x2 in rows if x2 is x),
-                    "fast_ms_median": x["fast_ms_median"], "dense_ms_median": x["dense_ms_median"],
-                    "ratio_of_medians": x["ratio_of_medians"]} for _, _, x in rows},
-                "fast_ms_per_module": fast_s * 1e3 / count,
-                "dense_ms_per_module": dense_s * 1e3 / count,
-                "fast_s_per_adapter": fast_s,
-                "dense_s_per_adapter": dense_s,
-                "ratio": dense_s / fast_s,
-                "accuracy_module": f"{acc_mod} {acc_row['d_out']}x{acc_row['d_in']}",
-                "accuracy_vs_float64": acc_row.get("accuracy_vs_float64"),
-            })
+            entry = {"device": device, "suite": suite, "rank": r, "modules": count,
+                     "dense_ms_per_module": dense_ms, "dense_s_per_adapter": dense_ms * count / 1e3, "fast": {},
+                     "accuracy_module": f"{acc_mod} {acc_row['d_out']}x{acc_row['d_in']}",
+                     "accuracy_vs_float64": acc_row.get("accuracy_vs_float64")}
+            for dtype in args.bank_dtypes:
+                per = {}
+                for what in ("score", "batched", "score_and_cb"):
+                    ms = sum(n * x["fast"][dtype][f"{what}_ms_median"] for _, n, x in rows) / count
+                    per[f"{what}_ms_per_module"] = ms
+                    per[f"ratio_{what}"] = dense_ms / ms
+                u_bytes = sum(n * x["fast"][dtype]["bank_U_bytes"] for _, n, x in rows)
+                per["bandwidth_fraction_score"] = (u_bytes / (per["score_ms_per_module"] * count / 1e3)) / args.bandwidths[device]
+                per["bandwidth_fraction_batched"] = (
+                    (u_bytes / (per["batched_ms_per_module"] * count / 1e3)) / args.bandwidths[device])
+                per["score_s_per_adapter"] = per["score_ms_per_module"] * count / 1e3
+                entry["fast"][dtype] = per
+            out.append(entry)
     return out
 
 
 def sweep_rows(shape_rows: list[dict], args: argparse.Namespace) -> list[dict]:
     dims = set(args.sweep_dims)
-    return [{k: r.get(k) for k in ("d_out", "rank", "fast_ms_median", "dense_ms_median", "ratio_of_medians")}
-            for r in shape_rows if r["device"] == "cpu" and r["d_out"] == r["d_in"] and r["d_out"] in dims]
+    head = args.bank_dtypes[0]
+    out = []
+    for r in shape_rows:
+        if r["device"] != "cpu" or r["d_out"] != r["d_in"] or r["d_out"] not in dims:
+            continue
+        fast = r["fast"][head]["score_ms_median"]
+        dense = r.get("dense_ms_median")
+        out.append({"d_out": r["d_out"], "rank": r["rank"], "fast_ms_median": fast, "dense_ms_median": dense,
+                    "ratio_of_medians": dense / fast if dense else None, "bank_dtype": head})
+    return out
+
+
+# --------------------------------------------------------------------------- decisions
+
+
+PARITY_SHAPES = [(64, 128), (128, 128), (256, 128), (48, 32), (256, 256)]
+PARITY_RANKS = [1, 2, 4, 8, 16]
+PARITY_THRESHOLDS = [0.1, 0.2, 0.35, 0.5]
+PARITY_TOPK = [1, 3, 6]
+
+
+def decision_parity(seeds: int, dtypes: list[str]) -> dict:
+    """Which modules Safe LoRA projects, bank in ``dtype`` (untruncated, float64 SVD rounded) vs the
+    dense float64 reference, over ``seeds`` adapters of 12 mixed-shape modules, at several thresholds
+    and top-k: the decisions must be identical; the largest |cosine error| is reported."""
+    from vllm_safelora.projection import round_cosine, select_modules
+
+    mismatches = {d: [] for d in dtypes}
+    max_err = {d: 0.0 for d in dtypes}
+    decisions = 0
+    for seed in tqdm(range(seeds), desc="decision parity", unit="adapter", leave=False):
+        gen = torch.Generator().manual_seed(10_000 + seed)
+        truth: dict[str, float] = {}
+        fast: dict[str, dict[str, float]] = {d: {} for d in dtypes}
+        for i in range(12):
+            d_out, d_in = PARITY_SHAPES[i % len(PARITY_SHAPES)]
+            r = PARITY_RANKS[i % len(PARITY_RANKS)]
+            k = min(d_out, d_in)
+            tau = float(torch.empty(1).uniform_(2.0, 0.6 * k, generator=gen))
+            S = 0.05 + torch.exp(-torch.arange(k, dtype=torch.float64) / tau)
+            U, _ = torch.linalg.qr(torch.randn(d_out, k, generator=gen, dtype=torch.float64))
+            norm = float(torch.linalg.vector_norm(S))
+            A = torch.randn(r, d_in, generator=gen, dtype=torch.float64) / d_in**0.5
+            lean = float(torch.rand(1, generator=gen)) * 3.0
+            top = U[:, : max(1, k // 8)]
+            B = (torch.randn(d_out, r, generator=gen, dtype=torch.float64)
+                 + lean * top @ torch.randn(top.shape[1], r, generator=gen, dtype=torch.float64)) * 0.01
+            A32, B32 = A.float(), B.float()
+            C = U @ torch.diag(S * S / norm) @ U.T  # the dense float64 reference on the float32 adapter
+            dW = B32.double() @ A32.double()
+            cos = torch.nn.functional.cosine_similarity((C @ dW).reshape(1, -1), dW.reshape(1, -1)).item()
+            truth[f"m{i}"] = cos
+            for d in dtypes:
+                sub = Subspace(U=U.to(BANK_DTYPES[d]), S=S.float(), frobenius_norm=norm)
+                c = analyze_module(f"m{i}", sub, A32, B32, 1.0, KIND).score.cosine
+                fast[d][f"m{i}"] = c
+                max_err[d] = max(max_err[d], abs(c - cos))
+        rounded_truth = {n: round_cosine(c) for n, c in truth.items()}
+        cases = [("threshold", t, None) for t in PARITY_THRESHOLDS] + [("topk", None, k) for k in PARITY_TOPK]
+        for mode, t, k in cases:
+            want = select_modules(rounded_truth, mode, threshold=t, topk=k)
+            decisions += 1
+            for d in dtypes:
+                got = select_modules({n: round_cosine(c) for n, c in fast[d].items()}, mode, threshold=t, topk=k)
+                if got != want:
+                    mismatches[d].append({"seed": seed, "mode": mode, "threshold": t, "topk": k,
+                                          "only_fast": sorted(got - want), "only_reference": sorted(want - got)})
+    return {"adapters": seeds, "modules_per_adapter": 12, "selections_per_dtype": decisions,
+            "thresholds": PARITY_THRESHOLDS, "topk": PARITY_TOPK,
+            "per_dtype": {d: {"mismatched_selections": len(mismatches[d]), "examples": mismatches[d][:5],
+                              "max_cosine_abs_err": max_err[d]} for d in dtypes}}
 
 
 # --------------------------------------------------------------------------- driver
@@ -466,6 +613,8 @@ def wait_quiet(minutes: float, below: float) -> dict:
 
 
 def run(args: argparse.Namespace) -> dict:
+    if args.threads is None and args.clock == "cpu":
+        args.threads = 1  # thread_time sees only this thread's work
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     quiet = wait_quiet(args.wait_quiet, args.quiet_load) if args.wait_quiet > 0 else None
@@ -479,6 +628,11 @@ def run(args: argparse.Namespace) -> dict:
         info["cuda_allow_tf32"] = torch.backends.cuda.matmul.allow_tf32
     print(f"machine: {info['cpu_count']} CPUs ({info['cpu_model']}), torch {info['torch']}, "
           f"{info['torch_threads']} threads, load {info['load_average_at_start']}; devices {devices}")
+    args.bandwidths = {d: peak_read_bandwidth(d, args.clock) for d in devices}
+    info["peak_read_bandwidth_GBps"] = {d: round(bw / 1e9, 2) for d, bw in args.bandwidths.items()}
+    print(f"clock: {args.clock} ({torch.get_num_threads()} torch threads); peak read bandwidth (torch.sum over 512 MiB "
+          "float32, best of 7): "
+          + ", ".join(f"{d} {bw / 1e9:.1f} GB/s" for d, bw in args.bandwidths.items()))
     jobs = plan_jobs(args)
     print(f"{len(jobs)} distinct shapes: " + ", ".join(j.key + ("" if j.dense else " (fast only)") for j in jobs))
     print(f"timing {args.modules_per_shape} modules x {args.repeats} repeats per shape, rank and path; "
@@ -495,12 +649,14 @@ def run(args: argparse.Namespace) -> dict:
         for device in devices:
             if device != "cpu" and not job.faithful:
                 continue  # CUDA: the suites only
-            shape_rows.extend(time_shape(prep, device, args, accuracy_ranks=job.faithful))
+            shape_rows.extend(time_shape(prep, device, args, accuracy_ranks=job.faithful,
+                                         bandwidth=args.bandwidths[device]))
         del prep
     info["load_average_at_end"] = loadavg()
     info["load_samples"] = load_samples
     results = {"shapes": shape_rows, "suites": {d: summarise_suites(shape_rows, args, d) for d in devices},
-               "sweep": sweep_rows(shape_rows, args)}
+               "sweep": sweep_rows(shape_rows, args),
+               "decision_parity": decision_parity(args.parity_seeds, args.bank_dtypes)}
     if not cuda:
         results["cuda"] = {"available": False, "note": NO_CUDA_NOTE if not args.no_cuda else "skipped (--no-cuda)"}
     else:
@@ -509,14 +665,27 @@ def run(args: argparse.Namespace) -> dict:
         "benchmark": "projection_speed",
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "quick": args.quick,
-        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "bandwidths"},
         "machine": info,
         "wait_quiet": quiet,
         "builds": builds,
         "notes": [
             (
-                "fast = vllm_safelora.projection.analyze_module (kind approx): C B = U (w * (U^T B)) in float32 "
-                "with the full bank (k = min(d_out, d_in) directions, no truncation), float64 r x r traces."
+                "fast = vllm_safelora.projection (kind approx) with the full bank (k = min(d_out, d_in) directions, "
+                f"no truncation) stored as {', '.join(args.bank_dtypes)}: 'score' = analyze_module, X = U^T B in one "
+                "pass over U (a reduced-precision U is read in blocks into a float32 buffer) and float64 r x r traces; "
+                "'C B' = the projected lora_B U (w X), a second pass, only for modules a policy changes; 'batched' = "
+                "analyze_modules over all timed modules of the shape at once (one batched product over the stacked "
+                "U's, as bank.load stores them), per module."
+            ),
+            (
+                "bandwidth fraction = bytes of U / scoring time / peak read bandwidth (torch.sum over 512 MiB "
+                "float32, best of 7, same run): how close one pass over U gets to the memory roof."
+            ),
+            (
+                "decision parity: Safe LoRA's selected modules (thresholds and top-k, cosines rounded to 5 decimals "
+                "as the reference) with each bank dtype vs the dense float64 reference, on adapters of 12 mixed-shape "
+                "modules built like tests/test_projection_parity.py."
             ),
             (
                 "dense = the paper's reference: C = V V^T / ||V|| (float32) precomputed per module and not timed; "
@@ -544,7 +713,13 @@ def run(args: argparse.Namespace) -> dict:
             ),
             (
                 "accuracy: module 0 of the suite's accuracy module's shape, |cos error| is against the unrounded "
-                "float64 cosine of the flattened matrices."
+                "float64 cosine of the flattened matrices (per bank dtype)."
+            ),
+            (
+                f"clock: {args.clock}. cpu = time.thread_time of the calling thread with 1 torch thread (both paths "
+                "alike): on this shared 2-vCPU machine, wall time under other load varies several-fold, CPU time of "
+                "one thread far less (it still shares memory bandwidth and caches). wall = perf_counter with "
+                "torch's threads (what a quiet machine gives)."
             ),
             "the machine is shared (2 vCPUs): see machine.load_average_* and load_samples.",
         ],
@@ -558,23 +733,29 @@ def run(args: argparse.Namespace) -> dict:
 def print_report(rep: dict) -> None:
     res = rep["results"]
     for device, suites in res["suites"].items():
-        print(f"\n== suites on {device} (ms/module: per-shape medians, module-weighted; "
-              "s/adapter = sum(count x median)) ==")
-        print_table(
-            ["suite", "r", "modules", "fast ms/mod", "dense ms/mod", "dense/fast", "fast s/adapter",
-             "dense s/adapter"],
-            [[s["suite"], s["rank"], s["modules"], f"{s['fast_ms_per_module']:.2f}",
-              f"{s['dense_ms_per_module']:.2f}", f"{s['ratio']:.1f}x", f"{s['fast_s_per_adapter']:.3f}",
-              f"{s['dense_s_per_adapter']:.2f}"] for s in suites])
-    print("\n== per shape (medians; min in brackets; paired = median of per-call dense/fast) ==")
-    print_table(
-        ["device", "shape", "r", "n", "fast ms", "dense ms", "dense/fast", "paired"],
-        [[r["device"], f"{r['d_out']}x{r['d_in']}", r["rank"], r["samples_per_path"],
-          f"{r['fast_ms_median']:.2f} [{r['fast_ms_min']:.2f}]",
-          f"{r['dense_ms_median']:.1f} [{r['dense_ms_min']:.1f}]" if "dense_ms_median" in r else "-",
-          f"{r['ratio_of_medians']:.1f}x" if "ratio_of_medians" in r else "-",
-          f"{r['median_paired_ratio']:.1f}x" if "median_paired_ratio" in r else "-"]
-         for r in res["shapes"]])
+        print(f"\n== suites on {device}: ms per module (per-shape medians, module-weighted), dense / fast ==")
+        rows = []
+        for s in suites:
+            for dtype, f in s["fast"].items():
+                rows.append([s["suite"], s["rank"], s["modules"], dtype,
+                             f"{f['score_ms_per_module']:.2f}", f"{f['batched_ms_per_module']:.2f}",
+                             f"{f['score_and_cb_ms_per_module']:.2f}", f"{s['dense_ms_per_module']:.1f}",
+                             f"{f['ratio_score']:.1f}x", f"{f['ratio_batched']:.1f}x", f"{f['ratio_score_and_cb']:.1f}x",
+                             f"{f['bandwidth_fraction_score']:.0%}"])
+        print_table(["suite", "r", "modules", "bank", "score", "batched", "score+CB", "dense",
+                     "dense/score", "dense/batched", "dense/(score+CB)", "BW frac"], rows)
+    print("\n== per shape (medians; min in brackets) ==")
+    rows = []
+    for r in res["shapes"]:
+        for dtype, f in r["fast"].items():
+            rows.append([r["device"], f"{r['d_out']}x{r['d_in']}", r["rank"], dtype, r["samples_per_path"],
+                         f"{f['score_ms_median']:.2f} [{f['score_ms_min']:.2f}]", f"{f['batched_ms_median']:.2f}",
+                         f"{f['cb_ms_median']:.2f}",
+                         f"{r['dense_ms_median']:.1f} [{r['dense_ms_min']:.1f}]" if "dense_ms_median" in r else "-",
+                         f"{f['ratio_score']:.1f}x" if "ratio_score" in f else "-",
+                         f"{f['bandwidth_fraction_score']:.0%}"])
+    print_table(["device", "shape", "r", "bank", "n", "score ms", "batched ms", "C B ms", "dense ms", "dense/score",
+                 "BW frac"], rows)
     print("\n== accuracy vs float64, one module per suite ==")
     rows = []
     for device, suites in res["suites"].items():
@@ -582,15 +763,22 @@ def print_report(rep: dict) -> None:
             acc = s.get("accuracy_vs_float64")
             if not acc:
                 continue
-            for path in ("fast", "dense"):
-                if path in acc:
-                    a = acc[path]
-                    rows.append([device, s["suite"], s["accuracy_module"], s["rank"], path,
-                                 f"{a['cb_rel_err']:.1e}", f"{acc['cosine_float64']:.6f}",
-                                 f"{a['cosine_abs_err']:.1e}"])
+            for path, a in acc.items():
+                if path == "cosine_float64":
+                    continue
+                rows.append([device, s["suite"], s["accuracy_module"], s["rank"], path,
+                             f"{a['cb_rel_err']:.1e}", f"{acc['cosine_float64']:.6f}", f"{a['cosine_abs_err']:.1e}"])
     print_table(["device", "suite", "module", "r", "path", "C B rel err", "cos (f64)", "|cos err|"], rows)
+    par = res.get("decision_parity")
+    if par:
+        print(f"\n== decision parity vs dense float64: {par['adapters']} adapters x "
+              f"{par['selections_per_dtype'] // par['adapters']} selections ==")
+        print_table(["bank", "selections", "mismatched", "max |cos err|"],
+                    [[d, par["selections_per_dtype"], v["mismatched_selections"], f"{v['max_cosine_abs_err']:.1e}"]
+                     for d, v in par["per_dtype"].items()])
     print("\ncuda: " + (res["cuda"].get("note") or res["cuda"].get("device", "")))
     m = rep["machine"]
+    print(f"peak read bandwidth: {m.get('peak_read_bandwidth_GBps')} GB/s")
     print(f"load average: start {m.get('load_average_at_start')}, end {m.get('load_average_at_end')}")
     for note in rep["notes"]:
         print(f"note: {note}")

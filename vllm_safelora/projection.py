@@ -226,15 +226,10 @@ class ModuleInput:
 def trace_with_gram(X: torch.Tensor, Y: torch.Tensor, G: torch.Tensor) -> float:
     """tr(X^T Y G) for a symmetric r x r G: with G = A A^T, the Frobenius inner product <X A, Y A>.
 
-    The one r x r trace every policy uses (the SaLoRA-style overlap; batched below for Safe LoRA's scores).
+    The SaLoRA-style overlap uses it; Safe LoRA's scores use the same identity row by row (``_score_batch``).
     """
     # tr(X^T Y G) = sum((X^T Y) * G^T) and G is symmetric.
     return float(torch.sum((X.T @ Y) * G))
-
-
-def _batched_traces(X: torch.Tensor, Y: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
-    """tr(X_i^T Y_i G_i) for each i of a batch (float64)."""
-    return (torch.bmm(X.transpose(1, 2), Y) * G).sum(dim=(1, 2))
 
 
 def _stacked_runs(items: list[ModuleInput]) -> Iterator[tuple[list[ModuleInput], torch.Tensor]]:
@@ -304,27 +299,29 @@ def _score_batch(run: list[ModuleInput], U: torch.Tensor, kind: ProjectionKind) 
     X64 = X.to(f64)
     G = torch.bmm(A64, A64.transpose(1, 2))
     H = torch.bmm(B64.transpose(1, 2), B64)
-    w = torch.stack([it.sub.weights(kind) for it in run]).to(device=device, dtype=f64).unsqueeze(2)
-    WX = w * X64
-    MX = (w - 1.0) * X64
+    w = torch.stack([it.sub.weights(kind) for it in run]).to(device=device, dtype=f64)  # (n, k)
+    # Every trace is tr(X^T diag(v) X G) = sum_l v_l q_l with q_l = x_l^T G x_l (x_l: row l of X),
+    # so one (k x r) @ (r x r) product serves all of them.
+    q = (torch.bmm(X64, G) * X64).sum(dim=2)  # (n, k)
+    x_sq = X64.square().sum(dim=2)  # (n, k): ||x_l||^2, for the Frobenius norms of B's parts
+    m = w - 1.0
 
     norm_dw_sq = (H * G).sum(dim=(1, 2)).clamp_min(0.0)
-    inner = _batched_traces(X64, WX, G)
-    norm_cdw_sq = _batched_traces(WX, WX, G).clamp_min(0.0)
-    dist_dw_sq = _batched_traces(MX, MX, G)
-    dist_B_sq = MX.square().sum(dim=(1, 2))
+    inner = (q * w).sum(dim=1)
+    norm_cdw_sq = (q * w.square()).sum(dim=1).clamp_min(0.0)
+    dist_dw_sq = (q * m.square()).sum(dim=1)
+    dist_B_sq = (x_sq * m.square()).sum(dim=1)
     d_out, k = U.shape[1], U.shape[2]
     if k < d_out:
-        # The part of B outside span(U); zero by definition when U spans every output direction.
-        outside = H - torch.bmm(X64.transpose(1, 2), X64)
-        dist_dw_sq = dist_dw_sq + (outside * G).sum(dim=(1, 2))
-        dist_B_sq = dist_B_sq + outside.diagonal(dim1=1, dim2=2).sum(dim=1)
+        # The part of B outside span(U), Gram H - X^T X; zero by definition when U spans every output direction.
+        dist_dw_sq = dist_dw_sq + (norm_dw_sq - q.sum(dim=1))
+        dist_B_sq = dist_B_sq + (H.diagonal(dim1=1, dim2=2).sum(dim=1) - x_sq.sum(dim=1))
     dist_dw_sq, dist_B_sq = dist_dw_sq.clamp_min(0.0), dist_B_sq.clamp_min(0.0)
-    projected_norm = WX.square().sum(dim=(1, 2)).sqrt()
+    projected_norm = (x_sq * w.square()).sum(dim=1).sqrt()
+    weighted = (w.unsqueeze(2) * X64).to(X.dtype)
 
     out: dict[str, ModuleAnalysis] = {}
     values = torch.stack([norm_dw_sq, inner, norm_cdw_sq, dist_dw_sq, dist_B_sq, projected_norm]).cpu().tolist()
-    weighted = WX.to(X.dtype)
     for i, item in enumerate(run):
         ndw_sq, inn, ncdw_sq, ddw_sq, dB_sq, pnorm = (col[i] for col in values)
         denom = math.sqrt(ndw_sq) * math.sqrt(ncdw_sq)
