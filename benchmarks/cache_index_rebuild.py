@@ -20,7 +20,8 @@ import statistics
 import time
 from pathlib import Path
 
-from vllm_safelora.cache import FORMAT_VERSION, MANIFEST_NAME, CacheKey, PatchedAdapterCache
+from vllm_safelora.cache import FILE_HASH, FORMAT_VERSION, MANIFEST_NAME, CacheKey, PatchedAdapterCache
+from vllm_safelora.fsutil import fast_hash
 from vllm_safelora.procstats import fd_count
 
 PAYLOAD = b'{"r": 4}'
@@ -32,7 +33,7 @@ def _key(i: int) -> CacheKey:
 
 def make_entries(entries_dir: Path, start: int, stop: int) -> None:
     """Write entries start..stop-1 the way the cache seals them (manifest + files, read-only)."""
-    sha = hashlib.sha256(PAYLOAD).hexdigest()
+    sha = fast_hash(PAYLOAD)
     for i in range(start, stop):
         key = _key(i)
         path = entries_dir / key.digest()
@@ -42,7 +43,7 @@ def make_entries(entries_dir: Path, start: int, stop: int) -> None:
         (path / "adapter_config.json").write_bytes(PAYLOAD)
         manifest = {
             "format_version": FORMAT_VERSION, "key": key.as_dict(), "digest": key.digest(),
-            "files": {"adapter_config.json": {"sha256": sha, "size": len(PAYLOAD)}}, "nbytes": len(PAYLOAD),
+            "files": {"adapter_config.json": {FILE_HASH: sha, "size": len(PAYLOAD)}}, "nbytes": len(PAYLOAD),
             "created": time.time(),
         }
         (path / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, sort_keys=True))

@@ -10,11 +10,12 @@ import threading
 import time
 from pathlib import Path
 
+import blake3
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from vllm_safelora.cache import MANIFEST_NAME, CacheKey, PatchedAdapterCache
+from vllm_safelora.cache import FORMAT_VERSION, MANIFEST_NAME, CacheKey, PatchedAdapterCache
 from vllm_safelora.errors import ConfigError
 
 
@@ -65,9 +66,10 @@ def test_miss_then_hit(tmp_path):
     assert hit is False
     assert entry.path == tmp_path / "entries" / key().digest()
     assert set(entry.files) == {"adapter_config.json", "adapter_model.safetensors"}
-    assert entry.files["adapter_model.safetensors"] == hashlib.sha256(b"patched weights").hexdigest()
+    assert entry.files["adapter_model.safetensors"] == blake3.blake3(b"patched weights").hexdigest()
     manifest = json.loads((entry.path / MANIFEST_NAME).read_text())
-    assert manifest["key"] == key().as_dict() and manifest["format_version"] == 1
+    assert manifest["key"] == key().as_dict() and manifest["format_version"] == FORMAT_VERSION == 2
+    assert manifest["files"]["adapter_model.safetensors"] == {"blake3": entry.files["adapter_model.safetensors"], "size": 15}
     assert entry.nbytes == sum(f.stat().st_size for f in entry.path.iterdir())
 
     entry2, hit2 = cache.get_or_create(key(), writer(b"never used"))
@@ -421,3 +423,49 @@ def test_lock_timeout(tmp_path):
     with cache._locked(key().digest()):
         with pytest.raises(TimeoutError, match="may be stuck"):
             other.get_or_create(key(), writer())
+
+
+def test_format_1_sha256_entry_is_stale_never_trusted(tmp_path, caplog):
+    """An entry written before blake3 (format 1, sha256 manifest) at the key's path is
+    treated like any corrupt entry: not served, removed, rebuilt; never a crash."""
+    cache = PatchedAdapterCache(tmp_path, 10**9)
+    entry, _ = cache.get_or_create(key(), writer(b"old weights"))
+    manifest = entry.path / MANIFEST_NAME
+    doc = json.loads(manifest.read_text())
+    doc["format_version"] = 1
+    doc["files"] = {
+        name: {"sha256": hashlib.sha256((entry.path / name).read_bytes()).hexdigest(), "size": meta["size"]}
+        for name, meta in doc["files"].items()
+    }
+    manifest.chmod(0o644)
+    manifest.write_text(json.dumps(doc))
+    with caplog.at_level("WARNING", logger="vllm_safelora.cache"):
+        assert cache.get(key()) is None
+    assert "format 1 is not 2" in caplog.text
+    rebuilt, hit = cache.get_or_create(key(), writer(b"new weights"))
+    assert hit is False and (rebuilt.path / "adapter_model.safetensors").read_bytes() == b"new weights"
+    # A fresh process (index rebuilt from the directory) gets the same answer.
+    cache.close()
+    again = PatchedAdapterCache(tmp_path, 10**9)
+    assert again.get(key()) == rebuilt
+
+
+def test_hashes_the_build_returns_are_recorded_without_reading_back(tmp_path, monkeypatch):
+    from vllm_safelora.adapters import SerializedAdapter, write_adapter_files
+    from vllm_safelora.cache import seal
+
+    read_back = []
+    real = seal.fast_hash_file
+    monkeypatch.setattr(seal, "fast_hash_file", lambda p, **kw: read_back.append(p.name) or real(p, **kw))
+    adapter = SerializedAdapter(b'{"r": 4}', b"weights" * 100, {"extra.json": b"{}"})
+    cache = PatchedAdapterCache(tmp_path, 10**9)
+
+    def build(tmp: Path):
+        written = write_adapter_files(tmp, adapter)
+        (tmp / "not_returned.txt").write_bytes(b"x")
+        return written
+
+    entry, hit = cache.get_or_create(key(), build)
+    assert hit is False and read_back == ["not_returned.txt"]
+    assert entry.files["adapter_model.safetensors"] == blake3.blake3(b"weights" * 100).hexdigest()
+    assert cache.get(key()) == entry  # and what was recorded is what a full verification finds

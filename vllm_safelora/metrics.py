@@ -57,3 +57,11 @@ ADAPTER_MEAN_COSINE = Histogram(
     "admission.max_mean_cosine thresholds",
     buckets=(-0.5, 0.0, 0.1, 0.2, 0.3, 0.4, 0.45, 0.5, 0.526, 0.55, 0.6, 0.7, 0.8, 0.9, 1.0),
 )
+REQUEST_OVERHEAD = Histogram(
+    "safelora_request_overhead_seconds",
+    "Time the plugin's hooks add to one request whose adapter is already prepared (hook=add_request: the online "
+    "front end's check and path rewrite; hook=process_inputs: the input processor's, online and offline); "
+    "loads and rebuilds are not counted here (safelora_projection_seconds)",
+    ["hook"],
+    buckets=(1e-6, 2.5e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2),
+)

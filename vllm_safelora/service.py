@@ -350,8 +350,9 @@ class SafeLoRAService:
                 adapter, self.bank, tenant, name=name, aliases=self.settings.aliases,
                 require_base_model_match=self.settings.require_base_model_match,
             )
-            write_adapter_files(tmpdir, outcome.adapter)
+            written = write_adapter_files(tmpdir, outcome.adapter)
             self._observe_projection(outcome.report, tenant, time.perf_counter() - start)
+            return written  # hashed from memory: the seal does not read the files back
 
         # Leased before it is verified (no eviction can slip in); the lease passes to the
         # map of tracked paths in prepare(), and is given back when the adapter drops out.

@@ -9,7 +9,6 @@ generated from a real PEFT adapter made by :func:`vllm_safelora.tiny.make_tiny_a
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -19,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
+import blake3
 import torch
 from support.server import MAX_LORA_RANK
 
@@ -545,7 +545,7 @@ def served_read_limits(model: Path, max_adapter_bytes: int, dtype: str = "float3
 def verify_entry_dir(path: Path) -> str | None:
     """Independent check of one cache entry: None if intact, else what is wrong.
 
-    Re-implements the manifest contract (files listed = files present, sizes, sha256)
+    Re-implements the manifest contract (files listed = files present, sizes, blake3)
     instead of calling the cache, so a bug there cannot hide a torn entry.
     """
     path = Path(path)
@@ -561,7 +561,7 @@ def verify_entry_dir(path: Path) -> str | None:
         return "digest != directory name"
     for name, meta in files.items():
         data = (path / name).read_bytes()
-        if len(data) != meta["size"] or hashlib.sha256(data).hexdigest() != meta["sha256"]:
+        if len(data) != meta["size"] or blake3.blake3(data).hexdigest() != meta["blake3"]:
             return f"{name} does not match its manifest record"
     return None
 

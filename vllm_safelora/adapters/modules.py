@@ -6,15 +6,16 @@ This module imports no vLLM.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+import blake3
 import torch
 
 from ..errors import RefusalReason
+from ..fsutil import fast_hash
 from .bounds import _update_problems
 from .limits import ReadLimits, _Problems
 from .names import CONFIG_FILE, WEIGHTS_FILE, canonical_name, parse_lora_name
@@ -68,10 +69,14 @@ class LoraAdapter:
 
 
 def content_hash(config_bytes: bytes, weights_bytes: bytes) -> str:
-    """Identity of an adapter's content: what is served, independent of its name or path."""
-    h = hashlib.sha256()
-    h.update(b"adapter_config.json\0" + hashlib.sha256(config_bytes).digest())
-    h.update(b"adapter_model.safetensors\0" + hashlib.sha256(weights_bytes).digest())
+    """Identity of an adapter's content: what is served, independent of its name or path.
+
+    blake3 (64 lowercase hex) over each file's blake3, tagged with its name. Part of the
+    cache key: changing how it is computed needs a new cache FORMAT_VERSION.
+    """
+    h = blake3.blake3()
+    h.update(b"adapter_config.json\0" + bytes.fromhex(fast_hash(config_bytes)))
+    h.update(b"adapter_model.safetensors\0" + bytes.fromhex(fast_hash(weights_bytes)))
     return h.hexdigest()
 
 

@@ -108,8 +108,9 @@ class AdapterFiles:
     config_bytes: bytes
     weights_bytes: bytes
 
-    @property
+    @functools.cached_property
     def content_hash(self) -> str:
+        """blake3 content hash of exactly these bytes (the ones parsed); computed once."""
         return content_hash(self.config_bytes, self.weights_bytes)
 
 
@@ -222,7 +223,7 @@ def parse_adapter(files: AdapterFiles, *, limits: ReadLimits = ReadLimits()) -> 
         weights_bytes=weights_bytes,
         tensors=canonical,
         modules=modules,
-        content_hash=content_hash(config_bytes, weights_bytes),
+        content_hash=files.content_hash,  # the bytes just parsed, hashed once
         nbytes=len(config_bytes) + len(weights_bytes),
         dtype=dtypes.pop() if len(dtypes) == 1 else torch.float32,
         metadata={str(k): str(v) for k, v in metadata.items()} if isinstance(metadata, dict) else {},

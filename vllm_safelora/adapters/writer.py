@@ -15,7 +15,7 @@ from typing import Mapping
 import torch
 from safetensors.torch import save as save_safetensors_bytes
 
-from ..fsutil import atomic_directory, fsync_dir
+from ..fsutil import atomic_directory, fast_hash, fsync_dir
 from .modules import LoraAdapter, content_hash
 from .names import CONFIG_FILE, WEIGHTS_FILE, is_canonical_name
 
@@ -84,12 +84,19 @@ def write_adapter_dir(out_dir: Path, adapter: SerializedAdapter, *, overwrite: b
     return Path(out_dir)
 
 
-def write_adapter_files(directory: Path, adapter: SerializedAdapter) -> None:
-    """Write into an existing (temporary) directory and fsync every file."""
+def write_adapter_files(directory: Path, adapter: SerializedAdapter) -> dict[str, str]:
+    """Write into an existing (temporary) directory and fsync every file.
+
+    Returns {file name: blake3 of the bytes written}, hashed from memory, so whoever
+    records the files (the cache's seal) need not read them back or fsync them again.
+    """
     files = {CONFIG_FILE: adapter.config_bytes, WEIGHTS_FILE: adapter.weights_bytes, **adapter.extra_files}
+    hashes = {}
     for fname, data in files.items():
         with open(directory / fname, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        hashes[fname] = fast_hash(data)
     fsync_dir(directory)
+    return hashes

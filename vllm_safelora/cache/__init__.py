@@ -16,6 +16,7 @@ Split by job:
 """
 
 from .entry import (
+    FILE_HASH,
     FORMAT_VERSION,
     MANIFEST_NAME,
     CacheEntry,
@@ -25,6 +26,7 @@ from .entry import (
     entry_path_in,
     entry_signature,
     read_entry_manifest,
+    read_verified,
     remove_tree,
     verify_entry,
 )
@@ -37,7 +39,7 @@ from .rebuild import ReconcileReport
 from .store import PatchedAdapterCache
 
 __all__ = [
-    "FORMAT_VERSION", "MANIFEST_NAME", "STALE_TMP_AGE_S", "CacheEntry", "CacheIndex", "CacheKey", "CacheLayout",
+    "FILE_HASH", "FORMAT_VERSION", "MANIFEST_NAME", "STALE_TMP_AGE_S", "CacheEntry", "CacheIndex", "CacheKey", "CacheLayout",
     "CorruptEntry", "IndexStats", "KeyLocks", "Leases", "PatchedAdapterCache", "ReconcileReport", "_HOST",
-    "discard_entry", "entry_path_in", "entry_signature", "read_entry_manifest", "remove_tree", "verify_entry",
+    "discard_entry", "entry_path_in", "entry_signature", "read_entry_manifest", "read_verified", "remove_tree", "verify_entry",
 ]

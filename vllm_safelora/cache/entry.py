@@ -1,9 +1,15 @@
 """What a cache entry is, and the pure checks on one (read-only: no cache object needed).
 
 An entry is the directory ``entries/<digest>`` holding a patched adapter's files and
-its manifest ``cache_entry.json`` (key, per-file sha256 and size). The worker guard
+its manifest ``cache_entry.json`` (key, per-file blake3 and size). The worker guard
 (vLLM's worker process) checks the directory it is about to load with
-:func:`verify_entry` without ever constructing a writable cache.
+:func:`verify_entry` without ever constructing a writable cache, and the weights file
+as it reads it (:func:`read_verified`).
+
+Format 2 (blake3 file hashes and adapter content hashes) replaced format 1 (sha256):
+a format-1 entry fails :func:`read_entry_manifest` like any corrupt entry, so it is
+never trusted; it is evicted first and rebuilt on its next use (its key digest
+differs too, because the adapter content hash is part of the key).
 """
 
 from __future__ import annotations
@@ -18,9 +24,10 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..fsutil import sha256_file
+from ..fsutil import fast_hash, fast_hash_file
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+FILE_HASH = "blake3"  # the manifest's per-file hash field
 MANIFEST_NAME = "cache_entry.json"
 HEX64 = re.compile(r"[0-9a-f]{64}")
 
@@ -29,7 +36,7 @@ HEX64 = re.compile(r"[0-9a-f]{64}")
 class CacheKey:
     """What makes two patched adapters the same: the same input, bank and policy."""
 
-    adapter_hash: str  # sha256 (64 lowercase hex) of the uploaded adapter's content
+    adapter_hash: str  # blake3 content hash (64 lowercase hex) of the uploaded adapter (adapters.content_hash)
     bank_id: str  # identity of the alignment bank the projection used
     policy_id: str  # stable digest of the policy configuration
 
@@ -48,14 +55,14 @@ class CacheKey:
         # JSON encoding keeps the field boundaries unambiguous (("a","bc") != ("ab","c"));
         # the tag lets a future key layout never collide with this one.
         payload = json.dumps(
-            ["vllm-safelora/cache-key/v1", self.adapter_hash, self.bank_id, self.policy_id],
+            ["vllm-safelora/cache-key/v2", self.adapter_hash, self.bank_id, self.policy_id],
             ensure_ascii=True,
             separators=(",", ":"),
         )
         return hashlib.sha256(payload.encode("ascii")).hexdigest()
 
     def describe(self) -> str:
-        return f"adapter sha256 {self.adapter_hash[:12]}, bank {self.bank_id!r}, policy {self.policy_id!r}"
+        return f"adapter {self.adapter_hash[:12]}, bank {self.bank_id!r}, policy {self.policy_id!r}"
 
 
 @dataclass(frozen=True)
@@ -64,7 +71,7 @@ class CacheEntry:
 
     key: CacheKey
     path: Path  # entries/<digest>; hand this directory to vLLM
-    files: dict[str, str]  # adapter file name -> sha256 (manifest not included)
+    files: dict[str, str]  # adapter file name -> blake3 (manifest not included)
     nbytes: int  # bytes on disk, manifest included
     created: float  # unix time the entry was sealed
 
@@ -104,16 +111,18 @@ def read_entry_manifest(path: Path) -> tuple[CacheKey, dict[str, dict], float, i
     for name, meta in files.items():
         if (
             not isinstance(name, str) or name in ("", ".", "..", MANIFEST_NAME) or "/" in name or "\0" in name
-            or not isinstance(meta, dict) or not isinstance(meta.get("sha256"), str)
+            or not isinstance(meta, dict) or not isinstance(meta.get(FILE_HASH), str)
             or not isinstance(meta.get("size"), int) or meta["size"] < 0
         ):
             raise CorruptEntry(f"the manifest has a bad file record {name!r}")
     return key, files, created, len(raw)
 
 
-def verify_entry(path: Path, *, hash_files: bool = True) -> CacheEntry:
+def verify_entry(path: Path, *, hash_files: bool = True, hashed_by_caller: frozenset[str] = frozenset()) -> CacheEntry:
     """Check that ``path`` is a complete, unaltered entry: exactly the files its manifest
-    lists, each a regular file of the recorded size and (``hash_files``) sha256.
+    lists, each a regular file of the recorded size and (``hash_files``) blake3.
+    ``hashed_by_caller``: files whose hash the caller checks as it reads them
+    (:func:`read_verified`); only their type and size are checked here.
 
     Pure: reads, never writes or deletes. Shared by the cache and the worker guard.
     Raises CorruptEntry saying what is wrong.
@@ -139,12 +148,50 @@ def verify_entry(path: Path, *, hash_files: bool = True) -> CacheEntry:
                 raise CorruptEntry(f"{name} is not a regular file")
             if st.st_size != meta["size"]:
                 raise CorruptEntry(f"{name} is {st.st_size} bytes, the manifest says {meta['size']}")
-            if hash_files and sha256_file(fpath, follow_symlinks=False) != meta["sha256"]:
-                raise CorruptEntry(f"{name} does not match its sha256 in the manifest")
+            if (
+                hash_files and name not in hashed_by_caller
+                and fast_hash_file(fpath, follow_symlinks=False) != meta[FILE_HASH]
+            ):
+                raise CorruptEntry(f"{name} does not match its {FILE_HASH} in the manifest")
         except OSError as exc:
             raise CorruptEntry(f"{name} cannot be read ({exc})") from None
         nbytes += st.st_size
-    return CacheEntry(key=key, path=path, files={n: m["sha256"] for n, m in files.items()}, nbytes=nbytes, created=created)
+    return CacheEntry(key=key, path=path, files={n: m[FILE_HASH] for n, m in files.items()}, nbytes=nbytes, created=created)
+
+
+def read_verified(entry: CacheEntry, name: str) -> bytearray:
+    """One file of a verified entry, read once and checked against its manifest hash: the
+    bytes returned are the bytes hashed, so nothing can change them between check and use.
+    Raises CorruptEntry."""
+    fpath = entry.path / name
+    expected = entry.files.get(name)
+    if expected is None:
+        raise CorruptEntry(f"{name} is not in the manifest")
+    try:
+        fd = os.open(fpath, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError as exc:
+        raise CorruptEntry(f"{name} cannot be read ({exc})") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise CorruptEntry(f"{name} is not a regular file")
+        buf = bytearray(st.st_size)
+        view, got = memoryview(buf), 0
+        while got < st.st_size:
+            n = os.readv(fd, [view[got:]])
+            if n == 0:
+                break
+            got += n
+        view.release()
+        if got != st.st_size or os.read(fd, 1):
+            raise CorruptEntry(f"{name} changed size while it was read")
+    except OSError as exc:
+        raise CorruptEntry(f"{name} cannot be read ({exc})") from None
+    finally:
+        os.close(fd)
+    if fast_hash(buf) != expected:
+        raise CorruptEntry(f"{name} does not match its {FILE_HASH} in the manifest")
+    return buf
 
 
 def entry_signature(path: Path) -> tuple:

@@ -1,8 +1,11 @@
 """Sealing a freshly built entry: hash and fsync its files, then write its manifest.
 
 A build writes plain files into a temp directory; :func:`seal_entry` makes them
-read-only, records each file's sha256 and size in ``cache_entry.json`` and fsyncs
+read-only, records each file's blake3 and size in ``cache_entry.json`` and fsyncs
 everything, so the directory can be renamed into ``entries/`` complete and verified.
+
+A build that hashed and fsynced the bytes it wrote (the adapter writer does) passes
+those hashes as ``written``: those files are neither read back nor fsynced again.
 """
 
 from __future__ import annotations
@@ -12,13 +15,18 @@ import os
 import stat
 import time
 from pathlib import Path
+from typing import Mapping
 
-from ..fsutil import fsync_dir, sha256_file
-from .entry import FORMAT_VERSION, MANIFEST_NAME, CacheKey
+from ..fsutil import fast_hash_file, fsync_dir, fsync_file
+from .entry import FILE_HASH, FORMAT_VERSION, MANIFEST_NAME, CacheKey
 
 
-def seal_entry(tmp: Path, key: CacheKey) -> None:
-    """Hash and fsync what build wrote into ``tmp``, then write and fsync the manifest."""
+def seal_entry(tmp: Path, key: CacheKey, written: Mapping[str, str] | None = None) -> None:
+    """Hash and fsync what build wrote into ``tmp``, then write and fsync the manifest.
+
+    ``written``: file name -> blake3 of the bytes the build wrote into it and fsynced.
+    """
+    written = dict(written or {})
     names = sorted(os.listdir(tmp))
     if not names:
         raise RuntimeError(f"patched-adapter build wrote no files into {tmp}")
@@ -30,7 +38,11 @@ def seal_entry(tmp: Path, key: CacheKey) -> None:
         st = os.lstat(fpath)
         if not stat.S_ISREG(st.st_mode):
             raise RuntimeError(f"patched-adapter build must write plain files only; {name!r} in {tmp} is not one")
-        files[name] = {"sha256": sha256_file(fpath, fsync=True, follow_symlinks=False), "size": st.st_size}
+        digest = written.get(name)
+        if digest is None:
+            digest = fast_hash_file(fpath, follow_symlinks=False)
+            fsync_file(fpath)
+        files[name] = {FILE_HASH: digest, "size": st.st_size}
         # Read-only: nothing should modify a published entry in place.
         os.chmod(fpath, 0o444)
     manifest = {

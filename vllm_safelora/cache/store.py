@@ -28,12 +28,12 @@ import shutil
 import time
 import weakref
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping
 
 from ..errors import ConfigError
 from ..fsutil import fsync_dir
 from .entry import (
-    HEX64, MANIFEST_NAME, CacheEntry, CacheKey, CorruptEntry, discard_entry, entry_path_in, read_entry_manifest,
+    FILE_HASH, HEX64, MANIFEST_NAME, CacheEntry, CacheKey, CorruptEntry, discard_entry, entry_path_in, read_entry_manifest,
     remove_tree, verify_entry,
 )
 from .evict import Evictor
@@ -170,8 +170,10 @@ class PatchedAdapterCache:
     ) -> tuple[CacheEntry, bool]:
         """Return ``(entry, hit)``; ``build(tmpdir)`` runs only on a miss, once per key
         across threads and processes. ``build`` must write plain files (not
-        ``cache_entry.json``) directly into ``tmpdir``; what it returns is ignored. If it
-        raises, nothing is kept and its exception propagates unchanged.
+        ``cache_entry.json``) directly into ``tmpdir``; it may return a mapping
+        {file name: blake3 of the bytes it wrote and fsynced} (as ``write_adapter_files``
+        does), and those files are then not read back; any other return value is ignored.
+        If it raises, nothing is kept and its exception propagates unchanged.
 
         ``lease=True``: the entry comes back leased by this process (taken before it is
         verified, so no eviction can slip in between); give it back with :meth:`release`.
@@ -249,8 +251,8 @@ class PatchedAdapterCache:
         tmp = self.layout.tmp_path("build", digest)
         tmp.mkdir(mode=0o755)
         try:
-            build(tmp)
-            seal_entry(tmp, key)
+            written = build(tmp)
+            seal_entry(tmp, key, written if isinstance(written, Mapping) else None)
             final = self.entries_dir / digest
             try:
                 os.rename(tmp, final)
@@ -272,9 +274,11 @@ class PatchedAdapterCache:
         except BaseException:
             remove_tree(tmp)
             raise
-        entry = self._load(key)
-        if entry is None:  # pragma: no cover - we just renamed it into place under the lock
-            raise RuntimeError(f"patched-adapter cache entry {digest} vanished right after it was written")
+        # Hashed from the bytes written just now: check the published directory's structure
+        # and sizes only (not a second read of every file).
+        entry = verify_entry(self.entries_dir / digest, hash_files=False)
+        if entry.key != key:  # pragma: no cover - we just renamed it into place under the lock
+            raise RuntimeError(f"patched-adapter cache entry {digest} changed right after it was written")
         return entry
 
     def _discard(self, path: Path) -> bool:
@@ -316,7 +320,7 @@ class PatchedAdapterCache:
                 continue
             out.append(
                 CacheEntry(
-                    key=key, path=path, files={n: m["sha256"] for n, m in files.items()},
+                    key=key, path=path, files={n: m[FILE_HASH] for n, m in files.items()},
                     nbytes=manifest_size + sum(m["size"] for m in files.values()), created=created,
                 )
             )

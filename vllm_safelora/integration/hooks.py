@@ -101,6 +101,9 @@ HOOKS: tuple[Hook, ...] = (
     Hook("vllm/lora/worker_manager.py", "WorkerLoRAManager._load_adapter", "wrapped: only intact cache entries load",
          params=("self", "lora_request"), is_async=False,
          refs=("PEFTHelper.from_local_dir", "self._lora_model_cls.from_local_checkpoint")),
+    Hook("vllm/lora/lora_model.py", "LoRAModel.from_local_checkpoint", "worker guard: its safetensors.safe_open "
+         "of the entry's weights is answered from the bytes the guard verified (verified_read.py)",
+         leading=("cls", "lora_dir"), is_async=False, refs=("safetensors.safe_open", "f.get_tensor", "f.keys")),
     Hook("vllm/lora/worker_manager.py", "WorkerLoRAManager.set_active_adapters", "wrapped: marks lazy loads inside "
          "execute_model, where the guard must not raise", leading=("self",), is_async=False,
          refs=("self._apply_adapters",)),

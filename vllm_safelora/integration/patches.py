@@ -25,6 +25,7 @@ import inspect
 import logging
 import os
 import threading
+import time
 
 from .. import metrics
 from ..errors import AdapterRefused, Overloaded
@@ -88,15 +89,22 @@ def _wrap_process_inputs(cls) -> None:
 
     @functools.wraps(original)
     def process_inputs(self, *args, **kwargs):
+        start = time.perf_counter()
         bound = signature.bind(self, *args, **kwargs)
         lora_request = bound.arguments.get("lora_request")
         if lora_request is not None:
-            prepared = _prepare_sync(lora_request, where="process_inputs")
-            state.service().mark_loaded(lora_request.lora_name, prepared)
+            svc = _service_or_503()
+            prepared = svc.verified(lora_request.lora_path)
+            ready = prepared is not None
+            if not ready:
+                prepared = _prepare_sync(lora_request, where="process_inputs")
+            svc.mark_loaded(lora_request.lora_name, prepared)
             if lora_request.lora_path != str(prepared.path):
                 import msgspec
 
                 bound.arguments["lora_request"] = msgspec.structs.replace(lora_request, lora_path=str(prepared.path))
+            if ready:  # what the hook adds to a request whose adapter was already prepared
+                metrics.REQUEST_OVERHEAD.labels(hook="process_inputs").observe(time.perf_counter() - start)
         return original(*bound.args, **bound.kwargs)
 
     cls.process_inputs = process_inputs
@@ -143,12 +151,20 @@ def _wrap_async_add_request(cls) -> None:
 
     @functools.wraps(original)
     async def add_request(self, *args, **kwargs):
+        start = time.perf_counter()
         bound = signature.bind(self, *args, **kwargs)
         lora_request = bound.arguments.get("lora_request")
         if lora_request is None:  # deprecated path: a pre-built EngineCoreRequest carries it
             lora_request = getattr(bound.arguments.get("prompt"), "lora_request", None)
         if lora_request is not None:
             svc = _service_or_503()
+            # An adapter already prepared and unchanged (a few stats, no I/O beyond them) is
+            # checked here on the loop; anything else is prepared on the plugin's threads.
+            prepared, rebuilt = svc.verified(lora_request.lora_path), False
+            if prepared is not None:
+                lora_request.lora_path = str(prepared.path)
+                metrics.REQUEST_OVERHEAD.labels(hook="add_request").observe(time.perf_counter() - start)
+                return await original(*bound.args, **bound.kwargs)
             try:
                 prepared, rebuilt = await state.off_loop(svc.ensure, lora_request.lora_name, lora_request.lora_path)
             except (AdapterRefused, Overloaded) as exc:
@@ -269,17 +285,24 @@ def _wrap_worker_set_active_adapters(cls) -> None:
 def _wrap_worker_load_adapter(cls) -> None:
     """Only intact cache entries reach vLLM's loader; an altered one is never served.
 
-    Each file of the entry is hashed against its manifest before vLLM reads it, and
-    its (size, mtime, inode) must be the same after vLLM read it. An explicit load
+    The entry must hold exactly its manifest's files at their recorded sizes; the small
+    files are hashed (blake3) against the manifest before vLLM reads them, and the
+    weights file is read once, hashed, and handed to vLLM's safetensors reader as those
+    very bytes (verified_read.py: no second read, nothing to swap in between). Every
+    file's (size, mtime, inode) must be the same after vLLM read it. An explicit load
     (add_lora) that fails this gets an error. A lazy load inside execute_model (a
     re-read after vLLM's own LRU evicted the adapter) must not raise, because that
     kills the engine: the altered entry is removed (so the front end rebuilds it from
     the tenant's upload on the next request and has the engine reload it) and this
     batch runs the request without the adapter, i.e. as the base model.
     """
-    from ..cache import CorruptEntry, discard_entry, entry_path_in, entry_signature, verify_entry
+    from ..adapters import WEIGHTS_FILE
+    from ..cache import CorruptEntry, discard_entry, entry_path_in, entry_signature, read_verified, verify_entry
+    from . import verified_read
 
+    verified_read.install()
     original = cls._load_adapter
+    weights_only = frozenset({WEIGHTS_FILE})
 
     @functools.wraps(original)
     def _load_adapter(self, lora_request):
@@ -291,9 +314,12 @@ def _wrap_worker_load_adapter(cls) -> None:
             problem, altered = "it is no entry of that cache, so it was never projected", False
         else:
             try:
-                verify_entry(entry, hash_files=True)
+                verified = verify_entry(entry, hash_files=True, hashed_by_caller=weights_only)
                 before = entry_signature(entry)
-                lora = original(self, lora_request)
+                with verified_read.serving(entry / WEIGHTS_FILE, read_verified(verified, WEIGHTS_FILE)) as pending:
+                    lora = original(self, lora_request)
+                if not pending.served:
+                    raise CorruptEntry(f"vLLM did not read {WEIGHTS_FILE} through the verified read")
                 if entry_signature(entry) == before:
                     logger.info(
                         "vllm-safelora worker guard (pid %d, tensor-parallel rank %s): adapter '%s' loaded from "

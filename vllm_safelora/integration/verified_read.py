@@ -1,0 +1,131 @@
+"""vLLM reads the weights the worker guard verified: one read, hashed as it is read.
+
+The worker guard (patches.py) reads an entry's ``adapter_model.safetensors`` once into
+memory and checks its blake3 against the manifest (:func:`..cache.read_verified`).
+While vLLM's ``LoRAModel.from_local_checkpoint`` runs for that entry on this thread,
+its ``safetensors.safe_open`` of exactly that file is answered from those verified
+bytes (tensors are views of them: no second read, no copy), so nothing can change the
+weights between the check and vLLM's use. Any other ``safe_open`` (other files,
+threads, callers) goes to safetensors unchanged.
+
+The guard checks afterwards that vLLM did read the verified bytes (:attr:`Pending.served`);
+if it read something else the load is refused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import struct
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+_local = threading.local()
+_installed = False
+_install_lock = threading.Lock()
+
+
+class VerifiedSafetensors:
+    """What ``safetensors.safe_open(path, framework="pt")`` returns, over bytes in memory."""
+
+    def __init__(self, buf: bytearray):
+        if len(buf) < 8:
+            raise ValueError("safetensors file shorter than its header length")
+        (n,) = struct.unpack("<Q", bytes(buf[:8]))
+        if 8 + n > len(buf):
+            raise ValueError("safetensors header runs past the end of the file")
+        header = json.loads(bytes(buf[8:8 + n]))
+        self._metadata = header.pop("__metadata__", None)
+        self._buf, self._base = buf, 8 + n
+        self._header = header
+        for name, meta in header.items():
+            start, end = meta["data_offsets"]
+            if meta["dtype"] not in _DTYPES or not 0 <= start <= end <= len(buf) - self._base:
+                raise ValueError(f"safetensors tensor {name!r} has an unsupported dtype or bad offsets")
+
+    def __enter__(self) -> "VerifiedSafetensors":
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        return False
+
+    def keys(self) -> list[str]:
+        return sorted(self._header)
+
+    def metadata(self) -> dict[str, str] | None:
+        return self._metadata
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        meta = self._header[name]
+        dtype = _DTYPES[meta["dtype"]]
+        start, end = meta["data_offsets"]
+        shape = list(meta["shape"])
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        count = (end - start) // itemsize
+        if count == 0:
+            return torch.empty(shape, dtype=dtype)
+        flat = torch.frombuffer(self._buf, dtype=dtype, count=count, offset=self._base + start)
+        return flat.view(shape)
+
+
+@dataclass
+class Pending:
+    path: str
+    buf: bytearray
+    served: bool = False
+
+
+class _SafetensorsShim:
+    """Stands in for the ``safetensors`` module inside vLLM's lora_model module."""
+
+    def __init__(self, real):
+        self._real = real
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+    def safe_open(self, filename, framework="pt", device="cpu", *args, **kwargs):
+        pending: Pending | None = getattr(_local, "pending", None)
+        if (
+            pending is not None and not args and not kwargs and framework in ("pt", "torch")
+            and str(device) == "cpu" and os.path.realpath(filename) == pending.path
+        ):
+            pending.served = True
+            return VerifiedSafetensors(pending.buf)
+        return self._real.safe_open(filename, framework=framework, device=device, *args, **kwargs)
+
+
+def install() -> None:
+    """Route vLLM's LoRA checkpoint reads through the shim (once per process)."""
+    global _installed
+    with _install_lock:
+        if _installed:
+            return
+        from vllm.lora import lora_model
+
+        if not isinstance(lora_model.safetensors, _SafetensorsShim):
+            lora_model.safetensors = _SafetensorsShim(lora_model.safetensors)
+        _installed = True
+
+
+@contextlib.contextmanager
+def serving(path: Path, buf: bytearray) -> Iterator[Pending]:
+    """While inside, this thread's ``safe_open(path)`` (in vLLM's lora_model) reads ``buf``."""
+    pending = Pending(os.path.realpath(path), buf)
+    previous = getattr(_local, "pending", None)
+    _local.pending = pending
+    try:
+        yield pending
+    finally:
+        _local.pending = previous
