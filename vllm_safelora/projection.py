@@ -237,13 +237,12 @@ def _stacked_runs(items: list[ModuleInput]) -> Iterator[tuple[list[ModuleInput],
 
     A bank stores the U's of one shape side by side (:mod:`vllm_safelora.bank.load`), so
     e.g. every layer's q_proj is at a constant distance from the next: such a run is
-    batched with no copy. Anything else (a hand-made Subspace) is stacked, a copy.
+    batched with no copy. A U with storage of its own (a hand-made Subspace) is a run of one.
     """
     by_storage: dict[tuple, list[ModuleInput]] = {}
     for item in items:
         U = item.sub.U
-        key = (U.untyped_storage().data_ptr(), U.stride()) if U.dim() == 2 else (id(U), ())
-        by_storage.setdefault(key, []).append(item)
+        by_storage.setdefault((U.untyped_storage().data_ptr(), U.stride()), []).append(item)
     for key, group in by_storage.items():
         group.sort(key=lambda it: it.sub.U.storage_offset())
         run: list[ModuleInput] = []
@@ -266,9 +265,7 @@ def _view(run: list[ModuleInput], step: int) -> torch.Tensor:
     U0 = run[0].sub.U
     if len(run) == 1:
         return U0.unsqueeze(0)
-    if step > 0:
-        return torch.as_strided(U0, (len(run), *U0.shape), (step, *U0.stride()), U0.storage_offset())
-    return torch.stack([it.sub.U for it in run])  # pragma: no cover - step is always > 0 for len > 1
+    return torch.as_strided(U0, (len(run), *U0.shape), (step, *U0.stride()), U0.storage_offset())
 
 
 def analyze_modules(items: Iterable[ModuleInput], kind: ProjectionKind) -> dict[str, ModuleAnalysis]:
