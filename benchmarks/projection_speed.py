@@ -353,7 +353,6 @@ def peak_read_bandwidth(device: str, clock: str, nbytes: int = 512 * 2**20, repe
     x = torch.ones(nbytes // 4, device=device)
     timer = Timer(device, flush=False, clock=clock)
     best = min(timer(lambda: x.sum().item())[0] for _ in range(repeats))
-    del x
     return nbytes / best
 
 
