@@ -45,7 +45,7 @@ def test_verified_safetensors_matches_safetensors(tmp_path):
 
     tensors = _tensors()
     save_file(tensors, tmp_path / "w.safetensors", metadata={"format": "pt"})
-    buf = bytearray((tmp_path / "w.safetensors").read_bytes())
+    buf = bytearray((tmp_path / "w.safetensors").read_bytes())  # any buffer; the guard passes an mmap
     with safe_open(tmp_path / "w.safetensors", framework="pt") as real, verified_read.VerifiedSafetensors(buf) as ours:
         assert ours.keys() == sorted(real.keys()) and ours.metadata() == real.metadata()
         for name in real.keys():

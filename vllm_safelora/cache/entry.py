@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import mmap
 import os
 import re
 import shutil
@@ -159,10 +160,12 @@ def verify_entry(path: Path, *, hash_files: bool = True, hashed_by_caller: froze
     return CacheEntry(key=key, path=path, files={n: m[FILE_HASH] for n, m in files.items()}, nbytes=nbytes, created=created)
 
 
-def read_verified(entry: CacheEntry, name: str) -> bytearray:
+def read_verified(entry: CacheEntry, name: str) -> mmap.mmap:
     """One file of a verified entry, read once and checked against its manifest hash: the
     bytes returned are the bytes hashed, so nothing can change them between check and use.
-    Raises CorruptEntry."""
+
+    The buffer is private anonymous memory (not a mapping of the file, whose pages another
+    writer could change), allocated without being zero-filled first. Raises CorruptEntry."""
     fpath = entry.path / name
     expected = entry.files.get(name)
     if expected is None:
@@ -175,8 +178,8 @@ def read_verified(entry: CacheEntry, name: str) -> bytearray:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise CorruptEntry(f"{name} is not a regular file")
-        buf = bytearray(st.st_size)
-        view, got = memoryview(buf), 0
+        buf = mmap.mmap(-1, max(1, st.st_size))
+        view, got = memoryview(buf)[: st.st_size], 0
         while got < st.st_size:
             n = os.readv(fd, [view[got:]])
             if n == 0:
@@ -189,7 +192,7 @@ def read_verified(entry: CacheEntry, name: str) -> bytearray:
         raise CorruptEntry(f"{name} cannot be read ({exc})") from None
     finally:
         os.close(fd)
-    if fast_hash(buf) != expected:
+    if fast_hash(memoryview(buf)[: st.st_size]) != expected:
         raise CorruptEntry(f"{name} does not match its {FILE_HASH} in the manifest")
     return buf
 

@@ -39,7 +39,7 @@ _install_lock = threading.Lock()
 class VerifiedSafetensors:
     """What ``safetensors.safe_open(path, framework="pt")`` returns, over bytes in memory."""
 
-    def __init__(self, buf: bytearray):
+    def __init__(self, buf):
         if len(buf) < 8:
             raise ValueError("safetensors file shorter than its header length")
         (n,) = struct.unpack("<Q", bytes(buf[:8]))
@@ -82,7 +82,7 @@ class VerifiedSafetensors:
 @dataclass
 class Pending:
     path: str
-    buf: bytearray
+    buf: object
     served: bool = False
 
 
@@ -120,7 +120,7 @@ def install() -> None:
 
 
 @contextlib.contextmanager
-def serving(path: Path, buf: bytearray) -> Iterator[Pending]:
+def serving(path: Path, buf) -> Iterator[Pending]:
     """While inside, this thread's ``safe_open(path)`` (in vLLM's lora_model) reads ``buf``."""
     pending = Pending(os.path.realpath(path), buf)
     previous = getattr(_local, "pending", None)
