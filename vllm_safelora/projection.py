@@ -135,15 +135,18 @@ def coordinates(U: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
         # (B^T U)^T rather than U^T B: the same product, several times faster on
         # CPU for small r (the transposed-operand GEMM path).
         return torch.bmm(B.transpose(1, 2), U).transpose(1, 2)
+    # Module by module, in row blocks of about STAGING_BYTES: a block spanning the whole
+    # batch would be a few rows deep, and such thin products run far below the GEMM's speed.
     n, d_out, k = U.shape
     XT = torch.zeros(n, B.shape[2], k, dtype=dt, device=U.device)
-    rows = max(1, STAGING_BYTES // max(1, 4 * n * k))
-    buf = torch.empty(n, min(rows, d_out), k, dtype=dt, device=U.device)
-    for i in range(0, d_out, rows):
-        j = min(d_out, i + rows)
-        block = buf[:, : j - i]
-        block.copy_(U[:, i:j])
-        XT.baddbmm_(B[:, i:j].transpose(1, 2), block)
+    rows = max(1, STAGING_BYTES // max(1, 4 * k))
+    buf = torch.empty(min(rows, d_out), k, dtype=dt, device=U.device)
+    for m in range(n):
+        for i in range(0, d_out, rows):
+            j = min(d_out, i + rows)
+            block = buf[: j - i]
+            block.copy_(U[m, i:j])
+            XT[m].addmm_(B[m, i:j].T, block)
     return XT.transpose(1, 2)
 
 
