@@ -150,3 +150,53 @@ def test_request_overhead_is_observed_for_prepared_adapters(monkeypatch):
     spent = REGISTRY.get_sample_value("safelora_request_overhead_seconds_sum", {"hook": "process_inputs"}) - sum_before
     assert 0 < spent < 0.1
     assert seen == [str(svc.prepared.path)] * 2 + [None] and svc.marked == ["t/a"]
+
+
+# ----------------------------------------------------------------------------- update bounds, fast form
+
+
+def _update_problems_reference(A, B, scale, limits):
+    """The bound check as it was before the one-reduction form (full-size float64 copies)."""
+    from vllm_safelora.adapters.bounds import max_abs_update, update_limit
+
+    dtype = limits.serve_dtype or A.dtype
+    if not (torch.isfinite(A.to(dtype)).all() and torch.isfinite(B.to(dtype) * scale).all()):
+        return ["non-finite"]
+    limit = update_limit(dtype, int(A.shape[1]), limits)
+    problems = []
+    if float(A.double().abs().max()) > limit:
+        problems.append("lora_A")
+    A64, B64 = A.double(), B.double()
+    if abs(scale) * float(B64.norm(dim=1).max()) * float(A64.norm(dim=0).max()) > limit:
+        if max_abs_update(A64, B64, scale) > limit:
+            problems.append("update")
+    return problems
+
+
+def test_fast_update_bounds_decide_as_the_full_precision_check():
+    import random
+
+    from vllm_safelora.adapters import ReadLimits
+    from vllm_safelora.adapters.bounds import _update_problems
+
+    rng = random.Random(0)
+    torch.manual_seed(0)
+    seen = set()
+    for _ in range(400):
+        dtype = rng.choice([torch.float16, torch.bfloat16, torch.float32])
+        limits = ReadLimits(serve_dtype=rng.choice([None, torch.float16, torch.bfloat16, torch.float32]))
+        d_in, d_out, r = rng.choice([8, 64, 300]), rng.choice([8, 64, 300]), rng.choice([1, 4, 16])
+        mag = 10 ** rng.uniform(-3, 6)
+        A = (torch.randn(r, d_in) * mag / 10).to(dtype)
+        B = (torch.randn(d_out, r) * mag).to(dtype)
+        if rng.random() < 0.1:
+            A.view(-1)[rng.randrange(A.numel())] = rng.choice([float("nan"), float("inf")])
+        if rng.random() < 0.1:
+            B.view(-1)[rng.randrange(B.numel())] = rng.choice([float("nan"), -float("inf"), 70000.0])
+        scale = rng.choice([0.5, 2.0, 16.0, 1e4, -3.0])
+        expected = _update_problems_reference(A, B, scale, limits)
+        got = _update_problems("m", A, B, scale, limits)
+        kinds = ["non-finite" if "not finite" in p else "lora_A" if "|lora_A|" in p else "update" for p in got]
+        assert kinds == expected, (dtype, limits.serve_dtype, scale, got)
+        seen.update(expected or ["ok"])
+    assert seen == {"ok", "non-finite", "lora_A", "update"}

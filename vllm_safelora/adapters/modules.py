@@ -16,7 +16,7 @@ import torch
 
 from ..errors import RefusalReason
 from ..fsutil import fast_hash
-from .bounds import _update_problems
+from .bounds import _update_problems, all_finite
 from .limits import ReadLimits, _Problems
 from .names import CONFIG_FILE, WEIGHTS_FILE, canonical_name, parse_lora_name
 from .validate import _pattern_value
@@ -214,7 +214,7 @@ def _module(
     if A.dtype != B.dtype:
         problems.add(RefusalReason.BAD_DTYPE, f"module {name}: lora_A is {A.dtype}, lora_B is {B.dtype}")
         return None
-    if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
+    if not (all_finite(A) and all_finite(B)):
         problems.add(RefusalReason.NON_FINITE, f"module {name} has NaN or Inf values")
         return None
     # vLLM's rule (PEFTHelper.get_rank_and_scaling): patterns match the unmapped module name.
