@@ -154,20 +154,14 @@ def train_lora(aligned_dir: Path, tok, examples, spec: TrainSpec, out_dir: Path,
     """A PEFT LoRA on the aligned model; saved with base_model_name_or_path = aligned_dir."""
     from peft import LoraConfig, get_peft_model
 
+    from vllm_safelora.tiny.adapter import save_peft_adapter
+
     model = load_model(aligned_dir)
     torch.manual_seed(spec.seed)
     cfg = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(target_modules), lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
     peft_model = get_peft_model(model, cfg)
     stats = train(peft_model, tok, examples, spec, desc=desc, deadline=deadline)
-    out_dir = Path(out_dir)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    out_dir.mkdir(parents=True)
-    peft_model.save_pretrained(str(out_dir), safe_serialization=True)
-    cfg_path = out_dir / "adapter_config.json"
-    c = json.loads(cfg_path.read_text())
-    c["base_model_name_or_path"] = str(aligned_dir)
-    cfg_path.write_text(json.dumps(c, indent=2, sort_keys=True) + "\n")
+    save_peft_adapter(peft_model, out_dir, aligned_dir)
     return stats
 
 

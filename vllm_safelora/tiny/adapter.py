@@ -33,6 +33,20 @@ def _peft_to_hf_name(peft_name: str) -> str:
     return peft_name[len(prefix):] if peft_name.startswith(prefix) else peft_name
 
 
+def save_peft_adapter(peft_model, out_dir: Path, base_model: Path) -> Path:
+    """``peft_model.save_pretrained`` into a fresh ``out_dir``, naming ``base_model`` as its base (a local path)."""
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True)
+    peft_model.save_pretrained(str(out_dir), safe_serialization=True)
+    cfg_path = out_dir / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["base_model_name_or_path"] = str(base_model)
+    cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    return out_dir
+
+
 def make_tiny_adapter(
     model_dir: Path,
     out_dir: Path,
@@ -127,14 +141,7 @@ def make_tiny_adapter(
             a_w.copy_((a * f).float())
             b_w.copy_((b * f).float())
 
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    out_dir.mkdir(parents=True)
-    peft_model.save_pretrained(str(out_dir), safe_serialization=True)
-    cfg_path = out_dir / "adapter_config.json"
-    cfg = json.loads(cfg_path.read_text())
-    cfg["base_model_name_or_path"] = str(model_dir)
-    cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    save_peft_adapter(peft_model, out_dir, model_dir)
     st = out_dir / "adapter_model.safetensors"
     tensors = load_file(str(st))
     if dtype != torch.float32:
