@@ -399,41 +399,46 @@ def ttft_reference() -> dict:
         return {"source": None}
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    ap.add_argument("--quick", action="store_true", help="the small adapter only, 2 repeats")
-    ap.add_argument("--repeats", type=int, default=None, help="timed calls per stage (default 5, 3 for ~320 MB)")
-    ap.add_argument("--bank-rank", type=int, default=256, help="k of the synthetic truncated bank (bfloat16)")
-    ap.add_argument("--suites", nargs="*", default=None, choices=list(SUITES))
-    ap.add_argument("--work-dir", type=Path, default=None, help="scratch directory (default: a temp dir, removed)")
-    ap.add_argument("--out", type=Path, default=RESULTS_DIR / "load_path.json")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch intra-op threads for both sides (default 1: on a small shared machine OpenMP's "
-                         "spinning under contention makes the many small tensor ops of validation and projection "
-                         "10-50x slower; 0 = torch's default)")
-    args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+def measure(suites: list[str], *, repeats: int | None = None, bank_rank: int = 256, work_dir: Path | None = None,
+            quick: bool = False) -> dict:
+    """Run the suites (torch threads as the caller set them) and return the result document."""
     torch.manual_seed(0)
-    suites = args.suites or (["llama2-7b-qv-r16"] if args.quick else list(SUITES))
-    work = Path(tempfile.mkdtemp(prefix="safelora-load-path-", dir=args.work_dir))
+    work = Path(tempfile.mkdtemp(prefix="safelora-load-path-", dir=work_dir))
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     results = {}
     try:
         with tqdm(total=len(suites) * 10, desc="load path", unit="stage") as bar:
             for name in suites:
-                repeats = args.repeats or (2 if args.quick else (3 if "all" in name else 5))
-                results[name] = run_suite(name, SUITES[name], work, repeats, args.bank_rank, bar)
+                n = repeats or (2 if quick else (3 if "all" in name else 5))
+                results[name] = run_suite(name, SUITES[name], work, n, bank_rank, bar)
                 gc.collect()
     finally:
         shutil.rmtree(work, ignore_errors=True)
-
     ttft = ttft_reference()
+    if ttft.get("resident_ms"):
+        for n in suites:
+            results[n]["request_overhead"]["fraction_of_resident_ttft"] = (
+                results[n]["request_overhead"]["per_online_request_us"] / 1e3 / ttft["resident_ms"])
+    return {
+        "benchmark": "load_path", "date": started, "command": "python " + " ".join(sys.argv),
+        "machine": machine_info(),
+        "note": ("one process; warm page cache for every read (disk not measured); synthetic Llama-2-7B-shaped "
+                 f"adapters; synthetic bank truncated to k = {bank_rank} (bfloat16), so projection is a lower "
+                 "bound for an untruncated bank; vLLM side = WorkerLoRAManager._load_adapter's calls on CPU "
+                 "(PEFTHelper.from_local_dir, validate_legal, LoRAModel.from_local_checkpoint, dtype float16)"),
+        "bank_rank": bank_rank, "torch_threads": torch.get_num_threads(), "goals": GOALS, "ttft_reference": ttft,
+        "suites": results,
+    }
+
+
+def print_report(doc: dict) -> None:
+    results = doc["suites"]
+    suites = list(results)
     stages = ["read+hash", "parse", "project", "write", "prepare (miss)", "prepare (hit)", "cache.get",
               "guard: verify + read + blake3 (no vLLM)", "vllm (upload)", "vllm (entry)", "guarded (entry)",
               "guard overhead", "vllm (entry) + copy", "guarded (entry) + copy", "guard overhead + copy"]
-    print(f"\nLoad path, ms (median; warm page cache; synthetic bank truncated to k = {args.bank_rank}, bfloat16; "
-          f"torch threads {torch.get_num_threads()})")
+    print(f"\nLoad path, ms (median; warm page cache; synthetic bank truncated to k = {doc.get('bank_rank', 256)}, "
+          f"bfloat16; torch threads {doc['torch_threads']})")
     print_table(["stage", *suites], [[s, *(f"{results[n]['seconds'][s] * 1e3:.1f}" for n in suites)] for s in stages])
     print("\nRatios to vLLM's own load of the entry (goal); '+ copy': vLLM's load with every tensor copied once")
     rows = []
@@ -451,22 +456,31 @@ def main() -> int:
                                               for n in suites)])
     rows.append(["per online request (median)", *(f"{results[n]['request_overhead']['per_online_request_us']:.1f}"
                                                    for n in suites)])
+    ttft = doc["ttft_reference"]
     if ttft.get("resident_ms"):
-        for n in suites:
-            results[n]["request_overhead"]["fraction_of_resident_ttft"] = (
-                results[n]["request_overhead"]["per_online_request_us"] / 1e3 / ttft["resident_ms"])
         rows.append([f"fraction of TTFT {ttft['resident_ms']:.1f} ms", *(
             f"{results[n]['request_overhead']['fraction_of_resident_ttft'] * 100:.3f}%" for n in suites)])
     print_table(["hook", *suites], rows)
-    doc = {
-        "benchmark": "load_path", "date": started, "command": "python " + " ".join(sys.argv),
-        "machine": machine_info(),
-        "note": ("one process; warm page cache for every read (disk not measured); synthetic Llama-2-7B-shaped "
-                 f"adapters; synthetic bank truncated to k = {args.bank_rank} (bfloat16), so projection is a lower "
-                 "bound for an untruncated bank; vLLM side = WorkerLoRAManager._load_adapter's calls on CPU "
-                 "(PEFTHelper.from_local_dir, validate_legal, LoRAModel.from_local_checkpoint, dtype float16)"),
-        "torch_threads": torch.get_num_threads(), "goals": GOALS, "ttft_reference": ttft, "suites": results,
-    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    ap.add_argument("--quick", action="store_true", help="the small adapter only, 2 repeats")
+    ap.add_argument("--repeats", type=int, default=None, help="timed calls per stage (default 5, 3 for ~320 MB)")
+    ap.add_argument("--bank-rank", type=int, default=256, help="k of the synthetic truncated bank (bfloat16)")
+    ap.add_argument("--suites", nargs="*", default=None, choices=list(SUITES))
+    ap.add_argument("--work-dir", type=Path, default=None, help="scratch directory (default: a temp dir, removed)")
+    ap.add_argument("--out", type=Path, default=RESULTS_DIR / "load_path.json")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch intra-op threads for both sides (default 1: on a small shared machine OpenMP's "
+                         "spinning under contention makes the many small tensor ops of validation and projection "
+                         "10-50x slower; 0 = torch's default)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    suites = args.suites or (["llama2-7b-qv-r16"] if args.quick else list(SUITES))
+    doc = measure(suites, repeats=args.repeats, bank_rank=args.bank_rank, work_dir=args.work_dir, quick=args.quick)
+    print_report(doc)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(doc, indent=2) + "\n")
     print(f"\nwrote {args.out}")

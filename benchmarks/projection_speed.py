@@ -21,6 +21,9 @@ Parts (all in ``benchmarks/results/projection_speed.json`` and ``projection_spee
 3. **accuracy** vs float64 for one module per suite (C B relative error, |cosine error|).
 4. **CUDA**: if ``torch.cuda.is_available()``, part 1 again on the GPU (timed with
    ``torch.cuda.synchronize``), reported separately; otherwise the JSON records that there was none.
+5. **decision parity** of the bank dtypes against the dense float64 reference (Safe LoRA's selections).
+6. **load path** (``--no-load-path`` skips it): ``benchmarks/load_path.py``'s stages of the plugin's
+   load beside vLLM's own load of the same Llama-2-7B-shaped adapters, in the same run.
 
 No SVD is computed. Each alignment matrix is *built from* its SVD: V = U diag(s) Q^T with
 Haar-random orthonormal U, Q (float64 QR of a Gaussian, cached on disk under ``--cache-dir``
@@ -123,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-cache", action="store_true", help="do not read or write the factor cache")
     p.add_argument("--no-flush", action="store_true", help="do not evict caches before each timed call")
     p.add_argument("--no-cuda", action="store_true", help="skip the CUDA part even if a GPU is present")
+    p.add_argument("--no-load-path", action="store_true",
+                   help="skip the load-path table (benchmarks/load_path.py's stages beside vLLM's own load)")
     p.add_argument("--wait-quiet", type=float, default=0.0, metavar="MINUTES",
                    help="first wait up to MINUTES for the 1-minute load average to drop below --quiet-load "
                         "(polled every 30 s; the polls are recorded)")
@@ -656,6 +661,12 @@ def run(args: argparse.Namespace) -> dict:
     results = {"shapes": shape_rows, "suites": {d: summarise_suites(shape_rows, args, d) for d in devices},
                "sweep": sweep_rows(shape_rows, args),
                "decision_parity": decision_parity(args.parity_seeds, args.bank_dtypes)}
+    if not args.no_load_path:
+        # The issue's load-path table in the same run: the plugin's stages and vLLM's own load of the same files.
+        from benchmarks import load_path
+
+        results["load_path"] = load_path.measure(["llama2-7b-qv-r16"] if args.quick else list(load_path.SUITES),
+                                                 quick=args.quick)
     if not cuda:
         results["cuda"] = {"available": False, "note": NO_CUDA_NOTE if not args.no_cuda else "skipped (--no-cuda)"}
     else:
@@ -720,6 +731,10 @@ def run(args: argparse.Namespace) -> dict:
                 "one thread far less (it still shares memory bandwidth and caches). wall = perf_counter with "
                 "torch's threads (what a quiet machine gives)."
             ),
+            (
+                "load path: benchmarks/load_path.py's measure() in this process (its own docstring says what each "
+                "stage is; wall time of perf_counter around each call, median, warm page cache)."
+            ),
             "the machine is shared (2 vCPUs): see machine.load_average_* and load_samples.",
         ],
         "results": results,
@@ -775,6 +790,10 @@ def print_report(rep: dict) -> None:
         print_table(["bank", "selections", "mismatched", "max |cos err|"],
                     [[d, par["selections_per_dtype"], v["mismatched_selections"], f"{v['max_cosine_abs_err']:.1e}"]
                      for d, v in par["per_dtype"].items()])
+    if res.get("load_path"):
+        from benchmarks import load_path
+
+        load_path.print_report(res["load_path"])
     print("\ncuda: " + (res["cuda"].get("note") or res["cuda"].get("device", "")))
     m = rep["machine"]
     print(f"peak read bandwidth: {m.get('peak_read_bandwidth_GBps')} GB/s")
