@@ -335,6 +335,19 @@ def test_corrupt_bank_refused(bank_copy):
         load_bank(bank_copy)
 
 
+def test_U_in_another_dtype_than_the_manifest_says_refused(bank_copy):
+    """The manifest's storage_dtype is what U is loaded as; a file that disagrees is not converted silently."""
+    from safetensors.torch import load_file, save_file
+
+    path = bank_copy / TENSORS_FILE
+    tensors = load_file(str(path))
+    name = next(k for k in tensors if k.endswith(".U"))
+    tensors[name] = tensors[name].to(torch.float16)
+    save_file(tensors, str(path))
+    with pytest.raises(BankError, match=r"stored as torch.float16, the manifest says float32"):
+        load_bank(bank_copy, verify=False)
+
+
 def test_corrupt_header_without_verification_still_bank_error(bank_copy):
     path = bank_copy / TENSORS_FILE
     data = bytearray(path.read_bytes())

@@ -21,6 +21,7 @@ from ..fsutil import atomic_directory, sha256_file
 from ..model_identity import FingerprintMode, fingerprint_directory
 from .features import save_features
 from .manifest import (
+    STORAGE_DTYPES,
     MANIFEST_FILE,
     SAFETY_FEATURES_FILE,
     TENSORS_FILE,
@@ -42,13 +43,6 @@ logger = logging.getLogger(__package__)
 DEFAULT_MODULE_SUFFIXES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # Never projectable: embeddings and the output head are not LoRA-on-linear targets here.
 _NEVER = ("embed_tokens", "lm_head", "wte", "wpe")
-
-_DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-}
-
 
 @dataclass(frozen=True)
 class Truncation:
@@ -187,8 +181,8 @@ def build_bank(
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise BankError(f"{out_dir} already exists; remove it or pass overwrite=True")
-    if storage_dtype not in _DTYPES:
-        raise BankError(f"storage dtype must be one of {sorted(_DTYPES)}, got {storage_dtype}")
+    if storage_dtype not in STORAGE_DTYPES:
+        raise BankError(f"storage dtype must be one of {sorted(STORAGE_DTYPES)}, got {storage_dtype}")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise BankError(f"device={device!r} requested but CUDA is not available")
@@ -226,7 +220,7 @@ def build_bank(
                 "policy will never project it (like the reference). Leave it out with --modules if unwanted.",
                 module,
             )
-        tensors[f"{module}.U"] = U.to(_DTYPES[storage_dtype]).cpu()
+        tensors[f"{module}.U"] = U.to(STORAGE_DTYPES[storage_dtype]).cpu()
         tensors[f"{module}.S"] = S.to(torch.float32).cpu()
         entries.append(BankModule(name=module, shape=shape, **stats))
 

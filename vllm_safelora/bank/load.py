@@ -16,7 +16,7 @@ from safetensors import safe_open
 from ..errors import BankError
 from ..fsutil import sha256_file
 from ..projection import Subspace
-from .manifest import TENSORS_FILE, BankManifest, SafetyFeaturesManifest, read_manifest
+from .manifest import STORAGE_DTYPES, TENSORS_FILE, BankManifest, SafetyFeaturesManifest, read_manifest
 
 # The bank's one logger (vllm_safelora.bank), as before the split into modules.
 logger = logging.getLogger(__package__)
@@ -146,7 +146,7 @@ def load_bank(bank_dir: Path, device: str = "cpu", *, verify: bool = True) -> Al
                 for suffix in ("U", "S"):
                     if f"{m.name}.{suffix}" not in present:
                         raise BankError(f"bank {bank_dir} lacks tensor {m.name}.{suffix}; rebuild it")
-            stacks = _stacked_storage(f, manifest, dev)
+            stacks = _stacked_storage(manifest, dev)
             for m in manifest.modules:
                 U = f.get_tensor(f"{m.name}.U")
                 S = f.get_tensor(f"{m.name}.S")
@@ -156,6 +156,9 @@ def load_bank(bank_dir: Path, device: str = "cpu", *, verify: bool = True) -> Al
                         f"the manifest says ({m.shape[0]}, {m.rank_kept}); rebuild it"
                     )
                 slot = stacks[m.name]
+                if U.dtype != slot.dtype:
+                    raise BankError(f"bank {bank_dir}: {m.name}.U is stored as {U.dtype}, the manifest says "
+                                    f"{manifest.storage_dtype}; rebuild it")
                 slot.copy_(U)
                 del U
                 S = S.to(dev)
@@ -180,27 +183,22 @@ def load_bank(bank_dir: Path, device: str = "cpu", *, verify: bool = True) -> Al
     )
 
 
-def _stacked_storage(f, manifest: BankManifest, dev: torch.device) -> dict[str, torch.Tensor]:
+def _stacked_storage(manifest: BankManifest, dev: torch.device) -> dict[str, torch.Tensor]:
     """One (n, d_out, k) tensor per U shape, in manifest order, and each module's U as a view of it.
 
     The projection scores the modules of one shape in a single batched product over
     such a stack with no copy (e.g. every layer's q_proj at a constant stride).
-    Same bytes as one tensor per module; the dtype is the bank's storage dtype.
+    Same bytes as one tensor per module, in the bank's storage dtype.
     """
-    by_shape: dict[tuple[int, int, torch.dtype], list[str]] = {}
+    dtype = STORAGE_DTYPES[manifest.storage_dtype]
+    by_shape: dict[tuple[int, int], list[str]] = {}
     for m in manifest.modules:
-        stored = f.get_slice(f"{m.name}.U").get_dtype()
-        if stored not in _SAFETENSORS_DTYPES:
-            raise BankError(f"bank {manifest.bank_id}: {m.name}.U is stored as {stored}, not a float type; rebuild it")
-        by_shape.setdefault((m.shape[0], m.rank_kept, _SAFETENSORS_DTYPES[stored]), []).append(m.name)
+        by_shape.setdefault((m.shape[0], m.rank_kept), []).append(m.name)
     slots: dict[str, torch.Tensor] = {}
-    for (d_out, k, dtype), names in by_shape.items():
+    for (d_out, k), names in by_shape.items():
         stack = torch.empty((len(names), d_out, k), dtype=dtype, device=dev)
         slots.update({name: stack[i] for i, name in enumerate(names)})
     return slots
-
-
-_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
 
 def _load_safety_features(

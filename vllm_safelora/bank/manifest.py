@@ -14,6 +14,7 @@ import datetime as _dt
 from pathlib import Path
 from typing import Iterable, Literal
 
+import torch
 from pydantic import BaseModel, Field, ValidationError
 
 from ..checkpoints import same_model_ref
@@ -26,6 +27,8 @@ TENSORS_FILE = "bank.safetensors"
 SAFETY_FEATURES_FILE = "safety_features.safetensors"
 
 StorageDType = Literal["float32", "bfloat16", "float16"]
+# The torch dtype each storage name means: U is written in it and loaded as it.
+STORAGE_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class SourceIdentity(BaseModel):
