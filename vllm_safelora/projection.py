@@ -124,6 +124,19 @@ def _compute_dtype(U: torch.Tensor) -> torch.dtype:
     return torch.float64 if U.dtype == torch.float64 else torch.float32
 
 
+def _staged_rows(U: torch.Tensor, dt: torch.dtype) -> Iterator[tuple[slice, torch.Tensor]]:
+    """A reduced-precision U (d_out x k) in row blocks of about STAGING_BYTES, each converted
+    into one reused ``dt`` buffer: one pass over U's own bytes, never a full ``dt`` copy."""
+    d_out, k = U.shape
+    rows = max(1, STAGING_BYTES // max(1, 4 * k))
+    buf = torch.empty(min(rows, d_out), k, dtype=dt, device=U.device)
+    for i in range(0, d_out, rows):
+        j = min(d_out, i + rows)
+        block = buf[: j - i]
+        block.copy_(U[i:j])
+        yield slice(i, j), block
+
+
 def coordinates(U: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     """X = U^T B for a batch: U (n, d_out, k) in its stored dtype, B (n, d_out, r); one pass over U.
 
@@ -135,18 +148,12 @@ def coordinates(U: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
         # (B^T U)^T rather than U^T B: the same product, several times faster on
         # CPU for small r (the transposed-operand GEMM path).
         return torch.bmm(B.transpose(1, 2), U).transpose(1, 2)
-    # Module by module, in row blocks of about STAGING_BYTES: a block spanning the whole
-    # batch would be a few rows deep, and such thin products run far below the GEMM's speed.
-    n, d_out, k = U.shape
-    XT = torch.zeros(n, B.shape[2], k, dtype=dt, device=U.device)
-    rows = max(1, STAGING_BYTES // max(1, 4 * k))
-    buf = torch.empty(min(rows, d_out), k, dtype=dt, device=U.device)
-    for m in range(n):
-        for i in range(0, d_out, rows):
-            j = min(d_out, i + rows)
-            block = buf[: j - i]
-            block.copy_(U[m, i:j])
-            XT[m].addmm_(B[m, i:j].T, block)
+    # Module by module: row blocks spanning the whole batch would be a few rows deep,
+    # and such thin products run far below the GEMM's speed.
+    XT = torch.zeros(U.shape[0], B.shape[2], U.shape[2], dtype=dt, device=U.device)
+    for m in range(U.shape[0]):
+        for rows, block in _staged_rows(U[m], dt):
+            XT[m].addmm_(B[m, rows].T, block)
     return XT.transpose(1, 2)
 
 
@@ -156,15 +163,9 @@ def expand(U: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
     Y = Y.to(device=U.device, dtype=dt)
     if U.dtype == dt:
         return U @ Y
-    d_out, k = U.shape
-    out = torch.empty(d_out, Y.shape[1], dtype=dt, device=U.device)
-    rows = max(1, STAGING_BYTES // max(1, 4 * k))
-    buf = torch.empty(min(rows, d_out), k, dtype=dt, device=U.device)
-    for i in range(0, d_out, rows):
-        j = min(d_out, i + rows)
-        block = buf[: j - i]
-        block.copy_(U[i:j])
-        torch.mm(block, Y, out=out[i:j])
+    out = torch.empty(U.shape[0], Y.shape[1], dtype=dt, device=U.device)
+    for rows, block in _staged_rows(U, dt):
+        torch.mm(block, Y, out=out[rows])
     return out
 
 
