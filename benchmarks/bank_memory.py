@@ -132,7 +132,7 @@ def _flat_variant(src_models, out_dir: Path, seed: int = 0):
 
 def _cosines(adapter_dir: Path, bank, policy) -> dict[str, tuple[float, bool]]:
     from vllm_safelora.adapters import read_adapter
-    from vllm_safelora.engine import project_adapter
+    from vllm_safelora.apply_policy import project_adapter
 
     adapter = read_adapter(adapter_dir)
     outcome = project_adapter(adapter, bank, policy)

@@ -20,9 +20,10 @@ import statistics
 import time
 from pathlib import Path
 
+from benchmarks._common import REPO_ROOT  # noqa: F401 (puts tests/support on sys.path)
 from vllm_safelora.cache import FILE_HASH, FORMAT_VERSION, MANIFEST_NAME, CacheKey, PatchedAdapterCache
 from vllm_safelora.fsutil import fast_hash
-from vllm_safelora.procstats import fd_count
+from support.procstats import fd_count
 
 PAYLOAD = b'{"r": 4}'
 

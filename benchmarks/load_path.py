@@ -87,10 +87,10 @@ from vllm_safelora.bank.build import _write_bank  # noqa: E402
 from vllm_safelora.bank.manifest import BankModule, SourceIdentity  # noqa: E402
 from vllm_safelora.cache import CacheKey, PatchedAdapterCache, read_verified, verify_entry  # noqa: E402
 from vllm_safelora.config import SafeLoRASettings  # noqa: E402
-from vllm_safelora.engine import project_for_tenant  # noqa: E402
-from vllm_safelora.service import SafeLoRAService  # noqa: E402
-from vllm_safelora.startup import build_sources  # noqa: E402
-from vllm_safelora.tenancy import resolve_tenant  # noqa: E402
+from vllm_safelora.apply_policy import project_for_tenant  # noqa: E402
+from vllm_safelora.serving.service import SafeLoRAService  # noqa: E402
+from vllm_safelora.serving.startup import build_sources  # noqa: E402
+from vllm_safelora.policies.tenant_rules import resolve_tenant  # noqa: E402
 
 MODEL = "meta-llama/Llama-2-7b-chat-hf"
 SHAPES = {  # module -> (d_out, d_in), Llama-2-7B

@@ -177,7 +177,7 @@ def run_service(world: dict, work: Path, a) -> dict:
     from tqdm import tqdm
 
     from vllm_safelora.config import SafeLoRASettings
-    from vllm_safelora.service import SafeLoRAService
+    from vllm_safelora.serving.service import SafeLoRAService
 
     n = a.service_n
     root = work / "svc-adapters"

@@ -36,7 +36,7 @@ def write_prompts(path: Path, samples=SMALL_PROMPTS) -> Path:
 def features_bank(tiny_bank_dir: Path, dest: Path, prompts: Path, rank: int) -> Path:
     """A copy of the tiny bank with safety features of rank ``rank`` computed from ``prompts``."""
     from vllm_safelora.bank import add_safety_features
-    from vllm_safelora.safety_features import SafetyFeatureSpec
+    from vllm_safelora.bank.safety_features import SafetyFeatureSpec
 
     shutil.copytree(tiny_bank_dir, dest)
     add_safety_features(dest, SafetyFeatureSpec(prompts=prompts, rank=rank, batch_size=4), show_progress=False)

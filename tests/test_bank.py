@@ -27,7 +27,7 @@ from vllm_safelora.bank import (
     read_manifest,
     resolve_device,
 )
-from vllm_safelora.checkpoints import INDEX_FILE, Checkpoint, TensorHasher, resolve_checkpoint
+from vllm_safelora.bank.checkpoints import INDEX_FILE, Checkpoint, TensorHasher, resolve_checkpoint
 from vllm_safelora.errors import BankError
 
 N_LAYERS = 2

@@ -14,7 +14,7 @@ import pytest
 
 from vllm_safelora.cache import CacheIndex, KeyLocks, PatchedAdapterCache
 from vllm_safelora.cache.leases import owner_alive
-from vllm_safelora.tracking import LeasedLRU
+from vllm_safelora.serving.tracking import LeasedLRU
 
 from test_cache import entry_dirs, key, writer
 

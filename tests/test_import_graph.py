@@ -82,7 +82,7 @@ MODULES = package_modules(ROOT, PACKAGE)
 def test_the_walker_sees_the_whole_package():
     found = {info.name for info in pkgutil.walk_packages(vllm_safelora.__path__, f"{PACKAGE}.")}
     assert set(MODULES) == found | {PACKAGE}
-    assert {"vllm_safelora.config", "vllm_safelora.tenancy", "vllm_safelora.bank.load",
+    assert {"vllm_safelora.config", "vllm_safelora.policies.tenant_rules", "vllm_safelora.bank.load",
             "vllm_safelora.integration.patches", "vllm_safelora.integration.plugin"} <= set(MODULES)
 
 

@@ -12,7 +12,7 @@ import pytest
 
 from vllm_safelora.errors import AdapterRefused, ConfigError, Overloaded, RefusalReason
 from vllm_safelora.integration import compat
-from vllm_safelora.integration.errors import http_status
+from vllm_safelora.integration.http_errors import http_status
 
 SPECIFIC = {
     RefusalReason.NOT_FOUND: HTTPStatus.NOT_FOUND,

@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from vllm_safelora.bank import MANIFEST_FILE, build_bank, read_manifest
 from vllm_safelora.errors import BankError
-from vllm_safelora.model_identity import fingerprint_directory, fingerprint_model
+from vllm_safelora.bank.model_identity import fingerprint_directory, fingerprint_model
 
 from test_bank import offline_hub  # noqa: F401  (fixture: org/tiny-base, org/tiny-aligned in an offline hub cache)
 
@@ -162,7 +162,7 @@ def test_relative_path_bank_protects_the_absolute_model(tiny_models, tmp_path, m
     """The issue's case: build-bank --aligned world/models/aligned (relative), then a service whose --model is the
     absolute path, started from another directory, through SafeLoRAService.start (the server's start-up call)."""
     from vllm_safelora.config import SafeLoRASettings
-    from vllm_safelora.service import SafeLoRAService
+    from vllm_safelora.serving.service import SafeLoRAService
 
     world = tmp_path / "world"
     (world / "models").mkdir(parents=True)

@@ -16,7 +16,7 @@ from policy_helpers import features_bank, mixed_adapter, write_prompts  # noqa: 
 
 from vllm_safelora.adapters import read_adapter  # noqa: E402
 from vllm_safelora.bank import load_bank  # noqa: E402
-from vllm_safelora.engine import project_adapter, write_projected  # noqa: E402
+from vllm_safelora.apply_policy import project_adapter, write_projected  # noqa: E402
 from vllm_safelora.policies import (  # noqa: E402
     ChainConfig,
     SafeLoRAConfig,

@@ -18,10 +18,10 @@ from policy_helpers import ATTN, SMALL_PROMPTS, features_bank, hand_collected_fe
 
 from vllm_safelora.adapters import read_adapter  # noqa: E402
 from vllm_safelora.bank import load_bank, read_manifest  # noqa: E402
-from vllm_safelora.engine import project_adapter, write_projected  # noqa: E402
+from vllm_safelora.apply_policy import project_adapter, write_projected  # noqa: E402
 from vllm_safelora.errors import BankError  # noqa: E402
 from vllm_safelora.policies import ChainConfig, SafeLoRAConfig, SaLoRAConfig, make_policy, parse_policy  # noqa: E402
-from vllm_safelora.safety_features import read_safety_prompts  # noqa: E402
+from vllm_safelora.bank.safety_features import read_safety_prompts  # noqa: E402
 
 RANK = 8
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -148,7 +148,7 @@ def test_features_are_verified_on_load(sf_bank_dir, tmp_path):
 
 def test_replacing_features_keeps_bank_and_old_readers(sf_bank_dir, prompts, tmp_path):
     from vllm_safelora.bank import BankManifest, add_safety_features
-    from vllm_safelora.safety_features import SafetyFeatureSpec
+    from vllm_safelora.bank.safety_features import SafetyFeatureSpec
 
     copy = tmp_path / "copy"
     shutil.copytree(sf_bank_dir, copy)

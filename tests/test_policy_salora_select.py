@@ -20,7 +20,7 @@ from policy_helpers import ATTN, features_bank, write_prompts  # noqa: E402
 from dense_reference import approx_operator  # noqa: E402
 from vllm_safelora.adapters import read_adapter  # noqa: E402
 from vllm_safelora.bank import load_bank  # noqa: E402
-from vllm_safelora.engine import project_adapter  # noqa: E402
+from vllm_safelora.apply_policy import project_adapter  # noqa: E402
 from vllm_safelora.errors import BankError  # noqa: E402
 from vllm_safelora.policies import ChainConfig, SaLoRASelectConfig, make_policy, parse_policy  # noqa: E402
 

@@ -15,7 +15,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from policy_helpers import ATTN, PREFIX, dense_distance, dense_z, mixed_adapter  # noqa: E402
 
 from vllm_safelora.adapters import CONFIG_FILE, read_adapter  # noqa: E402
-from vllm_safelora.engine import project_adapter, write_projected  # noqa: E402
+from vllm_safelora.apply_policy import project_adapter, write_projected  # noqa: E402
 from vllm_safelora.policies import SafeLoRAConfig, SPLoRAConfig, make_policy, parse_policy  # noqa: E402
 from vllm_safelora.projection import ProjectionKind  # noqa: E402
 from vllm_safelora.policies.splora import robust_scale, select_prune, standardised_distances  # noqa: E402

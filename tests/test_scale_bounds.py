@@ -18,9 +18,9 @@ from safetensors.torch import load_file, save_file
 from vllm_safelora.adapters import CONFIG_FILE, WEIGHTS_FILE
 from vllm_safelora.cache import PatchedAdapterCache
 from vllm_safelora.config import SafeLoRASettings
-from vllm_safelora.procstats import fd_count
-from vllm_safelora.service import SafeLoRAService
-from vllm_safelora.startup import build_sources
+from support.procstats import fd_count
+from vllm_safelora.serving.service import SafeLoRAService
+from vllm_safelora.serving.startup import build_sources
 
 N_ADAPTERS = int(os.environ.get("SAFELORA_SCALE_ADAPTERS", "2000"))
 TRACKED = 32

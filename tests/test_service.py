@@ -13,11 +13,11 @@ from safetensors.torch import load_file, save_file
 from vllm_safelora.adapters import WEIGHTS_FILE, read_adapter
 from vllm_safelora.cache import PatchedAdapterCache
 from vllm_safelora.config import SafeLoRASettings
-from vllm_safelora.engine import project_adapter
+from vllm_safelora.apply_policy import project_adapter
 from vllm_safelora.errors import AdapterRefused, RefusalReason
 from vllm_safelora.policies import SafeLoRAConfig
-from vllm_safelora.service import SafeLoRAService
-from vllm_safelora.startup import build_sources
+from vllm_safelora.serving.service import SafeLoRAService
+from vllm_safelora.serving.startup import build_sources
 
 
 def _metric(name: str, **labels) -> float:
@@ -124,7 +124,7 @@ def test_tenant_rules_pick_policy_and_names_cannot_pose(tmp_path, tiny_bank, ada
     trusted = svc.prepare("trusted/bad")
     assert trusted.report.summary.outcome == "unchanged" and trusted.report.summary.tenant_rule == "trusted/*"
     assert svc.prepare("globex/bad").report.summary.outcome == "projected"
-    from vllm_safelora.tenancy import resolve_tenant
+    from vllm_safelora.policies.tenant_rules import resolve_tenant
 
     for lookalike in ("trustedx/bad", "Trusted/bad", "xtrusted/bad", "trusted"):
         assert resolve_tenant(svc.settings, lookalike).rule == "default"
@@ -229,7 +229,7 @@ def test_a_loaded_name_cannot_be_taken_over_from_another_location(tmp_path, tiny
 
 
 def test_refusals_are_remembered_by_content_and_by_files(tmp_path, tiny_bank, adapters_root, monkeypatch):
-    import vllm_safelora.service as service_module
+    import vllm_safelora.serving.service as service_module
 
     bad = adapters_root / "globex" / "nan"
     shutil.copytree(adapters_root / "globex" / "bad", bad)
@@ -277,7 +277,7 @@ def test_not_found_and_bad_names_are_not_remembered(tmp_path, tiny_bank, adapter
 def test_the_throttle_bounds_preparations_and_refuses_beyond_the_queue(tmp_path, tiny_bank, adapters_root, monkeypatch):
     import threading
 
-    import vllm_safelora.service as service_module
+    import vllm_safelora.serving.service as service_module
     from vllm_safelora.errors import Overloaded
 
     svc = _service(tmp_path, tiny_bank, adapters_root, max_concurrent_preparations=1, max_queued_preparations=1)
@@ -330,7 +330,7 @@ def test_hub_is_deny_by_default(tmp_path):
 
 
 def test_refusals_before_the_content_is_known_are_remembered_by_files(tmp_path, tiny_bank, adapters_root, monkeypatch):
-    import vllm_safelora.service as service_module
+    import vllm_safelora.serving.service as service_module
 
     svc = _service(tmp_path, tiny_bank, adapters_root, max_adapter_bytes=1000)
     reads = []

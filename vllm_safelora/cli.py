@@ -83,7 +83,7 @@ def _policy_from_args(args: argparse.Namespace):
 def _analyse(args: argparse.Namespace):
     from .adapters import ReadLimits, read_adapter
     from .bank import load_bank
-    from .engine import project_adapter
+    from .apply_policy import project_adapter
 
     bank = load_bank(Path(args.bank), args.device)
     adapter = read_adapter(Path(args.adapter), limits=ReadLimits(max_bytes=args.max_bytes))
@@ -99,7 +99,7 @@ def cmd_build_bank(args: argparse.Namespace) -> int:
     modules = [m.strip() for m in args.modules.split(",") if m.strip()] if args.modules else None
     safety = None
     if args.safety_prompts:
-        from .safety_features import SafetyFeatureSpec
+        from .bank.safety_features import SafetyFeatureSpec
 
         safety = SafetyFeatureSpec(
             prompts=Path(args.safety_prompts), rank=args.safety_rank, batch_size=args.safety_batch_size,
@@ -139,7 +139,7 @@ def cmd_build_bank(args: argparse.Namespace) -> int:
 
 
 def cmd_project(args: argparse.Namespace) -> int:
-    from .engine import write_projected
+    from .apply_policy import write_projected
 
     outcome = _analyse(args)
     write_projected(outcome, Path(args.out), overwrite=args.overwrite)

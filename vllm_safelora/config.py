@@ -18,7 +18,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from .errors import ConfigError
 from .policies import PolicySetting, SafeLoRAConfig
-from .tenancy import AdmissionConfig, TenantRule  # defined in tenancy; also importable from here
+from .policies.tenant_rules import AdmissionConfig, TenantRule  # defined in tenancy; also importable from here
 
 CONFIG_ENV = "VLLM_SAFELORA_CONFIG"
 ENV_PREFIX = "VLLM_SAFELORA_"

@@ -35,7 +35,7 @@ def make_tiny_demo(out: Path) -> dict[str, Path]:
 def run_offline_demo(workdir: Path) -> int:
     from .adapters import read_adapter
     from .bank import build_bank, load_bank
-    from .engine import project_adapter, write_projected
+    from .apply_policy import project_adapter, write_projected
     from .policies import SafeLoRAConfig
 
     workdir = Path(workdir)

@@ -118,7 +118,7 @@ def check_bank(settings, model: str | None) -> tuple[object | None, list[Check]]
 
 def check_policies(settings, bank) -> list[Check]:
     from .policies import make_policy
-    from .tenancy import all_policies
+    from .policies.tenant_rules import all_policies
 
     if bank is None:
         return [Check("policies", SKIP, "no readable bank to check them against")]
@@ -134,7 +134,7 @@ def check_policies(settings, bank) -> list[Check]:
 
 
 def check_sources(settings) -> list[Check]:
-    from .startup import build_sources
+    from .serving.startup import build_sources
 
     try:
         sources = build_sources(settings)

@@ -373,7 +373,7 @@ def safety_feature_prompts(world, path: Path) -> Path:
 
 def stage_banks(world, base_dir: Path, aligned_dir: Path, p: Profile, work: Path) -> dict:
     from vllm_safelora.bank import Truncation, build_bank, load_bank
-    from vllm_safelora.safety_features import SafetyFeatureSpec
+    from vllm_safelora.bank.safety_features import SafetyFeatureSpec
 
     full, exact = work / "bank", work / f"bank-rank{p.exact_rank}"
     safety = None
@@ -402,7 +402,7 @@ def _copy_adapter(src: Path, dst: Path) -> None:
 def stage_variants(attack_dirs: dict, banks: dict, p: Profile, work: Path) -> dict:
     """Project every attack for every setting offline; write <variants>/<attack>/<setting>."""
     from vllm_safelora.adapters import read_adapter
-    from vllm_safelora.engine import project_adapter, write_projected
+    from vllm_safelora.apply_policy import project_adapter, write_projected
     from vllm_safelora.policies import parse_policy
 
     root = work / "variants"

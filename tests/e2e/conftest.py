@@ -143,7 +143,7 @@ class E2EWorld:
         """adapters[name] projected with the Python API (same bank and policy as the servers),
         written once to ``root/projected/<name>`` (outside adapter_dirs)."""
         from vllm_safelora.adapters import read_adapter
-        from vllm_safelora.engine import project_adapter, write_projected
+        from vllm_safelora.apply_policy import project_adapter, write_projected
         from vllm_safelora.policies import SafeLoRAConfig
 
         out = self.root / "projected" / name
@@ -157,7 +157,7 @@ class E2EWorld:
     def offline_report(self, name: str):
         """What the offline engine says about adapters[name] (same bank, same policy)."""
         from vllm_safelora.adapters import read_adapter
-        from vllm_safelora.engine import project_adapter
+        from vllm_safelora.apply_policy import project_adapter
         from vllm_safelora.policies import SafeLoRAConfig
 
         adapter = read_adapter(self.adapters[name], name=name)

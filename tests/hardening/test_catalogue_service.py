@@ -21,7 +21,7 @@ from vllm_safelora.errors import AdapterRefused, RefusalReason
 @pytest.fixture(scope="module")
 def service(hardening_world, tmp_path_factory):
     from vllm_safelora.config import SafeLoRASettings
-    from vllm_safelora.service import SafeLoRAService
+    from vllm_safelora.serving.service import SafeLoRAService
 
     cache_dir = tmp_path_factory.mktemp("svc_cache")
     settings = SafeLoRASettings(

@@ -109,7 +109,7 @@ class Fuzzer:
             tracemalloc.stop()
 
     def _project(self, adapter) -> None:
-        from vllm_safelora.engine import project_adapter
+        from vllm_safelora.apply_policy import project_adapter
         from vllm_safelora.policies import SafeLoRAConfig
 
         try:

@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING, Callable, Iterable, Literal, Sequence
 import torch
 from safetensors.torch import save_file
 
-from ..checkpoints import Checkpoint, TensorHasher, resolve_checkpoint
+from .checkpoints import Checkpoint, TensorHasher, resolve_checkpoint
 from ..errors import BankError
 from ..fsutil import atomic_directory, sha256_file
-from ..model_identity import FingerprintMode, fingerprint_directory
+from .model_identity import FingerprintMode, fingerprint_directory
 from .features import save_features
 from .manifest import (
     STORAGE_DTYPES,
@@ -34,7 +34,7 @@ from .manifest import (
 )
 
 if TYPE_CHECKING:
-    from ..safety_features import SafetyFeatureSpec
+    from .safety_features import SafetyFeatureSpec
 
 # The bank's one logger (vllm_safelora.bank), as before the split into modules.
 logger = logging.getLogger(__package__)
@@ -171,10 +171,10 @@ def build_bank(
     """Build a bank from two checkpoints, one module at a time, and write it atomically.
 
     ``fingerprint`` ('sample', 'full' or None) records the checkpoints' content
-    fingerprints (:mod:`vllm_safelora.model_identity`), by which a server's
+    fingerprints (:mod:`vllm_safelora.bank.model_identity`), by which a server's
     ``--model`` is recognised at start-up whatever its name.
 
-    With ``safety`` (a :class:`vllm_safelora.safety_features.SafetyFeatureSpec`)
+    With ``safety`` (a :class:`vllm_safelora.bank.safety_features.SafetyFeatureSpec`)
     the aligned model is also run on the spec's prompts to store SaLoRA-style
     safety features for every bank module (needs ``transformers``).
     """
@@ -226,7 +226,7 @@ def build_bank(
 
     features = None
     if safety is not None:
-        from ..safety_features import compute_safety_features
+        from .safety_features import compute_safety_features
 
         features = compute_safety_features(
             aligned.ref, {e.name: e.shape for e in entries}, safety, device=device, show_progress=progress is not None

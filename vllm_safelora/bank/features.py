@@ -2,7 +2,7 @@
 
 ``safety_features.safetensors`` (``<module>.Vs``: d_out x r_s orthonormal
 directions of the aligned model's outputs on harmful prompts with refusals, see
-:mod:`vllm_safelora.safety_features`) is described by the manifest's
+:mod:`vllm_safelora.bank.safety_features`) is described by the manifest's
 ``safety_features`` section. The features do not change the bank format or the
 ``bank_id`` (which stays the digest of ``bank.safetensors``); they have their own
 ``features_id`` (digest of their file), which policies that use them fold into
@@ -32,7 +32,7 @@ from .manifest import (
 )
 
 if TYPE_CHECKING:
-    from ..safety_features import SafetyFeatureSpec
+    from .safety_features import SafetyFeatureSpec
 
 
 def save_features(directory: Path, fname: str, features) -> SafetyFeaturesManifest:
@@ -60,7 +60,7 @@ def add_safety_features(
     flushed), so a reader sees the old or the new features, never a mix. The
     bank_id does not change.
     """
-    from ..safety_features import compute_safety_features
+    from .safety_features import compute_safety_features
 
     bank_dir = Path(bank_dir)
     manifest = read_manifest(bank_dir)

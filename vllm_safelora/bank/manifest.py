@@ -17,9 +17,9 @@ from typing import Iterable, Literal
 import torch
 from pydantic import BaseModel, Field, ValidationError
 
-from ..checkpoints import same_model_ref
+from .checkpoints import same_model_ref
 from ..errors import BankError
-from ..model_identity import ModelFingerprint, fingerprint_model
+from .model_identity import ModelFingerprint, fingerprint_model
 
 BANK_FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
@@ -40,7 +40,7 @@ class SourceIdentity(BaseModel):
     hub_id: str | None = Field(None, description="hub repo id (hub checkpoints)")
     revision: str | None = Field(None, description="hub snapshot (commit) that was read (hub checkpoints)")
     fingerprint: ModelFingerprint | None = Field(
-        None, description="content fingerprint of all the checkpoint's tensors (vllm_safelora.model_identity)"
+        None, description="content fingerprint of all the checkpoint's tensors (vllm_safelora.bank.model_identity)"
     )
 
     def names(self) -> list[str]:

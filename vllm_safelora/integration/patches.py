@@ -30,7 +30,7 @@ import time
 from .. import metrics
 from ..errors import AdapterRefused, Overloaded
 from . import state
-from .errors import service_not_started, to_error_response, to_http_error
+from .http_errors import service_not_started, to_error_response, to_http_error
 from .logs import share_vllm_logging
 
 logger = logging.getLogger("vllm_safelora")

@@ -7,7 +7,7 @@ from vllm.lora.resolver import LoRAResolver
 
 from ..errors import AdapterRefused, Overloaded, RefusalReason
 from . import state
-from .errors import to_http_error
+from .http_errors import to_http_error
 
 RESOLVER_NAME = "safelora"
 

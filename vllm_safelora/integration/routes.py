@@ -15,7 +15,7 @@ from argparse import Namespace
 from fastapi import APIRouter, FastAPI
 from fastapi.responses import JSONResponse
 
-from ..tenancy import describe_rules
+from ..policies.tenant_rules import describe_rules
 from . import state
 
 ROUTE_PREFIX = "/safelora/v1"

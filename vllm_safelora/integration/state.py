@@ -6,7 +6,7 @@ import threading
 
 from ..adapters import ReadLimits
 from ..config import SafeLoRASettings
-from ..service import SafeLoRAService
+from ..serving.service import SafeLoRAService
 
 _lock = threading.Lock()
 _settings: SafeLoRASettings | None = None

@@ -15,7 +15,7 @@ itself, and data-dependent (V_s comes from a prompt set): it is labelled
 
 V_s is built offline from the aligned model by ``vllm-safelora build-bank
 --safety-prompts FILE.jsonl [--safety-rank 32]`` and stored beside the bank
-(:mod:`vllm_safelora.safety_features`); a bank without it makes this policy
+(:mod:`vllm_safelora.bank.safety_features`); a bank without it makes this policy
 raise :class:`BankError`. The features' digest (``features_id``) is folded into
 this policy's id, so new features give new cache entries.
 

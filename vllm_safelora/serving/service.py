@@ -19,21 +19,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from . import metrics
-from .adapters import (
+from .. import metrics
+from ..adapters import (
     CONFIG_FILE, WEIGHTS_FILE, AdapterFiles, ReadLimits, parse_adapter, read_adapter_files, write_adapter_files,
 )
-from .bank import AlignmentBank
-from .cache import CacheKey, PatchedAdapterCache, entry_path_in, entry_signature
+from ..bank import AlignmentBank
+from ..cache import CacheKey, PatchedAdapterCache, entry_path_in, entry_signature
 from .client_input import MAX_LORA_PATH, check_lora_path, check_served_name
-from .config import SafeLoRASettings
-from .engine import project_for_tenant
-from .errors import AdapterRefused, Overloaded, RefusalReason
-from .refusals import RefusalCache
-from .report import REPORT_FILE, AdapterReport
-from .sources import AdapterSource, LocalDirSource, Location, locate, locate_path, shown_name
+from ..config import SafeLoRASettings
+from ..apply_policy import project_for_tenant
+from ..errors import AdapterRefused, Overloaded, RefusalReason
+from .refusal_memory import RefusalCache
+from ..report import REPORT_FILE, AdapterReport
+from ..sources import AdapterSource, LocalDirSource, Location, locate, locate_path, shown_name
 from .startup import announce_start, build_sources, load_checked_bank
-from .tenancy import TenantPolicy, resolve_tenant
+from ..policies.tenant_rules import TenantPolicy, resolve_tenant
 from .throttle import PreparationThrottle
 from .tracking import LeasedLRU
 

@@ -1,7 +1,7 @@
 """Starting the service: the sources the settings name, a bank checked against the served
 model and every policy, and what start-up tells the operator (logs, gauges).
 
-:meth:`SafeLoRAService.start <vllm_safelora.service.SafeLoRAService.start>` calls these
+:meth:`SafeLoRAService.start <vllm_safelora.serving.service.SafeLoRAService.start>` calls these
 in order and fails closed: a bank for another model, or a policy the bank cannot serve,
 stops the server before it takes a request.
 """
@@ -11,14 +11,14 @@ from __future__ import annotations
 import logging
 from typing import Sequence
 
-from . import metrics
-from .bank import AlignmentBank, load_bank
-from .cache import PatchedAdapterCache
-from .config import SafeLoRASettings
-from .errors import BankError
-from .policies import make_policy
-from .sources import AdapterSource, HubSource, LocalDirSource
-from .tenancy import all_policies, describe_rules
+from .. import metrics
+from ..bank import AlignmentBank, load_bank
+from ..cache import PatchedAdapterCache
+from ..config import SafeLoRASettings
+from ..errors import BankError
+from ..policies import make_policy
+from ..sources import AdapterSource, HubSource, LocalDirSource
+from ..policies.tenant_rules import all_policies, describe_rules
 
 logger = logging.getLogger("vllm_safelora")
 

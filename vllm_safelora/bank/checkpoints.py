@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from .errors import BankError
+from ..errors import BankError
 
 INDEX_FILE = "model.safetensors.index.json"
 

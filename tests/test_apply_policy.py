@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from vllm_safelora.adapters import CONFIG_FILE, WEIGHTS_FILE, read_adapter
 from vllm_safelora.adapters import writer as adapter_writer
 from vllm_safelora.bank import AlignmentBank, Truncation, build_bank, load_bank
-from vllm_safelora.engine import check_compatible, project_adapter, write_projected
+from vllm_safelora.apply_policy import check_compatible, project_adapter, write_projected
 from vllm_safelora.errors import AdapterRefused, RefusalReason
 from vllm_safelora.policies import SafeLoRAConfig
 from vllm_safelora.projection import round_cosine

@@ -14,7 +14,7 @@ import threading
 from collections import OrderedDict
 from typing import Hashable
 
-from .errors import AdapterRefused, RefusalReason
+from ..errors import AdapterRefused, RefusalReason
 
 MAX_DETAIL = 1024
 

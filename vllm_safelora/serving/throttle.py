@@ -13,8 +13,8 @@ import contextlib
 import threading
 from typing import Iterator
 
-from . import metrics
-from .errors import Overloaded
+from .. import metrics
+from ..errors import Overloaded
 
 
 class PreparationThrottle:

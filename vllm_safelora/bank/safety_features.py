@@ -35,7 +35,7 @@ from typing import Mapping
 
 import torch
 
-from .errors import BankError
+from ..errors import BankError
 
 logger = logging.getLogger(__name__)
 

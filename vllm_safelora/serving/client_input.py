@@ -6,8 +6,8 @@ text of bounded length passes; anything else is refused with ``INVALID_NAME``.
 
 from __future__ import annotations
 
-from .errors import AdapterRefused, RefusalReason
-from .sources import shown_name
+from ..errors import AdapterRefused, RefusalReason
+from ..sources import shown_name
 
 # Printable text of bounded length only (no NUL, newlines, escapes).
 MAX_SERVED_NAME = 256

@@ -33,7 +33,7 @@ from .policies import PolicyConfig, make_policy
 from .policies.base import lora_flops_per_token
 from .projection import mean_pdst
 from .report import REPORT_FILE, AdapterReport, ReportSummary
-from .tenancy import TenantPolicy
+from .policies.tenant_rules import TenantPolicy
 
 
 @dataclass(frozen=True)

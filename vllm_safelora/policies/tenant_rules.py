@@ -21,7 +21,7 @@ from typing import Any, Protocol, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .policies import PolicyConfig, PolicySetting
+from . import PolicyConfig, PolicySetting
 
 
 class AdmissionConfig(BaseModel):
