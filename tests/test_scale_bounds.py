@@ -84,7 +84,7 @@ def test_thousands_of_adapters_keep_fds_maps_and_bytes_bounded(world):
         assert svc.cache.total_bytes() <= svc.cache.max_bytes, i
         if i >= warmup and i % 50 == 0:
             fds.append(fd_count())
-            sizes.append((len(svc._by_path), len(svc._by_name), len(svc.cache.leases.held())))
+            sizes.append((svc.tracking()["paths"], svc.tracking()["names"], len(svc.cache.leases.held())))
     tracking = svc.tracking()
     stats = svc.cache.stats()
     early = statistics.median(latency[warmup : warmup + 100])

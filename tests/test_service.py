@@ -169,7 +169,7 @@ def test_client_supplied_cache_paths_are_not_trusted(tmp_path, tiny_bank, adapte
     assert svc.prepare("globex/bad", str(entry)).path == entry
     # an API client may not load another tenant's entry by its path
     with pytest.raises(AdapterRefused) as err:
-        svc.prepare("mallory/x", str(entry), trust_cache_paths=False)
+        svc.prepare_client_path("mallory/x", str(entry))
     assert err.value.reason is RefusalReason.INVALID_NAME
 
 
@@ -191,7 +191,7 @@ def test_policy_follows_the_location_not_the_served_name(tmp_path, tiny_bank, ad
     svc = _service(tmp_path, tiny_bank, adapters_root, tenants=rules, served_names="label")
     evil = str(adapters_root / "globex" / "bad")
     for label in ("trusted/x", "canary/y", "trusted/bad", "canary/bad"):
-        prepared = svc.prepare(label, evil, trust_cache_paths=False)
+        prepared = svc.prepare_client_path(label, evil)
         s = prepared.report.summary
         assert (s.outcome, s.mode, s.tenant_rule) == ("projected", "enforce", "default"), label
     # the trusted tenant's own directory still gets its rule, whatever the label
@@ -210,26 +210,26 @@ def test_a_link_gets_the_policy_of_where_it_leads(tmp_path, tiny_bank, adapters_
 def test_by_path_loads_are_served_under_their_location_by_default(tmp_path, tiny_bank, adapters_root, label):
     svc = _service(tmp_path, tiny_bank, adapters_root)
     with pytest.raises(AdapterRefused) as err:
-        svc.prepare(label, str(adapters_root / "globex" / "bad"), trust_cache_paths=False)
+        svc.prepare_client_path(label, str(adapters_root / "globex" / "bad"))
     assert err.value.reason is RefusalReason.INVALID_NAME and "lora_name='globex/bad'" in err.value.detail
-    assert svc.prepare("globex/bad", str(adapters_root / "globex" / "bad"), trust_cache_paths=False)
+    assert svc.prepare_client_path("globex/bad", str(adapters_root / "globex" / "bad"))
 
 
 def test_a_loaded_name_cannot_be_taken_over_from_another_location(tmp_path, tiny_bank, adapters_root):
     svc = _service(tmp_path, tiny_bank, adapters_root, served_names="label")
-    svc.mark_loaded("shared", svc.prepare("shared", str(adapters_root / "acme" / "good"), trust_cache_paths=False))
+    svc.mark_loaded("shared", svc.prepare_client_path("shared", str(adapters_root / "acme" / "good")))
     for other in ("globex/bad", "trusted/bad", "canary/bad"):
         with pytest.raises(AdapterRefused) as err:
-            svc.prepare("shared", str(adapters_root / other), trust_cache_paths=False)
+            svc.prepare_client_path("shared", str(adapters_root / other))
         assert err.value.reason is RefusalReason.NAME_IN_USE and "acme/good" in err.value.detail
     # the same location may be loaded again (in place) under its name
-    assert svc.prepare("shared", str(adapters_root / "acme" / "good"), trust_cache_paths=False)
+    assert svc.prepare_client_path("shared", str(adapters_root / "acme" / "good"))
     svc.forget("shared")
-    assert svc.prepare("shared", str(adapters_root / "globex" / "bad"), trust_cache_paths=False)
+    assert svc.prepare_client_path("shared", str(adapters_root / "globex" / "bad"))
 
 
 def test_refusals_are_remembered_by_content_and_by_files(tmp_path, tiny_bank, adapters_root, monkeypatch):
-    import vllm_safelora.serving.service as service_module
+    import vllm_safelora.serving.preparer as service_module
 
     bad = adapters_root / "globex" / "nan"
     shutil.copytree(adapters_root / "globex" / "bad", bad)
@@ -247,7 +247,7 @@ def test_refusals_are_remembered_by_content_and_by_files(tmp_path, tiny_bank, ad
     hits = _metric("safelora_refusal_cache_hits_total")
     for name in ("globex/nan", "globex/nan", "x1", "x2"):
         with pytest.raises(AdapterRefused) as err:
-            svc.prepare(name, str(bad) if name.startswith("x") else None, trust_cache_paths=False)
+            svc.prepare_client_path(name, str(bad) if name.startswith("x") else None)
         assert err.value.reason is RefusalReason.NON_FINITE
     assert (len(parses), len(reads)) == (1, 1)  # the files' identity answered the repeats
     assert _metric("safelora_refusal_cache_hits_total") == hits + 3
@@ -277,7 +277,7 @@ def test_not_found_and_bad_names_are_not_remembered(tmp_path, tiny_bank, adapter
 def test_the_throttle_bounds_preparations_and_refuses_beyond_the_queue(tmp_path, tiny_bank, adapters_root, monkeypatch):
     import threading
 
-    import vllm_safelora.serving.service as service_module
+    import vllm_safelora.serving.preparer as service_module
     from vllm_safelora.errors import Overloaded
 
     svc = _service(tmp_path, tiny_bank, adapters_root, max_concurrent_preparations=1, max_queued_preparations=1)
@@ -330,7 +330,7 @@ def test_hub_is_deny_by_default(tmp_path):
 
 
 def test_refusals_before_the_content_is_known_are_remembered_by_files(tmp_path, tiny_bank, adapters_root, monkeypatch):
-    import vllm_safelora.serving.service as service_module
+    import vllm_safelora.serving.preparer as service_module
 
     svc = _service(tmp_path, tiny_bank, adapters_root, max_adapter_bytes=1000)
     reads = []

@@ -199,7 +199,7 @@ def _wrap_load_lora_adapter(cls) -> None:
             return refused
         try:
             prepared = await state.off_loop(
-                svc.prepare, request.lora_name, request.lora_path, trust_cache_paths=False, where="load_endpoint"
+                svc.prepare_client_path, request.lora_name, request.lora_path, where="load_endpoint"
             )
         except (AdapterRefused, Overloaded) as exc:
             return to_error_response(exc)

@@ -1,0 +1,188 @@
+"""Prepare one adapter: read it, apply its tenant's policy, cache the result, count it.
+
+Given where the upload is (a :class:`~vllm_safelora.sources.Location`, found by the
+caller), the preparer checks the refusal memory, takes a slot of the preparation
+throttle, reads and validates the files, applies the tenant's policy inside the
+cache's single-flight build and returns the verified entry. It remembers nothing
+about what vLLM was handed (:mod:`.registry` does). Holds no math, imports no vLLM.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from .. import metrics
+from ..adapters import (
+    CONFIG_FILE, WEIGHTS_FILE, AdapterFiles, ReadLimits, parse_adapter, read_adapter_files, write_adapter_files,
+)
+from ..apply_policy import project_for_tenant
+from ..bank import AlignmentBank
+from ..cache import CacheKey, PatchedAdapterCache, entry_signature
+from ..config import SafeLoRASettings
+from ..errors import AdapterRefused, Overloaded
+from ..policies.tenant_rules import TenantPolicy, resolve_tenant
+from ..report import REPORT_FILE, AdapterReport
+from ..sources import LocalDirSource, Location
+from .refusal_memory import RefusalCache
+from .throttle import PreparationThrottle
+
+logger = logging.getLogger("vllm_safelora")
+
+
+@dataclass(frozen=True)
+class PreparedAdapter:
+    """An adapter ready for vLLM: ``path`` is a verified, patched cache entry."""
+
+    name: str
+    path: Path
+    digest: str
+    report: AdapterReport
+    cache_hit: bool
+    location: Location | None = None
+    """Where the uploaded adapter was read from: an entry that vanishes or changes is rebuilt from it."""
+    signature: tuple = ()
+    """(name, size, mtime_ns, inode) of the entry's files when they were verified."""
+
+    def unchanged_on_disk(self) -> bool:
+        """Cheap per-request check (a stat per file) that the verified entry is still as verified."""
+        return bool(self.signature) and entry_signature(self.path) == self.signature
+
+
+def _files_identity(path: Path, decided_by: tuple) -> tuple | None:
+    """What identifies an adapter's unchanged files without reading them (None if they cannot be stat'ed)."""
+    try:
+        stats = [os.stat(path / name) for name in (CONFIG_FILE, WEIGHTS_FILE)]
+    except OSError:
+        return None
+    return (*((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) for st in stats), decided_by)
+
+
+def _origin(location: Location) -> str:
+    """How to find an upload again (recorded in the cache index): a local path or a hub name."""
+    return str(location.path) if isinstance(location.source, LocalDirSource) else location.name
+
+
+class AdapterPreparer:
+    def __init__(
+        self, settings: SafeLoRASettings, bank: AlignmentBank, cache: PatchedAdapterCache, limits: ReadLimits
+    ):
+        self.settings = settings
+        self.bank = bank
+        self.cache = cache
+        self.limits = limits
+        self.throttle = PreparationThrottle(settings.max_concurrent_preparations, settings.max_queued_preparations)
+        self.refusals = RefusalCache(settings.refusal_cache_entries)
+
+    def prepare(self, name: str, find_location: Callable[[], Location], where: str) -> PreparedAdapter:
+        """Prepare the adapter ``find_location()`` names (its refusals counted like the adapter's own).
+
+        Raises AdapterRefused (already counted in the metrics and logged) or Overloaded.
+        """
+        start = time.perf_counter()
+        tenant: TenantPolicy | None = None
+        try:
+            location = find_location()
+            tenant = resolve_tenant(self.settings, location.identity)
+            with self.throttle.slot(name, where):
+                prepared = self._prepare_location(name, location, tenant)
+        except AdapterRefused as exc:
+            exc.for_adapter(name)
+            policy = (tenant.policy if tenant is not None else self.settings.policy).kind
+            metrics.ADAPTERS.labels(outcome="rejected", policy=policy, mode="enforce").inc()
+            metrics.REJECTIONS.labels(reason=exc.reason.value).inc()
+            logger.warning("safelora: %s", exc)
+            raise
+        except Overloaded as exc:
+            logger.warning("safelora: adapter '%s' (%s) not prepared: %s", name, where, exc)
+            raise
+        except Exception:
+            # Server-side trouble (disk full, cache lock timeout, a bug): the client
+            # gets a 5xx, nothing is served, and the operator gets the traceback.
+            metrics.ADAPTERS.labels(outcome="error", policy=self.settings.policy.kind, mode="enforce").inc()
+            logger.exception(
+                "safelora: preparing adapter '%s' failed on the server side; it was not served. Check the cache "
+                "directory %s (space, permissions) and the traceback below", name, self.settings.cache_dir,
+            )
+            raise
+        summary = prepared.report.summary
+        metrics.CACHE_REQUESTS.labels(result="hit" if prepared.cache_hit else "miss").inc()
+        logger.info(
+            "safelora: adapter '%s' from %s %s%s: %d/%d modules projected (min cosine %s, mean Pdst %.4f), policy %s "
+            "%s (rule '%s'), bank %s -> cache entry %s [%s, %.3fs]",
+            name, location.identity, summary.outcome, " (SHADOW: served unprojected)" if tenant.shadow else "",
+            summary.projected, summary.modules,
+            f"{summary.min_cosine:.5f}" if summary.min_cosine is not None else "n/a", summary.mean_pdst,
+            summary.policy_name, summary.policy_id, tenant.rule, summary.bank_id, prepared.digest[:16],
+            "cache hit" if prepared.cache_hit else "projected now", time.perf_counter() - start,
+        )
+        return prepared
+
+    def _prepare_location(self, name: str, location: Location, tenant: TenantPolicy) -> PreparedAdapter:
+        decided_by = (tenant.cache_policy_id(self.bank), tenant.admission.model_dump_json())
+        files_key = _files_identity(location.path, decided_by)
+        if files_key is not None and (refused := self.refusals.by_files(files_key)) is not None:
+            metrics.REFUSAL_CACHE_HITS.inc()
+            raise refused
+        try:
+            files = read_adapter_files(location.path, name=name, limits=self.limits, confine_to=location.confine)
+        except AdapterRefused as exc:  # e.g. over the size limits: refused before its content is known
+            self.refusals.remember(exc, None, files_key)
+            raise
+        content_key = (files.content_hash, decided_by)
+        if (refused := self.refusals.by_content(content_key)) is not None:
+            metrics.REFUSAL_CACHE_HITS.inc()
+            self.refusals.remember(refused, content_key, files_key)
+            raise refused
+        try:
+            return self._prepare_files(name, files, location, tenant)
+        except AdapterRefused as exc:
+            self.refusals.remember(exc, content_key, files_key)
+            raise
+
+    def _prepare_files(
+        self, name: str, files: AdapterFiles, location: Location, tenant: TenantPolicy
+    ) -> PreparedAdapter:
+        adapter = parse_adapter(files, limits=self.limits)
+        key = CacheKey(
+            adapter_hash=adapter.content_hash, bank_id=self.bank.bank_id, policy_id=tenant.cache_policy_id(self.bank)
+        )
+
+        def build(tmpdir: Path) -> dict[str, str]:
+            start = time.perf_counter()
+            outcome = project_for_tenant(
+                adapter, self.bank, tenant, name=name, aliases=self.settings.aliases,
+                require_base_model_match=self.settings.require_base_model_match,
+            )
+            written = write_adapter_files(tmpdir, outcome.adapter)
+            self._observe_projection(outcome.report, tenant, time.perf_counter() - start)
+            return written  # hashed from memory: the seal does not read the files back
+
+        # Leased before it is verified (no eviction can slip in); the lease passes to the
+        # registry of paths handed to vLLM, and is given back when the adapter drops out.
+        # An entry exists only for an adapter its tenant's rules admitted (they are part
+        # of the key), so a hit and a fresh build are read the same way.
+        entry, hit = self.cache.get_or_create(key, build, lease=True, origin=_origin(location))
+        try:
+            report = AdapterReport.model_validate_json((entry.path / REPORT_FILE).read_bytes())
+        except BaseException:
+            self.cache.release(entry.digest)
+            raise
+        metrics.CACHE_BYTES.set(self.cache.total_bytes())  # from the index: one row read
+        return PreparedAdapter(
+            name=name, path=entry.path, digest=entry.digest, report=report, cache_hit=hit,
+            location=location, signature=entry_signature(entry.path),
+        )
+
+    def _observe_projection(self, report: AdapterReport, tenant: TenantPolicy, seconds: float) -> None:
+        metrics.PROJECTIONS.labels(policy=tenant.policy.kind).inc()
+        metrics.PROJECTION_SECONDS.observe(seconds)
+        metrics.MODULES_PROJECTED.inc(report.summary.projected)
+        if report.summary.mean_cosine is not None:
+            metrics.ADAPTER_MEAN_COSINE.observe(report.summary.mean_cosine)
+        for module in report.modules:
+            metrics.MODULE_COSINE.observe(module.cosine)
