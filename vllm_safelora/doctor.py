@@ -152,11 +152,11 @@ def _nearest_existing(path: Path) -> Path:
     return path
 
 
-def _cache_bytes(entries: Path) -> int:
-    """Bytes under entries/, counted by the cache's own helper (what it holds against its budget)."""
-    from .cache.layout import dir_bytes
+def _cache_bytes(root: Path) -> int:
+    """Bytes under the cache's entries, counted by its own helper (what it holds against its budget)."""
+    from .cache.layout import CacheLayout, dir_bytes
 
-    return dir_bytes(entries)
+    return dir_bytes(CacheLayout(root).entries_dir)
 
 
 def check_cache(settings) -> list[Check]:
@@ -171,7 +171,7 @@ def check_cache(settings) -> list[Check]:
         what = "is not writable" if anchor == root else f"cannot be created ({anchor} is not writable)"
         return [Check("cache", FAIL, f"patched-adapter cache directory {str(root)!r} {what}; {fix}")]
     budget = settings.cache_max_bytes
-    used = _cache_bytes(root / "entries") if root.is_dir() else 0
+    used = _cache_bytes(root) if root.is_dir() else 0
     detail = (f"{root} {'writable' if root.exists() else 'will be created'}; {used / 2**20:.1f} MiB of "
               f"{budget / 2**30:.2f} GiB budget ({used / budget:.0%})")
     return [Check("cache", WARN if used > budget else OK, detail + (" - over budget: entries in use cannot be "

@@ -12,7 +12,8 @@ Split by job:
 * ``leases``  which entries each process may still hand to vLLM;
 * ``seal``    hashing and fsyncing a freshly built entry and writing its manifest;
 * ``evict``   keeping the cache within its byte budget (LRU, through the index);
-* ``store``   ``PatchedAdapterCache``: look up, build once, publish, lease, verify by path.
+* ``store``   ``PatchedAdapterCache``: look up, build once, publish, lease, verify by path;
+* ``worker_guard`` what a vLLM worker may load: intact entries only (``WorkerGuard``).
 """
 
 from .entry import (

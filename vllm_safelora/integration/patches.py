@@ -285,61 +285,51 @@ def _wrap_worker_set_active_adapters(cls) -> None:
 def _wrap_worker_load_adapter(cls) -> None:
     """Only intact cache entries reach vLLM's loader; an altered one is never served.
 
-    The entry must hold exactly its manifest's files at their recorded sizes; the small
-    files are hashed (blake3) against the manifest before vLLM reads them, and the
-    weights file is read once, hashed, and handed to vLLM's safetensors reader as those
-    very bytes (verified_read.py: no second read, nothing to swap in between). Every
-    file's (size, mtime, inode) must be the same after vLLM read it. An explicit load
-    (add_lora) that fails this gets an error. A lazy load inside execute_model (a
-    re-read after vLLM's own LRU evicted the adapter) must not raise, because that
-    kills the engine: the altered entry is removed (so the front end rebuilds it from
-    the tenant's upload on the next request and has the engine reload it) and this
-    batch runs the request without the adapter, i.e. as the base model.
+    The checks are :class:`~vllm_safelora.cache.worker_guard.WorkerGuard`'s; here vLLM's
+    loader is made to read the very weight bytes the guard hashed (verified_read.py). An
+    explicit load (add_lora) that fails gets an error. A lazy load inside execute_model (a
+    re-read after vLLM's own LRU evicted the adapter) must not raise, because that kills
+    the engine: the altered entry is removed (so the front end rebuilds it from the
+    tenant's upload on the next request and has the engine reload it) and this batch
+    runs the request without the adapter, i.e. as the base model.
     """
     from ..adapters import WEIGHTS_FILE
-    from ..cache import CorruptEntry, discard_entry, entry_path_in, entry_signature, read_verified, verify_entry
+    from ..cache import CorruptEntry
+    from ..cache.worker_guard import EntryRefused, WorkerGuard
     from . import verified_read
 
     verified_read.install()
     original = cls._load_adapter
-    weights_only = frozenset({WEIGHTS_FILE})
 
     @functools.wraps(original)
     def _load_adapter(self, lora_request):
         settings = state.settings()
-        entries_dir = settings.cache_dir / "entries"
         path = lora_request.lora_path
-        entry = entry_path_in(path, entries_dir) if path and os.path.isabs(path) else None
-        if entry is None:
-            problem, altered = "it is no entry of that cache, so it was never projected", False
+
+        def read_through_vllm(weights, data: bytes):
+            with verified_read.serving(weights, data) as pending:
+                lora = original(self, lora_request)
+            if not pending.served:
+                raise CorruptEntry(f"vLLM did not read {WEIGHTS_FILE} through the verified read")
+            return lora
+
+        try:
+            entry, lora = WorkerGuard(settings.cache_dir).load(path, read_through_vllm)
+        except EntryRefused as refused:
+            problem, removed = refused.problem, refused.removed
         else:
-            try:
-                verified = verify_entry(entry, hash_files=True, hashed_by_caller=weights_only)
-                before = entry_signature(entry)
-                with verified_read.serving(entry / WEIGHTS_FILE, read_verified(verified, WEIGHTS_FILE)) as pending:
-                    lora = original(self, lora_request)
-                if not pending.served:
-                    raise CorruptEntry(f"vLLM did not read {WEIGHTS_FILE} through the verified read")
-                if entry_signature(entry) == before:
-                    logger.info(
-                        "vllm-safelora worker guard (pid %d, tensor-parallel rank %s): adapter '%s' loaded from "
-                        "verified cache entry %s", os.getpid(), _tp_rank(), lora_request.lora_name, entry.name[:16],
-                    )
-                    return lora
-                problem, altered = "its files changed while vLLM read them", True
-            except CorruptEntry as exc:
-                problem, altered = f"it failed verification: {exc}", True
+            logger.info(
+                "vllm-safelora worker guard (pid %d, tensor-parallel rank %s): adapter '%s' loaded from "
+                "verified cache entry %s", os.getpid(), _tp_rank(), lora_request.lora_name, entry.name[:16],
+            )
+            return lora
         metrics.GUARD_EVENTS.labels(where="worker").inc()
         message = (
             f"vllm-safelora: refusing to load adapter '{lora_request.lora_name}' from {path!r}: it is not an intact "
             f"entry of the patched-adapter cache ({problem}). Load adapters through the resolver, "
             "/v1/load_lora_adapter or --lora-modules"
         )
-        if altered:
-            import uuid
-
-            trash = settings.cache_dir / "tmp" / f"evict.{os.getpid()}.worker.{entry.name[:16]}.{uuid.uuid4().hex[:12]}"
-            discard_entry(entry, trash)
+        if removed:
             message += "; the entry was removed and is rebuilt from the uploaded adapter on its next request"
         if getattr(_lazy_load, "active", False):
             logger.error(
