@@ -177,7 +177,7 @@ def test_fast_update_bounds_decide_as_the_full_precision_check():
     import random
 
     from vllm_safelora.adapters import ReadLimits
-    from vllm_safelora.adapters.bounds import _update_problems
+    from vllm_safelora.adapters.bounds import update_problems
 
     rng = random.Random(0)
     torch.manual_seed(0)
@@ -195,7 +195,7 @@ def test_fast_update_bounds_decide_as_the_full_precision_check():
             B.view(-1)[rng.randrange(B.numel())] = rng.choice([float("nan"), -float("inf"), 70000.0])
         scale = rng.choice([0.5, 2.0, 16.0, 1e4, -3.0])
         expected = _update_problems_reference(A, B, scale, limits)
-        got = _update_problems("m", A, B, scale, limits)
+        got = update_problems("m", A, B, scale, limits)
         kinds = ["non-finite" if "not finite" in p else "lora_A" if "|lora_A|" in p else "update" for p in got]
         assert kinds == expected, (dtype, limits.serve_dtype, scale, got)
         seen.update(expected or ["ok"])

@@ -28,7 +28,7 @@ from .adapters import (
     write_adapter_dir,
 )
 from .bank import AlignmentBank
-from .errors import AdapterRefused, RefusalReason
+from .errors import AdapterRefused, Problems, RefusalReason
 from .policies import PolicyConfig, make_policy
 from .policies.base import lora_flops_per_token
 from .projection import mean_pdst
@@ -70,27 +70,19 @@ def check_compatible(
                 "If that is the same model under another name, add it to the bank's aliases",
                 who,
             )
-    problems: list[tuple[RefusalReason, str]] = []
+    problems = Problems(who, shown=10)
     for module_name, module in adapter.modules.items():
         meta = manifest.module(module_name)
         if meta is None or bank.get(module_name) is None:
-            problems.append(
-                (RefusalReason.UNKNOWN_MODULE, f"module {module_name} is not in the alignment bank {manifest.bank_id}")
-            )
+            problems.add(RefusalReason.UNKNOWN_MODULE, f"module {module_name} is not in the alignment bank {manifest.bank_id}")
             continue
         if (module.d_out, module.d_in) != tuple(meta.shape):
-            problems.append(
-                (
-                    RefusalReason.SHAPE_MISMATCH,
-                    f"module {module_name}: the update is {module.d_out} x {module.d_in}, the model's weight is "
-                    f"{meta.shape[0]} x {meta.shape[1]}",
-                )
+            problems.add(
+                RefusalReason.SHAPE_MISMATCH,
+                f"module {module_name}: the update is {module.d_out} x {module.d_in}, the model's weight is "
+                f"{meta.shape[0]} x {meta.shape[1]}",
             )
-    if problems:
-        details = "; ".join(d for _, d in problems[:10])
-        if len(problems) > 10:
-            details += f"; and {len(problems) - 10} more"
-        raise AdapterRefused(problems[0][0], details, who)
+    problems.raise_if_any()
 
 
 def project_adapter(

@@ -13,6 +13,7 @@ Three families, because each one is handled differently by the server:
 from __future__ import annotations
 
 import enum
+from typing import Sequence
 
 
 class RefusalReason(str, enum.Enum):
@@ -88,3 +89,28 @@ class Overloaded(SafeLoRAError):
     def __init__(self, detail: str, retry_after_s: float):
         self.retry_after_s = retry_after_s
         super().__init__(f"vllm-safelora is busy preparing other adapters: {detail}")
+
+
+def list_problems(details: Sequence[str], shown: int) -> str:
+    """The first ``shown`` problems, then how many more: a message bounded whatever an input holds."""
+    text = "; ".join(details[:shown])
+    if len(details) > shown:
+        text += f"; and {len(details) - shown} more problems"
+    return text
+
+
+class Problems:
+    """Collects every problem, then refuses once with the first reason (as vLLM's PEFTHelper reports)."""
+
+    def __init__(self, adapter: str | None, shown: int = 20):
+        self.adapter = adapter
+        self.shown = shown
+        self.items: list[tuple[RefusalReason, str]] = []
+
+    def add(self, reason: RefusalReason, detail: str) -> None:
+        self.items.append((reason, detail))
+
+    def raise_if_any(self) -> None:
+        if self.items:
+            details = list_problems([d for _, d in self.items], self.shown)
+            raise AdapterRefused(self.items[0][0], details, adapter=self.adapter)

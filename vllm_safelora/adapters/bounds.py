@@ -9,7 +9,7 @@ import torch
 
 from .limits import ReadLimits
 
-# Accumulation headroom of the update bound (see _update_problems): one output of
+# Accumulation headroom of the update bound (see update_problems): one output of
 # x @ (s B A)^T sums d_in products; with |x| <= ACTIVATION_HEADROOM the sum stays
 # finite in the served dtype when max|s B A| <= finfo.max / (ACTIVATION_HEADROOM * d_in).
 ACTIVATION_HEADROOM = 16.0
@@ -52,7 +52,7 @@ def all_finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(max_abs(t)))
 
 
-def _update_problems(name: str, A: torch.Tensor, B: torch.Tensor, scale: float, limits: ReadLimits) -> list[str]:
+def update_problems(name: str, A: torch.Tensor, B: torch.Tensor, scale: float, limits: ReadLimits) -> list[str]:
     """Whether vLLM can run this module's update finitely, as it will run it.
 
     vLLM casts lora_A to its LoRA dtype and folds s into lora_B there

@@ -12,20 +12,33 @@ from typing import Any, Mapping
 import torch
 
 from ..errors import RefusalReason
-from .limits import ReadLimits, _Problems
+from ..errors import Problems
+from .limits import ReadLimits
 from .names import WEIGHTS_FILE
-from .validate import _parse_json
+from .validate import parse_json
 
-# safetensors dtype codes we accept for LoRA weights: projection runs in
-# float32 and casts back, so only these three round-trip.
-_FLOAT_CODES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
-_ELEMENT_SIZE = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
-    "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
+# Every safetensors dtype code as torch holds it: the one map the reader and the
+# worker's verified read use (element sizes come from the torch dtype).
+SAFETENSORS_DTYPES = {
+    "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "F8_E5M2": torch.float8_e5m2,
+    "F8_E4M3": torch.float8_e4m3fn, "I16": torch.int16, "U16": torch.uint16, "F16": torch.float16,
+    "BF16": torch.bfloat16, "I32": torch.int32, "U32": torch.uint32, "F32": torch.float32, "I64": torch.int64,
+    "U64": torch.uint64, "F64": torch.float64,
 }
+# The codes we accept for LoRA weights: projection runs in float32 and casts back,
+# so only these three round-trip.
+FLOAT_CODES = {code: SAFETENSORS_DTYPES[code] for code in ("F16", "BF16", "F32")}
 
 
-def _check_safetensors_header(data: bytes, limits: ReadLimits, problems: _Problems) -> dict[str, Any] | None:
+def header_length(data: bytes) -> int | None:
+    """The length field of a safetensors file, or None if the header cannot fit in ``data``."""
+    if len(data) < 8:
+        return None
+    (n,) = struct.unpack("<Q", data[:8])
+    return n if n <= len(data) - 8 else None
+
+
+def check_safetensors_header(data: bytes, limits: ReadLimits, problems: Problems) -> dict[str, Any] | None:
     """Validate the header ourselves: size, tensor count, JSON, duplicates, dtypes, offsets, sizes.
 
     Ordered so that the cost of a refusal is bounded before anything is parsed: the
@@ -36,8 +49,9 @@ def _check_safetensors_header(data: bytes, limits: ReadLimits, problems: _Proble
     if len(data) < 8:
         problems.add(RefusalReason.MALFORMED_TENSORS, f"{WEIGHTS_FILE} is {len(data)} bytes, too short for safetensors")
         return None
-    (n,) = struct.unpack("<Q", data[:8])
-    if n > len(data) - 8:
+    n = header_length(data)
+    if n is None:
+        n = struct.unpack("<Q", data[:8])[0]
         problems.add(
             RefusalReason.MALFORMED_TENSORS,
             f"{WEIGHTS_FILE} header claims {n} bytes but the file has {len(data) - 8} after the length field",
@@ -56,7 +70,7 @@ def _check_safetensors_header(data: bytes, limits: ReadLimits, problems: _Proble
             seen[k] = v
         return seen
 
-    header = _parse_json(raw, f"{WEIGHTS_FILE} header", 4, RefusalReason.MALFORMED_TENSORS, problems,
+    header = parse_json(raw, f"{WEIGHTS_FILE} header", 4, RefusalReason.MALFORMED_TENSORS, problems,
                          object_pairs_hook=no_duplicates)
     if header is None:
         return None
@@ -72,7 +86,7 @@ def _check_safetensors_header(data: bytes, limits: ReadLimits, problems: _Proble
     return header if _check_header_entries(header, len(data) - 8 - n, limits, problems) else None
 
 
-def _header_within_bounds(data: bytes, limits: ReadLimits, problems: _Problems) -> bool:
+def _header_within_bounds(data: bytes, limits: ReadLimits, problems: Problems) -> bool:
     """The header's size and tensor count, from its length field and a byte count: no parsing."""
     (n,) = struct.unpack("<Q", data[:8])
     if n > limits.max_header_bytes:
@@ -89,11 +103,11 @@ def _header_within_bounds(data: bytes, limits: ReadLimits, problems: _Problems) 
     return True
 
 
-def _refuse_oversized_header(head: bytes, size: int, *, limits: ReadLimits, adapter: str) -> None:
+def refuse_oversized_header(head: bytes, size: int, *, limits: ReadLimits, adapter: str) -> None:
     """While reading: refuse a header over the bounds before the rest of the file is read.
     (A length field past the end of the file is left to the parser, which calls it malformed.)"""
     if len(head) >= 8 and 8 + struct.unpack("<Q", head[:8])[0] <= size:
-        problems = _Problems(adapter)
+        problems = Problems(adapter)
         _header_within_bounds(head, limits, problems)
         problems.raise_if_any()
 
@@ -105,7 +119,7 @@ def _too_many_tensors(count: int, limits: ReadLimits) -> str:
     )
 
 
-def _check_header_entries(header: Mapping[str, Any], data_len: int, limits: ReadLimits, problems: _Problems) -> bool:
+def _check_header_entries(header: Mapping[str, Any], data_len: int, limits: ReadLimits, problems: Problems) -> bool:
     spans: list[tuple[int, int, str]] = []
     for name, info in header.items():
         if name == "__metadata__":
@@ -114,7 +128,7 @@ def _check_header_entries(header: Mapping[str, Any], data_len: int, limits: Read
             problems.add(RefusalReason.MALFORMED_TENSORS, f"{WEIGHTS_FILE}: tensor {name} has an invalid header entry")
             return False
         dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-        if not isinstance(dtype, str) or dtype not in _ELEMENT_SIZE or not isinstance(shape, list) or not isinstance(offsets, list) or len(offsets) != 2:
+        if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES or not isinstance(shape, list) or not isinstance(offsets, list) or len(offsets) != 2:
             problems.add(RefusalReason.MALFORMED_TENSORS, f"{WEIGHTS_FILE}: tensor {name} has an invalid header entry")
             return False
         if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in [*shape, *offsets]):
@@ -129,7 +143,7 @@ def _check_header_entries(header: Mapping[str, Any], data_len: int, limits: Read
             )
             return False
         begin, end = offsets
-        expected = elements * _ELEMENT_SIZE[dtype]
+        expected = elements * SAFETENSORS_DTYPES[dtype].itemsize
         if not (begin <= end <= data_len) or end - begin != expected:
             problems.add(
                 RefusalReason.MALFORMED_TENSORS,

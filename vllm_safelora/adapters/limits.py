@@ -10,7 +10,6 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from ..errors import AdapterRefused, RefusalReason
 from .names import NameParser, parse_lora_name
 
 # What the header of one tensor may cost: its name (module paths are < 150 characters),
@@ -59,22 +58,3 @@ class ReadLimits:
     """vLLM's deployment filter (--lora-target-modules); None: every module."""
     check_config: ConfigCheck | None = None
     """The served vLLM's own adapter_config.json validation (PEFTHelper); None: only the reader's mirror of it."""
-
-
-
-class _Problems:
-    """Collects every problem, then refuses once with the first reason (peft_helper style)."""
-
-    def __init__(self, adapter: str):
-        self.adapter = adapter
-        self.items: list[tuple[RefusalReason, str]] = []
-
-    def add(self, reason: RefusalReason, detail: str) -> None:
-        self.items.append((reason, detail))
-
-    def raise_if_any(self) -> None:
-        if self.items:
-            details = "; ".join(d for _, d in self.items[:20])
-            if len(self.items) > 20:
-                details += f"; and {len(self.items) - 20} more problems"
-            raise AdapterRefused(self.items[0][0], details, adapter=self.adapter)

@@ -16,10 +16,11 @@ import torch
 
 from ..errors import RefusalReason
 from ..fsutil import fast_hash
-from .bounds import _update_problems, all_finite
-from .limits import ReadLimits, _Problems
+from .bounds import update_problems, all_finite
+from ..errors import Problems
+from .limits import ReadLimits
 from .names import CONFIG_FILE, WEIGHTS_FILE, canonical_name, parse_lora_name
-from .validate import _pattern_value
+from .validate import pattern_value
 
 @dataclass(frozen=True)
 class LoraModule:
@@ -92,7 +93,7 @@ class _Slot:
     """"A" or "B"."""
 
 
-def _map_tensor_names(names: list[str], limits: ReadLimits, problems: _Problems) -> dict[str, _Slot]:
+def map_tensor_names(names: list[str], limits: ReadLimits, problems: Problems) -> dict[str, _Slot]:
     """Map every tensor name as the served vLLM will; refuse names it cannot map and collisions.
 
     vLLM fills its modules in file order and the last tensor it meets for a module
@@ -117,7 +118,7 @@ def _map_tensor_names(names: list[str], limits: ReadLimits, problems: _Problems)
     return slots
 
 
-def _slot_for(name: str, limits: ReadLimits, problems: _Problems) -> _Slot | None:
+def _slot_for(name: str, limits: ReadLimits, problems: Problems) -> _Slot | None:
     if "lora_magnitude_vector" in name:
         problems.add(RefusalReason.UNSUPPORTED_FEATURE, f"tensor {name} is a DoRA magnitude; DoRA is not supported")
         return None
@@ -160,12 +161,12 @@ def _slot_for(name: str, limits: ReadLimits, problems: _Problems) -> _Slot | Non
     return _Slot(module=module, peft_module=peft_module, which=which)
 
 
-def _pair_modules(
+def pair_modules(
     tensors: Mapping[str, torch.Tensor],
     slots: Mapping[str, _Slot],
     config: Mapping[str, Any],
     limits: ReadLimits,
-    problems: _Problems,
+    problems: Problems,
 ) -> dict[str, LoraModule]:
     halves: dict[str, dict[str, str]] = {}
     for key, slot in slots.items():
@@ -191,7 +192,7 @@ def _pair_modules(
 
 
 def _module(
-    name: str, A: torch.Tensor, B: torch.Tensor, config: Mapping[str, Any], limits: ReadLimits, problems: _Problems
+    name: str, A: torch.Tensor, B: torch.Tensor, config: Mapping[str, Any], limits: ReadLimits, problems: Problems
 ) -> LoraModule | None:
     """One module's checks, in the order that makes later ones meaningful; None if refused."""
     if A.dim() != 2 or B.dim() != 2:
@@ -204,7 +205,7 @@ def _module(
     if B.shape[1] != r:
         problems.add(RefusalReason.RANK_MISMATCH, f"module {name}: lora_A has rank {r}, lora_B has rank {B.shape[1]}")
         return None
-    declared = _pattern_value(config.get("rank_pattern"), name, config.get("r"))
+    declared = pattern_value(config.get("rank_pattern"), name, config.get("r"))
     if declared != r:
         problems.add(RefusalReason.RANK_MISMATCH, f"module {name}: weights have rank {r}, {CONFIG_FILE} declares {declared}")
         return None
@@ -218,9 +219,9 @@ def _module(
         problems.add(RefusalReason.NON_FINITE, f"module {name} has NaN or Inf values")
         return None
     # vLLM's rule (PEFTHelper.get_rank_and_scaling): patterns match the unmapped module name.
-    alpha = float(_pattern_value(config.get("alpha_pattern"), name, config["lora_alpha"]))
+    alpha = float(pattern_value(config.get("alpha_pattern"), name, config["lora_alpha"]))
     scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
-    overflow = _update_problems(name, A, B, scale, limits)
+    overflow = update_problems(name, A, B, scale, limits)
     for detail in overflow:
         problems.add(RefusalReason.UPDATE_OVERFLOW, detail)
     if overflow:
@@ -242,5 +243,5 @@ def changed_update_problems(adapter: LoraAdapter, tensors: Mapping[str, torch.Te
         A, B = tensors.get(m.a_key), tensors.get(m.b_key)
         if A is None or B is None or (A is m.lora_A and B is m.lora_B):
             continue  # pruned or unchanged
-        problems += [f"after the policy, {p}" for p in _update_problems(m.name, A, B, m.scale, adapter.limits)]
+        problems += [f"after the policy, {p}" for p in update_problems(m.name, A, B, m.scale, adapter.limits)]
     return problems

@@ -23,11 +23,12 @@ import torch
 from safetensors.torch import load as load_safetensors_bytes
 
 from ..errors import AdapterRefused, RefusalReason
-from .header import _FLOAT_CODES, _check_safetensors_header, _refuse_oversized_header
-from .limits import ReadLimits, _Problems
-from .modules import LoraAdapter, _map_tensor_names, _pair_modules, content_hash
+from .header import FLOAT_CODES, check_safetensors_header, refuse_oversized_header
+from ..errors import Problems
+from .limits import ReadLimits
+from .modules import LoraAdapter, map_tensor_names, pair_modules, content_hash
 from .names import CONFIG_FILE, PICKLE_FILES, WEIGHTS_FILE, canonical_name
-from .validate import _check_config, _parse_config
+from .validate import parse_config, validate_config
 
 def _read_regular_file(
     path: Path, limit: int, adapter: str, confine_to: Path | None,
@@ -154,7 +155,7 @@ def read_adapter_files(
     config_bytes, config_stat = _read_regular_file(config_path, limits.max_config_bytes, who, confine_to)
     weights_bytes, weights_stat = _read_regular_file(
         weights_path, limits.max_bytes, who, confine_to,
-        head=(8 + limits.max_header_bytes, functools.partial(_refuse_oversized_header, limits=limits, adapter=who)),
+        head=(8 + limits.max_header_bytes, functools.partial(refuse_oversized_header, limits=limits, adapter=who)),
     )
     if not (_same_file(config_stat, config_path) and _same_file(weights_stat, weights_path)):
         raise AdapterRefused(
@@ -190,21 +191,21 @@ def parse_adapter(files: AdapterFiles, *, limits: ReadLimits = ReadLimits()) -> 
     """
     path, who = files.path, files.name
     config_bytes, weights_bytes = files.config_bytes, files.weights_bytes
-    problems = _Problems(who)
-    config = _parse_config(config_bytes, limits, problems)
+    problems = Problems(who)
+    config = parse_config(config_bytes, limits, problems)
     if config is not None:
-        _check_config(config, limits, problems)
+        validate_config(config, limits, problems)
     problems.raise_if_any()
     assert config is not None
 
-    header = _check_safetensors_header(weights_bytes, limits, problems)
+    header = check_safetensors_header(weights_bytes, limits, problems)
     problems.raise_if_any()
     assert header is not None
     names = [k for k in header if k != "__metadata__"]
     for tname in names:
-        if header[tname]["dtype"] not in _FLOAT_CODES:
+        if header[tname]["dtype"] not in FLOAT_CODES:
             problems.add(RefusalReason.BAD_DTYPE, f"tensor {tname} has dtype {header[tname]['dtype']}; LoRA weights must be F16, BF16 or F32")
-    slots = _map_tensor_names(names, limits, problems)
+    slots = map_tensor_names(names, limits, problems)
     problems.raise_if_any()
     try:
         tensors = load_safetensors_bytes(weights_bytes)
@@ -212,7 +213,7 @@ def parse_adapter(files: AdapterFiles, *, limits: ReadLimits = ReadLimits()) -> 
         raise AdapterRefused(RefusalReason.MALFORMED_TENSORS, f"{WEIGHTS_FILE} cannot be parsed: {exc}", who) from exc
     metadata = header.get("__metadata__") or {}
 
-    modules = _pair_modules(tensors, slots, config, limits, problems)
+    modules = pair_modules(tensors, slots, config, limits, problems)
     problems.raise_if_any()
     canonical = {canonical_name(slots[k].peft_module, slots[k].which): t for k, t in tensors.items()}
     dtypes = {t.dtype for t in tensors.values()}

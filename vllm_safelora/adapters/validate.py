@@ -12,7 +12,8 @@ import re
 from typing import Any, Mapping
 
 from ..errors import RefusalReason
-from .limits import ReadLimits, _Problems
+from ..errors import Problems
+from .limits import ReadLimits
 from .names import CONFIG_FILE
 
 # rank_pattern / alpha_pattern keys: module names or suffixes only (see _check_pattern).
@@ -20,7 +21,7 @@ _PATTERN_KEY = re.compile(r"[A-Za-z0-9_.\-]{1,256}")
 _MAX_PATTERN_KEYS = 1024
 
 
-def _parse_json(data: bytes, what: str, max_depth: int, reason: RefusalReason, problems: _Problems, **kw) -> Any:
+def parse_json(data: bytes, what: str, max_depth: int, reason: RefusalReason, problems: Problems, **kw) -> Any:
     """json.loads that refuses instead of raising: RecursionError ('[' * 10**5) is not a ValueError."""
     try:
         value = json.loads(data.decode("utf-8"), **kw)
@@ -51,8 +52,8 @@ def _json_depth(value: Any, limit: int) -> int:
     return deepest
 
 
-def _parse_config(data: bytes, limits: ReadLimits, problems: _Problems) -> dict[str, Any] | None:
-    config = _parse_json(data, CONFIG_FILE, limits.max_config_depth, RefusalReason.INVALID_CONFIG, problems)
+def parse_config(data: bytes, limits: ReadLimits, problems: Problems) -> dict[str, Any] | None:
+    config = parse_json(data, CONFIG_FILE, limits.max_config_depth, RefusalReason.INVALID_CONFIG, problems)
     if config is None:
         return None
     if not isinstance(config, dict):
@@ -65,7 +66,7 @@ def _is_number(value: Any) -> bool:
     return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
 
 
-def _check_config(config: Mapping[str, Any], limits: ReadLimits, problems: _Problems) -> None:
+def validate_config(config: Mapping[str, Any], limits: ReadLimits, problems: Problems) -> None:
     peft_type = config.get("peft_type")
     if peft_type != "LORA":
         problems.add(RefusalReason.NOT_LORA, f"{CONFIG_FILE}: peft_type is {peft_type!r}, only 'LORA' is served")
@@ -82,7 +83,7 @@ def _check_config(config: Mapping[str, Any], limits: ReadLimits, problems: _Prob
             problems.add(RefusalReason.VLLM_UNSUPPORTED, f"{CONFIG_FILE}: {problem}")
 
 
-def _check_scaling_fields(config: Mapping[str, Any], limits: ReadLimits, problems: _Problems) -> None:
+def _check_scaling_fields(config: Mapping[str, Any], limits: ReadLimits, problems: Problems) -> None:
     """r, lora_alpha, use_rslora, rank_pattern, alpha_pattern: what s = alpha / r is made of.
 
     vLLM requires r and lora_alpha (PEFTHelper has no default for them); PEFT always saves both.
@@ -106,7 +107,7 @@ def _check_scaling_fields(config: Mapping[str, Any], limits: ReadLimits, problem
             _check_pattern(key, value, limits, problems)
 
 
-def _check_alpha(where: str, alpha: Any, limits: ReadLimits, problems: _Problems) -> bool:
+def _check_alpha(where: str, alpha: Any, limits: ReadLimits, problems: Problems) -> bool:
     if not _is_number(alpha):
         problems.add(RefusalReason.INVALID_CONFIG, f"{CONFIG_FILE}: {where} must be a finite number, got {alpha!r}")
         return False
@@ -124,7 +125,7 @@ def _check_alpha(where: str, alpha: Any, limits: ReadLimits, problems: _Problems
 _PLAIN_INITS = ("gaussian", "eva", "orthogonal", "mica", "lora_ga")
 
 
-def _check_vllm_features(config: Mapping[str, Any], problems: _Problems) -> None:
+def _check_vllm_features(config: Mapping[str, Any], problems: Problems) -> None:
     """The PEFT features vLLM 0.32's PEFTHelper refuses, mirrored so offline tools refuse them too.
 
     At serve time ``ReadLimits.check_config`` runs PEFTHelper itself; this mirror is the
@@ -155,7 +156,7 @@ def _check_vllm_features(config: Mapping[str, Any], problems: _Problems) -> None
             refuse(f"{what} ({key}) is not supported by vLLM")
 
 
-def _check_pattern(key: str, pattern: Mapping[str, Any], limits: ReadLimits, problems: _Problems) -> None:
+def _check_pattern(key: str, pattern: Mapping[str, Any], limits: ReadLimits, problems: Problems) -> None:
     """rank_pattern / alpha_pattern keys are matched as regexes (PEFT's rule); a tenant's regex
     could backtrack for hours (``(.|.)*Z``), so only module names / suffixes are accepted."""
     if len(pattern) > _MAX_PATTERN_KEYS:
@@ -185,7 +186,7 @@ def _check_pattern(key: str, pattern: Mapping[str, Any], limits: ReadLimits, pro
             return
 
 
-def _pattern_value(pattern: Mapping[str, Any] | None, module: str, default: Any) -> Any:
+def pattern_value(pattern: Mapping[str, Any] | None, module: str, default: Any) -> Any:
     """PEFT's rule: a key matches a module whose path ends with it (as a regex)."""
     for key, value in (pattern or {}).items():
         try:

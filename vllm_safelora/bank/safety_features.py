@@ -35,7 +35,7 @@ from typing import Mapping
 
 import torch
 
-from ..errors import BankError
+from ..errors import BankError, list_problems
 
 logger = logging.getLogger(__name__)
 
@@ -96,8 +96,7 @@ def read_safety_prompts(path: Path, max_samples: int | None = None) -> tuple[lis
             continue
         samples.append({"prompt": obj["prompt"], "response": obj["response"]})
     if problems:
-        more = f"; and {len(problems) - 10} more" if len(problems) > 10 else ""
-        raise BankError(f"safety prompts {path}: " + "; ".join(problems[:10]) + more)
+        raise BankError(f"safety prompts {path}: " + list_problems(problems, 10))
     if not samples:
         raise BankError(f"safety prompts {path} hold no samples (want JSONL lines {{\"prompt\": ..., \"response\": ...}})")
     if max_samples is not None:

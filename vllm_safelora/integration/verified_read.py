@@ -1,6 +1,6 @@
 """vLLM reads the weights the worker guard verified: one read, hashed as it is read.
 
-The worker guard (patches.py) reads an entry's ``adapter_model.safetensors`` once into
+The worker guard (cache/worker_guard.py) reads an entry's ``adapter_model.safetensors`` once into
 memory and checks its blake3 against the manifest (:func:`..cache.read_verified`).
 While vLLM's ``LoRAModel.from_local_checkpoint`` runs for that entry on this thread,
 its ``safetensors.safe_open`` of exactly that file is answered from those verified
@@ -15,9 +15,7 @@ if it read something else the load is refused.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import struct
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,11 +23,13 @@ from typing import Iterator
 
 import torch
 
-_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
+from ..adapters import ReadLimits
+from ..adapters.header import SAFETENSORS_DTYPES, check_safetensors_header, header_length
+from ..errors import Problems
+
+# The bytes were hashed against the entry's manifest; the header is still parsed by the
+# reader's own checks (offsets in range, no overlaps), with bounds no entry can reach.
+_ENTRY_LIMITS = ReadLimits(max_tensors=1 << 20, max_header_bytes=1 << 30, max_tensor_elements=1 << 40)
 
 _local = threading.local()
 _installed = False
@@ -40,19 +40,14 @@ class VerifiedSafetensors:
     """What ``safetensors.safe_open(path, framework="pt")`` returns, over bytes in memory."""
 
     def __init__(self, buf):
-        if len(buf) < 8:
-            raise ValueError("safetensors file shorter than its header length")
-        (n,) = struct.unpack("<Q", bytes(buf[:8]))
-        if 8 + n > len(buf):
-            raise ValueError("safetensors header runs past the end of the file")
-        header = json.loads(bytes(buf[8:8 + n]))
+        problems = Problems("cache entry")
+        header = check_safetensors_header(buf, _ENTRY_LIMITS, problems)
+        if header is None:
+            raise ValueError("; ".join(detail for _, detail in problems.items))
+        header = dict(header)
         self._metadata = header.pop("__metadata__", None)
-        self._buf, self._base = buf, 8 + n
+        self._buf, self._base = buf, 8 + header_length(buf)
         self._header = header
-        for name, meta in header.items():
-            start, end = meta["data_offsets"]
-            if meta["dtype"] not in _DTYPES or not 0 <= start <= end <= len(buf) - self._base:
-                raise ValueError(f"safetensors tensor {name!r} has an unsupported dtype or bad offsets")
 
     def __enter__(self) -> "VerifiedSafetensors":
         return self
@@ -68,11 +63,10 @@ class VerifiedSafetensors:
 
     def get_tensor(self, name: str) -> torch.Tensor:
         meta = self._header[name]
-        dtype = _DTYPES[meta["dtype"]]
+        dtype = SAFETENSORS_DTYPES[meta["dtype"]]
         start, end = meta["data_offsets"]
         shape = list(meta["shape"])
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        count = (end - start) // itemsize
+        count = (end - start) // dtype.itemsize
         if count == 0:
             return torch.empty(shape, dtype=dtype)
         flat = torch.frombuffer(self._buf, dtype=dtype, count=count, offset=self._base + start)
