@@ -545,7 +545,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--live-budget-mb", type=float, default=32.0,
                    help="plugin server's cache budget, MiB (32: about 1,000 entries, so eviction runs)")
     p.add_argument("--modules", default="q_proj,v_proj",
-                   help="target modules of every adapter (q_proj,v_proj: ~30 KB each, as in issue 11)")
+                   help="target modules of every adapter (q_proj,v_proj: ~30 KB each, as in the first scale round)")
     p.add_argument("--window", type=int, default=200, help="prepares per median window (200)")
     p.add_argument("--skip-service", action="store_true")
     p.add_argument("--skip-live", action="store_true")

@@ -1,4 +1,4 @@
-"""The reader reads an adapter exactly as the served vLLM 0.32 will (issue 10, classes 1, 2, 5, 6).
+"""The reader reads an adapter exactly as the served vLLM 0.32 will: tensor names, update bounds, config features and dtypes.
 
 * names: one tensor per module and half, mapped by vLLM's own parser (parity proven here);
   only canonical names are written;

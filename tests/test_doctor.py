@@ -1,4 +1,4 @@
-"""``vllm-safelora doctor`` (issue 13, item 4): in-process, no vLLM server.
+"""``vllm-safelora doctor``: in-process, no vLLM server.
 
 One test per misconfiguration that the fail-closed start-up tests make a real server
 refuse (tests/e2e/test_startup_failures.py, tests/hardening/test_startup_fail_closed.py):

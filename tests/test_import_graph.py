@@ -1,4 +1,4 @@
-"""No import cycles inside vllm_safelora (issue 12, item 3), and every module imports.
+"""No import cycles inside vllm_safelora, and every module imports.
 
 The graph has an edge A -> B for every ``import``/``from ... import`` in A's source
 that names module B of the package (or a name in B), wherever the statement is:

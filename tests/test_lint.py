@@ -7,6 +7,7 @@ the ``test`` extra; where it is not installed the test is skipped, saying so.
 from __future__ import annotations
 
 import importlib.util
+import re
 import shutil
 import subprocess
 import sys
@@ -34,3 +35,21 @@ def test_ruff_finds_nothing():
         cwd=REPO, capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 0, f"ruff check {' '.join(LINTED)} found problems:\n{result.stdout}{result.stderr}"
+
+
+ISSUE_REFERENCE = re.compile(r"\bissues? ?#?\d+", re.IGNORECASE)
+# vLLM's and other projects' trackers may be cited with their repository named.
+FOREIGN_TRACKER = re.compile(r"(vllm|sglang|peft|transformers|lorax|safetensors)[^\n]{0,40}\bissues?\b", re.IGNORECASE)
+
+
+def test_code_and_tests_say_the_behaviour_not_an_issue_number():
+    """A comment or docstring citing a tracker number means nothing to a reader of the repository."""
+    found = []
+    for top in LINTED:
+        for path in sorted((REPO / top).rglob("*")):
+            if path.suffix not in (".py", ".md", ".yaml", ".yml") or "results" in path.parts:
+                continue
+            for lineno, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+                if ISSUE_REFERENCE.search(line) and not FOREIGN_TRACKER.search(line):
+                    found.append(f"{path.relative_to(REPO)}:{lineno}: {line.strip()[:120]}")
+    assert found == [], "say the behaviour instead of citing an issue number:\n" + "\n".join(found)

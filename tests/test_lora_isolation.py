@@ -1,5 +1,5 @@
 """vLLM 0.32's CPU LoRA ops gave rows without a LoRA (index -1) the LAST slot's adapter;
-vllm_safelora.integration.lora_isolation makes them add exactly nothing (issue 10, class 2)."""
+vllm_safelora.integration.lora_isolation makes them add exactly nothing."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""A bank knows its aligned model by content (issue 13, item 3).
+"""A bank knows its aligned model by content.
 
 The bank records the aligned model's absolute path / hub id and a fingerprint of its
 weights; a server whose --model names the same weights differently (relative path,

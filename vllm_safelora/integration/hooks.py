@@ -133,7 +133,7 @@ HOOKS: tuple[Hook, ...] = (
          "vllm_rules: the model's weights mapper"),
     Hook("vllm/lora/request.py", "LoRARequest", "patches.py rewrites lora_path (msgspec struct)",
          fields=("lora_name", "lora_int_id", "lora_path")),
-    # ---- errors (integration/errors.py)
+    # ---- errors (integration/http_errors.py)
     Hook("vllm/exceptions.py", "GracefulHTTPError", "refusals keep their status and message"),
     Hook("vllm/entrypoints/serve/exception_handling/error_response.py", "create_error_response",
          "load endpoint refusals as ErrorResponse", leading=("message",)),

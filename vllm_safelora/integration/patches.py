@@ -61,6 +61,10 @@ def _prepare_sync(lora_request, where: str | None = None):
 
 
 def _wrap_input_processor_init(cls) -> None:
+    """vLLM: builds the input processor once the served model's config is known, before the engine core starts.
+    Why: start the service (load and check the bank) there, so a wrong bank stops start-up before any request.
+    Hook: ``v1/engine/input_processor:InputProcessor.__init__`` (hooks.py).
+    """
     original = cls.__init__
 
     @functools.wraps(original)
@@ -82,6 +86,10 @@ def _wrap_input_processor_init(cls) -> None:
 
 
 def _wrap_process_inputs(cls) -> None:
+    """vLLM: turns every generation request, online and offline, into an engine request.
+    Why: the one choke point every LoRARequest passes: its lora_path becomes the verified cache entry.
+    Hook: ``v1/engine/input_processor:InputProcessor.process_inputs`` (hooks.py).
+    """
     original = cls.process_inputs
     signature = inspect.signature(original)
     if "lora_request" not in signature.parameters:
@@ -111,6 +119,10 @@ def _wrap_process_inputs(cls) -> None:
 
 
 def _wrap_async_add_lora(cls) -> None:
+    """vLLM: AsyncLLM.add_lora sends an explicit load to the engine core (resolver, load endpoint, static modules).
+    Why: whatever called it, only a prepared cache entry may reach the engine.
+    Hook: ``v1/engine/async_llm:AsyncLLM.add_lora`` (hooks.py).
+    """
     original = cls.add_lora
 
     @functools.wraps(original)
@@ -127,6 +139,10 @@ def _wrap_async_add_lora(cls) -> None:
 
 
 def _wrap_sync_add_lora(cls) -> None:
+    """vLLM: LLMEngine.add_lora is the offline engine's explicit load.
+    Why: the same rule offline: only a prepared cache entry reaches the engine.
+    Hook: ``v1/engine/llm_engine:LLMEngine.add_lora`` (hooks.py).
+    """
     original = cls.add_lora
 
     @functools.wraps(original)
@@ -142,8 +158,10 @@ def _wrap_sync_add_lora(cls) -> None:
 
 
 def _wrap_async_add_request(cls) -> None:
-    """Every online request's adapter is checked (and rebuilt if its entry changed) here,
-    off the event loop, before the synchronous process_inputs sees it."""
+    """vLLM: AsyncLLM.add_request takes every online request, then calls the synchronous process_inputs.
+    Why: check (and rebuild, if its entry changed) the request's adapter here, off the event loop.
+    Hook: ``v1/engine/async_llm:AsyncLLM.add_request`` (hooks.py).
+    """
     original = cls.add_request
     signature = inspect.signature(original)
     if "lora_request" not in signature.parameters:
@@ -185,6 +203,10 @@ def _wrap_async_add_request(cls) -> None:
 
 
 def _wrap_load_lora_adapter(cls) -> None:
+    """vLLM: serves POST /v1/load_lora_adapter and static --lora-modules.
+    Why: project off the event loop after vLLM's own checks, and answer a refusal with a 4xx (vLLM would answer 500).
+    Hook: ``entrypoints/openai/models/serving:OpenAIServingModels.load_lora_adapter`` (hooks.py).
+    """
     original = cls.load_lora_adapter
 
     @functools.wraps(original)
@@ -227,6 +249,10 @@ async def _unload_dropped(serving_models, svc) -> None:
 
 
 def _wrap_resolve_lora(cls) -> None:
+    """vLLM: asks the resolvers for a model name it does not know, then loads the result.
+    Why: names dropped from our bounded listing are unloaded from vLLM too, so its table stays bounded.
+    Hook: ``entrypoints/openai/models/serving:OpenAIServingModels.resolve_lora`` (hooks.py).
+    """
     original = cls.resolve_lora
 
     @functools.wraps(original)
@@ -241,6 +267,10 @@ def _wrap_resolve_lora(cls) -> None:
 
 
 def _wrap_unload_lora_adapter(cls) -> None:
+    """vLLM: serves POST /v1/unload_lora_adapter.
+    Why: the service forgets the adapter (listing, lease) once vLLM unloaded it.
+    Hook: ``entrypoints/openai/models/serving:OpenAIServingModels.unload_lora_adapter`` (hooks.py).
+    """
     original = cls.unload_lora_adapter
 
     @functools.wraps(original)
@@ -267,8 +297,10 @@ def _tp_rank() -> str:
 
 
 def _wrap_worker_set_active_adapters(cls) -> None:
-    """Mark loads made while a batch is being set up (inside execute_model): there an
-    exception kills the engine for every tenant, so the guard must not raise."""
+    """vLLM: sets up the adapters of a batch inside execute_model, loading evicted ones lazily.
+    Why: a load there must not raise (it would kill the engine): mark it so the guard answers softly.
+    Hook: ``lora/worker_manager:WorkerLoRAManager.set_active_adapters`` (hooks.py).
+    """
     original = cls.set_active_adapters
 
     @functools.wraps(original)
@@ -283,7 +315,11 @@ def _wrap_worker_set_active_adapters(cls) -> None:
 
 
 def _wrap_worker_load_adapter(cls) -> None:
-    """Only intact cache entries reach vLLM's loader; an altered one is never served.
+    """vLLM: every adapter load in a worker ends here, reading the adapter from lora_path.
+    Why: defence in depth: only intact cache entries load, read from the bytes the guard verified.
+    Hook: ``lora/worker_manager:WorkerLoRAManager._load_adapter`` (hooks.py).
+
+    Only intact cache entries reach vLLM's loader; an altered one is never served.
 
     The checks are :class:`~vllm_safelora.cache.worker_guard.WorkerGuard`'s; here vLLM's
     loader is made to read the very weight bytes the guard hashed (verified_read.py). An
@@ -370,5 +406,5 @@ def install() -> None:
         _wrap_resolve_lora(OpenAIServingModels)
         _wrap_worker_load_adapter(WorkerLoRAManager)
         _wrap_worker_set_active_adapters(WorkerLoRAManager)
-        lora_isolation.install()  # vllm-safelora issue 10 (reader owner): CPU ops gave base-model rows the last slot's LoRA
+        lora_isolation.install()  # vLLM 0.32's CPU LoRA ops gave rows without a LoRA the last slot's LoRA
         _installed = True
