@@ -145,7 +145,7 @@ def run_side(side: str, world: dict, work: Path, a) -> dict:
             flood_median_s=percentile(under_flood, 0.5), flood_p95_s=percentile(under_flood, 0.95),
             victim_requests_under_flood=len(under_flood), flood_statuses=statuses,
             projections=metrics.value("safelora_projections_total"),
-            rejections=metrics.value("safelora_rejections_total"),
+            refusals=metrics.value("safelora_refusals_total"),
             refusal_cache_hits=metrics.value("safelora_refusal_cache_hits_total"),
             overloads=metrics.value("safelora_overload_total"),
         )

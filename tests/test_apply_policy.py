@@ -172,7 +172,7 @@ def test_projected_lora_B_matches_dense(
             for n, m in adapter.modules.items()
         }
         assert selected == selection_rule(dense_cos, policy)
-    assert s.outcome == ("projected" if selected else "unchanged")
+    assert s.outcome == ("modified" if selected else "unchanged")
     assert s.bank_id == bank.bank_id
 
 
@@ -271,7 +271,7 @@ def test_report_fields(tiny_adapter_random, tiny_bank, tiny_deltas, tmp_path):
     assert s.output_hash != s.input_hash
     assert s.min_cosine == pytest.approx(min(cos.values()), abs=2e-5)
     assert s.mean_cosine == pytest.approx(sum(cos.values()) / len(cos), abs=2e-5)
-    assert 0 < s.seconds <= wall and s.rejection is None  # the projection's own time, inside the call
+    assert 0 < s.seconds <= wall and s.refusal is None  # the projection's own time, inside the call
     assert s.max_bank_error_bound == max(
         tiny_bank.manifest.module(n).approx_error_bound for n in adapter.modules
     )
@@ -570,3 +570,29 @@ def test_write_projected_refuses_existing_without_overwrite(tiny_adapter_random,
     write_projected(outcome, tmp_path / "projected", overwrite=True)
     assert (tmp_path / "projected" / REPORT_FILE).is_file()
     shutil.rmtree(tmp_path / "projected")
+
+
+@pytest.mark.parametrize(
+    "old, outcome, refusal",
+    [({"outcome": "projected"}, "modified", None), ({"outcome": "rejected", "rejection": "too similar"}, "refused", "too similar"),
+     ({"outcome": "unchanged"}, "unchanged", None), ({"outcome": "refused", "refusal": "x"}, "refused", "x")],
+)
+def test_reports_written_with_the_old_words_still_read(old, outcome, refusal):
+    from vllm_safelora.report import ReportSummary
+
+    fields = dict(modules=1, projected=0, mean_pdst=1.0, min_cosine=None, mean_cosine=None, policy_name="safelora",
+                  policy={}, policy_id="p", bank_id="b", input_hash="0" * 64, output_hash=None, seconds=0.1,
+                  max_bank_error_bound=0.0)
+    summary = ReportSummary.model_validate({**fields, **old})
+    assert (summary.outcome, summary.refusal, summary.rejection) == (outcome, refusal, refusal)
+    dumped = summary.model_dump()
+    assert dumped["outcome"] == outcome and "rejection" not in dumped and dumped["refusal"] == refusal
+
+
+def test_an_unknown_outcome_is_still_refused_by_the_schema():
+    from pydantic import ValidationError
+
+    from vllm_safelora.report import ReportSummary
+
+    with pytest.raises(ValidationError):
+        ReportSummary.model_validate({"outcome": "projectd"})

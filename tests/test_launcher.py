@@ -22,10 +22,10 @@ from vllm_safelora import launcher
 pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="process trees are read from /proc")
 
 METRICS_TEXT = textwrap.dedent("""\
-    # HELP safelora_rejections_total Adapters refused.
-    # TYPE safelora_rejections_total counter
-    safelora_rejections_total{reason="non_finite"} 2.0
-    safelora_rejections_total{reason="too_large"} 1.0
+    # HELP safelora_refusals_total Adapters refused.
+    # TYPE safelora_refusals_total counter
+    safelora_refusals_total{reason="non_finite"} 2.0
+    safelora_refusals_total{reason="too_large"} 1.0
     # HELP safelora_projections_total Projections.
     # TYPE safelora_projections_total counter
     safelora_projections_total 5.0
@@ -176,10 +176,10 @@ def test_http_helpers_and_metrics(fake_server):
         assert server.get("/v1/models").json() == {"data": []}
         assert server.post("/echo", json={"a": 1}).json() == {"echo": {"a": 1}}
         m = server.metrics()
-        assert m.rejections("non_finite") == 2 and m.value("safelora_rejections_total") == 3
+        assert m.refusals("non_finite") == 2 and m.value("safelora_refusals_total") == 3
         assert m.projections() == 5 and m.has_plugin_metrics()
-        assert m.by_labels("safelora_rejections_total") == {'{reason="non_finite"}': 2.0, '{reason="too_large"}': 1.0}
-        assert m.labelsets("safelora_rejections_total") == [{"reason": "non_finite"}, {"reason": "too_large"}]
+        assert m.by_labels("safelora_refusals_total") == {'{reason="non_finite"}': 2.0, '{reason="too_large"}': 1.0}
+        assert m.labelsets("safelora_refusals_total") == [{"reason": "non_finite"}, {"reason": "too_large"}]
         assert server.rss_bytes() > 0
     finally:
         server.stop(timeout=1)  # a child ignores SIGTERM: do not wait the default 30 s for it

@@ -81,7 +81,7 @@ def test_projection_matches_dense_and_removes_safety_directions(sf_bank, tiny_ad
         assert by[name].salora_removed_fraction == pytest.approx(fraction, rel=1e-6)
         assert by[name].projected and not by[name].pruned
     s = outcome.report.summary
-    assert s.outcome == "projected" and s.projected == len(adapter.modules)
+    assert s.outcome == "modified" and s.projected == len(adapter.modules)
     assert s.features_id == sf_bank.features_id and s.features_id.startswith("sf-")
     assert s.policy_id == SaLoRAConfig().policy_id(sf_bank) != SaLoRAConfig().policy_id()
     assert any("SaLoRA-style (post-hoc)" in n for n in outcome.report.notes)

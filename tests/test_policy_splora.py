@@ -49,7 +49,7 @@ def test_scores_and_threshold_selection_match_dense(mixed, tiny_bank, tiny_delta
     assert expected == {ODD}  # the one update far from alignment stands out
     assert {n for n, r in by.items() if r.pruned} == expected
     s = outcome.report.summary
-    assert s.outcome == "projected" and s.pruned == 1 and s.projected == 0
+    assert s.outcome == "modified" and s.pruned == 1 and s.projected == 0
     assert s.lora_flops_per_token == flops(adapter, adapter.modules)
     assert s.lora_flops_per_token_after == flops(adapter, set(adapter.modules) - expected)
     assert s.lora_flops_saved_fraction == pytest.approx(1 - s.lora_flops_per_token_after / s.lora_flops_per_token)

@@ -51,7 +51,7 @@ def test_prepare_projects_like_the_offline_engine(tmp_path, tiny_bank, adapters_
     before = _metric("safelora_projections_total", policy="safelora")
     prepared = svc.prepare("globex/bad")
     offline = project_adapter(read_adapter(adapters_root / "globex" / "bad"), tiny_bank, SafeLoRAConfig())
-    assert prepared.report.summary.outcome == "projected"
+    assert prepared.report.summary.outcome == "modified"
     assert prepared.report.summary.output_hash == offline.report.summary.output_hash
     served = _weights(prepared.path)
     assert served.keys() == _weights(adapters_root / "globex" / "bad").keys()
@@ -90,11 +90,14 @@ def test_refusal_is_counted_and_writes_nothing(tmp_path, tiny_bank, adapters_roo
     key = sorted(k for k in tensors if "lora_B" in k)[0]
     tensors[key][0, 0] = float("nan")
     save_file(tensors, str(bad / WEIGHTS_FILE))
-    before = _metric("safelora_rejections_total", reason="non_finite")
+    before = _metric("safelora_refusals_total", reason="non_finite")
+    deprecated = _metric("safelora_rejections_total", reason="non_finite")
     with pytest.raises(AdapterRefused) as err:
         svc.prepare("acme/nan")
     assert err.value.reason is RefusalReason.NON_FINITE and "acme/nan" in str(err.value)
-    assert _metric("safelora_rejections_total", reason="non_finite") == before + 1
+    assert _metric("safelora_refusals_total", reason="non_finite") == before + 1
+    # The old name stays an alias for one release, so existing alert rules keep firing.
+    assert _metric("safelora_rejections_total", reason="non_finite") == deprecated + 1
     assert list(svc.cache.entries_dir.iterdir()) == []
     assert svc.prepare("acme/good").report.summary.outcome == "unchanged"
 
@@ -104,7 +107,7 @@ def test_explicit_paths_must_be_under_a_root(tmp_path, tiny_bank, adapters_root,
     with pytest.raises(AdapterRefused) as err:
         svc.prepare("x", str(tiny_adapter_orthogonal))
     assert err.value.reason is RefusalReason.INVALID_NAME
-    assert svc.prepare("globex/bad", str(adapters_root / "globex" / "bad")).report.summary.outcome == "projected"
+    assert svc.prepare("globex/bad", str(adapters_root / "globex" / "bad")).report.summary.outcome == "modified"
 
 
 def test_admission_refuses_without_caching(tmp_path, tiny_bank, adapters_root):
@@ -123,7 +126,7 @@ def test_tenant_rules_pick_policy_and_names_cannot_pose(tmp_path, tiny_bank, ada
     )
     trusted = svc.prepare("trusted/bad")
     assert trusted.report.summary.outcome == "unchanged" and trusted.report.summary.tenant_rule == "trusted/*"
-    assert svc.prepare("globex/bad").report.summary.outcome == "projected"
+    assert svc.prepare("globex/bad").report.summary.outcome == "modified"
     from vllm_safelora.policies.tenant_rules import resolve_tenant
 
     for lookalike in ("trustedx/bad", "Trusted/bad", "xtrusted/bad", "trusted"):
@@ -132,14 +135,14 @@ def test_tenant_rules_pick_policy_and_names_cannot_pose(tmp_path, tiny_bank, ada
 
 def test_shadow_mode_serves_original_bytes_and_reports(tmp_path, tiny_bank, adapters_root):
     svc = _service(tmp_path, tiny_bank, adapters_root, tenants=[{"match": "canary/*", "shadow": True}])
-    before = _metric("safelora_adapters_total", outcome="projected", policy="safelora", mode="shadow")
+    before = _metric("safelora_adapters_total", outcome="modified", policy="safelora", mode="shadow")
     shadow = svc.prepare("canary/bad")
     svc.mark_loaded("canary/bad", shadow)  # counted once vLLM accepted it
     original = adapters_root / "canary" / "bad"
     assert (shadow.path / WEIGHTS_FILE).read_bytes() == (original / WEIGHTS_FILE).read_bytes()
     assert shadow.report.summary.mode == "shadow"
     assert shadow.report.summary.projected == shadow.report.summary.modules  # what would have happened
-    assert _metric("safelora_adapters_total", outcome="projected", policy="safelora", mode="shadow") == before + 1
+    assert _metric("safelora_adapters_total", outcome="modified", policy="safelora", mode="shadow") == before + 1
     # the same content under an enforcing tenant is still projected (separate cache entry)
     enforced = svc.prepare("globex/bad")
     assert enforced.path != shadow.path
@@ -193,7 +196,7 @@ def test_policy_follows_the_location_not_the_served_name(tmp_path, tiny_bank, ad
     for label in ("trusted/x", "canary/y", "trusted/bad", "canary/bad"):
         prepared = svc.prepare_client_path(label, evil)
         s = prepared.report.summary
-        assert (s.outcome, s.mode, s.tenant_rule) == ("projected", "enforce", "default"), label
+        assert (s.outcome, s.mode, s.tenant_rule) == ("modified", "enforce", "default"), label
     # the trusted tenant's own directory still gets its rule, whatever the label
     assert svc.prepare("anything", str(adapters_root / "trusted" / "bad")).report.summary.tenant_rule == "trusted/*"
 
@@ -203,7 +206,7 @@ def test_a_link_gets_the_policy_of_where_it_leads(tmp_path, tiny_bank, adapters_
     svc = _service(tmp_path, tiny_bank, adapters_root,
                    tenants=[{"match": "trusted/*", "policy": {"select": "threshold", "threshold": -1.0}}])
     for prepared in (svc.prepare("trusted/current"), svc.prepare("trusted/current", str(adapters_root / "trusted" / "current"))):
-        assert prepared.report.summary.tenant_rule == "default" and prepared.report.summary.outcome == "projected"
+        assert prepared.report.summary.tenant_rule == "default" and prepared.report.summary.outcome == "modified"
 
 
 @pytest.mark.parametrize("label", ["trusted/bad", "x", "acme/good", "hub:acme/bad"])
@@ -315,7 +318,7 @@ def test_the_throttle_bounds_preparations_and_refuses_beyond_the_queue(tmp_path,
     gate.set()
     first.join(30)
     second.join(30)
-    assert results == {"acme/good": "unchanged", "globex/bad": "projected"}
+    assert results == {"acme/good": "unchanged", "globex/bad": "modified"}
     assert svc.throttle.admitted == 0 and svc.prepare("trusted/bad")
 
 

@@ -125,7 +125,7 @@ def _apply_policy(
     pruned = set(result.pruned)
     flops_after = lora_flops_per_token(adapter, without=pruned)
     summary = ReportSummary(
-        outcome="projected" if result.changed else "unchanged",
+        outcome="modified" if result.changed else "unchanged",
         modules=len(result.modules),
         projected=sum(m.projected for m in result.modules),
         mean_pdst=mean_pdst([m.pdst_term for m in result.modules]),
@@ -175,8 +175,8 @@ def project_for_tenant(
             "mode": "shadow" if tenant.shadow else "enforce",
             "tenant_rule": tenant.rule,
             "policy_id": tenant.cache_policy_id(bank),
-            "rejection": problem,
-            "outcome": "rejected" if problem else report.summary.outcome,
+            "refusal": problem,
+            "outcome": "refused" if problem else report.summary.outcome,
         }
     )
     notes = report.notes

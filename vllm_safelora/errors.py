@@ -4,7 +4,7 @@ Three families, because each one is handled differently by the server:
 
 * ``AdapterRefused``: this adapter (a tenant's upload) is not served. The server
   maps it to an HTTP 4xx naming the adapter and the reason, counts it in
-  ``safelora_rejections_total{reason}`` and keeps serving everyone else.
+  ``safelora_refusals_total{reason}`` and keeps serving everyone else.
 * ``BankError``: the alignment bank is missing, corrupt, or built for another
   model. At start-up this stops the server (fail closed).
 * ``ConfigError``: the plugin is misconfigured. Also stops the server.

@@ -232,8 +232,8 @@ class Metrics:
     def has_plugin_metrics(self) -> bool:
         return any(name.startswith("safelora_") for name in self.families)
 
-    def rejections(self, reason: str) -> float:
-        return self.value("safelora_rejections_total", reason=reason)
+    def refusals(self, reason: str) -> float:
+        return self.value("safelora_refusals_total", reason=reason)
 
     def projections(self) -> float:
         return self.value("safelora_projections_total")

@@ -10,11 +10,16 @@ from prometheus_client import Counter, Gauge, Histogram
 
 ADAPTERS = Counter(
     "safelora_adapters",
-    "Adapter loads by outcome (projected = changed by the policy; error = server-side failure); "
+    "Adapter loads by outcome (modified = changed by the policy; unchanged; refused; error = server-side failure); "
     "mode=shadow: what would have happened",
     ["outcome", "policy", "mode"],
 )
-REJECTIONS = Counter("safelora_rejections", "Refused adapters by reason", ["reason"])
+REFUSALS = Counter("safelora_refusals", "Refused adapters by reason", ["reason"])
+# Old names kept as aliases for one release (README "Upgrading"): deprecated name -> current name.
+DEPRECATED_ALIASES = {"safelora_rejections": "safelora_refusals"}
+REJECTIONS_DEPRECATED = Counter(
+    "safelora_rejections", "Deprecated: the same as safelora_refusals_total (removed in the next release)", ["reason"]
+)
 MODULE_COSINE = Histogram(
     "safelora_module_cosine",
     "Safe LoRA cosine between each module's update and its projection (one observation per module per projection)",
@@ -65,3 +70,9 @@ REQUEST_OVERHEAD = Histogram(
     ["hook"],
     buckets=(1e-6, 2.5e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2),
 )
+
+
+def count_refusal(reason: str) -> None:
+    """One refused adapter, under the current name and its deprecated alias."""
+    REFUSALS.labels(reason=reason).inc()
+    REJECTIONS_DEPRECATED.labels(reason=reason).inc()

@@ -9,20 +9,23 @@ reports from different policies stay comparable. Fields added for the other
 policies (pruning, SaLoRA-style projection, chains) are optional with defaults:
 reports written before them still parse.
 
-``summary.outcome``: "projected" means the policy changed the adapter in any way
+``summary.outcome``: "modified" means the policy changed the adapter in any way
 (a projected lora_B, a pruned module, ...): the served bytes differ from the
-upload. "unchanged" means they are the upload byte for byte. "rejected" means it
-was refused. The name is historical; read it as "modified".
+upload. "unchanged" means they are the upload byte for byte. "refused" means it
+was refused (``summary.refusal`` says why). Reports written before these names
+said "projected" and "rejected" (and ``rejection``); they still parse, as the new names.
 """
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import AliasChoices, BaseModel, Field, field_validator
 
 REPORT_FILE = "safelora_report.json"
 REPORT_FORMAT_VERSION = 1
+# The words reports used before "modified" and "refused" (read as the new ones).
+_OLD_OUTCOMES = {"projected": "modified", "rejected": "refused"}
 
 
 class ModuleReport(BaseModel):
@@ -51,9 +54,9 @@ class ModuleReport(BaseModel):
 
 
 class ReportSummary(BaseModel):
-    outcome: Literal["projected", "unchanged", "rejected"] = Field(
-        description="projected: the policy changed the adapter (any module projected or pruned); "
-        "unchanged: served byte for byte as uploaded; rejected: refused"
+    outcome: Literal["modified", "unchanged", "refused"] = Field(
+        description="modified: the policy changed the adapter (any module projected or pruned); "
+        "unchanged: served byte for byte as uploaded; refused: not served (see refusal)"
     )
     modules: int
     projected: int = Field(description="modules whose lora_B was replaced by a projection (Safe LoRA or SaLoRA-style)")
@@ -68,7 +71,9 @@ class ReportSummary(BaseModel):
     output_hash: str | None
     seconds: float
     max_bank_error_bound: float = Field(description="largest truncation error bound among the adapter's modules")
-    rejection: str | None = None
+    refusal: str | None = Field(
+        None, validation_alias=AliasChoices("refusal", "rejection"), description="why it was refused, if it was"
+    )
     # Optional (defaults keep older reports valid).
     pruned: int = Field(0, description="modules removed from the adapter (SPLoRA)")
     lora_flops_per_token: int | None = Field(
@@ -83,6 +88,16 @@ class ReportSummary(BaseModel):
         "enforce", description="shadow: the original adapter was served; this report says what would have been done"
     )
     tenant_rule: str | None = Field(None, description="the tenant rule (name pattern) that chose the policy")
+
+    @field_validator("outcome", mode="before")
+    @classmethod
+    def _outcome_in_current_words(cls, value: Any) -> Any:
+        return _OLD_OUTCOMES.get(value, value)
+
+    @property
+    def rejection(self) -> str | None:
+        """Deprecated name of :attr:`refusal` (kept for one release)."""
+        return self.refusal
 
 
 class AdapterReport(BaseModel):

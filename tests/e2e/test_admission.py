@@ -41,7 +41,7 @@ def test_admission_refuses_fully_projected_adapter(admission_server, e2e_world, 
     message = r.json()["error"]["message"]
     assert name in message and "admission" in message and "needed projection" in message, message
     m1 = srv.metrics()
-    assert m1.value("safelora_rejections_total", reason="admission") - m0.value("safelora_rejections_total", reason="admission") == 1
+    assert m1.value("safelora_refusals_total", reason="admission") - m0.value("safelora_refusals_total", reason="admission") == 1
 
     # The same verdict through the load endpoint, with the path under adapter_dirs.
     r = srv.post("/v1/load_lora_adapter", json={"lora_name": name, "lora_path": str(e2e_world.adapters[name])})
@@ -55,7 +55,7 @@ def test_admission_refuses_fully_projected_adapter(admission_server, e2e_world, 
     mixed = e2e_world.mixed_name
     served = e2e.complete(srv, mixed, e2e_world.token_ids, max_tokens=4)
     audit = srv.get(f"/safelora/v1/adapters/{mixed}").json()
-    assert audit["summary"]["outcome"] == "projected"
+    assert audit["summary"]["outcome"] == "modified"
     assert audit["summary"]["projected"] * 2 == audit["summary"]["modules"]
     assert {m["module"].split(".")[-1] for m in audit["modules"] if m["projected"]} == {"q_proj"}
     e2e.assert_matches_reference(

@@ -36,7 +36,7 @@ PROMETHEUS_START_TIMEOUT_S = 60
 # (panel title, refId) -> label values the result must contain (beyond being non-empty).
 EXPECTED_LABELS = {
     ("Bank bytes", "A"): {"device": {"cpu"}},
-    ("Adapter loads by outcome", "A"): {"outcome": {"projected", "unchanged", "rejected"}},
+    ("Adapter loads by outcome", "A"): {"outcome": {"modified", "unchanged", "refused"}},
     ("Rejections by reason", "A"): {"reason": {"non_finite", "base_model_mismatch"}},
     ("Cache lookups", "A"): {"result": {"hit", "miss"}},
     ("Module cosine distribution (per projection)", "A"): {"le": {"0.35", "+Inf"}},
@@ -149,8 +149,8 @@ def traffic(server, prometheus, e2e_world, e2e):
     assert 400 <= statuses[w.nan_name] < 500 and 400 <= statuses[w.other_base_name] < 500, statuses
     m = server.metrics()  # prometheus_client's parser: what Prometheus is about to read
     assert m.value("safelora_cache_requests_total", result="hit") >= 1
-    assert m.value("safelora_adapters_total", outcome="projected") >= 1
-    prometheus.wait_for('sum(safelora_rejections_total{reason="base_model_mismatch"}) >= 1')
+    assert m.value("safelora_adapters_total", outcome="modified") >= 1
+    prometheus.wait_for('sum(safelora_refusals_total{reason="base_model_mismatch"}) >= 1')
     time.sleep(3)  # a few more scrapes, so rates have two samples after the last change
     return statuses
 

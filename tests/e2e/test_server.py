@@ -90,7 +90,7 @@ def test_resolver_serves_projected_adapter(server, e2e_world, peft_reference, e2
     assert_projected_not_raw(e2e, peft_reference, served, cli_copy, e2e_world.adapters[name], name)
     assert_is_cache_entry(served_models(server)[name]["root"], cache_dir)
     audit = server.get(f"/safelora/v1/adapters/{name}").json()
-    assert audit["summary"]["outcome"] == "projected"
+    assert audit["summary"]["outcome"] == "modified"
 
     # The same answer over plain HTTP.
     r = e2e.complete_http(server, name, ids, max_tokens=8, logprobs=5)
@@ -237,8 +237,8 @@ def test_refused_adapter_gets_4xx_and_is_counted(server, e2e_world, e2e, cache_d
     assert name in message and reason in message, message
     assert why.lower() in message.lower(), message
     m1 = server.metrics()
-    assert m1.value("safelora_rejections_total", reason=reason) - m0.value("safelora_rejections_total", reason=reason) == 1
-    assert m1.value("safelora_adapters_total", outcome="rejected") - m0.value("safelora_adapters_total", outcome="rejected") == 1
+    assert m1.value("safelora_refusals_total", reason=reason) - m0.value("safelora_refusals_total", reason=reason) == 1
+    assert m1.value("safelora_adapters_total", outcome="refused") - m0.value("safelora_adapters_total", outcome="refused") == 1
 
     with pytest.raises(openai.APIStatusError) as info:
         e2e.complete(server, name, e2e_world.token_ids, max_tokens=1)
@@ -256,6 +256,7 @@ def test_refused_adapter_gets_4xx_and_is_counted(server, e2e_world, e2e, cache_d
 
 METRIC_FAMILIES = {
     "safelora_adapters": "counter",
+    "safelora_refusals": "counter",
     "safelora_rejections": "counter",
     "safelora_module_cosine": "histogram",
     "safelora_modules_projected": "counter",
@@ -275,14 +276,14 @@ def test_metrics_exist_and_move(server, e2e_world, e2e):
 
     name = "metrics/lora"
     report = e2e_world.offline_report(name)
-    assert report.summary.outcome == "projected" and report.summary.projected > 0
+    assert report.summary.outcome == "modified" and report.summary.projected > 0
     e2e.complete(server, name, e2e_world.token_ids, max_tokens=2)
     m1 = server.metrics()
 
     def delta(a, b, sample, **labels):
         return b.value(sample, **labels) - a.value(sample, **labels)
 
-    assert delta(m0, m1, "safelora_adapters_total", outcome="projected", policy="safelora") == 1
+    assert delta(m0, m1, "safelora_adapters_total", outcome="modified", policy="safelora") == 1
     assert delta(m0, m1, "safelora_projections_total", policy="safelora") == 1
     assert delta(m0, m1, "safelora_modules_projected_total") == report.summary.projected
     assert delta(m0, m1, "safelora_module_cosine_count") == report.summary.modules
@@ -306,13 +307,13 @@ def test_metrics_exist_and_move(server, e2e_world, e2e):
     assert delta(m2, m3, "safelora_adapters_total", outcome="unchanged") == (1 if fresh else 0)
     assert delta(m2, m3, "safelora_modules_projected_total") == 0
 
-    # A refusal moves rejections{reason} and adapters{outcome="rejected"}.
+    # A refusal moves rejections{reason} and adapters{outcome="refused"}.
     r = e2e.complete_http(server, e2e_world.nan_name, e2e_world.token_ids, max_tokens=1)
     assert r.status_code == 400
     m4 = server.metrics()
-    assert delta(m3, m4, "safelora_rejections_total", reason="non_finite") == 1
-    assert delta(m3, m4, "safelora_adapters_total", outcome="rejected") == 1
-    assert {"reason": "non_finite"} in m4.labelsets("safelora_rejections_total")
+    assert delta(m3, m4, "safelora_refusals_total", reason="non_finite") == 1
+    assert delta(m3, m4, "safelora_adapters_total", outcome="refused") == 1
+    assert {"reason": "non_finite"} in m4.labelsets("safelora_refusals_total")
     labelsets = m4.labelsets("safelora_adapters_total")
     assert labelsets and all({"outcome", "policy"} <= set(ls) for ls in labelsets), labelsets
 
@@ -343,7 +344,7 @@ def test_audit_route_matches_offline_report(server, e2e_world, e2e, cache_dir):
         for key in ("outcome", "modules", "projected", "policy_name", "policy", "policy_id", "bank_id",
                     "input_hash", "output_hash", "min_cosine"):
             assert served["summary"][key] == ref["summary"][key], key
-    assert served["summary"]["outcome"] == "projected"
+    assert served["summary"]["outcome"] == "modified"
     assert all(m["projected"] for m in served["modules"])
 
     listing = server.get("/safelora/v1/adapters").json()

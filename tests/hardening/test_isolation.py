@@ -157,7 +157,7 @@ def test_variants_over_the_limits_are_refused_and_tenants_still_served(iso_serve
         assert r.status_code == 400 and "(update_overflow)" in r.text and fragment in r.text, (name, r.status_code, r.text[:400])
         assert server.complete(tenants[0]).status_code == 200
     m1 = server.metrics()
-    assert m1.rejections("update_overflow") - m0.rejections("update_overflow") == len(refused)
+    assert m1.refusals("update_overflow") - m0.refusals("update_overflow") == len(refused)
     # nothing of theirs is listed by the audit API
     listed = json.dumps(server.get("/safelora/v1/adapters").json())
     assert not any(name in listed for name in refused)

@@ -11,7 +11,7 @@ Each generated hostile adapter is requested through the resolver (a completion n
 each hostile name / path goes through the path it targets. Every attempt must be:
 
 * answered with the expected 4xx whose message names the reason (``(reason)``) and what is wrong;
-* counted once in ``safelora_rejections_total{reason=...}`` (parsed with prometheus_client);
+* counted once in ``safelora_refusals_total{reason=...}`` (parsed with prometheus_client);
 * leave nothing new under the cache's ``entries/``;
 * followed by a good request that is served (200), with the server still alive.
 
@@ -121,9 +121,9 @@ def test_hostile_catalogue_is_refused_by_the_server(shared_server, hardening_wor
             problems.append("SERVER DOWN")
             failures.append((a["case"], a["via"], status, a["reason"], "; ".join(problems), message[:200]))
             break
-        delta = server.metrics().rejections(a["reason"]) - m0.rejections(a["reason"])
+        delta = server.metrics().refusals(a["reason"]) - m0.refusals(a["reason"])
         if delta != 1:
-            problems.append(f"rejections{{reason={a['reason']}}} moved by {delta}")
+            problems.append(f"refusals{{reason={a['reason']}}} moved by {delta}")
         if hs.entry_dirs(cache_dir) != entries0:
             problems.append("new cache entry")
         good = server.complete(hs.GOOD_NAME)
@@ -344,7 +344,7 @@ def soak(shared, world, seconds: float, tag: str) -> dict:
         seconds=seconds, rss_start_mib=round(rss0 / 2**20, 1), rss_end_mib=round(rss1 / 2**20, 1),
         rss_growth_mib=round((rss1 - rss0) / 2**20, 1),
         projections=m1.projections() - m0.projections(),
-        rejections=m1.value("safelora_rejections_total") - m0.value("safelora_rejections_total"),
+        refusals=m1.value("safelora_refusals_total") - m0.value("safelora_refusals_total"),
     )
     print(f"\n[hardening] soak ({tag}): {stats}")
     assert not errors, errors[:20]

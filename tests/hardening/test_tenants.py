@@ -94,12 +94,12 @@ def test_policy_follows_where_the_bytes_are(tenants):
     # ... a link in the trusted directory to an evil adapter gets the evil adapter's (default) policy
     assert server.complete("trusted/link").status_code == 200
     link = summary(server, "trusted/link")
-    assert link["tenant_rule"] == "default" and link["outcome"] == "projected", link
+    assert link["tenant_rule"] == "default" and link["outcome"] == "modified", link
     # loaded by path under its own location name: default policy, projected
     r = server.post("/v1/load_lora_adapter", json={"lora_name": "evil/b", "lora_path": str(root / "evil" / "b")})
     assert r.status_code == 200, r.text
     evil = summary(server, "evil/b")
-    assert evil["tenant_rule"] == "default" and evil["outcome"] == "projected" and evil["mode"] == "enforce"
+    assert evil["tenant_rule"] == "default" and evil["outcome"] == "modified" and evil["mode"] == "enforce"
 
 
 def test_load_inplace_cannot_swap_another_tenants_adapter(tenants):
@@ -251,7 +251,7 @@ def test_refusals_are_remembered(tenants, hardening_world):
         r = server.complete(name)
         assert r.status_code == 400 and "(non_finite)" in r.text, r.text
     m1 = server.metrics()
-    assert m1.rejections("non_finite") - m0.rejections("non_finite") == 12
+    assert m1.refusals("non_finite") - m0.refusals("non_finite") == 12
     # parsed once: 3 copies were recognised by content, 8 repeats by their unchanged files
     assert m1.value("safelora_refusal_cache_hits_total") - m0.value("safelora_refusal_cache_hits_total") == 11
     assert server.healthy()

@@ -93,8 +93,8 @@ class AdapterPreparer:
         except AdapterRefused as exc:
             exc.for_adapter(name)
             policy = (tenant.policy if tenant is not None else self.settings.policy).kind
-            metrics.ADAPTERS.labels(outcome="rejected", policy=policy, mode="enforce").inc()
-            metrics.REJECTIONS.labels(reason=exc.reason.value).inc()
+            metrics.ADAPTERS.labels(outcome="refused", policy=policy, mode="enforce").inc()
+            metrics.count_refusal(exc.reason.value)
             logger.warning("safelora: %s", exc)
             raise
         except Overloaded as exc:
