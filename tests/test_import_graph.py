@@ -111,3 +111,26 @@ def test_no_import_cycles():
 @pytest.mark.parametrize("module", sorted(m for m in MODULES if not m.endswith("__main__")))
 def test_every_module_imports(module):
     importlib.import_module(module)
+
+
+# What a person runs: these may sit at the root whoever imports them.
+ENTRY_MODULES = {f"{PACKAGE}.cli", f"{PACKAGE}.demo", f"{PACKAGE}.doctor"}
+MAX_ROOT_MODULES = 12
+
+
+def root_modules() -> set[str]:
+    return {m for m, path in MODULES.items() if m.count(".") == 1 and path.name != "__init__.py"}
+
+
+def test_the_root_shows_the_stages_not_their_helpers():
+    """A root module used by one other module belongs in that module's folder."""
+    graph = import_graph(MODULES)
+    importers = {m: {src for src, targets in graph.items() if m in targets} for m in root_modules()}
+    helpers = {m: sorted(users) for m, users in importers.items() if m not in ENTRY_MODULES and len(users) <= 1}
+    assert helpers == {}, f"root modules imported by one module only (move them beside it): {helpers}"
+    assert len(root_modules()) <= MAX_ROOT_MODULES, sorted(root_modules())
+
+
+def test_one_errors_module():
+    names = [path for path in MODULES.values() if path.name == "errors.py"]
+    assert len(names) == 1, names
