@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -163,6 +165,47 @@ def test_altered_entry_is_detected_and_rebuilt(tmp_path, tiny_bank, adapters_roo
     assert again.path == prepared.path and not again.cache_hit
     assert (again.path / WEIGHTS_FILE).read_bytes() == good_bytes
     assert svc.verified(str(again.path)) is not None
+
+
+def _rewrite_keeping_size_and_mtime(path: Path) -> None:
+    st = os.stat(path)
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.chmod(0o644)
+    with open(path, "r+b") as f:
+        f.write(bytes(data))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+@pytest.mark.parametrize("same_tick", [False, True], ids=["later", "same-tick-as-the-build"])
+def test_an_entry_altered_with_its_size_and_mtime_kept_is_caught_before_the_engine(
+    tmp_path, tiny_bank, adapters_root, monkeypatch, same_tick
+):
+    """The per-request check is a stat, and ctime moves with any write. A write in the same
+    timestamp tick as the entry's signature (racily clean) is caught by hashing it again."""
+    from vllm_safelora import fsutil
+
+    if not same_tick:
+        monkeypatch.setattr(fsutil, "RACY_WINDOW_NS", 0)
+    svc = _service(tmp_path, tiny_bank, adapters_root)
+    prepared = svc.prepare("globex/bad")
+    good = (prepared.path / WEIGHTS_FILE).read_bytes()
+    if not same_tick:
+        time.sleep(0.02)
+    _rewrite_keeping_size_and_mtime(prepared.path / WEIGHTS_FILE)
+    assert svc.verified(str(prepared.path)) is None
+    again, rebuilt = svc.ensure("globex/bad", str(prepared.path))
+    assert rebuilt and not again.cache_hit and (again.path / WEIGHTS_FILE).read_bytes() == good
+
+
+def test_a_racy_signature_of_an_intact_entry_is_proven_by_a_hash_not_rebuilt(tmp_path, tiny_bank, adapters_root):
+    svc = _service(tmp_path, tiny_bank, adapters_root)
+    prepared = svc.prepare("globex/bad")
+    assert not prepared.unchanged_on_disk()  # signed in the tick it was written: proves nothing yet
+    known = svc.verified(str(prepared.path))
+    assert known is not None and known.digest == prepared.digest
+    again, rebuilt = svc.ensure("globex/bad", str(prepared.path))
+    assert again.digest == prepared.digest and not rebuilt
 
 
 def test_client_supplied_cache_paths_are_not_trusted(tmp_path, tiny_bank, adapters_root):

@@ -16,6 +16,7 @@ import hashlib
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -118,3 +119,69 @@ def atomic_directory(out_dir: Path, *, overwrite: bool = False) -> Iterator[Path
         raise
     # The rename itself is only durable once the parent directory's entry is on disk.
     fsync_dir(out_dir.parent)
+
+
+# ---------------------------------------------------------------- file identity
+#
+# Any write to a file, and any touch, utime or rename onto it, moves its ctime, which no
+# user but root (setting the clock) can set. So once this process has hashed a file, an
+# unchanged (dev, inode, size, mtime, ctime) means unchanged bytes, except for a write in
+# the same timestamp tick as the hash ("racily clean", as git calls it): an identity whose
+# times are not older than the hash by more than the granularity proves nothing, and the
+# file is hashed again at its next use. Network file systems may not keep ctime (or report
+# another host's clock): there the full check stays.
+
+RACY_WINDOW_NS = 2_000_000_000
+"""Coarser than any local file system's timestamp tick (ext4/xfs: one kernel jiffy; FAT: 2 s)."""
+
+# mountinfo type names (or prefixes ending in ".") of file systems whose ctime is not trusted.
+UNTRUSTED_CTIME_FILESYSTEMS = (
+    "nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "ceph", "glusterfs", "lustre", "gpfs", "afs", "virtiofs",
+    "fuse", "fuse.", "fuseblk", "sshfs", "davfs", "s3fs",
+)
+
+
+@dataclass(frozen=True)
+class FileIdentity:
+    dev: int
+    ino: int
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+
+    @classmethod
+    def of(cls, st: os.stat_result) -> "FileIdentity":
+        return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+    def racy(self, hashed_at_ns: int) -> bool:
+        """Too close to the moment it was hashed for an unchanged identity to prove unchanged bytes."""
+        return max(self.mtime_ns, self.ctime_ns) >= hashed_at_ns - RACY_WINDOW_NS
+
+
+def filesystem_type(path: Path | str, mountinfo: str = "/proc/self/mountinfo") -> str:
+    """The type of the file system holding ``path`` (from mountinfo), or "unknown"."""
+    real = os.path.realpath(path)
+    best, fstype = "", "unknown"
+    try:
+        with open(mountinfo, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                left, _, right = line.partition(" - ")
+                fields = left.split()
+                if len(fields) < 5 or not right:
+                    continue
+                mount = fields[4].replace("\\040", " ")
+                inside = real == mount or real.startswith(mount.rstrip("/") + "/")
+                if inside and len(mount) >= len(best):
+                    best, fstype = mount, right.split()[0]
+    except OSError:
+        return "unknown"
+    return fstype
+
+
+def ctime_trusted(path: Path | str, mountinfo: str = "/proc/self/mountinfo") -> tuple[bool, str]:
+    """Whether an unchanged identity may stand for unchanged bytes under ``path``, and its file system."""
+    fstype = filesystem_type(path, mountinfo)
+    untrusted = fstype == "unknown" or any(
+        fstype == name or (name.endswith(".") and fstype.startswith(name)) for name in UNTRUSTED_CTIME_FILESYSTEMS
+    )
+    return not untrusted, fstype

@@ -13,6 +13,7 @@ Split by job:
 * ``seal``    hashing and fsyncing a freshly built entry and writing its manifest;
 * ``evict``   keeping the cache within its byte budget (LRU, through the index);
 * ``store``   ``PatchedAdapterCache``: look up, build once, publish, lease, verify by path;
+* ``verified`` entries this process hashed, by identity: using one again costs a stat;
 * ``worker_guard`` what a vLLM worker may load: intact entries only (``WorkerGuard``).
 """
 
@@ -26,6 +27,7 @@ from .entry import (
     discard_entry,
     entry_path_in,
     entry_signature,
+    signature_racy,
     read_entry_manifest,
     read_verified,
     remove_tree,
@@ -42,5 +44,5 @@ from .store import PatchedAdapterCache
 __all__ = [
     "FILE_HASH", "FORMAT_VERSION", "MANIFEST_NAME", "STALE_TMP_AGE_S", "CacheEntry", "CacheIndex", "CacheKey", "CacheLayout",
     "CorruptEntry", "IndexStats", "KeyLocks", "Leases", "PatchedAdapterCache", "ReconcileReport", "_HOST",
-    "discard_entry", "entry_path_in", "entry_signature", "read_entry_manifest", "read_verified", "remove_tree", "verify_entry",
+    "discard_entry", "entry_path_in", "entry_signature", "signature_racy", "read_entry_manifest", "read_verified", "remove_tree", "verify_entry",
 ]

@@ -25,7 +25,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..fsutil import fast_hash, fast_hash_file
+from ..fsutil import FileIdentity, fast_hash, fast_hash_file
 
 FORMAT_VERSION = 2
 FILE_HASH = "blake3"  # the manifest's per-file hash field
@@ -160,12 +160,14 @@ def verify_entry(path: Path, *, hash_files: bool = True, hashed_by_caller: froze
     return CacheEntry(key=key, path=path, files={n: m[FILE_HASH] for n, m in files.items()}, nbytes=nbytes, created=created)
 
 
-def read_verified(entry: CacheEntry, name: str) -> mmap.mmap:
+def read_verified(entry: CacheEntry, name: str, *, check_hash: bool = True) -> mmap.mmap:
     """One file of a verified entry, read once and checked against its manifest hash: the
     bytes returned are the bytes hashed, so nothing can change them between check and use.
 
     The buffer is private anonymous memory (not a mapping of the file, whose pages another
-    writer could change), allocated without being zero-filled first. Raises CorruptEntry."""
+    writer could change), allocated without being zero-filled first. ``check_hash=False``:
+    the caller proves the bytes unchanged otherwise (the file's identity, unchanged before
+    and after the read, since this process hashed it: :mod:`.verified`). Raises CorruptEntry."""
     fpath = entry.path / name
     expected = entry.files.get(name)
     if expected is None:
@@ -192,22 +194,34 @@ def read_verified(entry: CacheEntry, name: str) -> mmap.mmap:
         raise CorruptEntry(f"{name} cannot be read ({exc})") from None
     finally:
         os.close(fd)
-    if fast_hash(memoryview(buf)[: st.st_size]) != expected:
+    if check_hash and fast_hash(memoryview(buf)[: st.st_size]) != expected:
         raise CorruptEntry(f"{name} does not match its {FILE_HASH} in the manifest")
     return buf
 
 
 def entry_signature(path: Path) -> tuple:
-    """(name, size, mtime_ns, inode) of an entry's files, manifest excluded (its mtime records use)."""
+    """The identity (:class:`~vllm_safelora.fsutil.FileIdentity`: dev, inode, size, mtime, ctime) of
+    an entry's directory and of each of its files by name, manifest excluded (its mtime records
+    use); () if it cannot be stat'ed. The directory's own times move when a file is added,
+    removed or renamed in it, so an unchanged signature also means the same set of files."""
     try:
-        return tuple(
-            (e.name, st.st_size, st.st_mtime_ns, st.st_ino)
-            for e in sorted(os.scandir(path), key=lambda e: e.name)
-            if e.name != MANIFEST_NAME
-            for st in (e.stat(follow_symlinks=False),)
+        return (
+            FileIdentity.of(os.stat(path)),
+            *(
+                (e.name, FileIdentity.of(e.stat(follow_symlinks=False)))
+                for e in sorted(os.scandir(path), key=lambda e: e.name)
+                if e.name != MANIFEST_NAME
+            ),
         )
     except OSError:
         return ()
+
+
+def signature_racy(signature: tuple, taken_at_ns: int) -> bool:
+    """A signature taken too soon after a write to prove anything later (git's racily clean rule)."""
+    if not signature:
+        return True
+    return signature[0].racy(taken_at_ns) or any(ident.racy(taken_at_ns) for _, ident in signature[1:])
 
 
 def entry_path_in(path: Path | str, entries_dir: Path) -> Path | None:

@@ -31,16 +31,17 @@ from pathlib import Path
 from typing import Callable, Mapping
 
 from ..errors import ConfigError
-from ..fsutil import fsync_dir
+from ..fsutil import ctime_trusted, fsync_dir
 from .entry import (
-    FILE_HASH, HEX64, MANIFEST_NAME, CacheEntry, CacheKey, CorruptEntry, discard_entry, entry_path_in, read_entry_manifest,
-    remove_tree, verify_entry,
+    FILE_HASH, HEX64, MANIFEST_NAME, CacheEntry, CacheKey, CorruptEntry, discard_entry, entry_path_in, entry_signature,
+    read_entry_manifest, remove_tree, verify_entry,
 )
 from .evict import Evictor
 from .index import CacheIndex, IndexStats
 from .layout import CacheLayout
 from .leases import Leases
 from .locks import KeyLocks
+from .verified import VerifiedEntries
 from .rebuild import ReconcileReport, reconcile
 from .seal import seal_entry
 
@@ -67,6 +68,9 @@ class PatchedAdapterCache:
         self.locks_dir = self.layout.locks_dir
         self.max_bytes = max_bytes
         self.verify = verify
+        # A hit on an entry this process hashed costs a stat (verified.py), where ctime can be trusted.
+        self.ctime_trusted, self.filesystem = ctime_trusted(self.root)
+        self.verified = VerifiedEntries(trusted=verify and self.ctime_trusted)
         self.lock_timeout_s = float(lock_timeout_s)
         self.layout.prepare()
         self.locks = KeyLocks(self.locks_dir, self.lock_timeout_s)
@@ -115,9 +119,20 @@ class PatchedAdapterCache:
         path = self.entries_dir / key.digest()
         if not os.path.lexists(path):
             return None
-        entry = verify_entry(path, hash_files=self.verify)
+        entry = self._verified_at(path)
         if entry.key != key:
             raise CorruptEntry("the manifest belongs to a different key")
+        return entry
+
+    def _verified_at(self, path: Path) -> CacheEntry:
+        """verify_entry, or a stat where this process hashed the entry and it is unchanged since."""
+        known = self.verified.unchanged(path)
+        if known is not None:
+            return known[0]
+        hashed_at, signature = time.time_ns(), entry_signature(path)
+        entry = verify_entry(path, hash_files=self.verify)
+        if self.verify:
+            self.verified.remember(entry, signature, hashed_at)
         return entry
 
     def _touch_manifest(self, entry: CacheEntry) -> None:
@@ -241,7 +256,7 @@ class PatchedAdapterCache:
         if real is None:
             return None
         try:
-            return verify_entry(real, hash_files=self.verify)
+            return self._verified_at(real)
         except CorruptEntry as exc:
             logger.error("patched-adapter cache: entry %s failed verification: %s", real.name[:16], exc)
             return None
@@ -284,6 +299,7 @@ class PatchedAdapterCache:
     def _discard(self, path: Path) -> bool:
         """Remove an entry directory: rename it into tmp/ first, so readers see the whole
         entry or nothing, then delete it. False if it was already gone."""
+        self.verified.forget(path)
         return discard_entry(path, self.layout.tmp_path("evict", path.name))
 
     def remove(self, key: CacheKey) -> bool:

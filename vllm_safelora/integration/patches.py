@@ -296,6 +296,12 @@ def _tp_rank() -> str:
         return "?"
 
 
+@functools.lru_cache(maxsize=1)
+def _worker_guard(guard_cls, cache_dir):
+    # One guard per worker process: it remembers which entries this process has hashed.
+    return guard_cls(cache_dir)
+
+
 def _wrap_worker_set_active_adapters(cls) -> None:
     """vLLM: sets up the adapters of a batch inside execute_model, loading evicted ones lazily.
     Why: a load there must not raise (it would kill the engine): mark it so the guard answers softly.
@@ -350,7 +356,7 @@ def _wrap_worker_load_adapter(cls) -> None:
             return lora
 
         try:
-            entry, lora = WorkerGuard(settings.cache_dir).load(path, read_through_vllm)
+            entry, lora = _worker_guard(WorkerGuard, settings.cache_dir).load(path, read_through_vllm)
         except EntryRefused as refused:
             problem, removed = refused.problem, refused.removed
         else:

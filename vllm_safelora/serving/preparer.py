@@ -22,7 +22,7 @@ from ..adapters import (
 )
 from ..apply_policy import project_for_tenant
 from ..bank import AlignmentBank
-from ..cache import CacheKey, PatchedAdapterCache, entry_signature
+from ..cache import CacheKey, PatchedAdapterCache, entry_signature, signature_racy
 from ..config import SafeLoRASettings
 from ..errors import AdapterRefused, Overloaded
 from ..policies.tenant_rules import TenantPolicy, resolve_tenant
@@ -46,11 +46,19 @@ class PreparedAdapter:
     location: Location | None = None
     """Where the uploaded adapter was read from: an entry that vanishes or changes is rebuilt from it."""
     signature: tuple = ()
-    """(name, size, mtime_ns, inode) of the entry's files when they were verified."""
+    """The entry's identity (directory and files, with ctime) when it was verified."""
+    signed_at_ns: int = 0
+    """When ``signature`` was taken: one taken within a timestamp tick of a write proves nothing."""
 
     def unchanged_on_disk(self) -> bool:
-        """Cheap per-request check (a stat per file) that the verified entry is still as verified."""
-        return bool(self.signature) and entry_signature(self.path) == self.signature
+        """Cheap per-request check (a stat per file) that the verified entry is still as verified.
+
+        Any write or touch by a non-root process moves a file's ctime; a signature taken in the
+        same tick as the entry was written is re-verified (hashed) instead of trusted."""
+        return (
+            bool(self.signature) and not signature_racy(self.signature, self.signed_at_ns)
+            and entry_signature(self.path) == self.signature
+        )
 
 
 def _files_identity(path: Path, decided_by: tuple) -> tuple | None:
@@ -173,9 +181,10 @@ class AdapterPreparer:
             self.cache.release(entry.digest)
             raise
         metrics.CACHE_BYTES.set(self.cache.total_bytes())  # from the index: one row read
+        signed_at = time.time_ns()
         return PreparedAdapter(
             name=name, path=entry.path, digest=entry.digest, report=report, cache_hit=hit,
-            location=location, signature=entry_signature(entry.path),
+            location=location, signature=entry_signature(entry.path), signed_at_ns=signed_at,
         )
 
     def _observe_projection(self, report: AdapterReport, tenant: TenantPolicy, seconds: float) -> None:

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from collections import deque
 
 from .. import metrics
-from ..cache import PatchedAdapterCache
+from ..cache import PatchedAdapterCache, entry_signature, signature_racy
 from .preparer import PreparedAdapter
 from .tracking import LeasedLRU
 
@@ -34,16 +35,32 @@ class HandedToVLLM:
         self._by_path.put(str(prepared.path), prepared, leased=True)
 
     def verified(self, lora_path: str) -> PreparedAdapter | None:
-        """Is this path a cache entry this process prepared, unchanged since? (a few stats, no hashing)"""
+        """Is this path a cache entry this process prepared, unchanged since? (a few stats, no hashing,
+        except within a timestamp tick of the entry's last write, where it is hashed again)"""
         prepared = self._by_path.get(lora_path)
-        if prepared is not None and not prepared.unchanged_on_disk():
-            logger.warning(
-                "safelora: cache entry %s of adapter '%s' changed or vanished on disk since it was verified; "
-                "re-verifying and rebuilding it from the uploaded adapter",
-                prepared.digest[:16], prepared.name,
-            )
+        if prepared is None:
             return None
-        return prepared
+        if prepared.unchanged_on_disk():
+            return prepared
+        if prepared.signature and signature_racy(prepared.signature, prepared.signed_at_ns):
+            proven = self._prove_unchanged(prepared)
+            if proven is not None:
+                self._by_path.put(lora_path, proven)
+                return proven
+        logger.warning(
+            "safelora: cache entry %s of adapter '%s' changed or vanished on disk since it was verified; "
+            "re-verifying and rebuilding it from the uploaded adapter",
+            prepared.digest[:16], prepared.name,
+        )
+        return None
+
+    def _prove_unchanged(self, prepared: PreparedAdapter) -> PreparedAdapter | None:
+        """A signature taken in the same timestamp tick as a write cannot show a second write in
+        that tick: hash the entry again (the cache's verification), then sign it anew."""
+        signed_at, signature = time.time_ns(), entry_signature(prepared.path)
+        if signature != prepared.signature or self.cache.entry_at(prepared.path) is None:
+            return None
+        return dataclasses.replace(prepared, signed_at_ns=signed_at)
 
     def handed_out(self, lora_path: str) -> PreparedAdapter | None:
         """What was handed to vLLM under ``lora_path`` (whatever its entry's state now), or None."""

@@ -97,13 +97,13 @@ class SafeLoRAService:
         known = self.handed.verified(lora_path)
         if known is not None:
             return known, False
-        handed_out = self.handed.knows_path(lora_path)
+        # A path handed out before (tracked, or an entry path dropped from the bounded map):
+        # what the engine read from it is stale only if the entry had to be rebuilt or moved.
+        # A re-verification that finds it intact (a touch, a signature taken too soon after
+        # the write to be trusted) needs no reload.
+        handed_out = self.handed.knows_path(lora_path) or self._entry_path(lora_path) is not None
         prepared = self.prepare(name, lora_path, where=where)
-        if not handed_out and self._entry_path(lora_path) is not None:
-            # An entry path this server handed out but no longer tracks: what the engine
-            # read from it is stale only if the entry had to be rebuilt or moved.
-            handed_out = not prepared.cache_hit or str(prepared.path) != lora_path
-        return prepared, handed_out
+        return prepared, handed_out and (not prepared.cache_hit or str(prepared.path) != lora_path)
 
     def prepare(self, name: str, lora_path: str | None = None, *, where: str = "resolver") -> PreparedAdapter:
         """An adapter by its name (``lora_path`` None: found through the sources), or by a path the
