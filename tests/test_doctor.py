@@ -195,3 +195,14 @@ def test_cache_over_budget_is_reported(world, env, tmp_path, capsys):
     code, report = doctor(capsys, "--config", config)
     cache = {c["name"]: c for c in report["checks"]}["cache"]
     assert cache["status"] == "warn" and "over budget" in cache["detail"]
+
+
+@pytest.mark.parametrize("fstype, status", [("ext4", "ok"), ("nfs4", "warn"), ("fuse.sshfs", "warn")])
+def test_doctor_says_whether_the_cache_file_system_keeps_ctime(world, env, tmp_path, capsys, monkeypatch, fstype, status):
+    from vllm_safelora import fsutil
+
+    config = write_config(world, tmp_path / "fs.yaml", {})
+    monkeypatch.setattr(fsutil, "filesystem_type", lambda path, mountinfo="": fstype)
+    _, report = doctor(capsys, "--config", config)
+    check = {c["name"]: c for c in report["checks"]}["cache identity"]
+    assert check["status"] == status and fstype in check["detail"]

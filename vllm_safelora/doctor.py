@@ -174,8 +174,18 @@ def check_cache(settings) -> list[Check]:
     used = _cache_bytes(root) if root.is_dir() else 0
     detail = (f"{root} {'writable' if root.exists() else 'will be created'}; {used / 2**20:.1f} MiB of "
               f"{budget / 2**30:.2f} GiB budget ({used / budget:.0%})")
-    return [Check("cache", WARN if used > budget else OK, detail + (" - over budget: entries in use cannot be "
-                                                                     "evicted" if used > budget else ""))]
+    checks = [Check("cache", WARN if used > budget else OK, detail + (" - over budget: entries in use cannot be "
+                                                                       "evicted" if used > budget else ""))]
+    from .fsutil import ctime_trusted
+
+    trusted, fstype = ctime_trusted(anchor)
+    if trusted:
+        checks.append(Check("cache identity", OK, f"{fstype}: entries are re-checked by identity (ctime) on each use, "
+                                                   "hashed again when it changes"))
+    else:
+        checks.append(Check("cache identity", WARN, f"{fstype}: ctime cannot be trusted here, so every use of an "
+                                                     "entry hashes it in full; put cache_dir on a local file system"))
+    return checks
 
 
 def check_vllm(settings) -> list[Check]:

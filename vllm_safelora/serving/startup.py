@@ -71,6 +71,24 @@ def announce_start(
         served_model, bank.bank_id, len(bank.subspaces), bank.nbytes / 2**20, bank.device,
         describe_rules(settings), [s.describe() for s in sources], settings.cache_dir,
     )
+    if not settings.verify_cache:
+        logger.warning(
+            "safelora: verify_cache is off: cache entries are checked for structure and sizes only, never "
+            "hashed, so an entry altered on disk could be served; turn it on unless the cache directory is "
+            "writable by this server alone"
+        )
+    elif cache.ctime_trusted:
+        logger.info(
+            "safelora: cache %s is on %s: an entry this process hashed is re-checked by its identity (inode, "
+            "size, mtime, ctime) on each use, and hashed again when that changes", settings.cache_dir,
+            cache.filesystem,
+        )
+    else:
+        logger.warning(
+            "safelora: cache %s is on %s, whose ctime cannot be trusted to move with every write: every use "
+            "of an entry hashes it in full (slower re-loads); put the cache on a local file system",
+            settings.cache_dir, cache.filesystem,
+        )
     if settings.hub.enabled and not settings.hub.allow:
         logger.warning(
             "safelora: the hub source is enabled but hub.allow is empty, so no hub repository will be served "
