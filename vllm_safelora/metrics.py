@@ -39,7 +39,8 @@ GUARD_EVENTS = Counter(
     "safelora_guard_events",
     "Adapters that reached a last-line guard unprepared (where=process_inputs: projected there, normal for "
     "offline LLM use, a bypass online; where=worker: refused; where=entry_changed: a cache entry handed to vLLM "
-    "changed on disk and was rebuilt)",
+    "changed on disk and was rebuilt; where=entry_changed_mid_request: a running request's entry was removed by the "
+    "worker, and the request failed with a 503 instead of finishing without the adapter)",
     ["where"],
 )
 CACHE_MAX_BYTES = Gauge(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -212,6 +213,50 @@ def test_an_altered_entry_never_serves_and_never_stops_the_engine(tenants, harde
     assert m1.value("safelora_guard_events_total", where="entry_changed") > m0.value(
         "safelora_guard_events_total", where="entry_changed"), variant
     assert "failed verification" in server.log_text()
+    assert hs.cache_consistency(cache_dir)[1] == []
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["streamed", "whole"])
+def test_an_entry_removed_while_a_request_runs_fails_that_request_not_answers_without_it(tenants, stream):
+    """The window between the front end's check and the worker's read: a worker that finds the
+    entry altered removes it and runs the batch without the adapter. The front end sees the
+    entry gone before returning any further output, so the request fails with a 503 naming
+    the adapter (mid-stream: an error event) instead of a 200 with another model's tokens."""
+    import requests
+
+    server, _, cache_dir = tenants
+    name = "alter/x"
+    projected = top_logprobs(server, name)
+    entry = cache_dir / "entries" / server.get(f"/safelora/v1/adapters/{name}").json()["cache_entry"]
+    m0 = server.metrics()
+    body = {"model": name, "prompt": "Hello", "max_tokens": 200, "temperature": 0, "ignore_eos": True,
+            "stream": stream}
+    if stream:
+        with requests.post(f"{server.base_url}/v1/completions", json=body, stream=True, timeout=120) as r:
+            assert r.status_code == 200
+            lines = r.iter_lines(decode_unicode=True)
+            first = next(line for line in lines if line.startswith("data: "))
+            assert '"text"' in first, first
+            remove_tree(entry)  # what the worker does with an entry it found altered
+            rest = [line for line in lines if line.startswith("data: ")]
+        errors = [line for line in rest if '"error"' in line]
+        assert errors and name in errors[0] and "changed on disk" in errors[0], rest[-3:]
+        tokens = [line for line in rest if '"text"' in line and '"error"' not in line]
+        assert len(tokens) < 199, "the request ran to its end without the adapter's entry"
+    else:
+        with ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(requests.post, f"{server.base_url}/v1/completions", json=body, timeout=120)
+            deadline = time.monotonic() + 60
+            while server.metrics().value("vllm:num_requests_running") < 1 and time.monotonic() < deadline:
+                time.sleep(0.005)
+            remove_tree(entry)
+            r = pending.result()
+        assert r.status_code == 503 and name in r.text and "changed on disk" in r.text, (r.status_code, r.text[:300])
+    m1 = server.metrics()
+    assert m1.value("safelora_guard_events_total", where="entry_changed_mid_request") > m0.value(
+        "safelora_guard_events_total", where="entry_changed_mid_request")
+    assert server.healthy(), server.log_tail()
+    assert same(top_logprobs(server, name), projected)  # rebuilt from the upload
     assert hs.cache_consistency(cache_dir)[1] == []
 
 

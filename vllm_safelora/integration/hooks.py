@@ -89,6 +89,9 @@ HOOKS: tuple[Hook, ...] = (
     Hook("vllm/v1/engine/async_llm.py", "AsyncLLM.add_request", "wrapped: checks (rebuilds) every online request's "
          "adapter off the event loop; then process_inputs", leading=("self",), has=("lora_request", "prompt"),
          is_async=True, refs=("self.input_processor.process_inputs",)),
+    Hook("vllm/v1/engine/async_llm.py", "AsyncLLM.generate", "wrapped: a request whose entry the worker "
+         "removed mid-request fails instead of answering without the adapter", leading=("self",),
+         has=("lora_request", "request_id"), is_async=True, refs=("self.add_request",)),
     Hook("vllm/v1/engine/async_llm.py", "AsyncLLM.remove_lora", "add_request wrapper: reload a rebuilt entry",
          params=("self", "lora_id"), is_async=True),
     Hook("vllm/v1/engine/llm_engine.py", "LLMEngine.add_request", "offline requests pass process_inputs",

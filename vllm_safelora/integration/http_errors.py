@@ -43,3 +43,15 @@ def to_error_response(exc: AdapterRefused | Overloaded):
     from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
 
     return create_error_response(to_http_error(exc))
+
+
+def entry_changed_mid_request(name: str):
+    """A request whose cache entry the worker found altered (and removed) after it started: a 503,
+    because the next request is served from the entry rebuilt from the upload."""
+    from vllm.exceptions import GracefulHTTPError
+
+    return GracefulHTTPError(
+        f"vllm-safelora: adapter '{name}': its cache entry changed on disk while this request ran, so the request "
+        "was stopped rather than answered without the adapter; retry (the entry is rebuilt from the upload)",
+        HTTPStatus.SERVICE_UNAVAILABLE,
+    )

@@ -20,6 +20,7 @@ downloading non-local paths from the hub inside the worker.
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import inspect
 import logging
@@ -30,13 +31,36 @@ import time
 from .. import metrics
 from ..errors import AdapterRefused, Overloaded
 from . import state
-from .http_errors import service_not_started, to_error_response, to_http_error
+from .http_errors import entry_changed_mid_request, service_not_started, to_error_response, to_http_error
 from .logs import share_vllm_logging
 
 logger = logging.getLogger("vllm_safelora")
 
 _installed = False
 _install_lock = threading.Lock()
+
+# The entry a request's adapter was verified in, as add_request handed it to the engine:
+# (served name, entry path, the entry directory's identity then). generate() compares it
+# before returning each output, so a request whose entry the worker discarded (it found it
+# altered and ran the batch without the adapter) fails instead of answering 200 under the
+# adapter's name. A context variable: add_request runs inside generate's own task.
+_request_entry: contextvars.ContextVar[tuple[str, str, object] | None] = contextvars.ContextVar(
+    "safelora_request_entry", default=None
+)
+
+
+def _entry_unchanged(path: str, identity) -> bool:
+    from ..fsutil import FileIdentity
+
+    try:
+        return FileIdentity.of(os.stat(path)) == identity
+    except OSError:
+        return False
+
+
+def _remember_request_entry(name: str, prepared) -> None:
+    if prepared.signature:
+        _request_entry.set((name, str(prepared.path), prepared.signature[0]))
 
 
 def _service_or_503():
@@ -181,6 +205,7 @@ def _wrap_async_add_request(cls) -> None:
             prepared, rebuilt = svc.verified(lora_request.lora_path), False
             if prepared is not None:
                 lora_request.lora_path = str(prepared.path)
+                _remember_request_entry(lora_request.lora_name, prepared)
                 metrics.REQUEST_OVERHEAD.labels(hook="add_request").observe(time.perf_counter() - start)
                 return await original(*bound.args, **bound.kwargs)
             try:
@@ -197,9 +222,45 @@ def _wrap_async_add_request(cls) -> None:
                 )
                 await self.remove_lora(lora_request.lora_int_id)
             lora_request.lora_path = str(prepared.path)
+            _remember_request_entry(lora_request.lora_name, prepared)
         return await original(*bound.args, **bound.kwargs)
 
     cls.add_request = add_request
+
+
+def _wrap_async_generate(cls) -> None:
+    """vLLM: AsyncLLM.generate adds an online request (through add_request) and yields its outputs.
+    Why: an entry found altered by the worker after add_request's check never answers under its name.
+    Hook: ``v1/engine/async_llm:AsyncLLM.generate`` (hooks.py).
+
+    The worker removes such an entry before that step's outputs leave the engine, so one
+    stat of the entry directory before each output tells. The request is aborted in the
+    engine and fails with a 503 naming the adapter (mid-stream: an error event); the next
+    request rebuilds the entry from the upload.
+    """
+    original = cls.generate
+
+    @functools.wraps(original)
+    async def generate(self, *args, **kwargs):
+        _request_entry.set(None)
+        outputs = original(self, *args, **kwargs)
+        try:
+            async for out in outputs:
+                entry = _request_entry.get()
+                if entry is not None and not _entry_unchanged(entry[1], entry[2]):
+                    metrics.GUARD_EVENTS.labels(where="entry_changed_mid_request").inc()
+                    logger.error(
+                        "vllm-safelora: adapter '%s': its cache entry %s changed or was removed while request %s "
+                        "ran (the worker refuses an altered entry); the request is stopped so that no output of "
+                        "another model is returned under the adapter's name", entry[0], entry[1][-64:][:16],
+                        kwargs.get("request_id", args[2] if len(args) > 2 else "?"),
+                    )
+                    raise entry_changed_mid_request(entry[0])
+                yield out
+        finally:
+            await outputs.aclose()
+
+    cls.generate = generate
 
 
 def _wrap_load_lora_adapter(cls) -> None:
@@ -406,6 +467,7 @@ def install() -> None:
         _wrap_process_inputs(InputProcessor)
         _wrap_async_add_lora(AsyncLLM)
         _wrap_async_add_request(AsyncLLM)
+        _wrap_async_generate(AsyncLLM)
         _wrap_sync_add_lora(LLMEngine)
         _wrap_load_lora_adapter(OpenAIServingModels)
         _wrap_unload_lora_adapter(OpenAIServingModels)
