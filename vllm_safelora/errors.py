@@ -43,6 +43,7 @@ class RefusalReason(str, enum.Enum):
     UPDATE_OVERFLOW = "update_overflow"  # s*B*A (or alpha) not safely finite in the served dtype
     VLLM_UNSUPPORTED = "vllm_unsupported"  # the served vLLM's own PEFTHelper refuses the config
     NAME_IN_USE = "name_in_use"
+    OUTSIDE_NAMESPACE = "outside_namespace"  # a link leads out of the tenant's namespace (and the shared areas)
 
 
 class SafeLoRAError(Exception):
