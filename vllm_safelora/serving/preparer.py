@@ -10,7 +10,6 @@ about what vLLM was handed (:mod:`.registry` does). Holds no math, imports no vL
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +17,7 @@ from typing import Callable
 
 from .. import metrics
 from ..adapters import (
-    CONFIG_FILE, WEIGHTS_FILE, AdapterFiles, ReadLimits, parse_adapter, read_adapter_files, write_adapter_files,
+    AdapterDirectory, AdapterFiles, ReadLimits, file_identity, parse_adapter, read_adapter_files, write_adapter_files,
 )
 from ..apply_policy import project_for_tenant
 from ..bank import AlignmentBank
@@ -53,13 +52,10 @@ class PreparedAdapter:
         return bool(self.signature) and entry_signature(self.path) == self.signature
 
 
-def _files_identity(path: Path, decided_by: tuple) -> tuple | None:
-    """What identifies an adapter's unchanged files without reading them (None if they cannot be stat'ed)."""
-    try:
-        stats = [os.stat(path / name) for name in (CONFIG_FILE, WEIGHTS_FILE)]
-    except OSError:
-        return None
-    return (*((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) for st in stats), decided_by)
+def _files_identity(directory: AdapterDirectory, name: str, decided_by: tuple) -> tuple | None:
+    """What identifies an adapter's unchanged files without reading them (None if they cannot be opened)."""
+    files = file_identity(directory, name)
+    return None if files is None else (*files, decided_by)
 
 
 def _origin(location: Location) -> str:
@@ -124,15 +120,17 @@ class AdapterPreparer:
 
     def _prepare_location(self, name: str, location: Location, tenant: TenantPolicy) -> PreparedAdapter:
         decided_by = (tenant.cache_policy_id(self.bank), tenant.admission.model_dump_json())
-        files_key = _files_identity(location.path, decided_by)
-        if files_key is not None and (refused := self.refusals.by_files(files_key)) is not None:
-            metrics.REFUSAL_CACHE_HITS.inc()
-            raise refused
-        try:
-            files = read_adapter_files(location.path, name=name, limits=self.limits, confine_to=location.confine)
-        except AdapterRefused as exc:  # e.g. over the size limits: refused before its content is known
-            self.refusals.remember(exc, None, files_key)
-            raise
+        # Opened once: the files' identity and their bytes both come from this descriptor.
+        with location.open() as directory:
+            files_key = _files_identity(directory, name, decided_by)
+            if files_key is not None and (refused := self.refusals.by_files(files_key)) is not None:
+                metrics.REFUSAL_CACHE_HITS.inc()
+                raise refused
+            try:
+                files = read_adapter_files(directory, name=name, limits=self.limits)
+            except AdapterRefused as exc:  # e.g. over the size limits: refused before its content is known
+                self.refusals.remember(exc, None, files_key)
+                raise
         content_key = (files.content_hash, decided_by)
         if (refused := self.refusals.by_content(content_key)) is not None:
             metrics.REFUSAL_CACHE_HITS.inc()

@@ -137,8 +137,8 @@ class _Walk:
             if not _COMPONENT_RE.fullmatch(part):
                 raise self.refuse(
                     RefusalReason.INVALID_NAME,
-                    f"{spelled} has a path component {shown_name(part)} that is not plain ASCII starting with a "
-                    "letter or digit",
+                    f"{spelled} has a path component {shown_name(part)} that is not a plain name (ASCII letters, "
+                    "digits, '.', '_', '-', starting with a letter or digit, at most 255 characters)",
                 )
 
     def link_target(self, parent: Sequence[str], at: str, text: str) -> list[str]:
