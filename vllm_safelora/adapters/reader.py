@@ -22,10 +22,9 @@ from typing import Callable
 import torch
 from safetensors.torch import load as load_safetensors_bytes
 
-from ..errors import AdapterRefused, RefusalReason
+from ..errors import AdapterRefused, Problems, RefusalReason
 from .directory import AdapterDirectory, PathDirectory, as_directory
 from .header import FLOAT_CODES, check_safetensors_header, refuse_oversized_header
-from ..errors import Problems
 from .limits import ReadLimits
 from .modules import LoraAdapter, map_tensor_names, pair_modules, content_hash
 from .names import CONFIG_FILE, PICKLE_FILES, WEIGHTS_FILE, canonical_name
