@@ -92,6 +92,23 @@ class Overloaded(SafeLoRAError):
         super().__init__(f"vllm-safelora is busy preparing other adapters: {detail}")
 
 
+class CacheUnavailable(Overloaded):
+    """The patched-adapter cache cannot store a new entry (its file system is full or read-only):
+    not the adapter's fault, so a 503 with Retry-After, never a refusal remembered against it."""
+
+    def __init__(self, cache_dir: object, fault: str, detail: str, retry_after_s: float):
+        self.retry_after_s = retry_after_s
+        self.fault = fault
+        self.cache_dir = str(cache_dir)
+        SafeLoRAError.__init__(
+            self,
+            f"vllm-safelora cannot store new adapters: the patched-adapter cache directory {self.cache_dir} is "
+            f"{fault.replace('_', '-')} ({detail}). Adapters already cached are still served; try again in "
+            f"{retry_after_s:.0f} s. Operator: free space under {self.cache_dir} (or lower cache_max_bytes) "
+            "or make it writable",
+        )
+
+
 def list_problems(details: Sequence[str], shown: int) -> str:
     """The first ``shown`` problems, then how many more: a message bounded whatever an input holds."""
     text = "; ".join(details[:shown])
