@@ -23,7 +23,7 @@ from ..apply_policy import project_for_tenant
 from ..bank import AlignmentBank
 from ..cache import CacheKey, PatchedAdapterCache, entry_signature
 from ..config import SafeLoRASettings
-from ..errors import AdapterRefused, Overloaded
+from ..errors import AdapterRefused, CacheUnavailable, Overloaded
 from ..policies.tenant_rules import TenantPolicy, resolve_tenant
 from ..report import REPORT_FILE, AdapterReport
 from ..sources import LocalDirSource, Location
@@ -73,6 +73,13 @@ class AdapterPreparer:
         self.limits = limits
         self.throttle = PreparationThrottle(settings.max_concurrent_preparations, settings.max_queued_preparations)
         self.refusals = RefusalCache(settings.refusal_cache_entries)
+        self._unavailable_until = 0.0
+
+    def retry_after_s(self) -> float:
+        """What a 503 tells clients to wait: the cache's retry while a storage fault was seen recently,
+        else the throttle's."""
+        left = self._unavailable_until - time.monotonic()
+        return max(self.throttle.retry_after_s, left if left > 0 else 0.0)
 
     def prepare(self, name: str, find_location: Callable[[], Location], where: str) -> PreparedAdapter:
         """Prepare the adapter ``find_location()`` names (its refusals counted like the adapter's own).
@@ -92,6 +99,13 @@ class AdapterPreparer:
             metrics.ADAPTERS.labels(outcome="refused", policy=policy, mode="enforce").inc()
             metrics.count_refusal(exc.reason.value)
             logger.warning("safelora: %s", exc)
+            raise
+        except CacheUnavailable as exc:
+            # The operator's fault, not the adapter's: counted, never remembered as a refusal.
+            metrics.ADAPTERS.labels(outcome="unavailable", policy=self.settings.policy.kind, mode="enforce").inc()
+            metrics.CACHE_UNAVAILABLE.labels(fault=exc.fault).inc()
+            self._unavailable_until = time.monotonic() + exc.retry_after_s
+            logger.warning("safelora: adapter '%s' (%s) not prepared: %s", name, where, exc)
             raise
         except Overloaded as exc:
             logger.warning("safelora: adapter '%s' (%s) not prepared: %s", name, where, exc)
