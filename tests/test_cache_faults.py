@@ -50,7 +50,7 @@ def test_a_full_cache_refuses_new_entries_and_keeps_serving_cached_ones(fs):
         cache.get_or_create(key(2), build(b"b" * 100_000), lease=True)
     exc = info.value
     assert isinstance(exc, Overloaded) and exc.fault == "full" and exc.retry_after_s > 0
-    assert str(fs.path / "cache") in str(exc) and "already cached are still served" in str(exc)
+    assert f"(cache_dir {fs.path / 'cache'}) is full" in str(exc) and "already cached are still served" in str(exc)
     # a hit: verified, leased, served, although neither its last use nor its lease row can be written
     for _ in range(3):
         again, hit = cache.get_or_create(key(1), build(b"unused"), lease=True)

@@ -102,10 +102,10 @@ class CacheUnavailable(Overloaded):
         self.cache_dir = str(cache_dir)
         SafeLoRAError.__init__(
             self,
-            f"vllm-safelora cannot store new adapters: the patched-adapter cache directory {self.cache_dir} is "
+            f"new adapters cannot be stored: the patched-adapter cache directory (cache_dir {self.cache_dir}) is "
             f"{fault.replace('_', '-')} ({detail}). Adapters already cached are still served; try again in "
-            f"{retry_after_s:.0f} s. Operator: free space under {self.cache_dir} (or lower cache_max_bytes) "
-            "or make it writable",
+            f"{retry_after_s:.0f} s. Operator: free space in cache_dir (or lower cache_max_bytes) or make it "
+            "writable",
         )
 
 
