@@ -158,3 +158,16 @@ def test_exchange_race_never_reads_outside_the_namespace(root, tmp_path, target)
     assert sum(outcomes.values()) >= 100
     assert set(outcomes) <= {"own", "outside_namespace", "changed_while_reading"}, outcomes
     assert outcomes.get("own") and outcomes.get("outside_namespace"), outcomes
+
+
+def test_a_relative_lora_path_outside_the_roots_is_no_existence_oracle(root, tmp_path, monkeypatch):
+    """Whether a path outside the roots exists does not change the answer."""
+    monkeypatch.chdir(tmp_path)
+    src = LocalDirSource(root)
+    answers = []
+    for path in ("outside/x", "outside/nothing-here"):
+        with pytest.raises(AdapterRefused) as info:
+            locate_path([src], path)
+        answers.append((info.value.reason, info.value.detail.replace("nothing-here", "x")))
+    assert answers[0] == answers[1] and answers[0][0] is RefusalReason.NOT_FOUND
+    assert locate_path([src], "root/acme/v1").identity == "acme/v1"  # relative, under the root

@@ -496,7 +496,7 @@ def build_catalogue(root: Path, outside: Path, template: Path, aligned_model: st
         NameCase("path-very-long-abs", "load", lora_name="p-long-abs", lora_path=str(root) + "/" + long_rel,
                  fragment="too long"),
         NameCase("path-long-component", "load", lora_name="p-long-comp", lora_path="b" * 300,
-                 fragment="File name too long"),
+                 reason="not_found", status=404, fragment="hub sources are disabled"),
         NameCase("path-long-component-abs", "load", lora_name="p-long-comp-abs", lora_path=str(root / ("b" * 300)),
                  fragment="not a plain name"),
         NameCase("path-is-file", "load", lora_name="p-file", lora_path=str(good_dir / CONFIG),

@@ -127,6 +127,10 @@ class LocalDirSource(AdapterSource):
             namespace=namespace_of(name),
         )
 
+    def holds(self, path: str) -> bool:
+        """Whether ``path``, as written (made absolute, ``..`` taken lexically), lies under this root."""
+        return bool(self._root.paths.relative(posixpath.normpath(os.path.abspath(path))))
+
     def location_of(self, path: str) -> Location | None:
         # Decided on the path as written: which root it is under, and which namespace it names;
         # the walk then decides where it really leads.
