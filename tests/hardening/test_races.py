@@ -20,6 +20,7 @@ import pytest
 
 import hardening_support as hs
 from support.races import Swapper
+from support.smallfs import SmallFS, mount_small_fs, unmount
 from support.server import new_server, write_config
 
 pytestmark = pytest.mark.e2e
@@ -29,6 +30,7 @@ RACE_DEADLINE_S = float(os.environ.get("SAFELORA_RACE_DEADLINE_S", "240"))
 # A swap every ~0.1 ms: the window is open for the whole preparation, both ways round.
 SWAP_PERIOD_S = 1e-4
 REFUSED_IN_A_RACE = {"outside_namespace", "changed_while_reading"}
+CACHE_FS_BYTES = 64 << 20
 
 
 class RaceWorld:
@@ -55,16 +57,21 @@ class RaceWorld:
 def races(hardening_world, tmp_path_factory):
     work = tmp_path_factory.mktemp("races")
     world = RaceWorld(work / "adapters", work / "outside", hardening_world.template)
+    # The cache on its own small file system, so one test can fill it (None where it cannot be mounted).
+    world.cache_fs = mount_small_fs(work / "cachefs", CACHE_FS_BYTES)
+    cache_root = world.cache_fs.path if isinstance(world.cache_fs, SmallFS) else work
     config = write_config(
-        work / "races.yaml", bank=hardening_world.bank, adapter_dirs=[str(world.root)], cache_dir=work / "cache",
-        device="cpu", policy={"select": "all"}, tenants=[{"match": "trusted/*", "shadow": True}],
-        shared_adapters=["public/*"],
+        work / "races.yaml", bank=hardening_world.bank, adapter_dirs=[str(world.root)],
+        cache_dir=cache_root / "cache", device="cpu", policy={"select": "all"},
+        tenants=[{"match": "trusted/*", "shadow": True}], shared_adapters=["public/*"],
     )
     server = new_server("races", hardening_world.aligned, config, work).start().wait_ready()
     try:
         yield server, world
     finally:
         server.stop()
+        if isinstance(world.cache_fs, SmallFS):
+            unmount(world.cache_fs)
 
 
 def _reason(response) -> str:
@@ -197,4 +204,97 @@ def test_a_401_digit_number_is_a_named_400_and_remembered(races):
     assert m1.value("safelora_refusal_cache_hits_total") - m0.value("safelora_refusal_cache_hits_total") == 2
     assert m1.value("safelora_adapters_total", outcome="error") == m0.value("safelora_adapters_total", outcome="error")
     assert "OverflowError" not in server.log_text() and "Traceback" not in server.log_text()
+    assert server.complete("globex/bot", max_tokens=1).status_code == 200
+
+
+def test_a_full_cache_answers_503_and_keeps_serving_cached_adapters(races):
+    """The cache's file system fills up: a new adapter (this tenant's or another's) gets 503 with
+    Retry-After and a message naming the cache directory; the same content under another name (a
+    cache hit) and adapters already loaded keep being served; once space is freed the new adapter
+    is served (the 503 was not remembered as a refusal)."""
+    server, world = races
+    if not isinstance(world.cache_fs, SmallFS):
+        pytest.skip(world.cache_fs)
+    cached = world.attacker_dir("disk/cached")
+    hs.make_valid_adapter(world.root / "disk" / "new", world.template, seed=9101)
+    hs.make_valid_adapter(world.root / "other" / "new", world.template, seed=9102)
+    world.attacker_dir("disk/same")  # the attacker's content again: a cache hit
+    assert cached and server.complete("disk/cached", max_tokens=1).status_code == 200
+    m0 = server.metrics()
+    filled = world.cache_fs.fill()
+    try:
+        for name in ("disk/new", "other/new"):
+            r = server.complete(name, max_tokens=1)
+            assert r.status_code == 503, (name, r.status_code, r.text)
+            assert int(r.headers["Retry-After"]) >= 1, r.headers
+            # vLLM writes paths in client-facing errors as <path>; the log names the directory itself
+            assert "cache directory (cache_dir" in r.text and "already cached are still served" in r.text
+        for name in ("disk/same", "disk/cached"):
+            assert server.complete(name, max_tokens=1).status_code == 200, name
+        hit = server.get("/safelora/v1/adapters/disk/same").json()["summary"]
+        assert hit["input_hash"] == world.attacker_hash
+        m1 = server.metrics()
+    finally:
+        world.cache_fs.drain()
+    print(f"\n[full cache] filled {filled / 2**20:.1f} MiB; 2 new adapters 503, 2 cached ones 200")
+    assert m1.value("safelora_cache_unavailable_total", fault="full") - \
+        m0.value("safelora_cache_unavailable_total", fault="full") == 2
+    assert m1.value("safelora_adapters_total", outcome="error") == m0.value("safelora_adapters_total", outcome="error")
+    for name in ("disk/new", "other/new"):
+        assert server.complete(name, max_tokens=1).status_code == 200, name
+    log = server.log_text()
+    assert f"cache directory (cache_dir {world.cache_fs.path / 'cache'}) is full" in log
+    assert "Traceback" not in log
+    assert server.healthy()
+
+
+NAME_FLOOD = int(os.environ.get("SAFELORA_NAME_FLOOD", "10000"))
+NAME_BYTES = 64 << 10
+RSS_BOUND = 16 << 20
+FLOOD_DEADLINE_S = 420.0
+
+
+def _api_server_rss(server) -> int:
+    with open(f"/proc/{server.pid}/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _flood(server, first: int, count: int, deadline: float) -> Counter:
+    """``count`` completions, each naming a new 64 KB model, on 4 keep-alive connections."""
+    import requests
+    from concurrent.futures import ThreadPoolExecutor
+
+    def run(worker: int) -> Counter:
+        seen: Counter = Counter()
+        with requests.Session() as http:
+            for i in range(first + worker, first + count, 4):
+                if time.monotonic() > deadline:
+                    break
+                name = f"{i:07d}" + "n" * (NAME_BYTES - 7)
+                r = http.post(server.base_url + "/v1/completions", timeout=60,
+                              json={"model": name, "prompt": "x", "max_tokens": 1})
+                seen[f"{r.status_code} {_reason(r)}"] += 1
+        return seen
+
+    with ThreadPoolExecutor(4) as pool:
+        return sum(pool.map(run, range(4)), Counter())
+
+
+def test_distinct_long_names_do_not_grow_the_api_server(races):
+    """10,000 requests naming distinct 64 KB models (refused 400 each): vLLM's serving layer used to
+    keep a lock per name ever asked (~6.3 MB per 100 such names); the API server's RSS may grow by
+    at most 16 MB (after a warm-up of 300 names that settles the allocator)."""
+    server, _ = races
+    deadline = time.monotonic() + FLOOD_DEADLINE_S
+    warm = _flood(server, 0, 300, deadline)
+    rss0 = _api_server_rss(server)
+    t0 = time.monotonic()
+    seen = _flood(server, 300, NAME_FLOOD, deadline)
+    rss1 = _api_server_rss(server)
+    total = sum(seen.values())
+    print(f"\n[names] {total} distinct {NAME_BYTES >> 10} KB names in {time.monotonic() - t0:.0f}s: {dict(seen)}; "
+          f"API server RSS {rss0 / 2**20:.1f} -> {rss1 / 2**20:.1f} MiB ({(rss1 - rss0) / 2**20:+.1f})")
+    assert set(seen) | set(warm) == {"400 invalid_name"}, (seen, warm)
+    assert total == NAME_FLOOD, f"only {total} of {NAME_FLOOD} names sent before the deadline"
+    assert rss1 - rss0 <= RSS_BOUND
     assert server.complete("globex/bot", max_tokens=1).status_code == 200

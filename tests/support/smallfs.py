@@ -2,7 +2,8 @@
 
 Needs root (CAP_SYS_ADMIN) and mount(8); where that is missing the tests using it skip,
 saying why. ``fill()`` writes a filler file until the file system is full (ENOSPC), ``drain()``
-removes it; ``read_only()`` / ``read_write()`` remount it.
+removes it. (A read-only remount is refused by the kernel while a live cache holds files
+open for writing, so read-only is not simulated here.)
 """
 
 from __future__ import annotations
@@ -22,15 +23,6 @@ class SmallFS:
         self.path = Path(path)
         self.size_bytes = size_bytes
         self.filler = self.path / "filler.bin"
-
-    def _mount(self, *args: str) -> subprocess.CompletedProcess:
-        return subprocess.run(["mount", *args], capture_output=True, text=True)
-
-    def read_only(self) -> None:
-        subprocess.run(["mount", "-o", "remount,ro", str(self.path)], check=True, capture_output=True)
-
-    def read_write(self) -> None:
-        subprocess.run(["mount", "-o", "remount,rw", str(self.path)], check=True, capture_output=True)
 
     def fill(self) -> int:
         """Fill the file system to the last byte; returns the bytes written."""
@@ -54,19 +46,30 @@ class SmallFS:
         self.filler.unlink(missing_ok=True)
 
 
-@contextlib.contextmanager
-def small_fs(path: Path, size_bytes: int) -> Iterator[SmallFS]:
-    """A tmpfs of ``size_bytes`` mounted at ``path`` for the duration; skips the test if it cannot be mounted."""
+def mount_small_fs(path: Path, size_bytes: int) -> SmallFS | str:
+    """A tmpfs of ``size_bytes`` mounted at ``path``, or why it cannot be (the caller decides to skip)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     if os.geteuid() != 0:
-        pytest.skip("a full / read-only cache needs a tmpfs mount, which needs root")
+        return "a full cache needs a tmpfs mount, which needs root"
     r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_bytes},mode=0755", "tmpfs", str(path)],
                        capture_output=True, text=True)
     if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({r.stderr.strip() or r.returncode})")
+        return f"cannot mount a tmpfs here ({r.stderr.strip() or r.returncode})"
+    return SmallFS(path, size_bytes)
+
+
+def unmount(fs: SmallFS) -> None:
+    subprocess.run(["umount", "-l", str(fs.path)], capture_output=True)
+
+
+@contextlib.contextmanager
+def small_fs(path: Path, size_bytes: int) -> Iterator[SmallFS]:
+    """A tmpfs of ``size_bytes`` mounted at ``path`` for the duration; skips the test if it cannot be mounted."""
+    fs = mount_small_fs(path, size_bytes)
+    if isinstance(fs, str):
+        pytest.skip(fs)
     try:
-        yield SmallFS(path, size_bytes)
+        yield fs
     finally:
-        subprocess.run(["mount", "-o", "remount,rw", str(path)], capture_output=True)
-        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+        unmount(fs)
