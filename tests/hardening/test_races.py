@@ -105,9 +105,9 @@ def _race(server, world: RaceWorld, prefix: str, link_text: str) -> tuple[Counte
         if r.status_code == 200:
             report = server.get(f"/safelora/v1/adapters/{name}").json()["summary"]
             served = (report["input_hash"], report["tenant_rule"], report["mode"])
-            if served != (world.attacker_hash, "default", "enforce") or report["outcome"] != "projected":
+            if served != (world.attacker_hash, "default", "enforce") or report["outcome"] != "modified":
                 bad.append(f"{name} ({via}) served {served} {report['outcome']}")
-            outcomes[(via, "200 own, projected")] += 1
+            outcomes[(via, "200 own, modified")] += 1
         else:
             reason = _reason(r)
             if r.status_code >= 500 or reason not in REFUSED_IN_A_RACE:
@@ -198,8 +198,8 @@ def test_a_401_digit_number_is_a_named_400_and_remembered(races):
             assert r.status_code == 400 and _reason(r) == "update_overflow" and field in r.text, r.text
             assert value[:40] not in r.text
     m1 = server.metrics()
-    assert m1.value("safelora_rejections_total", reason="update_overflow") - \
-        m0.value("safelora_rejections_total", reason="update_overflow") == 4
+    assert m1.value("safelora_refusals_total", reason="update_overflow") - \
+        m0.value("safelora_refusals_total", reason="update_overflow") == 4
     # the second request of each was answered from the refusal memory, not parsed again
     assert m1.value("safelora_refusal_cache_hits_total") - m0.value("safelora_refusal_cache_hits_total") == 2
     assert m1.value("safelora_adapters_total", outcome="error") == m0.value("safelora_adapters_total", outcome="error")

@@ -111,7 +111,7 @@ class AdapterPreparer:
             logger.warning("safelora: adapter '%s' (%s) not prepared: %s", name, where, exc)
             raise
         except Exception:
-            # Server-side trouble (disk full, cache lock timeout, a bug): the client
+            # Server-side trouble (a cache lock timeout, a bug; a full cache is CacheUnavailable): the client
             # gets a 5xx, nothing is served, and the operator gets the traceback.
             metrics.ADAPTERS.labels(outcome="error", policy=self.settings.policy.kind, mode="enforce").inc()
             logger.exception(
