@@ -499,7 +499,7 @@ def test_symlink_outside_source_refused(tmp_path):
     d.mkdir(parents=True)
     (d / CONFIG_FILE).write_bytes((outside / CONFIG_FILE).read_bytes())
     (d / WEIGHTS_FILE).symlink_to(outside / WEIGHTS_FILE)
-    refused(d, RefusalReason.INVALID_NAME, must_name=[WEIGHTS_FILE, "outside"], confine_to=root)
+    refused(d, RefusalReason.OUTSIDE_NAMESPACE, must_name=[WEIGHTS_FILE, "outside"], confine_to=root)
     # without confinement the link is followed
     assert read_adapter(d).modules
 

@@ -244,9 +244,18 @@ def test_policy_follows_the_location_not_the_served_name(tmp_path, tiny_bank, ad
     assert svc.prepare("anything", str(adapters_root / "trusted" / "bad")).report.summary.tenant_rule == "trusted/*"
 
 
-def test_a_link_gets_the_policy_of_where_it_leads(tmp_path, tiny_bank, adapters_root):
+def test_a_link_into_another_tenant_is_refused(tmp_path, tiny_bank, adapters_root):
     (adapters_root / "trusted" / "current").symlink_to(adapters_root / "globex" / "bad")
-    svc = _service(tmp_path, tiny_bank, adapters_root,
+    svc = _service(tmp_path, tiny_bank, adapters_root)
+    for lora_path in (None, str(adapters_root / "trusted" / "current")):
+        with pytest.raises(AdapterRefused) as err:
+            svc.prepare("trusted/current", lora_path)
+        assert err.value.reason is RefusalReason.OUTSIDE_NAMESPACE and "'trusted/'" in err.value.detail
+
+
+def test_a_link_into_a_shared_area_gets_the_policy_of_where_it_leads(tmp_path, tiny_bank, adapters_root):
+    (adapters_root / "trusted" / "current").symlink_to(adapters_root / "globex" / "bad")
+    svc = _service(tmp_path, tiny_bank, adapters_root, shared_adapters=["globex/*"],
                    tenants=[{"match": "trusted/*", "policy": {"select": "threshold", "threshold": -1.0}}])
     for prepared in (svc.prepare("trusted/current"), svc.prepare("trusted/current", str(adapters_root / "trusted" / "current"))):
         assert prepared.report.summary.tenant_rule == "default" and prepared.report.summary.outcome == "modified"

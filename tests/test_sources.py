@@ -119,8 +119,8 @@ def test_any_accepted_name_stays_inside_root(name):
 
 def test_local_locate(root):
     src = LocalDirSource(root)
-    assert src.locate("plain") == Path(os.path.realpath(root / "plain"))
-    assert src.locate("acme/lora-1.v2_x") == Path(os.path.realpath(root / "acme" / "lora-1.v2_x"))
+    assert src.locate("plain") == root / "plain"
+    assert src.locate("acme/lora-1.v2_x") == root / "acme" / "lora-1.v2_x"
     assert src.locate("missing") is None
     assert src.locate("acme/missing") is None
     assert src.locate("nobody/missing") is None
@@ -143,7 +143,7 @@ def test_symlink_out_of_root_refused(root, tmp_path):
     for name in ["escape", "acme/escape", "evil/secret", "dangling"]:
         with pytest.raises(AdapterRefused) as ei:
             src.locate(name)
-        assert ei.value.reason is RefusalReason.INVALID_NAME, name
+        assert ei.value.reason is RefusalReason.OUTSIDE_NAMESPACE, name
         assert "outside" in ei.value.detail
 
 
@@ -151,22 +151,29 @@ def test_symlink_to_root_itself_refused(root):
     (root / "self").symlink_to(root)
     with pytest.raises(AdapterRefused) as ei:
         LocalDirSource(root).locate("self")
-    assert ei.value.reason is RefusalReason.INVALID_NAME
+    assert ei.value.reason is RefusalReason.OUTSIDE_NAMESPACE
 
 
-def test_symlink_inside_root_ok(root):
+def test_symlink_inside_namespace_ok_into_another_refused(root):
     (root / "acme" / "current").symlink_to(root / "acme" / "lora-1.v2_x")
-    (root / "alias").symlink_to("acme")  # relative link to a namespace
+    (root / "acme" / "rel").symlink_to("lora-1.v2_x")
+    (root / "alias").symlink_to("acme")  # a namespace that is a link to another tenant's
     src = LocalDirSource(root)
-    target = Path(os.path.realpath(root / "acme" / "lora-1.v2_x"))
+    target = root / "acme" / "lora-1.v2_x"
     assert src.locate("acme/current") == target
-    assert src.locate("alias/lora-1.v2_x") == target
+    assert src.locate("acme/rel") == target
+    assert src.location("acme/current", target).identity == "acme/lora-1.v2_x"
+    with pytest.raises(AdapterRefused) as ei:
+        src.locate("alias/lora-1.v2_x")
+    assert ei.value.reason is RefusalReason.OUTSIDE_NAMESPACE
 
 
 def test_root_itself_a_symlink(tmp_path, root):
     link = tmp_path / "link-root"
     link.symlink_to(root)
-    assert LocalDirSource(link).locate("plain") == Path(os.path.realpath(root / "plain"))
+    src = LocalDirSource(link)
+    assert src.locate("plain") == link / "plain"
+    assert src.location("plain", src.locate("plain")).identity == "plain"
 
 
 def test_missing_root_is_config_error(tmp_path):

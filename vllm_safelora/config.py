@@ -44,6 +44,12 @@ class SafeLoRASettings(BaseSettings):
 
     bank: Path = Field(description="alignment bank directory built by `vllm-safelora build-bank`")
     adapter_dirs: list[Path] = Field(default_factory=list, description="local adapter roots (names: adapter or tenant/adapter)")
+    shared_adapters: list[str] = Field(
+        default_factory=list,
+        description="operator-shared areas under the adapter_dirs (globs on locations, e.g. 'public/*'): every tenant "
+        "may use them and link into them. A tenant's namespace is the first component of its adapter names "
+        "(acme in acme/bot); a link leading anywhere else is refused (outside_namespace). Empty: no shared area",
+    )
     hub: HubConfig = Field(default_factory=HubConfig)
     cache_dir: Path = Field(Path("/var/cache/vllm-safelora"), description="patched-adapter cache")
     cache_max_bytes: int = Field(10 << 30, gt=0, description="byte budget of the cache (LRU eviction)")
@@ -93,6 +99,19 @@ class SafeLoRASettings(BaseSettings):
     verify_bank: bool = Field(True, description="check the bank's sha256 at start-up")
     verify_cache: bool = Field(True, description="re-hash cache entries before handing them to vLLM")
     allow_untested_vllm: bool = Field(False, description="run on a vLLM version this plugin was not tested with")
+
+    @field_validator("shared_adapters")
+    @classmethod
+    def _shared(cls, v: list[str]) -> list[str]:
+        for glob in v:
+            parts = glob.split("/")
+            if not glob or glob.startswith("/") or any(p in ("", ".", "..") for p in parts) \
+                    or any(c in parts[0] for c in "*?["):
+                raise ValueError(
+                    f"{glob!r} is not a location glob under the adapter_dirs (relative, no '.' or '..' components, "
+                    "a fixed first component such as 'public/*')"
+                )
+        return v
 
     @field_validator("device")
     @classmethod

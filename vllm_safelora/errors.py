@@ -43,6 +43,7 @@ class RefusalReason(str, enum.Enum):
     UPDATE_OVERFLOW = "update_overflow"  # s*B*A (or alpha) not safely finite in the served dtype
     VLLM_UNSUPPORTED = "vllm_unsupported"  # the served vLLM's own PEFTHelper refuses the config
     NAME_IN_USE = "name_in_use"
+    OUTSIDE_NAMESPACE = "outside_namespace"  # a link leads out of the tenant's namespace (and the shared areas)
 
 
 class SafeLoRAError(Exception):
@@ -89,6 +90,23 @@ class Overloaded(SafeLoRAError):
     def __init__(self, detail: str, retry_after_s: float):
         self.retry_after_s = retry_after_s
         super().__init__(f"vllm-safelora is busy preparing other adapters: {detail}")
+
+
+class CacheUnavailable(Overloaded):
+    """The patched-adapter cache cannot store a new entry (its file system is full or read-only):
+    not the adapter's fault, so a 503 with Retry-After, never a refusal remembered against it."""
+
+    def __init__(self, cache_dir: object, fault: str, detail: str, retry_after_s: float):
+        self.retry_after_s = retry_after_s
+        self.fault = fault
+        self.cache_dir = str(cache_dir)
+        SafeLoRAError.__init__(
+            self,
+            f"new adapters cannot be stored: the patched-adapter cache directory (cache_dir {self.cache_dir}) is "
+            f"{fault.replace('_', '-')} ({detail}). Adapters already cached are still served; try again in "
+            f"{retry_after_s:.0f} s. Operator: free space in cache_dir (or lower cache_max_bytes) or make it "
+            "writable",
+        )
 
 
 def list_problems(details: Sequence[str], shown: int) -> str:

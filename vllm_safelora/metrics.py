@@ -54,6 +54,12 @@ OVERLOAD = Counter(
     "Adapter requests answered 503 (Retry-After) because the preparation throttle was full",
     ["where"],
 )
+CACHE_UNAVAILABLE = Counter(
+    "safelora_cache_unavailable",
+    "Adapter preparations answered 503 (Retry-After) because the cache's file system was full or read-only "
+    "(cached adapters are still served)",
+    ["fault"],
+)
 REFUSAL_CACHE_HITS = Counter(
     "safelora_refusal_cache_hits", "Refusals answered from memory of an earlier refusal of the same content or files"
 )

@@ -333,13 +333,12 @@ def build_catalogue(root: Path, outside: Path, template: Path, aligned_model: st
         write_adapter(d, cfg0, None)
         os.symlink(outside_file, d / WEIGHTS)
 
-    case("weights-symlink-outside", "invalid_name", "pointing outside", weights_symlink)
+    case("weights-symlink-outside", "outside_namespace", "points outside the tenant's namespace", weights_symlink)
 
     def dir_symlink(d: Path) -> None:
         os.symlink(outside_adapter, d, target_is_directory=True)
 
-    case("dir-symlink-outside", "invalid_name", "resolves outside", dir_symlink,
-         load_reason="invalid_name", load_fragment="outside the configured adapter_dirs")
+    case("dir-symlink-outside", "outside_namespace", "points outside the tenant's namespace", dir_symlink)
 
     def fifo(d: Path) -> None:
         write_adapter(d, cfg0, None)
@@ -474,7 +473,8 @@ def build_catalogue(root: Path, outside: Path, template: Path, aligned_model: st
         NameCase("three-parts", "resolver", model="a/b/c", fragment="more than one '/'"),
         NameCase("very-long", "resolver", model="x" * 5000, fragment="characters long"),
         NameCase("fullwidth-unicode", "resolver", model="ｇｏｏｄ/ｂａｓｅ", fragment="must start with a letter or digit"),
-        NameCase("symlinked-dir", "resolver", model="hostile/dir-symlink-outside", fragment="resolves outside"),
+        NameCase("symlinked-dir", "resolver", model="hostile/dir-symlink-outside", reason="outside_namespace",
+                 fragment="points outside the tenant's namespace"),
         # load endpoint: lora_path is a path, lora_name a served name
         NameCase("path-dotdot", "load", lora_name="p-dotdot", lora_path=str(root / ".." / outside.name / "evil-adapter"),
                  fragment="outside the configured adapter_dirs"),
@@ -496,13 +496,13 @@ def build_catalogue(root: Path, outside: Path, template: Path, aligned_model: st
         NameCase("path-very-long-abs", "load", lora_name="p-long-abs", lora_path=str(root) + "/" + long_rel,
                  fragment="too long"),
         NameCase("path-long-component", "load", lora_name="p-long-comp", lora_path="b" * 300,
-                 fragment="File name too long"),
+                 reason="not_found", status=404, fragment="hub sources are disabled"),
         NameCase("path-long-component-abs", "load", lora_name="p-long-comp-abs", lora_path=str(root / ("b" * 300)),
-                 reason="not_found", status=404, fragment="not a directory"),
+                 fragment="not a plain name"),
         NameCase("path-is-file", "load", lora_name="p-file", lora_path=str(good_dir / CONFIG),
                  reason="not_found", status=404, fragment="not a directory"),
         NameCase("path-symlinked-dir", "load", lora_name="p-symlink", lora_path=str(hostile / "dir-symlink-outside"),
-                 fragment="outside the configured adapter_dirs"),
+                 reason="outside_namespace", fragment="points outside the tenant's namespace"),
         NameCase("name-nul", "load", lora_name="evil\x00name", lora_path=str(good_dir), fragment="control characters"),
         NameCase("name-newline", "load", lora_name="evil\nINFO fake log line", lora_path=str(good_dir),
                  fragment="control characters"),

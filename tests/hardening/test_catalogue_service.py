@@ -16,6 +16,7 @@ import pytest
 import hardening_support as hs
 from support.server import MAX_LORA_RANK
 from vllm_safelora.errors import AdapterRefused, RefusalReason
+from vllm_safelora.sources import LocalDirSource, locate
 
 
 @pytest.fixture(scope="module")
@@ -93,10 +94,10 @@ def test_directory_swapped_between_config_and_weights_reads(hardening_world, mon
     real_read = adapter_reader._read_regular_file
     calls = []
 
-    def read_then_swap(path, *args, **kwargs):
-        out = real_read(path, *args, **kwargs)
-        calls.append(path.name)
-        if path.name == adapters.CONFIG_FILE:
+    def read_then_swap(directory, name, *args, **kwargs):
+        out = real_read(directory, name, *args, **kwargs)
+        calls.append(name)
+        if name == adapters.CONFIG_FILE:
             os.rename(a, tmp_path / "old")
             os.rename(b, a)
         return out
@@ -107,6 +108,16 @@ def test_directory_swapped_between_config_and_weights_reads(hardening_world, mon
     assert info.value.reason is RefusalReason.CHANGED_WHILE_READING, info.value
     assert calls == [adapters.CONFIG_FILE, adapters.WEIGHTS_FILE]
 
+    # Opened from a descriptor (how the server reads a tenant's directory), both files come from
+    # the directory that was opened, whatever is renamed onto its name in between.
+    os.rename(a, b)
+    os.rename(tmp_path / "old", a)
+    want = hs.content_id(a)
+    location = locate([LocalDirSource(tmp_path / "root")], "t/lora")
+    with location.open() as directory:
+        got = adapters.read_adapter_files(directory, name="t/lora")
+    assert adapters.content_hash(got.config_bytes, got.weights_bytes) == want
+
 
 def test_file_replaced_between_reads(hardening_world, monkeypatch, tmp_path):
     """Same, file by file: the config is atomically replaced after it was read."""
@@ -116,9 +127,9 @@ def test_file_replaced_between_reads(hardening_world, monkeypatch, tmp_path):
     a = hs.make_valid_adapter(tmp_path / "lora", hardening_world.template, seed=9)
     real_read = adapter_reader._read_regular_file
 
-    def read_then_replace(path, *args, **kwargs):
-        out = real_read(path, *args, **kwargs)
-        if path.name == adapters.WEIGHTS_FILE:
+    def read_then_replace(directory, name, *args, **kwargs):
+        out = real_read(directory, name, *args, **kwargs)
+        if name == adapters.WEIGHTS_FILE:
             tmp = a / ".cfg.new"
             tmp.write_bytes((a / adapters.CONFIG_FILE).read_bytes().replace(b'"r": 8', b'"r": 8 '))
             os.replace(tmp, a / adapters.CONFIG_FILE)

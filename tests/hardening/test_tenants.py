@@ -92,10 +92,9 @@ def test_policy_follows_where_the_bytes_are(tenants):
     # the trusted tenant's own adapter gets its rule ...
     own = summary(server, "trusted/own") if server.complete("trusted/own").status_code == 200 else None
     assert own and own["tenant_rule"] == "trusted/*" and own["outcome"] == "unchanged", own
-    # ... a link in the trusted directory to an evil adapter gets the evil adapter's (default) policy
-    assert server.complete("trusted/link").status_code == 200
-    link = summary(server, "trusted/link")
-    assert link["tenant_rule"] == "default" and link["outcome"] == "modified", link
+    # ... a link in the trusted directory to an evil adapter leads out of trusted's namespace: refused
+    r = server.complete("trusted/link")
+    assert r.status_code == 400 and "(outside_namespace)" in r.text, r.text
     # loaded by path under its own location name: default policy, projected
     r = server.post("/v1/load_lora_adapter", json={"lora_name": "evil/b", "lora_path": str(root / "evil" / "b")})
     assert r.status_code == 200, r.text

@@ -8,6 +8,7 @@ One job per module, in the order a read goes through them:
 
 * :mod:`.names`: the file names, and tensor names parsed as vLLM parses them;
 * :mod:`.limits`: :class:`ReadLimits`, what a tenant can make the server read (problems are collected by :class:`vllm_safelora.errors.Problems`);
+* :mod:`.directory`: where the reader opens files (a directory a source opened, or a trusted path);
 * :mod:`.reader`: reading the two files within the limits, then parsing them;
 * :mod:`.validate`: adapter_config.json checks and the mirror of vLLM's feature checks;
 * :mod:`.header`: the safetensors header, checked before safetensors parses it;
@@ -31,7 +32,8 @@ from .names import (
     is_canonical_name,
     parse_lora_name,
 )
-from .reader import AdapterFiles, parse_adapter, read_adapter, read_adapter_files
+from .directory import AdapterDirectory, PathDirectory
+from .reader import AdapterFiles, file_identity, parse_adapter, read_adapter, read_adapter_files
 from .writer import (
     SerializedAdapter,
     config_excluding_modules,
@@ -48,6 +50,7 @@ __all__ = [
     "HEADER_METADATA_BYTES",
     "PICKLE_FILES",
     "WEIGHTS_FILE",
+    "AdapterDirectory",
     "AdapterFiles",
     "AdapterRefused",
     "ConfigCheck",
@@ -55,6 +58,7 @@ __all__ = [
     "LoraModule",
     "ModuleFilter",
     "NameParser",
+    "PathDirectory",
     "ReadLimits",
     "RefusalReason",
     "SerializedAdapter",
@@ -62,6 +66,7 @@ __all__ = [
     "changed_update_problems",
     "config_excluding_modules",
     "content_hash",
+    "file_identity",
     "is_canonical_name",
     "max_abs_update",
     "parse_adapter",

@@ -22,39 +22,31 @@ from typing import Callable
 import torch
 from safetensors.torch import load as load_safetensors_bytes
 
-from ..errors import AdapterRefused, RefusalReason
+from ..errors import AdapterRefused, Problems, RefusalReason
+from .directory import AdapterDirectory, PathDirectory, as_directory
 from .header import FLOAT_CODES, check_safetensors_header, refuse_oversized_header
-from ..errors import Problems
 from .limits import ReadLimits
 from .modules import LoraAdapter, map_tensor_names, pair_modules, content_hash
 from .names import CONFIG_FILE, PICKLE_FILES, WEIGHTS_FILE, canonical_name
 from .validate import parse_config, validate_config
 
 def _read_regular_file(
-    path: Path, limit: int, adapter: str, confine_to: Path | None,
+    directory: AdapterDirectory, name: str, limit: int, adapter: str,
     head: tuple[int, Callable[[bytes, int], None]] | None = None,
 ) -> tuple[bytes, os.stat_result]:
     """The file's bytes within ``limit``. ``head`` = (n, check): the first n bytes are read
     first and ``check(head, file_size)`` may refuse them before the rest is read (a huge file with a hostile
     header costs n bytes, not the file)."""
-    real = Path(os.path.realpath(path))
-    if confine_to is not None:
-        root = Path(os.path.realpath(confine_to))
-        if real != root and root not in real.parents:
-            raise AdapterRefused(
-                RefusalReason.INVALID_NAME, f"{path.name} is a link pointing outside the adapter source", adapter
-            )
-    try:
-        fd = os.open(real, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
-    except OSError as exc:
-        raise AdapterRefused(RefusalReason.NOT_FOUND, f"cannot open {path.name}: {exc.strerror}", adapter) from exc
+    fd = directory.open_file(name, adapter)
+    if fd is None:
+        raise AdapterRefused(RefusalReason.CHANGED_WHILE_READING, f"{name} vanished while the adapter was read", adapter)
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            raise AdapterRefused(RefusalReason.INVALID_NAME, f"{path.name} is not a regular file", adapter)
+            raise AdapterRefused(RefusalReason.INVALID_NAME, f"{name} is not a regular file", adapter)
         if st.st_size > limit:
             raise AdapterRefused(
-                RefusalReason.TOO_LARGE, f"{path.name} is {st.st_size} bytes, the limit is {limit}", adapter
+                RefusalReason.TOO_LARGE, f"{name} is {st.st_size} bytes, the limit is {limit}", adapter
             )
         chunks, total = [], 0
         if head is not None:
@@ -68,13 +60,15 @@ def _read_regular_file(
             chunks.append(block)
             total += len(block)
             if total > limit:
-                raise AdapterRefused(RefusalReason.TOO_LARGE, f"{path.name} grew past the limit of {limit} bytes while read", adapter)
+                raise AdapterRefused(RefusalReason.TOO_LARGE, f"{name} grew past the limit of {limit} bytes while read", adapter)
         data = b"".join(chunks)
         if len(data) != st.st_size:
             raise AdapterRefused(
-                RefusalReason.CHANGED_WHILE_READING, f"{path.name} changed size while it was read", adapter
+                RefusalReason.CHANGED_WHILE_READING, f"{name} changed size while it was read", adapter
             )
         return data, st
+    except OSError as exc:  # EIO, or a file that went away under a network file system
+        raise AdapterRefused(RefusalReason.CHANGED_WHILE_READING, f"{name} could not be read: {exc.strerror}", adapter) from None
     finally:
         os.close(fd)
 
@@ -90,14 +84,38 @@ def _read_up_to(fd: int, n: int) -> bytes:
     return b"".join(parts)
 
 
-def _same_file(before: os.stat_result, path: Path) -> bool:
+def _same_file(before: os.stat_result, directory: AdapterDirectory, name: str, adapter: str) -> bool:
     try:
-        now = os.stat(os.path.realpath(path))
-    except OSError:
+        fd = directory.open_file(name, adapter)
+    except AdapterRefused:
         return False
+    if fd is None:
+        return False
+    try:
+        now = os.fstat(fd)
+    finally:
+        os.close(fd)
     return (now.st_ino, now.st_dev, now.st_size, now.st_mtime_ns) == (
         before.st_ino, before.st_dev, before.st_size, before.st_mtime_ns,
     )
+
+
+def file_identity(directory: AdapterDirectory, adapter: str) -> tuple | None:
+    """(dev, inode, size, mtime_ns) of the two files without reading them; None if either cannot be opened."""
+    out = []
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        try:
+            fd = directory.open_file(name, adapter)
+        except AdapterRefused:
+            return None
+        if fd is None:
+            return None
+        try:
+            st = os.fstat(fd)
+        finally:
+            os.close(fd)
+        out.append((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
+    return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -116,7 +134,7 @@ class AdapterFiles:
 
 
 def read_adapter_files(
-    path: Path,
+    path: AdapterDirectory | Path,
     *,
     name: str | None = None,
     limits: ReadLimits = ReadLimits(),
@@ -126,16 +144,17 @@ def read_adapter_files(
 
     Split from :func:`parse_adapter` so that a caller can recognise content it has
     already refused (by :attr:`AdapterFiles.content_hash`) before paying for parsing.
+    ``path`` is an :class:`AdapterDirectory` a source opened (files read relative to it),
+    or a path the caller trusts (:class:`PathDirectory`, links bounded by ``confine_to``).
     """
-    path = Path(path)
-    who = name or str(path)
-    if not path.is_dir():
-        raise AdapterRefused(RefusalReason.NOT_FOUND, f"{path} is not a directory", who)
-    config_path, weights_path = path / CONFIG_FILE, path / WEIGHTS_FILE
-    if not os.path.lexists(config_path):
+    directory = as_directory(path, confine_to)
+    who = name or str(directory.path)
+    if isinstance(directory, PathDirectory):
+        directory.check(who)
+    if not directory.lexists(CONFIG_FILE):
         raise AdapterRefused(RefusalReason.INVALID_CONFIG, f"{CONFIG_FILE} is missing", who)
-    pickles = [p for p in PICKLE_FILES if os.path.lexists(path / p)]
-    if not os.path.lexists(weights_path):
+    pickles = [p for p in PICKLE_FILES if directory.lexists(p)]
+    if not directory.lexists(WEIGHTS_FILE):
         if pickles:
             raise AdapterRefused(
                 RefusalReason.PICKLE_ONLY,
@@ -152,22 +171,24 @@ def read_adapter_files(
             who,
         )
 
-    config_bytes, config_stat = _read_regular_file(config_path, limits.max_config_bytes, who, confine_to)
+    config_bytes, config_stat = _read_regular_file(directory, CONFIG_FILE, limits.max_config_bytes, who)
     weights_bytes, weights_stat = _read_regular_file(
-        weights_path, limits.max_bytes, who, confine_to,
+        directory, WEIGHTS_FILE, limits.max_bytes, who,
         head=(8 + limits.max_header_bytes, functools.partial(refuse_oversized_header, limits=limits, adapter=who)),
     )
-    if not (_same_file(config_stat, config_path) and _same_file(weights_stat, weights_path)):
+    if not (
+        _same_file(config_stat, directory, CONFIG_FILE, who) and _same_file(weights_stat, directory, WEIGHTS_FILE, who)
+    ):
         raise AdapterRefused(
             RefusalReason.CHANGED_WHILE_READING,
             "the adapter's files were replaced while they were read; upload it again",
             who,
         )
-    return AdapterFiles(path=path, name=who, config_bytes=config_bytes, weights_bytes=weights_bytes)
+    return AdapterFiles(path=directory.path, name=who, config_bytes=config_bytes, weights_bytes=weights_bytes)
 
 
 def read_adapter(
-    path: Path,
+    path: AdapterDirectory | Path,
     *,
     name: str | None = None,
     limits: ReadLimits = ReadLimits(),

@@ -62,14 +62,35 @@ def parse_config(data: bytes, limits: ReadLimits, problems: Problems) -> dict[st
     return config
 
 
+# r and rank_pattern values where the served --max-lora-rank is not known (offline tools):
+# no LoRA rank exceeds a model's width, and this keeps sqrt(r) (rsLoRA) and alpha / r in float range.
+MAX_RANK_ANY = 1 << 16
+
+
 def _is_number(value: Any) -> bool:
-    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    """A finite JSON number, never a bool. Integers are not converted to float: JSON integers
+    have any length (a 401-digit one overflows ``math.isfinite``), and comparing them is exact."""
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, int) or (isinstance(value, float) and math.isfinite(value))
+
+
+def _is_rank(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def shown_value(value: Any) -> str:
+    """A config value for a message: bounded, and an integer too long to print is described."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**15:
+        return f"an integer of {len(str(abs(value)))} digits"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def validate_config(config: Mapping[str, Any], limits: ReadLimits, problems: Problems) -> None:
     peft_type = config.get("peft_type")
     if peft_type != "LORA":
-        problems.add(RefusalReason.NOT_LORA, f"{CONFIG_FILE}: peft_type is {peft_type!r}, only 'LORA' is served")
+        problems.add(RefusalReason.NOT_LORA, f"{CONFIG_FILE}: peft_type is {shown_value(peft_type)}, only 'LORA' is served")
     _check_scaling_fields(config, limits, problems)
     _check_vllm_features(config, problems)
     if config.get("fan_in_fan_out"):
@@ -89,16 +110,20 @@ def _check_scaling_fields(config: Mapping[str, Any], limits: ReadLimits, problem
     vLLM requires r and lora_alpha (PEFTHelper has no default for them); PEFT always saves both.
     """
     r = config.get("r")
-    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-        problems.add(RefusalReason.INVALID_CONFIG, f"{CONFIG_FILE}: r must be a positive integer, got {r!r}")
-    elif limits.max_rank is not None and r > limits.max_rank:
-        problems.add(RefusalReason.RANK_TOO_LARGE, f"{CONFIG_FILE}: r is {r}, the server allows at most {limits.max_rank}")
+    max_rank = limits.max_rank if limits.max_rank is not None else MAX_RANK_ANY
+    if not _is_rank(r):
+        problems.add(RefusalReason.INVALID_CONFIG, f"{CONFIG_FILE}: r must be a positive integer, got {shown_value(r)}")
+    elif r > max_rank:
+        problems.add(RefusalReason.RANK_TOO_LARGE, f"{CONFIG_FILE}: r is {shown_value(r)}, at most {max_rank} is allowed")
     if "lora_alpha" not in config:
         problems.add(RefusalReason.INVALID_CONFIG, f"{CONFIG_FILE}: lora_alpha is missing (vLLM requires it)")
     else:
         _check_alpha("lora_alpha", config["lora_alpha"], limits, problems)
     if not isinstance(config.get("use_rslora", False), bool):
-        problems.add(RefusalReason.INVALID_CONFIG, f"{CONFIG_FILE}: use_rslora must be true or false, got {config['use_rslora']!r}")
+        problems.add(
+            RefusalReason.INVALID_CONFIG,
+            f"{CONFIG_FILE}: use_rslora must be true or false, got {shown_value(config['use_rslora'])}",
+        )
     for key in ("rank_pattern", "alpha_pattern"):
         value = config.get(key)
         if value is not None and not isinstance(value, dict):
@@ -109,12 +134,12 @@ def _check_scaling_fields(config: Mapping[str, Any], limits: ReadLimits, problem
 
 def _check_alpha(where: str, alpha: Any, limits: ReadLimits, problems: Problems) -> bool:
     if not _is_number(alpha):
-        problems.add(RefusalReason.INVALID_CONFIG, f"{CONFIG_FILE}: {where} must be a finite number, got {alpha!r}")
+        problems.add(RefusalReason.INVALID_CONFIG, f"{CONFIG_FILE}: {where} must be a finite number, got {shown_value(alpha)}")
         return False
     if abs(alpha) > limits.max_lora_alpha:
         problems.add(
             RefusalReason.UPDATE_OVERFLOW,
-            f"{CONFIG_FILE}: {where} is {alpha!r}; this server allows |alpha| <= {limits.max_lora_alpha:g} "
+            f"{CONFIG_FILE}: {where} is {shown_value(alpha)}; this server allows |alpha| <= {limits.max_lora_alpha:g} "
             "(the update is scaled by alpha / r)",
         )
         return False
@@ -137,13 +162,13 @@ def _check_vllm_features(config: Mapping[str, Any], problems: Problems) -> None:
     if config.get("use_dora"):
         refuse("DoRA adapters (use_dora) are not supported")
     if config.get("modules_to_save"):
-        refuse(f"modules_to_save={config['modules_to_save']!r} trains full modules that cannot be projected")
+        refuse(f"modules_to_save={shown_value(config['modules_to_save'])} trains full modules that cannot be projected")
     if config.get("bias", "none") not in ("none", None) or config.get("lora_bias"):
         refuse("trained biases are not supported (bias must be 'none', lora_bias false)")
     init = config.get("init_lora_weights", True)
     if isinstance(init, str) and init.lower() not in _PLAIN_INITS:
         refuse(
-            f"init_lora_weights={init!r} (PiSSA, OLoRA, CorDA, LoftQ) changes the base weights when PEFT loads it; "
+            f"init_lora_weights={shown_value(init)} (PiSSA, OLoRA, CorDA, LoftQ) changes the base weights when PEFT loads it; "
             "convert it to a plain LoRA with PEFT's path_initial_model_for_weight_conversion"
         )
     for key, what in (
@@ -174,14 +199,18 @@ def _check_pattern(key: str, pattern: Mapping[str, Any], limits: ReadLimits, pro
             if not _check_alpha(f"alpha_pattern[{k!r}]", v, limits, problems):
                 return
             continue
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            problems.add(RefusalReason.INVALID_CONFIG, f"{CONFIG_FILE}: rank_pattern[{k!r}] must be a positive integer, got {v!r}")
+        if not _is_rank(v):
+            problems.add(
+                RefusalReason.INVALID_CONFIG,
+                f"{CONFIG_FILE}: rank_pattern[{k!r}] must be a positive integer, got {shown_value(v)}",
+            )
             return
         # vLLM checks every rank_pattern value against --max-lora-rank, used or not.
-        if limits.max_rank is not None and v > limits.max_rank:
+        max_rank = limits.max_rank if limits.max_rank is not None else MAX_RANK_ANY
+        if v > max_rank:
             problems.add(
                 RefusalReason.RANK_TOO_LARGE,
-                f"{CONFIG_FILE}: rank_pattern[{k!r}] is {v}, the server allows at most {limits.max_rank}",
+                f"{CONFIG_FILE}: rank_pattern[{k!r}] is {shown_value(v)}, at most {max_rank} is allowed",
             )
             return
 

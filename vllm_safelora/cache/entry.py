@@ -226,7 +226,10 @@ def signature_racy(signature: tuple, taken_at_ns: int) -> bool:
 
 def entry_path_in(path: Path | str, entries_dir: Path) -> Path | None:
     """``path`` resolved, if it names an entry directory (entries/<64 hex>) under ``entries_dir``."""
-    real = Path(os.path.realpath(path))
+    try:
+        real = Path(os.path.realpath(path))
+    except (OSError, ValueError):  # a client's path a tenant is swapping under realpath (EINVAL), or NUL
+        return None
     if real.parent != Path(os.path.realpath(entries_dir)) or not HEX64.fullmatch(real.name):
         return None
     return real

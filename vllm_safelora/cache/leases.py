@@ -33,6 +33,7 @@ from pathlib import Path
 
 import fcntl
 
+from .faults import storage_fault
 from .index import CacheIndex
 from .layout import HOST
 
@@ -68,6 +69,7 @@ class Leases:
         self.owners_dir = Path(owners_dir)
         self._counts: dict[str, int] = {}
         self._pending: set[str] = set()  # count dropped to 0; row not deleted yet
+        self._unrecorded: set[str] = set()  # held while the index could not be written (faults.py); row not written yet
         self._owner: str | None = None
         self._owner_fd: int | None = None
         # _lock guards the counts and is never held during I/O, so release() and a lease on
@@ -110,8 +112,15 @@ class Leases:
                 self._counts[digest] += 1
                 return True
         with self._io_lock:
-            if not self.index.try_lease(digest, self._ensure_owner()):
-                return False
+            try:
+                if not self.index.try_lease(digest, self._ensure_owner()):
+                    return False
+            except Exception as exc:
+                if storage_fault(exc) is None:
+                    raise
+                # Full or read-only: nobody can mark the entry for eviction either (that is a
+                # write too), so holding it in memory is safe; the row is written by a later flush.
+                self._unrecorded.add(digest)
             self._add(digest)
             return True
 
@@ -142,14 +151,40 @@ class Leases:
     def flush(self) -> int:
         """Delete the rows of leases given back since the last flush; returns how many."""
         with self._io_lock:
+            self._record_unrecorded()
             with self._lock:
                 if not self._pending or self._owner is None:
                     return 0
                 # Counted again since (by the fast path) means still held: keep those rows.
                 done = [d for d in self._pending if d not in self._counts]
                 self._pending.clear()
-            self.index.drop_leases(done, self._owner)
+            try:
+                self.index.drop_leases(done, self._owner)
+            except Exception as exc:
+                if storage_fault(exc) is None:
+                    raise
+                with self._lock:  # tried again at the next flush; until then the entries stay protected
+                    self._pending.update(done)
+                return 0
             return len(done)
+
+    def _record_unrecorded(self) -> None:
+        """Write the rows of leases taken while the index could not be written (call with ``_io_lock``)."""
+        if not self._unrecorded:
+            return
+        with self._lock:
+            waiting = [d for d in self._unrecorded if self._counts.get(d, 0) > 0]
+            self._unrecorded.clear()
+        try:
+            owner = self._ensure_owner()
+            while waiting:
+                self.index.add_lease(waiting[-1], owner)
+                waiting.pop()
+        except Exception as exc:
+            if storage_fault(exc) is None:
+                raise
+            with self._lock:
+                self._unrecorded.update(waiting)
 
     def held(self) -> dict[str, int]:
         """Entry digest -> number of leases this process holds on it."""

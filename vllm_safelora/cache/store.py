@@ -30,13 +30,14 @@ import weakref
 from pathlib import Path
 from typing import Callable, Mapping
 
-from ..errors import ConfigError
+from ..errors import CacheUnavailable, ConfigError
 from ..fsutil import ctime_trusted, fsync_dir
 from .entry import (
     FILE_HASH, HEX64, MANIFEST_NAME, CacheEntry, CacheKey, CorruptEntry, discard_entry, entry_path_in, entry_signature,
     read_entry_manifest, remove_tree, verify_entry,
 )
 from .evict import Evictor
+from .faults import RETRY_AFTER_S, storage_fault
 from .index import CacheIndex, IndexStats
 from .layout import CacheLayout
 from .leases import Leases
@@ -176,7 +177,21 @@ class PatchedAdapterCache:
 
     def _record_use(self, entry: CacheEntry, origin: str | None = None) -> None:
         self._touch_manifest(entry)
-        self.index.record_use(entry.digest, entry.nbytes, origin=origin)
+        try:
+            self.index.record_use(entry.digest, entry.nbytes, origin=origin)
+        except Exception as exc:
+            # A hit must not fail because its last use cannot be written (faults.py): the
+            # entry's LRU position goes stale, which only makes it an earlier eviction candidate.
+            if storage_fault(exc) is None:
+                raise
+            logger.debug("patched-adapter cache: could not record use of %s: %s", entry.digest[:16], exc)
+
+    def unavailable(self, exc: BaseException) -> CacheUnavailable | None:
+        """The 503 for a storage fault (full, read-only) of this cache's file system; None for anything else."""
+        fault = storage_fault(exc)
+        if fault is None:
+            return None
+        return CacheUnavailable(self.root, fault, f"{type(exc).__name__}: {exc}", RETRY_AFTER_S)
 
     # ------------------------------------------------------------------ writing
 
@@ -197,6 +212,21 @@ class PatchedAdapterCache:
         self.flush_releases()
         digest = key.digest()
         leased = lease and self.leases.try_acquire(digest)
+        try:
+            return self._get_or_build(key, build, digest, lease, leased, origin)
+        except CacheUnavailable:
+            raise
+        except Exception as exc:
+            unavailable = self.unavailable(exc)
+            if unavailable is None:
+                raise
+            logger.warning("patched-adapter cache: %s", unavailable)
+            raise unavailable from exc
+
+    def _get_or_build(
+        self, key: CacheKey, build: Callable[[Path], object], digest: str, lease: bool, leased: bool,
+        origin: str | None,
+    ) -> tuple[CacheEntry, bool]:
         try:
             if leased or not lease:
                 try:
@@ -226,7 +256,12 @@ class PatchedAdapterCache:
         logger.info(
             "patched-adapter cache: stored entry %s (%s), %d bytes", digest[:16], key.describe(), entry.nbytes
         )
-        self.evict_to_budget(protect={digest})
+        try:
+            self.evict_to_budget(protect={digest})
+        except Exception as exc:  # the entry is stored and leased: serve it, evict at the next chance
+            if storage_fault(exc) is None:
+                raise
+            logger.warning("patched-adapter cache: eviction deferred, the cache directory %s is full: %s", self.root, exc)
         return entry, False
 
     def release(self, digest: str) -> None:
@@ -242,7 +277,12 @@ class PatchedAdapterCache:
     def flush_releases(self) -> None:
         """Delete the index rows of given-back leases and, if that lets the cache shrink, evict."""
         if self.leases.flush():
-            self.evict_to_budget()
+            try:
+                self.evict_to_budget()
+            except Exception as exc:
+                if storage_fault(exc) is None:
+                    raise
+                logger.debug("patched-adapter cache: eviction deferred (%s)", exc)
 
     # ------------------------------------------------------------------ by path
 

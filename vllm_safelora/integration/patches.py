@@ -287,7 +287,10 @@ def _wrap_load_lora_adapter(cls) -> None:
         except (AdapterRefused, Overloaded) as exc:
             return to_error_response(exc)
         request = request.model_copy(update={"lora_path": str(prepared.path)})
-        result = await original(self, request, base_model_name)
+        try:
+            result = await original(self, request, base_model_name)
+        finally:
+            _drop_name_lock(self, request.lora_name)
         await _unload_dropped(self, svc)
         return result
 
@@ -304,9 +307,21 @@ async def _unload_dropped(serving_models, svc) -> None:
     for stale in svc.drain_dropped_names():
         if stale in serving_models.lora_requests:
             await serving_models.unload_lora_adapter(UnloadLoRAAdapterRequest(lora_name=stale))
-        lock = serving_models.lora_resolver_lock.get(stale)
-        if lock is not None and not lock.locked():  # the event loop is ours until the next await
-            del serving_models.lora_resolver_lock[stale]
+        _drop_name_lock(serving_models, stale)
+
+
+def _drop_name_lock(serving_models, name) -> None:
+    """Forget vLLM's per-name lock of a name it does not serve. vLLM's serving layer creates one
+    (a defaultdict of asyncio.Lock) for every name a request, load or unload ever asked for and
+    never removes it: distinct unknown or refused names (64 KB each) grew the API server without
+    bound. Kept while the name is served or anyone holds or waits for the lock, so what it
+    serialises is unchanged; the event loop is ours until the next await."""
+    if name in serving_models.lora_requests:
+        return
+    locks = serving_models.lora_resolver_lock
+    lock = locks.get(name) if isinstance(name, str) else None
+    if lock is not None and not lock.locked() and not getattr(lock, "_waiters", None):
+        del locks[name]
 
 
 def _wrap_resolve_lora(cls) -> None:
@@ -318,7 +333,10 @@ def _wrap_resolve_lora(cls) -> None:
 
     @functools.wraps(original)
     async def resolve_lora(self, lora_name):
-        result = await original(self, lora_name)
+        try:
+            result = await original(self, lora_name)
+        finally:
+            _drop_name_lock(self, lora_name)
         svc = state.service()
         if svc is not None:
             await _unload_dropped(self, svc)
@@ -336,7 +354,10 @@ def _wrap_unload_lora_adapter(cls) -> None:
 
     @functools.wraps(original)
     async def unload_lora_adapter(self, request):
-        result = await original(self, request)
+        try:
+            result = await original(self, request)
+        finally:
+            _drop_name_lock(self, request.lora_name)
         svc = state.service()
         if svc is not None and isinstance(result, str):  # vLLM returns a message on success
             svc.forget(request.lora_name)

@@ -92,7 +92,7 @@ class SafeLoRARoutes:
             response = await call_next(request)
             if response.status_code == 503 and "retry-after" not in response.headers:
                 svc = state.service()
-                response.headers["Retry-After"] = str(int(svc.throttle.retry_after_s) if svc else 1)
+                response.headers["Retry-After"] = str(max(1, int(svc.retry_after_s())) if svc else 1)
             return response
 
     async def init_state(self, engine_client, app_state, args: Namespace) -> None:

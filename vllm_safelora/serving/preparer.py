@@ -10,7 +10,6 @@ about what vLLM was handed (:mod:`.registry` does). Holds no math, imports no vL
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,13 +17,13 @@ from typing import Callable
 
 from .. import metrics
 from ..adapters import (
-    CONFIG_FILE, WEIGHTS_FILE, AdapterFiles, ReadLimits, parse_adapter, read_adapter_files, write_adapter_files,
+    AdapterDirectory, AdapterFiles, ReadLimits, file_identity, parse_adapter, read_adapter_files, write_adapter_files,
 )
 from ..apply_policy import project_for_tenant
 from ..bank import AlignmentBank
 from ..cache import CacheKey, PatchedAdapterCache, entry_signature, signature_racy
 from ..config import SafeLoRASettings
-from ..errors import AdapterRefused, Overloaded
+from ..errors import AdapterRefused, CacheUnavailable, Overloaded
 from ..policies.tenant_rules import TenantPolicy, resolve_tenant
 from ..report import REPORT_FILE, AdapterReport
 from ..sources import LocalDirSource, Location
@@ -61,13 +60,10 @@ class PreparedAdapter:
         )
 
 
-def _files_identity(path: Path, decided_by: tuple) -> tuple | None:
-    """What identifies an adapter's unchanged files without reading them (None if they cannot be stat'ed)."""
-    try:
-        stats = [os.stat(path / name) for name in (CONFIG_FILE, WEIGHTS_FILE)]
-    except OSError:
-        return None
-    return (*((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) for st in stats), decided_by)
+def _files_identity(directory: AdapterDirectory, name: str, decided_by: tuple) -> tuple | None:
+    """What identifies an adapter's unchanged files without reading them (None if they cannot be opened)."""
+    files = file_identity(directory, name)
+    return None if files is None else (*files, decided_by)
 
 
 def _origin(location: Location) -> str:
@@ -85,6 +81,13 @@ class AdapterPreparer:
         self.limits = limits
         self.throttle = PreparationThrottle(settings.max_concurrent_preparations, settings.max_queued_preparations)
         self.refusals = RefusalCache(settings.refusal_cache_entries)
+        self._unavailable_until = 0.0
+
+    def retry_after_s(self) -> float:
+        """What a 503 tells clients to wait: the cache's retry while a storage fault was seen recently,
+        else the throttle's."""
+        left = self._unavailable_until - time.monotonic()
+        return max(self.throttle.retry_after_s, left if left > 0 else 0.0)
 
     def prepare(self, name: str, find_location: Callable[[], Location], where: str) -> PreparedAdapter:
         """Prepare the adapter ``find_location()`` names (its refusals counted like the adapter's own).
@@ -105,11 +108,18 @@ class AdapterPreparer:
             metrics.count_refusal(exc.reason.value)
             logger.warning("safelora: %s", exc)
             raise
+        except CacheUnavailable as exc:
+            # The operator's fault, not the adapter's: counted, never remembered as a refusal.
+            metrics.ADAPTERS.labels(outcome="unavailable", policy=self.settings.policy.kind, mode="enforce").inc()
+            metrics.CACHE_UNAVAILABLE.labels(fault=exc.fault).inc()
+            self._unavailable_until = time.monotonic() + exc.retry_after_s
+            logger.warning("safelora: adapter '%s' (%s) not prepared: %s", name, where, exc)
+            raise
         except Overloaded as exc:
             logger.warning("safelora: adapter '%s' (%s) not prepared: %s", name, where, exc)
             raise
         except Exception:
-            # Server-side trouble (disk full, cache lock timeout, a bug): the client
+            # Server-side trouble (a cache lock timeout, a bug; a full cache is CacheUnavailable): the client
             # gets a 5xx, nothing is served, and the operator gets the traceback.
             metrics.ADAPTERS.labels(outcome="error", policy=self.settings.policy.kind, mode="enforce").inc()
             logger.exception(
@@ -132,15 +142,17 @@ class AdapterPreparer:
 
     def _prepare_location(self, name: str, location: Location, tenant: TenantPolicy) -> PreparedAdapter:
         decided_by = (tenant.cache_policy_id(self.bank), tenant.admission.model_dump_json())
-        files_key = _files_identity(location.path, decided_by)
-        if files_key is not None and (refused := self.refusals.by_files(files_key)) is not None:
-            metrics.REFUSAL_CACHE_HITS.inc()
-            raise refused
-        try:
-            files = read_adapter_files(location.path, name=name, limits=self.limits, confine_to=location.confine)
-        except AdapterRefused as exc:  # e.g. over the size limits: refused before its content is known
-            self.refusals.remember(exc, None, files_key)
-            raise
+        # Opened once: the files' identity and their bytes both come from this descriptor.
+        with location.open() as directory:
+            files_key = _files_identity(directory, name, decided_by)
+            if files_key is not None and (refused := self.refusals.by_files(files_key)) is not None:
+                metrics.REFUSAL_CACHE_HITS.inc()
+                raise refused
+            try:
+                files = read_adapter_files(directory, name=name, limits=self.limits)
+            except AdapterRefused as exc:  # e.g. over the size limits: refused before its content is known
+                self.refusals.remember(exc, None, files_key)
+                raise
         content_key = (files.content_hash, decided_by)
         if (refused := self.refusals.by_content(content_key)) is not None:
             metrics.REFUSAL_CACHE_HITS.inc()

@@ -71,6 +71,9 @@ class SafeLoRAService:
     def verified(self, lora_path: str) -> PreparedAdapter | None:
         return self.handed.verified(lora_path)
 
+    def retry_after_s(self) -> float:
+        return self.preparer.retry_after_s()
+
     def loaded(self) -> dict[str, PreparedAdapter]:
         return self.handed.loaded()
 

@@ -24,7 +24,9 @@ logger = logging.getLogger("vllm_safelora")
 
 
 def build_sources(settings: SafeLoRASettings) -> list[AdapterSource]:
-    sources: list[AdapterSource] = [LocalDirSource(root) for root in settings.adapter_dirs]
+    sources: list[AdapterSource] = [
+        LocalDirSource(root, settings.shared_adapters) for root in settings.adapter_dirs
+    ]
     if settings.hub.enabled:
         sources.append(
             HubSource(

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import abc
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
+
+from ..adapters.directory import AdapterDirectory, PathDirectory
 
 
 @dataclass(frozen=True)
@@ -22,6 +26,12 @@ class Location:
     ``tenant/v3`` has identity ``tenant/v3``), or ``hub:org/repo``. What tenant rules match."""
     confine: Path | None
     """Every file the reader opens must resolve inside this directory."""
+    namespace: str | None = None
+    """The tenant the adapter was asked for as (:func:`.names.namespace_of`): where links may lead."""
+
+    def open(self) -> "contextlib.AbstractContextManager[AdapterDirectory]":
+        """The directory to read the files from, opened as the source opens it."""
+        return self.source.open(self)
 
 
 class AdapterSource(abc.ABC):
@@ -54,6 +64,13 @@ class AdapterSource(abc.ABC):
     @abc.abstractmethod
     def location(self, name: str, path: Path) -> Location:
         """The :class:`Location` of an adapter this source located as ``name`` at ``path``."""
+
+    @contextlib.contextmanager
+    def open(self, location: Location) -> Iterator[AdapterDirectory]:
+        """The directory the reader reads ``location``'s files from. By path, for sources whose
+        files no tenant can change under the server (a hub snapshot is the pinned revision the
+        server downloaded itself); a source of tenant-writable files opens them from a descriptor."""
+        yield PathDirectory(location.path, location.confine)
 
     def location_of(self, path: str) -> Location | None:
         """The location of an explicit ``lora_path`` if this source holds it, else None."""

@@ -9,7 +9,7 @@ from typing import Sequence
 
 from ..errors import AdapterRefused, ConfigError, RefusalReason
 from .base import AdapterSource, Location
-from .names import refuse_name
+from .names import namespace_of, refuse_name
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +87,9 @@ class HubSource(AdapterSource):
 
     def location(self, name: str, path: Path) -> Location:
         ref = self.prefix + self.repo_id(name)
-        return Location(source=self, path=Path(path), name=ref, identity=ref, confine=self.confine_root())
+        return Location(
+            source=self, path=Path(path), name=ref, identity=ref, confine=self.confine_root(), namespace=namespace_of(ref)
+        )
 
     def _offline(self) -> bool:
         if self.local_files_only is not None:

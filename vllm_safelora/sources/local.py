@@ -1,40 +1,90 @@
-"""Adapters in a local directory: ``<root>/<adapter>`` or ``<root>/<tenant>/<adapter>``, confined to the root."""
+"""Adapters in a local directory: ``<root>/<adapter>`` or ``<root>/<tenant>/<adapter>``, each tenant
+confined to its own namespace under the root (and the operator's shared areas)."""
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
+import errno
 import os
+import posixpath
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator, Sequence
 
 from ..errors import AdapterRefused, ConfigError, RefusalReason
 from .base import AdapterSource, Location
-from .names import shown_name, validate_adapter_name
+from .confined import _FILE_FLAGS, Namespace, RootPaths, _Walk, open_under
+from .names import namespace_of, shown_name, validate_adapter_name
+
+
+class OpenedDirectory:
+    """An adapter directory opened from the root's descriptor: the reader's files are opened relative
+    to it, and a file that is a link is resolved under the same namespace rules as the directory."""
+
+    def __init__(self, fd: int, parts: list[str], walk: _Walk, root: Path):
+        self.fd = fd
+        self.parts = parts
+        self.path = root.joinpath(*parts)
+        self._walk = walk
+
+    def lexists(self, name: str) -> bool:
+        try:
+            os.stat(name, dir_fd=self.fd, follow_symlinks=False)
+        except OSError:
+            return False
+        return True
+
+    def open_file(self, name: str, adapter: str) -> int | None:
+        try:
+            return os.open(name, _FILE_FLAGS, dir_fd=self.fd)
+        except OSError as exc:
+            if exc.errno == errno.ENOENT:
+                return None
+            if exc.errno != errno.ELOOP:
+                raise AdapterRefused(RefusalReason.NOT_FOUND, f"cannot open {name}: {exc.strerror}", adapter) from None
+        try:
+            text = os.readlink(name, dir_fd=self.fd)
+        except OSError:
+            raise AdapterRefused(
+                RefusalReason.CHANGED_WHILE_READING, f"{name} changed while it was opened; try again", adapter
+            ) from None
+        opened = self._walk.open(self._walk.link_target(self.parts, name, text), want_dir=False)
+        return None if opened is None else opened[0]
 
 
 @dataclass(frozen=True)
-class _ResolvedRoot:
+class _Root:
     given: Path
-    real: str  # realpath of the root; containment is checked against it
+    paths: RootPaths
+
+    @property
+    def real(self) -> str:
+        return self.paths.prefixes[-1]
 
 
 class LocalDirSource(AdapterSource):
     """Adapters stored as ``<root>/<adapter>`` or ``<root>/<tenant>/<adapter>``.
 
-    Symlinks are allowed as long as they resolve inside the root: operators often
-    link versions (``tenant/current -> tenant/v3``). A link leading outside is refused.
+    Symlinks are allowed inside a tenant's namespace (operators link versions:
+    ``tenant/current -> tenant/v3``) and into ``shared`` areas (globs on paths under the
+    root); any other link is refused as ``outside_namespace`` (``sources.confined``).
+    Every path is opened component by component from the root's descriptor, and a
+    location's identity is the real path that was opened.
     """
 
     kind = "local"
 
-    def __init__(self, root: Path | str):
+    def __init__(self, root: Path | str, shared: Sequence[str] = ()):
         root = Path(root)
         if not root.is_dir():
             raise ConfigError(
                 f"adapter directory {str(root)!r} does not exist or is not a directory; "
                 "create it or point the local adapter source at an existing directory"
             )
-        self._root = _ResolvedRoot(given=root, real=os.path.realpath(root))
+        if isinstance(shared, str):
+            raise ConfigError("shared_adapters must be a list of globs, not a string")
+        self.shared = tuple(shared)
+        self._root = _Root(given=root, paths=RootPaths.of(str(root), os.path.realpath(root)))
 
     @property
     def root(self) -> Path:
@@ -43,49 +93,86 @@ class LocalDirSource(AdapterSource):
     def describe(self) -> str:
         return f"local directory {str(self._root.given)!r}"
 
-    def contains(self, real: str) -> bool:
-        root = self._root.real
-        return real != root and os.path.commonpath([root, real]) == root
+    @contextlib.contextmanager
+    def _root_fd(self) -> Iterator[int]:
+        try:
+            fd = os.open(self._root.real, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as exc:  # the operator's root went away: not the tenant's doing, but not a crash either
+            raise AdapterRefused(
+                RefusalReason.NOT_FOUND, f"the adapter directory {str(self._root.given)!r} cannot be opened "
+                f"({exc.strerror}); the operator must restore it",
+            ) from None
+        try:
+            yield fd
+        finally:
+            os.close(fd)
+
+    def _walk(self, root_fd: int, namespace: str, who: str, follow: bool) -> _Walk:
+        return _Walk(root_fd, self._root.paths, Namespace(namespace, self.shared), who, follow)
+
+    def _resolve(self, parts: list[str], who: str) -> list[str] | None:
+        """The real components under the root that ``parts`` lead to (links followed under the rules)."""
+        with self._root_fd() as root_fd:
+            opened = open_under(root_fd, self._root.paths, parts, Namespace(parts[0], self.shared), who=who)
+            if opened is None:
+                return None
+            os.close(opened[0])
+            return opened[1]
 
     def location(self, name: str, path: Path) -> Location:
-        identity = os.path.relpath(os.path.realpath(path), self._root.real).replace(os.sep, "/")
-        return Location(source=self, path=Path(path), name=name, identity=identity, confine=self._root.given)
+        """``path`` as :meth:`locate` returned it: the root joined with the real components."""
+        identity = posixpath.relpath(str(path), str(self._root.given)).replace(os.sep, "/")
+        return Location(
+            source=self, path=Path(path), name=name, identity=identity, confine=self._root.given,
+            namespace=namespace_of(name),
+        )
+
+    def holds(self, path: str) -> bool:
+        """Whether ``path``, as written (made absolute, ``..`` taken lexically), lies under this root."""
+        return bool(self._root.paths.relative(posixpath.normpath(os.path.abspath(path))))
 
     def location_of(self, path: str) -> Location | None:
-        real = os.path.realpath(path)
-        if not self.contains(real):
+        # Decided on the path as written: which root it is under, and which namespace it names;
+        # the walk then decides where it really leads.
+        given = self._root.paths.relative(posixpath.normpath(os.path.abspath(path)))
+        if given is None:
             return None
-        if not os.path.isdir(real):
-            raise AdapterRefused(RefusalReason.NOT_FOUND, f"lora_path {shown_name(path)} is not a directory")
-        # The name is the path as given under the root (a link keeps its own name);
-        # the identity, which policies follow, is where it really leads.
-        given = os.path.normpath(os.path.abspath(path))
-        relative = (os.path.relpath(given, root) for root in (os.path.abspath(self._root.given), self._root.real))
-        name = next((rel.replace(os.sep, "/") for rel in relative if not rel.startswith("..")), None)
-        located = self.location(name or "", Path(real))
-        return located if name else dataclasses.replace(located, name=located.identity)
-
+        if not given:
+            raise AdapterRefused(RefusalReason.NOT_FOUND, f"lora_path {shown_name(path)} is the adapter directory itself")
+        real = self._resolve(given, shown_name(path))
+        if real is None:
+            raise AdapterRefused(RefusalReason.NOT_FOUND, f"lora_path {shown_name(path)} does not exist")
+        name = "/".join(given)
+        return Location(
+            source=self, path=self._root.given.joinpath(*real), name=name, identity="/".join(real),
+            confine=self._root.given, namespace=given[0],
+        )
 
     def locate(self, name: str) -> Path | None:
         validate_adapter_name(name)
-        root_real = self._root.real
-        candidate = os.path.join(root_real, *name.split("/"))
-        # realpath resolves every symlink, including dangling ones, so containment is
-        # decided on where the name really leads, not on how it is spelled.
-        real = os.path.realpath(candidate)
-        if real == root_real or os.path.commonpath([root_real, real]) != root_real:
-            raise AdapterRefused(
-                RefusalReason.INVALID_NAME,
-                f"adapter name {shown_name(name)} resolves outside the adapter directory",
-                adapter=name,
-            )
-        if not os.path.exists(real):
-            return None
-        if not os.path.isdir(real):
-            raise AdapterRefused(
-                RefusalReason.NOT_FOUND,
-                f"{shown_name(name)} exists in the adapter directory but is not a directory "
-                "(an adapter is a directory holding adapter_config.json and its weights)",
-                adapter=name,
-            )
-        return Path(real)
+        real = self._resolve(name.split("/"), name)
+        return None if real is None else self._root.given.joinpath(*real)
+
+    @contextlib.contextmanager
+    def open(self, location: Location) -> Iterator[OpenedDirectory]:
+        """The located directory, opened again from the root without following any link: its
+        components are real directories, so a link found now was swapped in since it was located
+        (``changed_while_reading``), and what is read is what the identity names."""
+        parts = location.identity.split("/")
+        who = location.name
+        with self._root_fd() as root_fd:
+            walk = self._walk(root_fd, location.namespace or parts[0], who, follow=False)
+            walk.check_parts(parts, f"the adapter path {shown_name(location.identity)}")
+            opened = walk.open(parts, want_dir=True)
+            if opened is None:
+                raise AdapterRefused(
+                    RefusalReason.CHANGED_WHILE_READING, f"{location.identity} vanished after it was located; try again",
+                    who,
+                )
+            # Links inside the directory (weights kept elsewhere) are followed under the namespace rules.
+            walk.follow = True
+            directory = OpenedDirectory(opened[0], opened[1], walk, self._root.given)
+            try:
+                yield directory
+            finally:
+                os.close(directory.fd)

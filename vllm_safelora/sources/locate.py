@@ -23,8 +23,12 @@ def locate_path(sources: Sequence[AdapterSource], lora_path: str) -> Location:
     requests): a directory under a local root, or an allowed hub repository id."""
     try:
         candidate = Path(lora_path).expanduser()
-        local = candidate.is_absolute() or candidate.exists()
-    except (OSError, ValueError) as exc:  # e.g. ENAMETOOLONG: the client's path, a 4xx
+        # Decided on the text, never by looking: whether some path outside the roots exists
+        # must not change the answer (a relative path is local when it lies under a root).
+        local = candidate.is_absolute() or any(
+            isinstance(s, LocalDirSource) and s.holds(str(candidate)) for s in sources
+        )
+    except (OSError, ValueError) as exc:  # e.g. a NUL byte: the client's path, a 4xx
         raise AdapterRefused(
             RefusalReason.INVALID_NAME,
             f"lora_path {shown_name(lora_path)} cannot be used ({getattr(exc, 'strerror', None) or exc})",

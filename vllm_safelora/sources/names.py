@@ -24,6 +24,13 @@ def shown_name(name: object, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def namespace_of(name: str) -> str:
+    """The tenant namespace of a local adapter name: its first component (``acme`` for
+    ``acme/bot``); an adapter named without a tenant level is its own namespace. Hub names
+    (``hub:org/repo``) have ``hub:org`` (the org), object-store names ``s3:tenant``."""
+    return name.split("/", 1)[0]
+
+
 def refuse_name(name: object, why: str) -> AdapterRefused:
     return AdapterRefused(RefusalReason.INVALID_NAME, f"invalid adapter name {shown_name(name)}: {why}")
 
