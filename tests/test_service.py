@@ -410,3 +410,76 @@ def test_admission_can_refuse_updates_along_the_alignment_subspace(tmp_path, tin
     from vllm_safelora.config import AdmissionConfig
 
     assert AdmissionConfig().max_mean_cosine is None
+
+
+# ---------------------------------------------------------------- uploads known by identity
+
+
+def _counting_reads(monkeypatch) -> list:
+    import vllm_safelora.serving.preparer as preparer_module
+
+    reads = []
+    real_read = preparer_module.read_adapter_files
+    monkeypatch.setattr(preparer_module, "read_adapter_files", lambda *a, **k: reads.append(1) or real_read(*a, **k))
+    return reads
+
+
+def test_a_restarted_server_serves_an_unchanged_upload_without_reading_it(tmp_path, tiny_bank, adapters_root, monkeypatch):
+    from vllm_safelora import fsutil
+
+    monkeypatch.setattr(fsutil, "RACY_WINDOW_NS", 0)
+    reads = _counting_reads(monkeypatch)
+    first = _service(tmp_path, tiny_bank, adapters_root).prepare("globex/bad")
+    assert reads == [1] and not first.cache_hit
+    known = _metric("safelora_uploads_known_by_identity_total")
+    restarted = _service(tmp_path, tiny_bank, adapters_root)  # same cache directory, new process state
+    again = restarted.prepare("globex/bad")
+    assert reads == [1], "an unchanged upload was read again"
+    assert again.cache_hit and again.path == first.path and again.digest == first.digest
+    assert _metric("safelora_uploads_known_by_identity_total") == known + 1
+    assert restarted.verified(str(again.path)) is not None
+
+
+@pytest.mark.parametrize("change", ["rewritten-in-place", "pickle-beside", "other-limits"])
+def test_a_changed_upload_or_other_rules_are_read_again(tmp_path, tiny_bank, adapters_root, monkeypatch, change):
+    from vllm_safelora import fsutil
+
+    monkeypatch.setattr(fsutil, "RACY_WINDOW_NS", 0)
+    mine = adapters_root / "globex" / "mine"
+    shutil.copytree(adapters_root / "globex" / "bad", mine)
+    first = _service(tmp_path, tiny_bank, adapters_root).prepare("globex/mine")
+    reads = _counting_reads(monkeypatch)
+    time.sleep(0.02)  # past one timestamp tick
+    overrides = {}
+    if change == "rewritten-in-place":
+        st = os.stat(mine / WEIGHTS_FILE)
+        data = bytearray((mine / WEIGHTS_FILE).read_bytes())
+        data[-4] ^= 0x01  # the lowest mantissa byte of the last float: still finite, other content
+        with open(mine / WEIGHTS_FILE, "r+b") as f:  # same inode, same size, mtime put back
+            f.write(bytes(data))
+        os.utime(mine / WEIGHTS_FILE, ns=(st.st_atime_ns, st.st_mtime_ns))
+    elif change == "pickle-beside":
+        (mine / "adapter_model.bin").write_bytes(b"not read")
+    svc = _service(tmp_path, tiny_bank, adapters_root, **overrides)
+    if change == "other-limits":
+        svc = SafeLoRAService(svc.settings, tiny_bank, svc.sources, svc.cache, max_rank=16)
+    if change == "pickle-beside":
+        with pytest.raises(AdapterRefused) as err:
+            svc.prepare("globex/mine")
+        assert err.value.reason is RefusalReason.PICKLE_ONLY and reads == [1]
+        return
+    again = svc.prepare("globex/mine")
+    assert reads == [1], "the upload was trusted by identity after it changed"
+    if change == "rewritten-in-place":
+        assert again.digest != first.digest and not again.cache_hit
+    else:
+        assert again.digest == first.digest and again.cache_hit
+
+
+def test_an_upload_read_in_the_tick_it_was_written_is_read_again(tmp_path, tiny_bank, adapters_root, monkeypatch):
+    fresh = adapters_root / "globex" / "fresh"
+    shutil.copytree(adapters_root / "globex" / "bad", fresh)  # ctime: now
+    _service(tmp_path, tiny_bank, adapters_root).prepare("globex/fresh")
+    reads = _counting_reads(monkeypatch)
+    again = _service(tmp_path, tiny_bank, adapters_root).prepare("globex/fresh")
+    assert reads == [1] and again.cache_hit  # a racy identity proves nothing: read, then a normal hit

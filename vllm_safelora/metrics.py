@@ -60,6 +60,10 @@ CACHE_UNAVAILABLE = Counter(
     "(cached adapters are still served)",
     ["fault"],
 )
+UPLOADS_KNOWN_BY_IDENTITY = Counter(
+    "safelora_uploads_known_by_identity",
+    "Cache hits decided from the upload's file identity (unchanged since this cache read it): no read, no parse",
+)
 REFUSAL_CACHE_HITS = Counter(
     "safelora_refusal_cache_hits", "Refusals answered from memory of an earlier refusal of the same content or files"
 )

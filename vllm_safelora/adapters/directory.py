@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Protocol
 
 from ..errors import AdapterRefused, RefusalReason
+from ..fsutil import FileIdentity
 
 _FILE_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC
 
@@ -28,6 +29,10 @@ class AdapterDirectory(Protocol):
     def open_file(self, name: str, adapter: str) -> int | None:
         """A read-only descriptor of the file ``name`` in the directory (the caller closes it), or None
         if there is none. Raises AdapterRefused (never OSError) for a file that may not be read."""
+
+    def identity(self) -> FileIdentity | None:
+        """The directory's own identity (its times move when a file is added, removed or renamed in
+        it), or None where there is none to trust (then the upload is always read)."""
 
     def lexists(self, name: str) -> bool:
         """Whether the directory has an entry ``name`` (of any type, a dangling link included)."""
@@ -46,6 +51,12 @@ class PathDirectory:
 
     def lexists(self, name: str) -> bool:
         return os.path.lexists(self.path / name)
+
+    def identity(self) -> FileIdentity | None:
+        try:
+            return FileIdentity.of(os.stat(self.path))
+        except OSError:
+            return None
 
     def open_file(self, name: str, adapter: str) -> int | None:
         path = self.path / name

@@ -58,3 +58,12 @@ class ReadLimits:
     """vLLM's deployment filter (--lora-target-modules); None: every module."""
     check_config: ConfigCheck | None = None
     """The served vLLM's own adapter_config.json validation (PEFTHelper); None: only the reader's mirror of it."""
+    rules: str = "reader-defaults"
+    """Names the served vLLM's rules the callables above stand for (its version, model, flags): what an
+    upload was validated against, so an upload known by identity is trusted only under the same rules."""
+
+    def fingerprint(self) -> str:
+        """The limits and rules an upload passed, as text (a key beside the upload's identity)."""
+        return repr((self.max_bytes, self.max_rank, self.max_config_bytes, self.max_config_depth, self.max_tensors,
+                     self.max_header_bytes, self.max_tensor_elements, self.max_lora_alpha, self.max_update_abs,
+                     str(self.serve_dtype), self.rules))

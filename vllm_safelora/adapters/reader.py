@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import os
 import stat
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -23,6 +24,7 @@ import torch
 from safetensors.torch import load as load_safetensors_bytes
 
 from ..errors import AdapterRefused, Problems, RefusalReason
+from ..fsutil import FileIdentity
 from .directory import AdapterDirectory, PathDirectory, as_directory
 from .header import FLOAT_CODES, check_safetensors_header, refuse_oversized_header
 from .limits import ReadLimits
@@ -85,6 +87,7 @@ def _read_up_to(fd: int, n: int) -> bytes:
 
 
 def _same_file(before: os.stat_result, directory: AdapterDirectory, name: str, adapter: str) -> bool:
+    """The file is still the one read: same identity, ctime included (any write moves it)."""
     try:
         fd = directory.open_file(name, adapter)
     except AdapterRefused:
@@ -95,14 +98,20 @@ def _same_file(before: os.stat_result, directory: AdapterDirectory, name: str, a
         now = os.fstat(fd)
     finally:
         os.close(fd)
-    return (now.st_ino, now.st_dev, now.st_size, now.st_mtime_ns) == (
-        before.st_ino, before.st_dev, before.st_size, before.st_mtime_ns,
-    )
+    return FileIdentity.of(now) == FileIdentity.of(before)
+
+
+def directory_identity(directory: AdapterDirectory) -> FileIdentity | None:
+    identity = getattr(directory, "identity", None)
+    return identity() if identity is not None else None
 
 
 def file_identity(directory: AdapterDirectory, adapter: str) -> tuple | None:
-    """(dev, inode, size, mtime_ns) of the two files without reading them; None if either cannot be opened."""
-    out = []
+    """The identity of the directory and of its two files (:class:`~vllm_safelora.fsutil.FileIdentity`,
+    ctime included) without reading them; None if any cannot be had."""
+    out = [directory_identity(directory)]
+    if out[0] is None:
+        return None
     for name in (CONFIG_FILE, WEIGHTS_FILE):
         try:
             fd = directory.open_file(name, adapter)
@@ -114,7 +123,7 @@ def file_identity(directory: AdapterDirectory, adapter: str) -> tuple | None:
             st = os.fstat(fd)
         finally:
             os.close(fd)
-        out.append((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
+        out.append(FileIdentity.of(st))
     return tuple(out)
 
 
@@ -126,6 +135,11 @@ class AdapterFiles:
     name: str
     config_bytes: bytes
     weights_bytes: bytes
+    identity: tuple | None = None
+    """What :func:`file_identity` said of these files while they were read (unchanged from before the
+    first byte to after the last), or None where nothing can be trusted about them."""
+    read_at_ns: int = 0
+    """When reading began: an identity not older than this by a timestamp tick proves nothing."""
 
     @functools.cached_property
     def content_hash(self) -> str:
@@ -149,6 +163,7 @@ def read_adapter_files(
     """
     directory = as_directory(path, confine_to)
     who = name or str(directory.path)
+    read_at, before = time.time_ns(), directory_identity(directory)
     if isinstance(directory, PathDirectory):
         directory.check(who)
     if not directory.lexists(CONFIG_FILE):
@@ -184,7 +199,13 @@ def read_adapter_files(
             "the adapter's files were replaced while they were read; upload it again",
             who,
         )
-    return AdapterFiles(path=directory.path, name=who, config_bytes=config_bytes, weights_bytes=weights_bytes)
+    identity = None
+    if before is not None and directory_identity(directory) == before:
+        identity = (before, FileIdentity.of(config_stat), FileIdentity.of(weights_stat))
+    return AdapterFiles(
+        path=directory.path, name=who, config_bytes=config_bytes, weights_bytes=weights_bytes, identity=identity,
+        read_at_ns=read_at,
+    )
 
 
 def read_adapter(

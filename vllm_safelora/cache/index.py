@@ -10,7 +10,8 @@ The file itself (schema, connection, concurrency) is ``index_db.py``; this modul
 the queries.
 
 Size: one row per entry on disk (bounded by the byte budget), one per (entry, process)
-lease (bounded by what each process tracks), one per process holding leases.
+lease (bounded by what each process tracks), one per process holding leases, and at most
+``MAX_UPLOADS`` rows of uploads known by identity (least recently used dropped first).
 
 ``state = 'evicting'`` is set, in the same transaction that checks no lease exists, by
 the process about to delete the entry; a lease is only taken while the state is
@@ -28,6 +29,8 @@ from typing import Iterable
 from .index_db import IndexDatabase
 
 _NOT_LEASED = "NOT EXISTS (SELECT 1 FROM leases l WHERE l.digest = e.digest)"
+MAX_UPLOADS = 100_000
+_TRIM_EVERY = 256  # remembered uploads between two trims of the table
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,36 @@ class IndexStats:
 
 class CacheIndex(IndexDatabase):
     """See the module docstring. Thread-safe; one SQLite connection (index_db.py)."""
+
+    # ------------------------------------------------------------------ uploads by identity
+
+    def upload_hash(self, identity: str) -> str | None:
+        """The content hash of the upload whose files had ``identity`` when it was read, or None."""
+        rows = self._read("SELECT content_hash FROM uploads WHERE identity = ?", (identity,))
+        return rows[0][0] if rows else None
+
+    def remember_upload(self, identity: str, content_hash: str) -> None:
+        now = time.time_ns()
+        with self._write() as db:
+            db.execute(
+                "INSERT INTO uploads (identity, content_hash, last_use) VALUES (?, ?, ?) "
+                "ON CONFLICT (identity) DO UPDATE SET content_hash = excluded.content_hash, last_use = excluded.last_use",
+                (identity, content_hash, now),
+            )
+        self._uploads_added = getattr(self, "_uploads_added", 0) + 1
+        if self._uploads_added % _TRIM_EVERY == 0:
+            self.trim_uploads(MAX_UPLOADS)
+
+    def trim_uploads(self, keep: int) -> int:
+        """Keep the ``keep`` most recently used rows; returns how many were dropped."""
+        with self._write() as db:
+            return db.execute(
+                "DELETE FROM uploads WHERE identity IN (SELECT identity FROM uploads ORDER BY last_use DESC "
+                "LIMIT -1 OFFSET ?)", (keep,),
+            ).rowcount
+
+    def upload_count(self) -> int:
+        return self._read("SELECT COUNT(*) FROM uploads")[0][0]
 
     # ------------------------------------------------------------------ entries
 

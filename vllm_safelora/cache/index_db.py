@@ -74,6 +74,19 @@ CREATE INDEX IF NOT EXISTS leases_by_owner ON leases (owner);
 """
 
 
+# Added after schema version 1 and created on every open, so index files written before
+# gain it in place: uploads already hashed, by the identity of their files (the identity rule
+# in vllm_safelora.fsutil), so a cache hit on an unchanged upload needs no read.
+_UPLOADS = """
+CREATE TABLE IF NOT EXISTS uploads (
+    identity     TEXT PRIMARY KEY,
+    content_hash TEXT NOT NULL,
+    last_use     INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS uploads_lru ON uploads (last_use);
+"""
+
+
 class IndexUnusable(Exception):
     """The index file exists but cannot be used (corrupt, other schema); it is set aside and rebuilt."""
 
@@ -143,6 +156,8 @@ class IndexDatabase:
                 tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
                 if not {"entries", "totals", "owners", "leases"} <= tables:
                     raise IndexUnusable(f"tables missing (has {sorted(tables)})")
+            for statement in _statements(_UPLOADS):
+                conn.execute(statement)
         except BaseException:
             conn.close()
             raise

@@ -264,6 +264,26 @@ class PatchedAdapterCache:
             logger.warning("patched-adapter cache: eviction deferred, the cache directory %s is full: %s", self.root, exc)
         return entry, False
 
+    def get_leased(self, key: CacheKey, origin: str | None = None) -> CacheEntry | None:
+        """The entry for ``key``, leased by this process, if it is on disk and intact; None otherwise
+        (nothing is built: a caller that can build uses :meth:`get_or_create`)."""
+        digest = key.digest()
+        if not self.leases.try_acquire(digest):
+            return None
+        try:
+            try:
+                entry = self._load(key)
+            except CorruptEntry:
+                entry = None  # get_or_create discards it under the key's lock
+            if entry is not None:
+                self._record_use(entry, origin)
+        except BaseException:
+            self.leases.release(digest)
+            raise
+        if entry is None:
+            self.leases.release(digest)
+        return entry
+
     def release(self, digest: str) -> None:
         """Give back one lease taken by ``get_or_create(..., lease=True)`` or :meth:`lease`.
         Cheap (memory only): safe to call from an event loop."""

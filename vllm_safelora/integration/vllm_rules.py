@@ -61,6 +61,7 @@ def read_limits_for(vllm_config, settings: SafeLoRASettings) -> ReadLimits:
             peft_helper_problems, lora_config=lora_config,
             max_position_embeddings=getattr(model_config, "max_model_len", None),
         ),
+        rules=_rules_named(vllm_config),
     )
     logger.info(
         "safelora: adapters are read as vLLM reads them (lora dtype %s, <= %d tensors, header <= %d B, "
@@ -136,3 +137,15 @@ def peft_helper_problems(
     except Exception as exc:  # anything vLLM raises here fails the load in the worker
         return [f"vLLM refuses it: {exc}"]
     return []
+
+
+def _rules_named(vllm_config) -> str:
+    """What the reader's vLLM callables depend on: the vLLM release, the model and the LoRA flags."""
+    import vllm
+
+    lora = vllm_config.lora_config
+    return repr((
+        getattr(vllm, "__version__", "?"), str(vllm_config.model_config.model),
+        getattr(vllm_config.model_config, "architecture", None), sorted(lora.target_modules or []),
+        lora.max_lora_rank, str(lora_dtype(vllm_config)), getattr(vllm_config.model_config, "max_model_len", None),
+    ))

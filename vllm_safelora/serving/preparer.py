@@ -9,6 +9,7 @@ about what vLLM was handed (:mod:`.registry` does). Holds no math, imports no vL
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -17,13 +18,14 @@ from typing import Callable
 
 from .. import metrics
 from ..adapters import (
-    AdapterDirectory, AdapterFiles, ReadLimits, file_identity, parse_adapter, read_adapter_files, write_adapter_files,
+    AdapterFiles, ReadLimits, file_identity, parse_adapter, read_adapter_files, write_adapter_files,
 )
 from ..apply_policy import project_for_tenant
 from ..bank import AlignmentBank
 from ..cache import CacheKey, PatchedAdapterCache, entry_signature, signature_racy
 from ..config import SafeLoRASettings
 from ..errors import AdapterRefused, CacheUnavailable, Overloaded
+from ..fsutil import fast_hash
 from ..policies.tenant_rules import TenantPolicy, resolve_tenant
 from ..report import REPORT_FILE, AdapterReport
 from ..sources import LocalDirSource, Location
@@ -58,12 +60,6 @@ class PreparedAdapter:
             bool(self.signature) and not signature_racy(self.signature, self.signed_at_ns)
             and entry_signature(self.path) == self.signature
         )
-
-
-def _files_identity(directory: AdapterDirectory, name: str, decided_by: tuple) -> tuple | None:
-    """What identifies an adapter's unchanged files without reading them (None if they cannot be opened)."""
-    files = file_identity(directory, name)
-    return None if files is None else (*files, decided_by)
 
 
 def _origin(location: Location) -> str:
@@ -144,10 +140,13 @@ class AdapterPreparer:
         decided_by = (tenant.cache_policy_id(self.bank), tenant.admission.model_dump_json())
         # Opened once: the files' identity and their bytes both come from this descriptor.
         with location.open() as directory:
-            files_key = _files_identity(directory, name, decided_by)
+            identity = file_identity(directory, name)
+            files_key = None if identity is None else (*identity, decided_by)
             if files_key is not None and (refused := self.refusals.by_files(files_key)) is not None:
                 metrics.REFUSAL_CACHE_HITS.inc()
                 raise refused
+            if (known := self._known_upload(name, identity, location, tenant)) is not None:
+                return known
             try:
                 files = read_adapter_files(directory, name=name, limits=self.limits)
             except AdapterRefused as exc:  # e.g. over the size limits: refused before its content is known
@@ -159,10 +158,51 @@ class AdapterPreparer:
             self.refusals.remember(refused, content_key, files_key)
             raise refused
         try:
-            return self._prepare_files(name, files, location, tenant)
+            prepared = self._prepare_files(name, files, location, tenant)
         except AdapterRefused as exc:
             self.refusals.remember(exc, content_key, files_key)
             raise
+        self._remember_upload(files)
+        return prepared
+
+    # ------------------------------------------------------------------ uploads known by identity
+
+    def _upload_key(self, identity: tuple) -> str:
+        """The index key of an upload: its files' identity, and the limits and vLLM rules it passed."""
+        text = repr((self.limits.fingerprint(), [dataclasses.astuple(i) for i in identity]))
+        return fast_hash(text.encode())
+
+    def _known_upload(
+        self, name: str, identity: tuple | None, location: Location, tenant: TenantPolicy
+    ) -> PreparedAdapter | None:
+        """An upload this cache already read, unchanged since (the identity rule): its entry, without
+        reading or parsing the upload again. None where it must be read."""
+        if identity is None or not self.cache.verified.trusted:
+            return None
+        try:
+            content_hash = self.cache.index.upload_hash(self._upload_key(identity))
+        except Exception as exc:  # a read of the index that fails only costs the fast path
+            logger.debug("safelora: upload index lookup failed: %s", exc)
+            return None
+        if content_hash is None:
+            return None
+        key = CacheKey(adapter_hash=content_hash, bank_id=self.bank.bank_id, policy_id=tenant.cache_policy_id(self.bank))
+        entry = self.cache.get_leased(key, origin=_origin(location))
+        if entry is None:
+            return None
+        metrics.UPLOADS_KNOWN_BY_IDENTITY.inc()
+        return self._prepared(name, entry, True, location)
+
+    def _remember_upload(self, files: AdapterFiles) -> None:
+        identity = files.identity
+        if identity is None or not self.cache.verified.trusted:
+            return
+        if any(i.racy(files.read_at_ns) for i in identity):
+            return  # written in the tick it was read: read it again next time
+        try:
+            self.cache.index.remember_upload(self._upload_key(identity), files.content_hash)
+        except Exception as exc:  # best-effort: a full disk only costs the fast path
+            logger.debug("safelora: could not record upload %s by identity: %s", files.name, exc)
 
     def _prepare_files(
         self, name: str, files: AdapterFiles, location: Location, tenant: TenantPolicy
@@ -187,6 +227,10 @@ class AdapterPreparer:
         # An entry exists only for an adapter its tenant's rules admitted (they are part
         # of the key), so a hit and a fresh build are read the same way.
         entry, hit = self.cache.get_or_create(key, build, lease=True, origin=_origin(location))
+        return self._prepared(name, entry, hit, location)
+
+    def _prepared(self, name: str, entry, hit: bool, location: Location) -> PreparedAdapter:
+        """``entry`` (leased by the caller) as handed to vLLM; the lease is given back if its report cannot be read."""
         try:
             report = AdapterReport.model_validate_json((entry.path / REPORT_FILE).read_bytes())
         except BaseException:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from ..errors import AdapterRefused, ConfigError, RefusalReason
+from ..fsutil import FileIdentity
 from .base import AdapterSource, Location
 from .confined import _FILE_FLAGS, Namespace, RootPaths, _Walk, open_under
 from .names import namespace_of, shown_name, validate_adapter_name
@@ -26,6 +27,12 @@ class OpenedDirectory:
         self.parts = parts
         self.path = root.joinpath(*parts)
         self._walk = walk
+
+    def identity(self) -> FileIdentity | None:
+        try:
+            return FileIdentity.of(os.fstat(self.fd))
+        except OSError:
+            return None
 
     def lexists(self, name: str) -> bool:
         try:
