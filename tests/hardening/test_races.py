@@ -107,7 +107,8 @@ def _race(server, world: RaceWorld, prefix: str, link_text: str) -> tuple[Counte
             served = (report["input_hash"], report["tenant_rule"], report["mode"])
             if served != (world.attacker_hash, "default", "enforce") or report["outcome"] != "modified":
                 bad.append(f"{name} ({via}) served {served} {report['outcome']}")
-            outcomes[(via, "200 own, modified")] += 1
+            whose = "own" if served[0] == world.attacker_hash else "FOREIGN"
+            outcomes[(via, f"200 {whose} bytes, rule {served[1]} {served[2]}, {report['outcome']}")] += 1
         else:
             reason = _reason(r)
             if r.status_code >= 500 or reason not in REFUSED_IN_A_RACE:
@@ -136,7 +137,7 @@ def test_an_exchange_race_never_serves_under_another_rule_or_from_outside(races,
     print(f"\n[race] {prefix}: {total} attempts in {RACE_DEADLINE_S:.0f}s budget: {dict(outcomes)}")
     assert not bad, "\n".join(bad[:20])
     assert total >= min(ATTEMPTS, 150), f"only {total} attempts within the deadline"
-    served = sum(n for (_, what), n in outcomes.items() if what.startswith("200"))
+    served = sum(n for (_, what), n in outcomes.items() if what.startswith("200 own"))
     refused = sum(n for (_, what), n in outcomes.items() if "outside_namespace" in what)
     assert served and refused, f"the race never went both ways: {dict(outcomes)}"
     # the log's identity for every preparation is the attacker's own directory
