@@ -60,6 +60,9 @@ CACHE_UNAVAILABLE = Counter(
     "(cached adapters are still served)",
     ["fault"],
 )
+# Exported at 0 from start-up, so a dashboard or an alert on its rate has a series before the first fault.
+for _fault in ("full", "read_only"):
+    CACHE_UNAVAILABLE.labels(fault=_fault)
 UPLOADS_KNOWN_BY_IDENTITY = Counter(
     "safelora_uploads_known_by_identity",
     "Cache hits decided from the upload's file identity (unchanged since this cache read it): no read, no parse",
