@@ -37,6 +37,56 @@ class HubConfig(BaseModel):
     local_files_only: bool | None = Field(None, description="None: follow HF_HUB_OFFLINE")
 
 
+class S3Config(BaseModel):
+    """Adapters in S3-compatible object storage, named ``<prefix><tenant>/<adapter>``. Credentials
+    come from boto3's standard chain (environment, shared profile, instance or pod role), never
+    from this file."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = False
+    uri: str | None = Field(
+        None, description="s3://bucket/prefix/: 's3:acme/support-bot' reads s3://bucket/prefix/acme/support-bot/"
+    )
+    prefix: str = Field("s3:", description="served names with this prefix come from this source only")
+    endpoint_url: str | None = Field(None, description="an S3-compatible store (MinIO, Ceph, R2); null: AWS")
+    region: str | None = None
+    connect_timeout_s: float = Field(5.0, gt=0)
+    read_timeout_s: float = Field(20.0, gt=0, description="one socket read; a store silent this long is 'slow'")
+    fetch_timeout_s: float = Field(
+        120.0, gt=0, description="wall clock for one adapter's download (both files); beyond it the tenant gets 503"
+    )
+    retries: int = Field(
+        2, ge=0, le=10,
+        description="retries of one request (connection errors, throttling, 5xx) and of a whole fetch whose "
+        "objects were rewritten while downloaded",
+    )
+    retry_after_s: float = Field(5.0, gt=0, description="Retry-After a tenant is told when the store is unavailable")
+    staging_dir: Path | None = Field(
+        None, description="private directory for downloads in progress (deleted once read); null: the system temp dir"
+    )
+
+
+class SharedCacheConfig(BaseModel):
+    """A fleet-shared tier of projected entries in object storage: a replica downloads an entry another
+    replica built instead of projecting it again. Entries are authenticated with a keyed MAC under a
+    fleet secret (``mac_key_file``), never by the bucket's permissions alone."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = False
+    uri: str | None = Field(None, description="s3://bucket/prefix/ where entries are shared")
+    mac_key_file: Path | None = Field(
+        None, description="file holding the fleet secret (at least 32 bytes; same on every replica)"
+    )
+    endpoint_url: str | None = None
+    region: str | None = None
+    connect_timeout_s: float = Field(5.0, gt=0)
+    read_timeout_s: float = Field(20.0, gt=0)
+    fetch_timeout_s: float = Field(120.0, gt=0)
+    retries: int = Field(2, ge=0, le=10)
+
+
 class SafeLoRASettings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid", case_sensitive=False,
@@ -51,6 +101,8 @@ class SafeLoRASettings(BaseSettings):
         "(acme in acme/bot); a link leading anywhere else is refused (outside_namespace). Empty: no shared area",
     )
     hub: HubConfig = Field(default_factory=HubConfig)
+    s3: S3Config = Field(default_factory=S3Config)
+    shared_cache: SharedCacheConfig = Field(default_factory=SharedCacheConfig)
     cache_dir: Path = Field(Path("/var/cache/vllm-safelora"), description="patched-adapter cache")
     cache_max_bytes: int = Field(10 << 30, gt=0, description="byte budget of the cache (LRU eviction)")
     device: str = Field("auto", description="where the bank lives: auto | cpu | cuda:N")

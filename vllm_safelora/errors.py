@@ -132,3 +132,14 @@ class Problems:
         if self.items:
             details = list_problems([d for _, d in self.items], self.shown)
             raise AdapterRefused(self.items[0][0], details, adapter=self.adapter)
+
+
+class SourceUnavailable(Overloaded):
+    """An adapter source (object storage) cannot answer now: unreachable, too slow, throttling, or
+    refusing this server's credentials. HTTP 503 with Retry-After, like an overloaded throttle: only
+    the tenant whose adapter is not yet prepared waits; adapters already prepared keep being served."""
+
+    def __init__(self, detail: str, retry_after_s: float, reason: str):
+        self.retry_after_s = retry_after_s
+        self.reason = reason
+        SafeLoRAError.__init__(self, f"vllm-safelora cannot reach the adapter store now ({reason}): {detail}")

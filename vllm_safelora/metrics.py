@@ -90,3 +90,27 @@ def count_refusal(reason: str) -> None:
     """One refused adapter, under the current name and its deprecated alias."""
     REFUSALS.labels(reason=reason).inc()
     REJECTIONS_DEPRECATED.labels(reason=reason).inc()
+
+
+SOURCE_FETCH_BYTES = Counter(
+    "safelora_source_fetch_bytes", "Bytes downloaded from remote adapter sources (object storage), retries included",
+    ["source"],
+)
+SOURCE_FETCH_SECONDS = Histogram(
+    "safelora_source_fetch_seconds", "Wall time of one successful adapter download (both files, every check)",
+    ["source"], buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+)
+SOURCE_FETCH_FAILURES = Counter(
+    "safelora_source_fetch_failures",
+    "Adapter downloads that failed, by reason: not_found, missing_weights, pickle_only, too_large, changed "
+    "(rewritten while fetched, every attempt), access_denied; and 503s: unreachable, timeout, credentials, "
+    "no_such_bucket, store_error",
+    ["source", "reason"],
+)
+SHARED_TIER = Counter(
+    "safelora_shared_tier",
+    "Fleet-shared tier of projected entries: result=hit (downloaded, not projected), miss, uploaded, and entries "
+    "ignored and rebuilt locally: unsigned, bad_mac, mis_bound, bad_file; unavailable/upload_failed: the store "
+    "could not be used (the entry is built locally)",
+    ["result"],
+)

@@ -62,7 +62,8 @@ class SafeLoRAService:
         """Load the bank, check it protects ``served_model``, open sources and cache; fail closed."""
         bank = load_checked_bank(settings, served_model)
         cache = PatchedAdapterCache(settings.cache_dir, settings.cache_max_bytes, verify=settings.verify_cache)
-        service = cls(settings, bank, build_sources(settings), cache, max_rank=max_rank, limits=limits)
+        limits = limits or ReadLimits(max_bytes=settings.max_adapter_bytes, max_rank=max_rank)
+        service = cls(settings, bank, build_sources(settings, limits), cache, max_rank=max_rank, limits=limits)
         announce_start(settings, served_model, bank, service.sources, cache)
         return service
 

@@ -12,18 +12,22 @@ import logging
 from typing import Sequence
 
 from .. import metrics
+from ..adapters import ReadLimits
 from ..bank import AlignmentBank, load_bank
 from ..cache import PatchedAdapterCache
 from ..config import SafeLoRASettings
-from ..errors import BankError
+from ..errors import BankError, ConfigError
+from ..objectstore import StoreTimeouts
 from ..policies import make_policy
-from ..sources import AdapterSource, HubSource, LocalDirSource
+from ..sources import AdapterSource, HubSource, LocalDirSource, S3Source
 from ..policies.tenant_rules import all_policies, describe_rules
 
 logger = logging.getLogger("vllm_safelora")
 
 
-def build_sources(settings: SafeLoRASettings) -> list[AdapterSource]:
+def build_sources(settings: SafeLoRASettings, limits: ReadLimits | None = None) -> list[AdapterSource]:
+    """The configured sources; ``limits``: the served vLLM's read limits, which a remote source holds its
+    downloads to (default: ``max_adapter_bytes``)."""
     sources: list[AdapterSource] = [
         LocalDirSource(root, settings.shared_adapters) for root in settings.adapter_dirs
     ]
@@ -34,6 +38,20 @@ def build_sources(settings: SafeLoRASettings) -> list[AdapterSource]:
                 local_files_only=settings.hub.local_files_only,
             )
         )
+    if settings.s3.enabled:
+        s3 = settings.s3
+        sources.append(
+            S3Source(
+                s3.uri, prefix=s3.prefix, endpoint_url=s3.endpoint_url, region=s3.region,
+                timeouts=StoreTimeouts(s3.connect_timeout_s, s3.read_timeout_s, s3.fetch_timeout_s, s3.retries),
+                retry_after_s=s3.retry_after_s, staging_dir=s3.staging_dir,
+                limits=limits or ReadLimits(max_bytes=settings.max_adapter_bytes),
+            )
+        )
+    prefixes = [s.prefix for s in sources if s.prefix]
+    # A name claimed by two sources would be served by whichever is asked first.
+    if any(i != j and a.startswith(b) for i, a in enumerate(prefixes) for j, b in enumerate(prefixes)):
+        raise ConfigError(f"adapter source name prefixes overlap ({prefixes}); give each its own")
     return sources
 
 

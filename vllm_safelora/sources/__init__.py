@@ -17,6 +17,7 @@ One job per module:
 * :mod:`.base`: the :class:`AdapterSource` interface and the :class:`Location` it returns;
 * :mod:`.local`: :class:`LocalDirSource`, adapters under a local root;
 * :mod:`.hub`: :class:`HubSource`, allowed Hugging Face hub repositories;
+* :mod:`.s3`: :class:`S3Source`, adapters in S3-compatible object storage (boto3 imported on use);
 * :mod:`.locate`: finding an adapter among the sources, by name or by ``lora_path``.
 """
 
@@ -25,8 +26,9 @@ from .hub import HUB_ALLOW_PATTERNS, HubSource
 from .local import LocalDirSource
 from .locate import locate, locate_adapter, locate_path
 from .names import MAX_NAME_LENGTH, shown_name, validate_adapter_name
+from .s3 import S3Source
 
 __all__ = [
-    "HUB_ALLOW_PATTERNS", "MAX_NAME_LENGTH", "AdapterSource", "HubSource", "LocalDirSource", "Location", "locate",
+    "HUB_ALLOW_PATTERNS", "MAX_NAME_LENGTH", "AdapterSource", "HubSource", "LocalDirSource", "Location", "S3Source", "locate",
     "locate_adapter", "locate_path", "shown_name", "validate_adapter_name",
 ]

@@ -44,6 +44,8 @@ class AdapterSource(abc.ABC):
 
     kind: str
     prefix: str | None = None
+    remote: bool = False
+    """True for sources whose files are downloaded by :meth:`open` (object storage), not found on disk."""
 
     @abc.abstractmethod
     def locate(self, name: str) -> Path | None:

@@ -20,7 +20,11 @@ def locate(sources: Sequence[AdapterSource], name: str) -> Location:
 
 def locate_path(sources: Sequence[AdapterSource], lora_path: str) -> Location:
     """The location of an explicit ``lora_path`` (load endpoint, ``--lora-modules``, offline
-    requests): a directory under a local root, or an allowed hub repository id."""
+    requests): a directory under a local root, an allowed hub repository id, or a remote
+    source's adapter (``s3:tenant/adapter`` or its full ``s3://`` URI)."""
+    for source in sources:
+        if source.remote and (found := source.location_of(lora_path)) is not None:
+            return found
     try:
         candidate = Path(lora_path).expanduser()
         # Decided on the text, never by looking: whether some path outside the roots exists
