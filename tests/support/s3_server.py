@@ -51,7 +51,10 @@ def main() -> None:
                     n = counters[i] = counters.get(i, -1) + 1
                 with open(rule["rewrite_with"][n % len(rule["rewrite_with"])], "rb") as f:
                     body = f.read()
-                put = EnvironBuilder(path=path, method="PUT", data=body, headers={"Host": environ["HTTP_HOST"]})
+                # moto routes a request to its S3 backend by the credential scope of its Authorization
+                # header (signatures are not checked): reuse the client's.
+                headers = {"Host": environ["HTTP_HOST"], "Authorization": environ.get("HTTP_AUTHORIZATION", "")}
+                put = EnvironBuilder(path=path, method="PUT", data=body, headers=headers)
                 moto_app(put.get_environ(), lambda *a, **k: None)
         return moto_app(environ, start_response)
 
