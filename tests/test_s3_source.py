@@ -12,11 +12,12 @@ import pytest
 from prometheus_client import REGISTRY
 from support.s3 import S3TestStore, aws_env
 
+from vllm_safelora.adapters import ReadLimits
 from vllm_safelora.cache import PatchedAdapterCache
 from vllm_safelora.config import SafeLoRASettings
 from vllm_safelora.errors import AdapterRefused, ConfigError, RefusalReason, SourceUnavailable
-from vllm_safelora.service import SafeLoRAService
-from vllm_safelora.startup import build_sources
+from vllm_safelora.serving.service import SafeLoRAService
+from vllm_safelora.serving.startup import build_sources
 
 BUCKET = "adapters"
 
@@ -39,14 +40,14 @@ def _aws_credentials(monkeypatch):
         monkeypatch.setenv(k, v)
 
 
-def _service(tmp_path, tiny_bank, store, **s3) -> SafeLoRAService:
+def _service(tmp_path, tiny_bank, store, limits=None, **s3) -> SafeLoRAService:
     settings = SafeLoRASettings(
         bank=tiny_bank.path, cache_dir=tmp_path / "cache", device="cpu",
         s3={"enabled": True, "uri": f"s3://{BUCKET}/tenants/", "endpoint_url": store.endpoint,
             "read_timeout_s": 1.0, "connect_timeout_s": 1.0, "fetch_timeout_s": 5.0, "retries": 1, **s3},
     )
     cache = PatchedAdapterCache(settings.cache_dir, settings.cache_max_bytes)
-    return SafeLoRAService(settings, tiny_bank, build_sources(settings), cache, max_rank=8)
+    return SafeLoRAService(settings, tiny_bank, build_sources(settings), cache, max_rank=8, limits=limits)
 
 
 def test_prepares_a_projected_adapter_from_the_store(tmp_path, tiny_bank, store, tiny_adapter_factory):
@@ -76,8 +77,7 @@ def test_illegal_names_are_refused_before_any_request(tmp_path, tiny_bank, store
 
 def test_oversized_weights_cost_a_head_not_a_download(tmp_path, tiny_bank, store, tiny_adapter_factory):
     store.upload_dir(BUCKET, "tenants/acme/huge", tiny_adapter_factory("random", seed=42))
-    svc = _service(tmp_path, tiny_bank, store)
-    svc.limits = type(svc.limits)(max_bytes=1000, max_rank=8)
+    svc = _service(tmp_path, tiny_bank, store, limits=ReadLimits(max_bytes=1000, max_rank=8))
     fetched = _metric("safelora_source_fetch_bytes_total", source="s3")
     with pytest.raises(AdapterRefused) as info:
         svc.prepare("s3:acme/huge")
