@@ -198,7 +198,7 @@ class ObjectStore:
         body = resp["Body"]
         got = 0
         try:
-            if str(resp.get("ETag", head.etag)) != head.etag:
+            if head.etag and str(resp.get("ETag", head.etag)) != head.etag:
                 raise StoreRefused("changed", f"{head.key} was rewritten while it was fetched")
             while True:
                 if time.monotonic() > deadline:

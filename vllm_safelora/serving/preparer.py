@@ -23,6 +23,7 @@ from ..adapters import (
 from ..apply_policy import project_for_tenant
 from ..bank import AlignmentBank
 from ..cache import CacheKey, PatchedAdapterCache, entry_signature, signature_racy
+from ..cache.shared_tier import SharedTier
 from ..config import SafeLoRASettings
 from ..errors import AdapterRefused, CacheUnavailable, Overloaded
 from ..fsutil import fast_hash
@@ -69,12 +70,14 @@ def _origin(location: Location) -> str:
 
 class AdapterPreparer:
     def __init__(
-        self, settings: SafeLoRASettings, bank: AlignmentBank, cache: PatchedAdapterCache, limits: ReadLimits
+        self, settings: SafeLoRASettings, bank: AlignmentBank, cache: PatchedAdapterCache, limits: ReadLimits,
+        shared: SharedTier | None = None,
     ):
         self.settings = settings
         self.bank = bank
         self.cache = cache
         self.limits = limits
+        self.shared = shared
         self.throttle = PreparationThrottle(settings.max_concurrent_preparations, settings.max_queued_preparations)
         self.refusals = RefusalCache(settings.refusal_cache_entries)
         self._unavailable_until = 0.0
@@ -212,7 +215,15 @@ class AdapterPreparer:
             adapter_hash=adapter.content_hash, bank_id=self.bank.bank_id, policy_id=tenant.cache_policy_id(self.bank)
         )
 
+        from_tier = False
+
         def build(tmpdir: Path) -> dict[str, str]:
+            nonlocal from_tier
+            # Another replica's signed entry for this exact key, instead of projecting it again
+            # (the upload was read and validated here all the same).
+            if self.shared is not None and (fetched := self.shared.fetch_into(key, tmpdir)) is not None:
+                from_tier = True
+                return fetched
             start = time.perf_counter()
             outcome = project_for_tenant(
                 adapter, self.bank, tenant, name=name, aliases=self.settings.aliases,
@@ -227,6 +238,8 @@ class AdapterPreparer:
         # An entry exists only for an adapter its tenant's rules admitted (they are part
         # of the key), so a hit and a fresh build are read the same way.
         entry, hit = self.cache.get_or_create(key, build, lease=True, origin=_origin(location))
+        if self.shared is not None and not hit and not from_tier:
+            self.shared.publish(entry)
         return self._prepared(name, entry, hit, location)
 
     def _prepared(self, name: str, entry, hit: bool, location: Location) -> PreparedAdapter:

@@ -20,13 +20,14 @@ from typing import Callable, Sequence
 from ..adapters import ReadLimits
 from ..bank import AlignmentBank
 from ..cache import PatchedAdapterCache, entry_path_in
+from ..cache.shared_tier import SharedTier
 from ..config import SafeLoRASettings
 from ..errors import AdapterRefused, RefusalReason
 from ..sources import AdapterSource, Location, locate, locate_path, shown_name
 from .client_input import MAX_LORA_PATH, check_lora_path, check_served_name
 from .preparer import AdapterPreparer, PreparedAdapter
 from .registry import HandedToVLLM
-from .startup import announce_start, build_sources, load_checked_bank
+from .startup import announce_start, build_shared_tier, build_sources, load_checked_bank
 
 logger = logging.getLogger("vllm_safelora")
 
@@ -41,6 +42,7 @@ class SafeLoRAService:
         *,
         max_rank: int | None = None,
         limits: ReadLimits | None = None,
+        shared_tier: SharedTier | None = None,
     ):
         self.settings = settings
         self.bank = bank
@@ -49,7 +51,7 @@ class SafeLoRAService:
         # The integration passes limits that follow the served vLLM (its dtype, rank and
         # name rules); without them (tests, offline use) only size and rank are bounded.
         self.limits = limits or ReadLimits(max_bytes=settings.max_adapter_bytes, max_rank=max_rank)
-        self.preparer = AdapterPreparer(settings, bank, cache, self.limits)
+        self.preparer = AdapterPreparer(settings, bank, cache, self.limits, shared_tier)
         self.handed = HandedToVLLM(settings.max_tracked_adapters, cache)
         self.throttle = self.preparer.throttle
         self.refusals = self.preparer.refusals
@@ -63,7 +65,10 @@ class SafeLoRAService:
         bank = load_checked_bank(settings, served_model)
         cache = PatchedAdapterCache(settings.cache_dir, settings.cache_max_bytes, verify=settings.verify_cache)
         limits = limits or ReadLimits(max_bytes=settings.max_adapter_bytes, max_rank=max_rank)
-        service = cls(settings, bank, build_sources(settings, limits), cache, max_rank=max_rank, limits=limits)
+        service = cls(
+            settings, bank, build_sources(settings, limits), cache, max_rank=max_rank, limits=limits,
+            shared_tier=build_shared_tier(settings),
+        )
         announce_start(settings, served_model, bank, service.sources, cache)
         return service
 

@@ -17,7 +17,8 @@ from ..bank import AlignmentBank, load_bank
 from ..cache import PatchedAdapterCache
 from ..config import SafeLoRASettings
 from ..errors import BankError, ConfigError
-from ..objectstore import StoreTimeouts
+from ..cache.shared_tier import SharedTier, read_mac_key
+from ..objectstore import ObjectStore, StoreTimeouts, parse_s3_uri
 from ..policies import make_policy
 from ..sources import AdapterSource, HubSource, LocalDirSource, S3Source
 from ..policies.tenant_rules import all_policies, describe_rules
@@ -53,6 +54,25 @@ def build_sources(settings: SafeLoRASettings, limits: ReadLimits | None = None) 
     if any(i != j and a.startswith(b) for i, a in enumerate(prefixes) for j, b in enumerate(prefixes)):
         raise ConfigError(f"adapter source name prefixes overlap ({prefixes}); give each its own")
     return sources
+
+
+def build_shared_tier(settings: SafeLoRASettings) -> SharedTier | None:
+    """The fleet-shared tier of projected entries, or None; ConfigError without a usable fleet key."""
+    cfg = settings.shared_cache
+    if not cfg.enabled:
+        return None
+    if cfg.uri is None:
+        raise ConfigError("shared_cache is enabled but shared_cache.uri is not set (e.g. s3://fleet-cache/entries/)")
+    key = read_mac_key(cfg.mac_key_file)
+    store = ObjectStore(
+        parse_s3_uri(cfg.uri, "shared_cache.uri"), endpoint_url=cfg.endpoint_url, region=cfg.region,
+        timeouts=StoreTimeouts(cfg.connect_timeout_s, cfg.read_timeout_s, cfg.fetch_timeout_s, cfg.retries),
+        what="shared_cache",
+    )
+    # Settings outside the cache key that change what a build produces: replicas that differ
+    # in them must not serve each other's entries.
+    context = {"aliases": sorted(settings.aliases), "require_base_model_match": settings.require_base_model_match}
+    return SharedTier(store, key, context, max_entry_bytes=2 * settings.max_adapter_bytes + (16 << 20))
 
 
 def load_checked_bank(settings: SafeLoRASettings, served_model: str) -> AlignmentBank:
