@@ -141,9 +141,49 @@ def check_sources(settings) -> list[Check]:
     except SafeLoRAError as exc:
         return [Check("adapter sources", FAIL, str(exc))]
     if not sources:
-        return [Check("adapter sources", WARN, "no adapter_dirs and no hub: every adapter name and lora_path will "
+        return [Check("adapter sources", WARN, "no adapter_dirs, hub or s3: every adapter name and lora_path will "
                       "be refused; configure adapter_dirs")]
     return [Check("adapter sources", OK, "; ".join(s.describe() for s in sources))]
+
+
+def _store_check(name: str, store) -> Check:
+    """One listing under the store's prefix. Details name the bucket, prefix, endpoint and the failure's
+    kind only: credentials come from boto3's chain and are never read back or shown here."""
+    from .objectstore import StoreError
+
+    try:
+        store.check_readable()
+    except StoreError as exc:
+        hint = {
+            "credentials": "set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or give the host/pod a role",
+            "access_denied": "the credentials need s3:ListBucket and s3:GetObject on it",
+            "no_such_bucket": "create the bucket or fix the uri",
+            "unreachable": "check endpoint_url, DNS and the network path",
+            "timeout": "the store answered too slowly",
+        }.get(exc.reason, "")
+        return Check(name, FAIL, f"{store.describe()}: {exc}" + (f"; {hint}" if hint else ""))
+    return Check(name, OK, f"{store.describe()}: reachable, credentials accepted, bucket readable")
+
+
+def check_object_stores(settings) -> list[Check]:
+    """The S3 adapter source and the fleet-shared tier: reachable, credentials accepted, bucket readable."""
+    from .serving.startup import build_shared_tier, build_sources
+    from .sources import S3Source
+
+    checks = []
+    if settings.s3.enabled:
+        with contextlib.suppress(SafeLoRAError):  # a configuration problem is check_sources' to report
+            for source in build_sources(settings):
+                if isinstance(source, S3Source):
+                    checks.append(_store_check("s3 adapter store", source.store))
+    if settings.shared_cache.enabled:
+        try:
+            tier = build_shared_tier(settings)
+        except SafeLoRAError as exc:
+            checks.append(Check("shared cache tier", FAIL, str(exc)))
+        else:
+            checks.append(_store_check("shared cache tier", tier.store))
+    return checks
 
 
 def _nearest_existing(path: Path) -> Path:
@@ -252,6 +292,7 @@ def run_checks(config: Path | None, model: str | None, environ: Mapping[str, str
     if settings is not None:
         bank, bank_checks = check_bank(settings, model)
         checks += bank_checks + check_policies(settings, bank) + check_sources(settings) + check_cache(settings)
+        checks += check_object_stores(settings)
     else:
         checks.append(Check("bank, policies, sources, cache", SKIP, "need a valid configuration"))
     return checks + check_vllm(settings) + check_entry_points() + check_environment(environ)
