@@ -70,6 +70,11 @@ class SafeLoRAService:
             shared_tier=build_shared_tier(settings),
         )
         announce_start(settings, served_model, bank, service.sources, cache)
+        if service.preparer.shared is not None:
+            logger.info(
+                "safelora: fleet-shared tier of projected entries at %s (entries signed with the fleet key in %s)",
+                service.preparer.shared.store.describe(), settings.shared_cache.mac_key_file,
+            )
         return service
 
     # ------------------------------------------------------------------ what vLLM holds
