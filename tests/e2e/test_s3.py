@@ -292,3 +292,20 @@ def test_no_secret_in_logs_or_answers(fleet):
         assert fleet.key_file.read_text() not in server.log_text()
     for path in Path(fleet.root).rglob("*.log"):
         assert SECRET_KEY not in path.read_text(errors="replace"), path
+
+
+def test_misconfigured_object_storage_refuses_to_start(e2e_world, tmp_path):
+    from support.server import run_startups
+
+    key = tmp_path / "short.key"
+    key.write_bytes(b"short")
+    base = dict(bank=str(e2e_world.bank), cache_dir=str(tmp_path / "cache"), device="cpu")
+    configs = {
+        "bad_uri": write_config(tmp_path / "bad_uri.yaml", **base, s3={"enabled": True, "uri": "https://adapters/x"}),
+        "short_key": write_config(tmp_path / "short_key.yaml", **base, shared_cache={
+            "enabled": True, "uri": "s3://fleet/entries/", "mac_key_file": str(key)}),
+    }
+    results = run_startups(e2e_world.aligned, configs, tmp_path, timeout=300)
+    for case, says in (("bad_uri", "s3.uri must be an s3://bucket/prefix/ URI"), ("short_key", "at least 32")):
+        rc, out, _ = results[case]
+        assert rc not in (None, 0) and says in out, (case, rc, out[-3000:])
