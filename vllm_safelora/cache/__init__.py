@@ -14,7 +14,9 @@ Split by job:
 * ``evict``   keeping the cache within its byte budget (LRU, through the index);
 * ``store``   ``PatchedAdapterCache``: look up, build once, publish, lease, verify by path;
 * ``verified`` entries this process hashed, by identity: using one again costs a stat;
-* ``worker_guard`` what a vLLM worker may load: intact entries only (``WorkerGuard``).
+* ``worker_guard`` what a vLLM worker may load: intact entries only (``WorkerGuard``);
+* ``shared_tier`` the fleet-shared tier in object storage: entries signed with the fleet key
+              (imported by the serving stage only when configured).
 """
 
 from .entry import (
