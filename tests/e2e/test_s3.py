@@ -52,6 +52,8 @@ def fleet(e2e_world, tiny_adapter_factory, vllm_server_factory, tmp_path_factory
         c.put_object(Bucket=TENANTS_BUCKET, Key="tenants/acme/huge/adapter_model.safetensors",
                      Body=b"\0" * (2 * MAX_ADAPTER_BYTES))
         store.upload_dir(TENANTS_BUCKET, "tenants/acme/noweights", big, files={"adapter_config.json"})
+        store.upload_dir(TENANTS_BUCKET, "tenants/acme/pickled", big, files={"adapter_config.json"})
+        c.put_object(Bucket=TENANTS_BUCKET, Key="tenants/acme/pickled/adapter_model.bin", Body=b"\x80\x04never read")
 
     seed_store()
     # The same content as an s3 adapter, on local disk: first-request latency from each.
@@ -141,6 +143,7 @@ def test_load_endpoint_serves_an_s3_adapter_by_uri(fleet, e2e_world, peft_refere
 @pytest.mark.parametrize("name, status, reason, why", [
     ("s3:acme/huge", 413, "too_large", "limit is"),
     ("s3:acme/noweights", 400, "missing_tensor", "adapter_model.safetensors is missing"),
+    ("s3:acme/pickled", 400, "pickle_only", "never downloaded"),
     ("s3:../etc", 400, "invalid_name", ".."),
     ("s3:acme/%2e%2e", 400, "invalid_name", "%"),
     ("s3:acme/x/y", 400, "invalid_name", "more than one"),
@@ -233,12 +236,21 @@ def test_first_request_latency_s3_vs_local_disk(fleet, e2e_world, e2e):
         _served_ok(fleet.a, e2e, e2e_world, name)
         return time.perf_counter() - t0
 
+    def fetch_seconds():
+        m = fleet.a.metrics()
+        return (m.value("safelora_source_fetch_seconds_sum", source="s3"),
+                m.value("safelora_source_fetch_seconds_count", source="s3"))
+
     local = [first(f"lat/local{i}") for i in range(3)]
+    (s0, n0) = fetch_seconds()
     remote = [first(f"s3:lat/remote{i}") for i in range(3)]
+    (s1, n1) = fetch_seconds()
     again = [first(f"s3:lat/remote{i}") for i in range(3)]
-    print(f"\n[s3] first request (resolve + fetch + project + load + 4 tokens), median of 3: local disk "
-          f"{statistics.median(local) * 1e3:.0f} ms, S3 {statistics.median(remote) * 1e3:.0f} ms; "
-          f"prepared S3 adapter again {statistics.median(again) * 1e3:.0f} ms")
+    # Both first requests include the upload of the new entry to the fleet tier.
+    print(f"\n[s3] first request (resolve + fetch + project + tier upload + load + 4 tokens), median of 3: local disk "
+          f"{statistics.median(local) * 1e3:.0f} ms, S3 {statistics.median(remote) * 1e3:.0f} ms (of which the "
+          f"download, mean: {(s1 - s0) / max(1, n1 - n0) * 1e3:.0f} ms); prepared S3 adapter again "
+          f"{statistics.median(again) * 1e3:.0f} ms")
     assert statistics.median(again) < statistics.median(remote)
 
 
