@@ -47,7 +47,7 @@ def _service(tmp_path, tiny_bank, store, limits=None, **s3) -> SafeLoRAService:
             "read_timeout_s": 1.0, "connect_timeout_s": 1.0, "fetch_timeout_s": 5.0, "retries": 1, **s3},
     )
     cache = PatchedAdapterCache(settings.cache_dir, settings.cache_max_bytes)
-    return SafeLoRAService(settings, tiny_bank, build_sources(settings), cache, max_rank=8, limits=limits)
+    return SafeLoRAService(settings, tiny_bank, build_sources(settings, limits), cache, max_rank=8, limits=limits)
 
 
 def test_prepares_a_projected_adapter_from_the_store(tmp_path, tiny_bank, store, tiny_adapter_factory):
@@ -56,7 +56,7 @@ def test_prepares_a_projected_adapter_from_the_store(tmp_path, tiny_bank, store,
     svc = _service(tmp_path, tiny_bank, store)
     fetched = _metric("safelora_source_fetch_bytes_total", source="s3")
     prepared = svc.prepare("s3:acme/bot")
-    assert prepared.report.summary.outcome == "projected"
+    assert prepared.report.summary.outcome == "modified"
     assert prepared.location.identity == "s3:acme/bot"
     size = sum(p.stat().st_size for p in src.iterdir() if p.name in ("adapter_config.json", "adapter_model.safetensors"))
     assert _metric("safelora_source_fetch_bytes_total", source="s3") - fetched == size

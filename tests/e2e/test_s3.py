@@ -121,7 +121,7 @@ def test_resolver_serves_the_projected_s3_adapter(fleet, e2e_world, peft_referen
     e2e.assert_matches_reference(served.first_top, peft_reference.next_token_logprobs(projected), LOGPROB_TOL, "s3")
     assert e2e.max_logprob_gap(served.first_top, peft_reference.next_token_logprobs(fleet.sources["acme/bot"])) > 0.05
     audit = fleet.a.get(f"/safelora/v1/adapters/{name}").json()
-    assert audit["summary"]["outcome"] == "projected"
+    assert audit["summary"]["outcome"] == "modified"
     m = fleet.a.metrics()
     assert m.value("safelora_source_fetch_bytes_total", source="s3") > 0
     assert m.value("safelora_source_fetch_seconds_count", source="s3") >= 1
