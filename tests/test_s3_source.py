@@ -135,9 +135,12 @@ def test_slow_store_is_a_503_within_the_deadline(tmp_path, tiny_bank, store, tin
 
 def test_store_down_is_a_503(tmp_path, tiny_bank, store):
     svc = _service(tmp_path, tiny_bank, store, endpoint_url="http://127.0.0.1:9")
+    assert svc.retry_after_s() < 4
     with pytest.raises(SourceUnavailable) as info:
         svc.prepare("s3:acme/bot")
     assert info.value.reason == "unreachable"
+    # 503s now tell clients the store's Retry-After (s3.retry_after_s, 5 s), not the throttle's 2 s
+    assert 4 < svc.retry_after_s() <= 5
 
 
 @pytest.mark.parametrize("s3, why", [

@@ -25,7 +25,7 @@ from ..bank import AlignmentBank
 from ..cache import CacheKey, PatchedAdapterCache, entry_signature, signature_racy
 from ..cache.shared_tier import SharedTier
 from ..config import SafeLoRASettings
-from ..errors import AdapterRefused, CacheUnavailable, Overloaded
+from ..errors import AdapterRefused, CacheUnavailable, Overloaded, SourceUnavailable
 from ..fsutil import fast_hash
 from ..policies.tenant_rules import TenantPolicy, resolve_tenant
 from ..report import REPORT_FILE, AdapterReport
@@ -112,6 +112,13 @@ class AdapterPreparer:
             metrics.ADAPTERS.labels(outcome="unavailable", policy=self.settings.policy.kind, mode="enforce").inc()
             metrics.CACHE_UNAVAILABLE.labels(fault=exc.fault).inc()
             self._unavailable_until = time.monotonic() + exc.retry_after_s
+            logger.warning("safelora: adapter '%s' (%s) not prepared: %s", name, where, exc)
+            raise
+        except SourceUnavailable as exc:
+            # The store's fault, not the adapter's: never remembered as a refusal; clients are told
+            # the store's Retry-After while it keeps failing.
+            metrics.ADAPTERS.labels(outcome="unavailable", policy=self.settings.policy.kind, mode="enforce").inc()
+            self._unavailable_until = max(self._unavailable_until, time.monotonic() + exc.retry_after_s)
             logger.warning("safelora: adapter '%s' (%s) not prepared: %s", name, where, exc)
             raise
         except Overloaded as exc:
