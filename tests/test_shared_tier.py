@@ -55,8 +55,8 @@ def _key_file(path, secret: bytes):
     return path
 
 
-def _replica(tmp_path, name, tiny_bank, adapters, store, secret=b"f" * 40) -> SafeLoRAService:
-    settings = SafeLoRASettings(
+def _replica(tmp_path, name, tiny_bank, adapters, store, secret=b"f" * 40, **extra) -> SafeLoRAService:
+    settings = SafeLoRASettings(**extra,
         bank=tiny_bank.path, adapter_dirs=[adapters], cache_dir=tmp_path / f"cache-{name}", device="cpu",
         shared_cache={"enabled": True, "uri": f"s3://{BUCKET}/entries/", "endpoint_url": store.endpoint,
                       "mac_key_file": str(_key_file(tmp_path / f"key-{name}", secret)), "read_timeout_s": 2,
@@ -70,7 +70,7 @@ def _replica(tmp_path, name, tiny_bank, adapters, store, secret=b"f" * 40) -> Sa
 @pytest.fixture()
 def adapters(tmp_path, tiny_adapter_factory):
     root = tmp_path / "adapters"
-    for i, tenant in enumerate(("acme", "unsigned", "otherkey", "misbound", "altered")):
+    for i, tenant in enumerate(("acme", "unsigned", "otherkey", "misbound", "altered", "othercfg")):
         tiny_adapter_factory.copy_to(root / tenant / "bot", "random", seed=60 + i)
     return root
 
@@ -103,11 +103,13 @@ def _reupload(store, digest, manifest):
 
 @pytest.mark.parametrize("tenant, result", [
     ("unsigned", "unsigned"), ("otherkey", "bad_mac"), ("misbound", "mis_bound"), ("altered", "bad_file"),
+    ("othercfg", "mis_bound"),  # signed by a replica whose settings outside the cache key differ
 ])
 def test_untrusted_tier_entries_are_ignored_and_rebuilt(tmp_path, tiny_bank, adapters, store, tenant, result):
     name = f"{tenant}/bot"
     a = _replica(tmp_path, "a", tiny_bank, adapters, store,
-                 secret=b"another fleet's key, 40 bytes long......" if tenant == "otherkey" else b"f" * 40)
+                 secret=b"another fleet's key, 40 bytes long......" if tenant == "otherkey" else b"f" * 40,
+                 **({"require_base_model_match": False} if tenant == "othercfg" else {}))
     honest = a.prepare(name)
     digest = honest.digest
     c, stored = _entry_objects(store, digest)
