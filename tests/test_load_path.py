@@ -106,7 +106,7 @@ class _Service:
     """Stands in for SafeLoRAService: the adapter is already prepared at ``path``."""
 
     def __init__(self, path: str):
-        self.prepared = types.SimpleNamespace(path=Path(path))
+        self.prepared = types.SimpleNamespace(path=Path(path), signature=())
         self.marked = []
 
     def verified(self, lora_path):
