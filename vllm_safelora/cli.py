@@ -1,4 +1,4 @@
-"""``vllm-safelora`` command line: build-bank, project, inspect, make-tiny, demo, serve, doctor.
+"""``vllm-safelora`` command line: build-bank, project, inspect, make-tiny, demo, serve, doctor, issue-key, revoke-key.
 
 Exit codes: 0 success, 1 doctor found a problem, 2 bad usage or configuration,
 3 adapter refused, 4 bank problem. Errors are one line on stderr naming what to fix.
@@ -203,6 +203,61 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return EXIT_PROBLEMS if any(c.status == FAIL for c in checks) else 0
 
 
+def _keys_file(args: argparse.Namespace) -> Path:
+    """--keys-file, else auth.keys_file of --config (or $VLLM_SAFELORA_CONFIG): read as YAML only,
+    so keys can be managed where the bank is not present."""
+    import os
+
+    import yaml
+
+    from .config import CONFIG_ENV
+
+    if args.keys_file:
+        return Path(args.keys_file)
+    config = args.config or os.environ.get(CONFIG_ENV)
+    if not config:
+        raise ConfigError(f"say which keys file: --keys-file FILE, or --config FILE (or {CONFIG_ENV}) with auth.keys_file")
+    try:
+        doc = yaml.safe_load(Path(config).read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"cannot read configuration {config}: {exc}") from None
+    keys = (doc.get("auth") or {}).get("keys_file") if isinstance(doc, dict) else None
+    if not keys:
+        raise ConfigError(f"configuration {config} sets no auth.keys_file; pass --keys-file FILE")
+    return Path(keys)
+
+
+def cmd_issue_key(args: argparse.Namespace) -> int:
+    from .serving.credentials import issue_key
+
+    path = _keys_file(args)
+    role = "admin" if args.admin else "tenant"
+    key = issue_key(path, args.name, role)
+    print(key)
+    print(f"vllm-safelora: issued {'an operator' if args.admin else 'a'} key for {args.name!r} in {path}; it is shown "
+          "only now (the file keeps its hash). The server picks it up without a restart", file=sys.stderr)
+    return 0
+
+
+def cmd_revoke_key(args: argparse.Namespace) -> int:
+    from .serving.credentials import revoke_keys
+
+    path = _keys_file(args)
+    n = revoke_keys(path, args.name)
+    if not n:
+        print(f"vllm-safelora: {path} holds no key for {args.name!r}", file=sys.stderr)
+        return EXIT_PROBLEMS
+    print(f"vllm-safelora: revoked {n} key(s) of {args.name!r} in {path}; refused from the next request on",
+          file=sys.stderr)
+    return 0
+
+
+def _add_keys_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--config", help="plugin configuration whose auth.keys_file to use (default: $VLLM_SAFELORA_CONFIG)")
+    g.add_argument("--keys-file", help="the keys file itself")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vllm-safelora", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -290,6 +345,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="the server's --model: check that the bank protects it")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_doctor)
+
+    p = sub.add_parser("issue-key", help="print a new API key for a tenant (or, with --admin, an operator); "
+                       "only its hash is stored")
+    p.add_argument("name", metavar="TENANT", help="the tenant: the first component of its adapters' names")
+    p.add_argument("--admin", action="store_true", help="an operator key (load/unload, /metrics, status, every adapter)")
+    _add_keys_args(p)
+    p.set_defaults(func=cmd_issue_key)
+
+    p = sub.add_parser("revoke-key", help="remove every key of a tenant or operator")
+    p.add_argument("name", metavar="NAME")
+    _add_keys_args(p)
+    p.set_defaults(func=cmd_revoke_key)
     return parser
 
 

@@ -10,10 +10,11 @@ stops the server instead of serving unprotected adapters.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
 
 from .errors import ConfigError
@@ -87,6 +88,53 @@ class SharedCacheConfig(BaseModel):
     retries: int = Field(2, ge=0, le=10)
 
 
+class AuthConfig(BaseModel):
+    """Who a caller is (a per-tenant key, or a gateway's tenant header) and what an upload may cost."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = Field(False, description="off: every caller may use every adapter (one server, one tenant)")
+    keys_file: Path | None = Field(
+        None, description="hashes of the tenants' and operators' keys (vllm-safelora issue-key); re-read when it changes"
+    )
+    upload_root: Path | None = Field(
+        None, description="the one adapter root the server may write (PUT /safelora/v1/adapters/...); one of "
+        "adapter_dirs. None: uploads are refused"
+    )
+    trusted_proxies: list[str] = Field(
+        default_factory=list, description="addresses or networks (CIDR) whose tenant_header is believed"
+    )
+    tenant_header: str | None = Field(None, description="e.g. X-Tenant; only from trusted_proxies")
+    max_adapters_per_tenant: int = Field(64, ge=0, description="uploaded adapters a tenant may keep")
+    max_bytes_per_tenant: int = Field(4 << 30, ge=0, description="bytes of uploaded adapters a tenant may keep")
+    uploads_per_minute: int = Field(10, ge=0, description="uploads a tenant may start per minute (0: no limit)")
+    upload_idle_timeout_s: float = Field(
+        30.0, gt=0, description="an upload that sends nothing for this long is cut off (408)"
+    )
+    upload_timeout_s: float = Field(600.0, gt=0, description="an upload must be received within this (408)")
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _proxies(cls, v: list[str]) -> list[str]:
+        import ipaddress
+
+        for entry in v:
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                raise ValueError(f"{entry!r} is not an IP address or network (e.g. 10.0.0.5 or 10.0.0.0/24)") from None
+        return v
+
+    @field_validator("tenant_header")
+    @classmethod
+    def _header(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9-]{0,63}", v):
+            raise ValueError(f"{v!r} is not an HTTP header name (letters, digits, '-')")
+        if v is not None and v.lower() == "authorization":
+            raise ValueError("the tenant header cannot be Authorization, which carries the keys")
+        return v
+
+
 class SafeLoRASettings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid", case_sensitive=False,
@@ -103,6 +151,7 @@ class SafeLoRASettings(BaseSettings):
     hub: HubConfig = Field(default_factory=HubConfig)
     s3: S3Config = Field(default_factory=S3Config)
     shared_cache: SharedCacheConfig = Field(default_factory=SharedCacheConfig)
+    auth: AuthConfig = Field(default_factory=AuthConfig)
     cache_dir: Path = Field(Path("/var/cache/vllm-safelora"), description="patched-adapter cache")
     cache_max_bytes: int = Field(10 << 30, gt=0, description="byte budget of the cache (LRU eviction)")
     device: str = Field("auto", description="where the bank lives: auto | cpu | cuda:N")
@@ -164,6 +213,26 @@ class SafeLoRASettings(BaseSettings):
                     "a fixed first component such as 'public/*')"
                 )
         return v
+
+    @model_validator(mode="after")
+    def _auth(self) -> "SafeLoRASettings":
+        auth = self.auth
+        if auth.enabled and auth.keys_file is None:
+            raise ValueError(
+                "auth.enabled needs auth.keys_file: the operator's admin key lives there even behind a gateway "
+                "(create it with `vllm-safelora issue-key --admin NAME --keys-file FILE`)"
+            )
+        if auth.tenant_header and not auth.trusted_proxies:
+            raise ValueError("auth.tenant_header needs auth.trusted_proxies: otherwise any client could name a tenant")
+        if auth.upload_root is not None:
+            if not auth.enabled:
+                raise ValueError("auth.upload_root needs auth.enabled: an upload must know whose namespace it writes")
+            roots = {os.path.realpath(d) for d in self.adapter_dirs}
+            if os.path.realpath(auth.upload_root) not in roots:
+                raise ValueError(
+                    f"auth.upload_root {auth.upload_root} is not one of adapter_dirs: uploads would never be served"
+                )
+        return self
 
     @field_validator("device")
     @classmethod

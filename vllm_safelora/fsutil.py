@@ -185,3 +185,24 @@ def ctime_trusted(path: Path | str, mountinfo: str = "/proc/self/mountinfo") -> 
         fstype == name or (name.endswith(".") and fstype.startswith(name)) for name in UNTRUSTED_CTIME_FILESYSTEMS
     )
     return not untrusted, fstype
+
+
+_RENAME_EXCHANGE = 2
+_SYS_RENAMEAT2 = {"x86_64": 316, "aarch64": 276}  # where glibc (< 2.28) has no wrapper
+
+
+def exchange_paths(a: Path, b: Path) -> None:
+    """Swap two directory entries atomically (Linux ``renameat2(RENAME_EXCHANGE)``): a reader of
+    either name sees the old entry or the new one, never neither (what replaces a non-empty directory)."""
+    import ctypes
+    import platform
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    fa, fb = os.fsencode(str(a)), os.fsencode(str(b))
+    if hasattr(libc, "renameat2"):
+        rc = libc.renameat2(-100, fa, -100, fb, _RENAME_EXCHANGE)
+    else:
+        rc = libc.syscall(_SYS_RENAMEAT2[platform.machine()], -100, fa, -100, fb, _RENAME_EXCHANGE)
+    if rc != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), str(a))

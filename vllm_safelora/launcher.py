@@ -256,6 +256,7 @@ class ServerProcess:
     port: int = field(default_factory=free_port)
     cwd: Path | None = None
     die_with_parent: bool = False  # SIGKILL the server when this process dies without stopping it
+    headers: Mapping[str, str] | None = None  # sent by wait_ready, get and post (an operator key when auth is on)
     proc: subprocess.Popen | None = field(default=None, init=False)
     startup_s: float | None = field(default=None, init=False)  # launch to ready, set by wait_ready
     _t0: float = field(default=0.0, init=False, repr=False)
@@ -292,7 +293,8 @@ class ServerProcess:
                 raise RuntimeError(f"vLLM server exited with {self.proc.returncode} during start-up "
                                    f"(log {self.log_path}):\n{self.log_tail()}")
             try:
-                with urllib.request.urlopen(f"{self.base_url}/v1/models", timeout=2) as r:
+                ready = urllib.request.Request(f"{self.base_url}/v1/models", headers=dict(self.headers or {}))
+                with urllib.request.urlopen(ready, timeout=2) as r:
                     if r.status == 200:
                         self.startup_s = time.monotonic() - self._t0
                         self._tree = process_tree(self.proc.pid) if self.proc is not None else set()
@@ -342,11 +344,13 @@ class ServerProcess:
     def get(self, path: str, **kw):
         import requests
 
+        kw.setdefault("headers", dict(self.headers or {}))
         return requests.get(self.base_url + path, timeout=kw.pop("timeout", 60), **kw)
 
     def post(self, path: str, **kw):
         import requests
 
+        kw.setdefault("headers", dict(self.headers or {}))
         return requests.post(self.base_url + path, timeout=kw.pop("timeout", 120), **kw)
 
     def metrics(self) -> Metrics:

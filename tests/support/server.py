@@ -115,13 +115,14 @@ class Server(ServerProcess):
 
 
 def new_server(name: str, model: Path | str, config: Path | None, workdir: Path, extra_args: Sequence[str] = (),
-               env: Mapping[str, str] | None = None, **args: int) -> Server:
+               env: Mapping[str, str] | None = None, headers: Mapping[str, str] | None = None, **args: int) -> Server:
     """A plugin-enabled server of the tiny model (not started); log and working directory in ``workdir``.
-    ``args``: :func:`server_args`' keywords (``max_loras``, ``max_num_seqs``)."""
+    ``args``: :func:`server_args`' keywords (``max_loras``, ``max_num_seqs``); ``headers``: sent by its
+    readiness check and HTTP helpers (an operator's key on a server with authentication on)."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     return Server(args=server_args(model, extra_args, **args), env=plugin_env(config, **dict(env or {})),
-                  log_path=workdir / f"{name}.log", cwd=workdir, die_with_parent=True, name=name)
+                  log_path=workdir / f"{name}.log", cwd=workdir, die_with_parent=True, name=name, headers=headers)
 
 
 def start_all(servers: Iterable[Server], timeout: float = START_TIMEOUT_S) -> list[Server]:

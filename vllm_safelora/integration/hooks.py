@@ -81,6 +81,14 @@ HOOKS: tuple[Hook, ...] = (
          params=("self", "request"), is_async=True),
     Hook(_SERVING, "OpenAIServingModels.init_static_loras", "--lora-modules go through load_lora_adapter",
          is_async=True, refs=("self.load_lora_adapter",)),
+    # ---- who may name which adapter (authorize.py)
+    Hook("vllm/entrypoints/serve/engine/serving.py", "BaseServing._check_model", "wrapped: another tenant's "
+         "adapter gets vLLM's own 404 before the adapter table or the resolver is asked",
+         params=("self", "request"), is_async=True, refs=("self.models.resolve_lora", "self._is_model_supported")),
+    Hook("vllm/entrypoints/pooling/base/serving.py", "PoolingBaseServing._check_model", "wrapped: the same for "
+         "pooling routes", params=("self", "request"), is_async=True),
+    Hook(_SERVING, "OpenAIServingModels.show_available_models", "wrapped: /v1/models lists what the caller may use",
+         params=("self",), is_async=True),
     # ---- engines (patches.py)
     Hook("vllm/v1/engine/async_llm.py", "AsyncLLM.add_lora", "wrapped: every explicit online load",
          params=("self", "lora_request"), is_async=True),

@@ -30,7 +30,7 @@ import time
 
 from .. import metrics
 from ..errors import AdapterRefused, Overloaded
-from . import state
+from . import authorize, state
 from .http_errors import entry_changed_mid_request, service_not_started, to_error_response, to_http_error
 from .logs import share_vllm_logging
 
@@ -200,6 +200,10 @@ def _wrap_async_add_request(cls) -> None:
             lora_request = getattr(bound.arguments.get("prompt"), "lora_request", None)
         if lora_request is not None:
             svc = _service_or_503()
+            if not authorize.allowed(lora_request.lora_name):  # a route that skipped _check_model
+                from vllm.exceptions import VLLMNotFoundError
+
+                raise VLLMNotFoundError(f"The model `{lora_request.lora_name}` does not exist.")
             # An adapter already prepared and unchanged (a few stats, no I/O beyond them) is
             # checked here on the loop; anything else is prepared on the plugin's threads.
             prepared, rebuilt = svc.verified(lora_request.lora_path), False
@@ -495,5 +499,6 @@ def install() -> None:
         _wrap_resolve_lora(OpenAIServingModels)
         _wrap_worker_load_adapter(WorkerLoRAManager)
         _wrap_worker_set_active_adapters(WorkerLoRAManager)
+        authorize.install()
         lora_isolation.install()  # vLLM 0.32's CPU LoRA ops gave rows without a LoRA the last slot's LoRA
         _installed = True

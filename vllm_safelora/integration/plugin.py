@@ -34,6 +34,7 @@ def register() -> None:
             raise ConfigError(
                 "VLLM_USE_RUST_FRONTEND replaces the Python front end that vllm-safelora guards; unset it"
             )
+        _check_auth(settings)
         # Cheap in every process; the front end also verifies the tensors' hash at start.
         read_manifest(settings.bank)
         state.set_settings(settings)
@@ -42,6 +43,28 @@ def register() -> None:
     except SafeLoRAError as exc:
         logger.error("vllm-safelora: refusing to start, adapters would not be protected: %s", exc)
         raise
+
+
+def _check_auth(settings) -> None:
+    """Authentication lives in the routes plugin's middleware: with it on, a server that would not
+    load that plugin, or that also has vLLM's own key, must not start."""
+    from ..errors import ConfigError
+    from .auth import refuse_vllm_api_key
+
+    if not settings.auth.enabled:
+        return
+    refuse_vllm_api_key(settings, None)
+    plugins = os.environ.get("VLLM_PLUGINS")
+    if plugins is not None and "safelora_routes" not in [p.strip() for p in plugins.split(",")]:
+        raise ConfigError(
+            f"auth.enabled needs the routes plugin, which checks every request's key, but VLLM_PLUGINS={plugins!r} "
+            "leaves it out: add safelora_routes (vllm-safelora serve does)"
+        )
+    if not settings.auth.keys_file.is_file():
+        raise ConfigError(
+            f"auth.keys_file {settings.auth.keys_file} does not exist: create it with "
+            "`vllm-safelora issue-key --admin NAME --keys-file FILE`"
+        )
 
 
 def _register_resolver() -> None:

@@ -1,8 +1,13 @@
-"""``vllm.endpoint_plugins`` entry point ``safelora_routes``: the audit API on vLLM's own port.
+"""``vllm.endpoint_plugins`` entry point ``safelora_routes``: the audit API on vLLM's own port,
+and the authentication in front of every route (auth.py).
 
-GET /safelora/v1/status               bank, device, policy, cache
-GET /safelora/v1/adapters             every adapter this server prepared, with its summary
-GET /safelora/v1/adapters/{name}      one adapter's full report (per-module cosines, hashes)
+GET    /safelora/v1/status            bank, device, policy, cache (operators)
+GET    /safelora/v1/adapters          the adapters this server prepared that the caller may use, with summaries
+GET    /safelora/v1/adapters/{name}   one adapter's full report (per-module cosines, hashes)
+PUT    /safelora/v1/adapters/{t}/{a}  upload into the caller's namespace; answered with the report (uploads.py)
+DELETE /safelora/v1/adapters/{t}/{a}  delete an upload of the caller's namespace, unloading it from vLLM
+
+An adapter the caller may not use is answered exactly as one that does not exist.
 
 vLLM loads endpoint plugins only when VLLM_PLUGINS names them
 (``VLLM_PLUGINS=safelora,safelora_routes``; ``vllm-safelora serve`` sets it).
@@ -12,17 +17,30 @@ from __future__ import annotations
 
 from argparse import Namespace
 
-from fastapi import APIRouter, FastAPI
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from ..policies.tenant_rules import describe_rules
-from . import state
+from ..serving.access import may_use
+from . import auth, state, upload_route
 
 ROUTE_PREFIX = "/safelora/v1"
 
 
 def _unavailable() -> JSONResponse:
     return JSONResponse({"error": "vllm-safelora service is not running in this server"}, status_code=503)
+
+
+def missing(name: str) -> JSONResponse:
+    """The one answer for an adapter that is not there, or that the caller may not see."""
+    return JSONResponse({"error": f"adapter '{name}' has not been loaded by this server"}, status_code=404)
+
+
+def report_body(name: str, prepared) -> dict:
+    body = prepared.report.model_dump(mode="json")
+    body["served_as"] = name
+    body["cache_entry"] = prepared.digest
+    return body
 
 
 def build_router() -> APIRouter:
@@ -55,10 +73,12 @@ def build_router() -> APIRouter:
         svc = state.service()
         if svc is None:
             return _unavailable()
+        who = auth.current(svc.settings)
         return JSONResponse(
             {
                 name: {"cache_entry": p.digest, **p.report.summary.model_dump(mode="json")}
                 for name, p in sorted(svc.loaded().items())
+                if may_use(who, name, svc.settings.shared_adapters)
             }
         )
 
@@ -68,12 +88,23 @@ def build_router() -> APIRouter:
         if svc is None:
             return _unavailable()
         prepared = svc.loaded().get(name)
-        if prepared is None:
-            return JSONResponse({"error": f"adapter '{name}' has not been loaded by this server"}, status_code=404)
-        body = prepared.report.model_dump(mode="json")
-        body["served_as"] = name
-        body["cache_entry"] = prepared.digest
-        return JSONResponse(body)
+        if prepared is None or not may_use(auth.current(svc.settings), name, svc.settings.shared_adapters):
+            return missing(name)
+        return JSONResponse(report_body(name, prepared))
+
+    @router.put("/adapters/{name:path}")
+    async def upload(name: str, request: Request) -> JSONResponse:
+        svc = state.service()
+        if svc is None:
+            return _unavailable()
+        return await upload_route.put(svc, name, request)
+
+    @router.delete("/adapters/{name:path}")
+    async def delete(name: str, request: Request) -> JSONResponse:
+        svc = state.service()
+        if svc is None:
+            return _unavailable()
+        return await upload_route.delete(svc, name, request)
 
     return router
 
@@ -84,6 +115,7 @@ class SafeLoRARoutes:
 
     def attach_router(self, app: FastAPI) -> None:
         app.include_router(build_router())
+        settings = state.settings()
 
         @app.middleware("http")
         async def retry_after(request, call_next):
@@ -94,6 +126,9 @@ class SafeLoRARoutes:
                 svc = state.service()
                 response.headers["Retry-After"] = str(max(1, int(svc.retry_after_s())) if svc else 1)
             return response
+
+        # Added last, so it runs first: no route, and no other middleware of ours, sees an unauthenticated request.
+        auth.install(app, settings)
 
     async def init_state(self, engine_client, app_state, args: Namespace) -> None:
         return None
