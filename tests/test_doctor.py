@@ -45,6 +45,17 @@ CASES = {
                                ("invalid vllm-safelora configuration", "max_adapter_bytes", "greater than 0")),
     "device_bogus": ({"device": "tpu"}, "config",
                      ("invalid vllm-safelora configuration", "device must be auto, cpu, cuda or cuda:N")),
+    # authentication (tests/hardening/test_auth_startup.py)
+    "auth_without_keys_file": ({"auth": {"enabled": True}}, "config", ("auth.enabled needs auth.keys_file", "issue-key")),
+    "auth_keys_file_missing": ({"auth": {"enabled": True, "keys_file": "{work}/no-keys.yaml"}}, "auth",
+                               ("no-keys.yaml cannot be read", "issue-key --admin")),
+    "upload_root_not_served": ({"auth": {"enabled": True, "keys_file": "{work}/keys.yaml",
+                                         "upload_root": "{work}/elsewhere"}}, "config",
+                               ("auth.upload_root", "is not one of adapter_dirs")),
+    "header_without_proxies": ({"auth": {"enabled": True, "keys_file": "{work}/keys.yaml", "tenant_header": "X-Tenant"}},
+                               "config", ("auth.tenant_header needs auth.trusted_proxies",)),
+    "proxy_not_an_address": ({"auth": {"enabled": True, "keys_file": "{work}/keys.yaml", "trusted_proxies": ["gw"]}},
+                             "config", ("'gw' is not an IP address or network",)),
 }
 
 
@@ -64,6 +75,9 @@ def world(tiny_models, tiny_bank_dir, tmp_path_factory):
     build_bank(str(others.base), str(others.aligned), other_bank, modules=["q_proj"], progress=None)
     (work / "a-regular-file").write_text("not a directory\n")
     (work / "adapters").mkdir()
+    from vllm_safelora.serving.credentials import issue_key
+
+    issue_key(work / "keys.yaml", "ops", "admin")
     return {"work": work, "corrupt_bank": corrupt, "other_bank": other_bank, "file": work / "a-regular-file",
             "bank": tiny_bank_dir, "model": str(tiny_models.aligned)}
 
@@ -146,6 +160,16 @@ def test_every_configuration_problem_is_listed_at_once(world, env, tmp_path, cap
     assert len(details) == 3, details
     assert any("device" in d for d in details) and any("max_adapter_bytes" in d for d in details)
     assert any("polcy" in d for d in details)
+
+
+def test_auth_and_vllms_own_key_are_refused_together(world, env, tmp_path, capsys):
+    config = write_config(world, tmp_path / "both.yaml", {"auth": {"enabled": True, "keys_file": str(world["work"] / "keys.yaml")}})
+    code, report = doctor(capsys, "--config", config, "--model", world["model"])
+    assert code == 0 and {c["name"]: c["status"] for c in report["checks"]}["auth"] == "ok", failed(report)
+    env.setenv("VLLM_API_KEY", "shared-secret")
+    code, report = doctor(capsys, "--config", config, "--model", world["model"])
+    assert code == EXIT_PROBLEMS and "unset VLLM_API_KEY" in failed(report)["auth"]
+    assert "shared-secret" not in json.dumps(report)
 
 
 def test_policy_the_bank_cannot_serve(world, env, tmp_path, capsys):

@@ -286,6 +286,30 @@ def check_environment(environ: Mapping[str, str]) -> list[Check]:
     return checks
 
 
+def check_auth(settings, environ: Mapping[str, str]) -> list[Check]:
+    """What the server checks at start-up about authentication (integration/plugin.py, auth.py)."""
+    from .errors import ConfigError
+    from .serving.credentials import KeyStore
+
+    auth = settings.auth
+    if not auth.enabled:
+        return [Check("auth", OK, "off: every client may use every adapter (a single-tenant server)")]
+    if environ.get("VLLM_API_KEY"):
+        return [Check("auth", FAIL, "auth.enabled and VLLM_API_KEY are both set: unset VLLM_API_KEY (and vLLM's "
+                      "--api-key); the operator's key from `issue-key --admin` replaces it on every route")]
+    try:
+        entries = KeyStore(auth.keys_file).entries()
+    except ConfigError as exc:
+        return [Check("auth", FAIL, f"{exc} (create it with `vllm-safelora issue-key --admin NAME --keys-file FILE`)")]
+    tenants = {e.name for e in entries.values() if e.role == "tenant"}
+    admins = sum(e.role == "admin" for e in entries.values())
+    checks = [Check("auth", OK if admins else WARN, f"keys file {auth.keys_file}: {len(tenants)} tenant(s), {admins} "
+                    "operator key(s)" + ("" if admins else "; with none, operator routes are closed to everyone"))]
+    if auth.upload_root is not None:
+        checks.append(Check("uploads", OK, f"written under {auth.upload_root} (the one adapter root the server writes)"))
+    return checks
+
+
 def run_checks(config: Path | None, model: str | None, environ: Mapping[str, str] | None = None) -> list[Check]:
     environ = os.environ if environ is None else environ
     settings, checks = check_config(config)
@@ -293,6 +317,7 @@ def run_checks(config: Path | None, model: str | None, environ: Mapping[str, str
         bank, bank_checks = check_bank(settings, model)
         checks += bank_checks + check_policies(settings, bank) + check_sources(settings) + check_cache(settings)
         checks += check_object_stores(settings)
+        checks += check_auth(settings, environ)
     else:
         checks.append(Check("bank, policies, sources, cache", SKIP, "need a valid configuration"))
     return checks + check_vllm(settings) + check_entry_points() + check_environment(environ)

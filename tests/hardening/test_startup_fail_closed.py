@@ -2,8 +2,9 @@
 
 (There: no config, missing bank, corrupt bank, bank for another model.) Here: a cache
 directory that cannot be created (a path under a regular file), bad policy values, an
-unknown key, invalid YAML, a missing adapter directory, a zero size limit and a bogus
-device. Each real API server must exit non-zero quickly, before loading the model, with
+unknown key, invalid YAML, a missing adapter directory, a zero size limit, a bogus
+device, and authentication set up so it could not hold (no keys file, vLLM's own key as
+well, the routes plugin left out, an upload root that is not served). Each real API server must exit non-zero quickly, before loading the model, with
 a message that names what to fix. The starts run concurrently (each only imports vLLM).
 """
 
@@ -53,7 +54,34 @@ CASES = {
         {"device": "tpu"},
         ("invalid vllm-safelora configuration", "device must be auto, cpu, cuda or cuda:N"),
     ),
+    "auth_without_keys_file": (
+        {"auth": {"enabled": True}},
+        ("auth.enabled needs auth.keys_file", "issue-key --admin"),
+    ),
+    "auth_keys_file_missing": (
+        {"auth": {"enabled": True, "keys_file": "{work}/no-keys.yaml"}},
+        ("no-keys.yaml does not exist", "issue-key --admin"),
+    ),
+    "auth_upload_root_not_served": (
+        {"auth": {"enabled": True, "keys_file": "{work}/keys.yaml", "upload_root": "{work}"}},
+        ("auth.upload_root", "is not one of adapter_dirs"),
+    ),
+    "auth_and_vllm_api_key": (
+        {"auth": {"enabled": True, "keys_file": "{work}/keys.yaml"}},
+        ("auth.enabled and vLLM's --api-key (or VLLM_API_KEY) are both set", "unset vLLM's key"),
+    ),
+    "auth_and_vllm_api_key_env": (
+        {"auth": {"enabled": True, "keys_file": "{work}/keys.yaml"}},
+        ("auth.enabled and vLLM's --api-key (or VLLM_API_KEY) are both set",),
+    ),
+    "auth_without_routes_plugin": (
+        {"auth": {"enabled": True, "keys_file": "{work}/keys.yaml"}},
+        ("auth.enabled needs the routes plugin", "safelora_routes"),
+    ),
 }
+EXTRA_ARGS = {"auth_and_vllm_api_key": ["--api-key", "one-key-for-everyone"]}
+EXTRA_ENV = {"auth_and_vllm_api_key_env": {"VLLM_API_KEY": "one-key-for-everyone"},
+             "auth_without_routes_plugin": {"VLLM_PLUGINS": "safelora"}}
 
 
 def _fill(value, **subst):
@@ -71,6 +99,9 @@ def startups(hardening_world, tmp_path_factory):
     work = tmp_path_factory.mktemp("fail_closed")
     a_file = work / "a-regular-file"
     a_file.write_text("not a directory\n")
+    from vllm_safelora.serving.credentials import issue_key
+
+    issue_key(work / "keys.yaml", "ops", "admin")
     configs = {}
     for case, (doc, _) in CASES.items():
         path = work / f"{case}.yaml"
@@ -82,7 +113,8 @@ def startups(hardening_world, tmp_path_factory):
             hardening_world.config(path, cache_dir, **overrides)
         configs[case] = path
 
-    return run_startups(hardening_world.aligned, {case: configs[case] for case in CASES}, work, TIMEOUT_S)
+    return run_startups(hardening_world.aligned, {case: configs[case] for case in CASES}, work, TIMEOUT_S,
+                        extra_args=EXTRA_ARGS, extra_env=EXTRA_ENV)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

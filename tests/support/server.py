@@ -151,12 +151,15 @@ def served(args: Sequence[str], env: Mapping[str, str], log_path: Path, *, timeo
 
 
 def run_startups(model: Path | str, configs: Mapping[str, Path | None], workdir: Path, timeout: float, *,
-                 workers: int = 4) -> dict[str, tuple[int | None, str, float]]:
+                 workers: int = 4, extra_args: Mapping[str, Sequence[str]] | None = None,
+                 extra_env: Mapping[str, Mapping[str, str]] | None = None) -> dict[str, tuple[int | None, str, float]]:
     """One plugin-enabled server per config, ``workers`` at a time, each run to its exit (for start-ups
-    that must fail): ``{case: (exit code or None if still running after timeout, output, seconds)}``."""
+    that must fail): ``{case: (exit code or None if still running after timeout, output, seconds)}``.
+    ``extra_args`` / ``extra_env``: per case, more vLLM arguments / environment."""
     def run(case: str) -> tuple[str, tuple[int | None, str, float]]:
         t0 = time.monotonic()
-        rc, out = run_to_exit(api_server_cmd(model, free_port()), plugin_env(configs[case]),
+        rc, out = run_to_exit(api_server_cmd(model, free_port(), (extra_args or {}).get(case, ())),
+                              plugin_env(configs[case], **(extra_env or {}).get(case, {})),
                               Path(workdir) / f"{case}.log", timeout, cwd=Path(workdir))
         return case, (rc, out, time.monotonic() - t0)
 

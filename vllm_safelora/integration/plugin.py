@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 from .logs import share_vllm_logging
 
@@ -53,7 +54,8 @@ def _check_auth(settings) -> None:
 
     if not settings.auth.enabled:
         return
-    refuse_vllm_api_key(settings, None)
+    # The API server's own command line: caught here, before the model loads, not only when the app is built.
+    refuse_vllm_api_key(settings, any(a == "--api-key" or a.startswith("--api-key=") for a in sys.argv))
     plugins = os.environ.get("VLLM_PLUGINS")
     if plugins is not None and "safelora_routes" not in [p.strip() for p in plugins.split(",")]:
         raise ConfigError(

@@ -108,7 +108,7 @@ async def put(svc, name: str, request: Request) -> JSONResponse:
     try:
         area.start(namespace_of(name))
         caps = area.caps(name, svc.limits.max_config_bytes, svc.limits.max_bytes)
-        limit = sum(caps.values()) + MULTIPART_SLACK
+        limit = sum(cap for cap, _ in caps.values()) + MULTIPART_SLACK
         boundary = _boundary(request)
         declared = request.headers.get("content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > limit):

@@ -53,7 +53,7 @@ class StagedParts:
     any part that is not exactly one of the two adapter files, a repeated one, and any byte
     over its cap before it is written."""
 
-    def __init__(self, directory: Path, boundary: bytes, caps: dict[str, int]):
+    def __init__(self, directory: Path, boundary: bytes, caps: dict[str, tuple[int, str]]):
         from python_multipart.multipart import MultipartParser
 
         self.directory = directory
@@ -132,8 +132,9 @@ class StagedParts:
     def _part_data(self, data: bytes, start: int, end: int) -> None:
         n = end - start
         size = self.sizes[self._name] + n
-        if size > self.caps[self._name]:
-            raise UploadRefused(413, f"part {self._name!r} is larger than its limit of {self.caps[self._name]} bytes")
+        cap, why = self.caps[self._name]
+        if size > cap:
+            raise UploadRefused(413, f"part {self._name!r} is larger than {cap} bytes ({why})")
         self.sizes[self._name] = size
         view = memoryview(data)[start:end]
         while view:
@@ -233,7 +234,7 @@ class UploadArea:
                         size += f.stat(follow_symlinks=False).st_size
         return count, size
 
-    def caps(self, name: str, max_config: int, max_weights: int) -> dict[str, int]:
+    def caps(self, name: str, max_config: int, max_weights: int) -> dict[str, tuple[int, str]]:
         """What each part may hold: the reader's limits, and the bytes left in the tenant's quota
         (the version being replaced does not count)."""
         tenant = namespace_of(name)
@@ -248,7 +249,13 @@ class UploadArea:
             raise UploadRefused(
                 413, f"tenant {tenant!r} uses {used} bytes of its quota (auth.max_bytes_per_tenant: {self.max_bytes})"
             )
-        return {CONFIG_FILE: min(max_config, left), WEIGHTS_FILE: min(max_weights, left)}
+        quota = f"what is left of tenant {tenant!r}'s auth.max_bytes_per_tenant ({self.max_bytes})"
+
+        def cap(limit: int, what: str) -> tuple[int, str]:
+            return (limit, what) if limit <= left else (left, quota)
+
+        return {CONFIG_FILE: cap(max_config, "the largest adapter_config.json read"),
+                WEIGHTS_FILE: cap(max_weights, "max_adapter_bytes, or the largest adapter the served model takes")}
 
     def check_total(self, name: str, new_bytes: int) -> None:
         tenant = namespace_of(name)
