@@ -23,24 +23,13 @@ from fastapi.responses import JSONResponse
 from ..policies.tenant_rules import describe_rules
 from ..serving.access import may_use
 from . import auth, state, upload_route
+from .answers import missing, report_body
 
 ROUTE_PREFIX = "/safelora/v1"
 
 
 def _unavailable() -> JSONResponse:
     return JSONResponse({"error": "vllm-safelora service is not running in this server"}, status_code=503)
-
-
-def missing(name: str) -> JSONResponse:
-    """The one answer for an adapter that is not there, or that the caller may not see."""
-    return JSONResponse({"error": f"adapter '{name}' has not been loaded by this server"}, status_code=404)
-
-
-def report_body(name: str, prepared) -> dict:
-    body = prepared.report.model_dump(mode="json")
-    body["served_as"] = name
-    body["cache_entry"] = prepared.digest
-    return body
 
 
 def build_router() -> APIRouter:

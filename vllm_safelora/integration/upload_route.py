@@ -21,6 +21,7 @@ from ..serving.access import owns
 from ..serving.uploads import MULTIPART_SLACK, StagedParts, StagedSource, UploadArea, UploadRefused
 from ..sources.names import namespace_of, validate_adapter_name
 from . import auth, state
+from .answers import missing, report_body
 from .http_errors import http_status
 
 logger = logging.getLogger("vllm_safelora")
@@ -93,8 +94,6 @@ async def _receive(request: Request, parts: StagedParts, limit: int, idle_s: flo
 
 
 async def put(svc, name: str, request: Request) -> JSONResponse:
-    from .routes import missing, report_body
-
     if not _writable(svc, name):
         return missing(name)
     area = upload_area(svc)
@@ -144,8 +143,6 @@ async def put(svc, name: str, request: Request) -> JSONResponse:
 
 
 async def delete(svc, name: str, request: Request) -> JSONResponse:
-    from .routes import missing
-
     if not _writable(svc, name):
         return missing(name)
     area = upload_area(svc)
