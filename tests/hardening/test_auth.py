@@ -360,12 +360,13 @@ def test_an_oversized_part_is_refused_while_streaming(world):
 
 
 def test_a_body_that_never_ends_is_cut_off(world):
+    first = b"--zz\r\nContent-Disposition: form-da"  # then nothing, the connection held open
     with socket.create_connection(("127.0.0.1", world.server.port), timeout=30) as s:
         s.sendall(
             b"PUT /safelora/v1/adapters/acme/slow HTTP/1.1\r\nHost: x\r\n"
             + f"Authorization: Bearer {world.keys['acme']}\r\n".encode()
             + b"Content-Type: multipart/form-data; boundary=zz\r\nTransfer-Encoding: chunked\r\n\r\n"
-            + b"20\r\n--zz\r\nContent-Disposition: form-da\r\n"
+            + f"{len(first):x}\r\n".encode() + first + b"\r\n"
         )
         t0 = time.monotonic()
         answer = s.recv(4096)

@@ -79,7 +79,8 @@ HOOKS: tuple[Hook, ...] = (
          params=("self", "request", "base_model_name"), is_async=True, refs=("self.engine_client.add_lora",)),
     Hook(_SERVING, "OpenAIServingModels.unload_lora_adapter", "wrapped: forgets the adapter",
          params=("self", "request"), is_async=True),
-    Hook(_SERVING, "OpenAIServingModels.init_static_loras", "--lora-modules go through load_lora_adapter",
+    Hook(_SERVING, "OpenAIServingModels.init_static_loras", "--lora-modules go through load_lora_adapter; "
+         "wrapped: their labels are the operator's",
          is_async=True, refs=("self.load_lora_adapter",)),
     # ---- who may name which adapter (authorize.py)
     Hook("vllm/entrypoints/serve/engine/serving.py", "BaseServing._check_model", "wrapped: another tenant's "

@@ -286,7 +286,8 @@ def _wrap_load_lora_adapter(cls) -> None:
             return refused
         try:
             prepared = await state.off_loop(
-                svc.prepare_client_path, request.lora_name, request.lora_path, where="load_endpoint"
+                svc.prepare_client_path, request.lora_name, request.lora_path, where="load_endpoint",
+                operator_label=_static_modules.get(),
             )
         except (AdapterRefused, Overloaded) as exc:
             return to_error_response(exc)
@@ -299,6 +300,27 @@ def _wrap_load_lora_adapter(cls) -> None:
         return result
 
     cls.load_lora_adapter = load_lora_adapter
+
+
+_static_modules = contextvars.ContextVar("safelora_static_modules", default=False)
+
+
+def _wrap_init_static_loras(cls) -> None:
+    """vLLM: openai/models/serving.py:OpenAIServingModels.init_static_loras loads each
+    ``--lora-modules NAME=PATH`` through load_lora_adapter at start-up. Wrapped to mark those
+    loads as the operator's, whose labels may differ from the location (hooks.py key
+    entrypoints/openai/models/serving:OpenAIServingModels.init_static_loras)."""
+    original = cls.init_static_loras
+
+    @functools.wraps(original)
+    async def init_static_loras(self):
+        token = _static_modules.set(True)
+        try:
+            return await original(self)
+        finally:
+            _static_modules.reset(token)
+
+    cls.init_static_loras = init_static_loras
 
 
 async def _unload_dropped(serving_models, svc) -> None:
@@ -496,6 +518,7 @@ def install() -> None:
         _wrap_sync_add_lora(LLMEngine)
         _wrap_load_lora_adapter(OpenAIServingModels)
         _wrap_unload_lora_adapter(OpenAIServingModels)
+        _wrap_init_static_loras(OpenAIServingModels)
         _wrap_resolve_lora(OpenAIServingModels)
         _wrap_worker_load_adapter(WorkerLoRAManager)
         _wrap_worker_set_active_adapters(WorkerLoRAManager)

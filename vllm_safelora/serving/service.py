@@ -130,11 +130,14 @@ class SafeLoRAService:
             return known if known.name == name else dataclasses.replace(known, name=name)
         return self._prepare(name, lora_path, where, lambda: self._where_held(name, lora_path))
 
-    def prepare_client_path(self, name: str, lora_path: str | None, *, where: str = "load_endpoint") -> PreparedAdapter:
+    def prepare_client_path(
+        self, name: str, lora_path: str | None, *, where: str = "load_endpoint", operator_label: bool = False
+    ) -> PreparedAdapter:
         """An adapter by a path an API client typed: a cache entry path is treated like any other
         path (it must lie under adapter_dirs), so one tenant cannot load another's projected
-        adapter by its entry path."""
-        return self._prepare(name, lora_path, where, lambda: self._where_typed(name, lora_path))
+        adapter by its entry path. ``operator_label``: the name is an operator's static
+        ``--lora-modules`` label, which may differ from the location unless it shadows a tenant."""
+        return self._prepare(name, lora_path, where, lambda: self._where_typed(name, lora_path, operator_label))
 
     def _prepare(
         self, name: str, lora_path: str | None, where: str, find: Callable[[], Location]
@@ -160,10 +163,24 @@ class SafeLoRAService:
                 return untracked
         return self._where_typed(name, lora_path)
 
-    def _where_typed(self, name: str, lora_path: str | None) -> Location:
+    def _where_typed(self, name: str, lora_path: str | None, operator_label: bool = False) -> Location:
         location = locate(self.sources, name) if lora_path is None else locate_path(self.sources, lora_path)
-        self._check_served_as(name, location, by_path=lora_path is not None)
+        self._check_served_as(name, location, by_path=lora_path is not None, operator_label=operator_label)
         return location
+
+    def _shadowed_namespace(self, label: str) -> str | None:
+        """The tenant namespace (or source) a label would stand in for, if any: its first component
+        is a directory under an adapter root, or it is addressed to a prefixed source (hub:)."""
+        from ..sources import LocalDirSource
+        from ..sources.names import namespace_of
+
+        if any(src.claims(label) for src in self.sources):
+            return label
+        ns = namespace_of(label)
+        for src in self.sources:
+            if isinstance(src, LocalDirSource) and ns and not ns.startswith(".") and os.path.lexists(src.root / ns):
+                return ns
+        return None
 
     def _entry_path(self, lora_path: str | None) -> Path | None:
         """``lora_path`` resolved if it names an entry directory of this server's cache."""
@@ -199,9 +216,19 @@ class SafeLoRAService:
         )
         return location
 
-    def _check_served_as(self, name: str, location: Location, *, by_path: bool) -> None:
+    def _check_served_as(self, name: str, location: Location, *, by_path: bool, operator_label: bool = False) -> None:
         """A served name never lets one tenant's adapter stand in for another's."""
         if by_path and self.settings.served_names == "location" and name != location.name:
+            if operator_label and (shadowed := self._shadowed_namespace(name)) is None:
+                logger.info("safelora: static module label '%s' serves the adapter from %r", name, location.name)
+                return
+            if operator_label:
+                raise AdapterRefused(
+                    RefusalReason.INVALID_NAME,
+                    f"the --lora-modules label {shown_name(name)} would shadow tenant namespace {shown_name(shadowed)} "
+                    f"(served_names: location); choose a label that is no directory under the adapter roots, or "
+                    f"use lora_name={location.name!r}",
+                )
             raise AdapterRefused(
                 RefusalReason.INVALID_NAME,
                 f"an adapter loaded from {location.name!r} is served under that name on this server "
