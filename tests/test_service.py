@@ -270,6 +270,19 @@ def test_by_path_loads_are_served_under_their_location_by_default(tmp_path, tiny
     assert svc.prepare_client_path("globex/bad", str(adapters_root / "globex" / "bad"))
 
 
+def test_an_operators_static_label_is_served_unless_it_shadows_a_tenant(tmp_path, tiny_bank, adapters_root):
+    svc = _service(tmp_path, tiny_bank, adapters_root, hub={"enabled": True})
+    path = str(adapters_root / "globex" / "bad")
+    assert svc.prepare_client_path("mybot", path, operator_label=True).report.summary.modules
+    for label, shadowed in (("acme", "'acme'"), ("acme/other", "'acme'"), ("trusted", "'trusted'"),
+                            ("hub:acme/x", "'hub:acme/x'")):
+        with pytest.raises(AdapterRefused) as err:
+            svc.prepare_client_path(label, path, operator_label=True)
+        assert err.value.reason is RefusalReason.INVALID_NAME and f"shadow tenant namespace {shadowed}" in err.value.detail
+    with pytest.raises(AdapterRefused, match="served_names: location"):  # the same label from a client
+        svc.prepare_client_path("mybot2", path)
+
+
 def test_a_loaded_name_cannot_be_taken_over_from_another_location(tmp_path, tiny_bank, adapters_root):
     svc = _service(tmp_path, tiny_bank, adapters_root, served_names="label")
     svc.mark_loaded("shared", svc.prepare_client_path("shared", str(adapters_root / "acme" / "good")))

@@ -79,7 +79,9 @@ def world(hardening_world, tmp_path_factory):
               "trusted_proxies": ["127.0.0.2"], "tenant_header": "X-Tenant", "upload_idle_timeout_s": IDLE_S,
               "uploads_per_minute": PER_MINUTE, "max_bytes_per_tenant": QUOTA_BYTES, "max_adapters_per_tenant": 3},
     )
-    w.server = new_server("auth", hardening_world.aligned, config, work, headers={"Authorization": f"Bearer {w.admin}"})
+    # an operator's static label (not a location) must start under served_names: location
+    w.server = new_server("auth", hardening_world.aligned, config, work, ["--lora-modules", f"opsbot={w.public}"],
+                          headers={"Authorization": f"Bearer {w.admin}"})
     w.server.start().wait_ready()
     try:
         yield w
@@ -270,6 +272,13 @@ def test_a_revoked_tenants_key_stops_working_without_a_restart(world):
     fresh = _issue(world.keys_file, "tempco")
     assert get(world, fresh, "/v1/models").status_code == 200
     assert get(world, world.keys["acme"], "/v1/models").status_code == 200
+
+
+def test_an_operators_static_label_serves_operators_and_is_missing_for_tenants(world):
+    assert complete(world, world.admin, "opsbot").status_code == 200
+    assert "opsbot" not in model_ids(world, world.keys["acme"]) and "opsbot" in model_ids(world, world.admin)
+    assert as_missing(complete(world, world.keys["acme"], "opsbot"), "opsbot") == \
+        as_missing(complete(world, world.keys["acme"], "acme/zz-missing"), "acme/zz-missing")
 
 
 # --------------------------------------------------------------------------- uploads
