@@ -96,10 +96,13 @@ class AuthMiddleware:
         path = scope["path"].removeprefix(scope.get("root_path", ""))
         method = scope.get("method", "GET")
         identity, problem = self._identify(scope)
+        refused = identity is None or (not identity.admin and not tenant_may_call(method, path))
+        if refused and scope["type"] == "websocket":  # no HTTP answer on a websocket: close it (policy violation)
+            return await send({"type": "websocket.close", "code": 1008})
         if identity is None:
             return await _json(send, 401, _UNAUTHORIZED if problem is None else {**_UNAUTHORIZED, "error": {
                 **_UNAUTHORIZED["error"], "message": problem}})
-        if not identity.admin and not tenant_may_call(method, path):
+        if refused:
             return await _json(send, 403, {"error": {
                 "message": f"{method} {path[:100]} needs the operator's key", "type": "PermissionDeniedError",
                 "param": None, "code": 403}})
