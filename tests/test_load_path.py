@@ -108,6 +108,8 @@ class _Service:
     def __init__(self, path: str):
         self.prepared = types.SimpleNamespace(path=Path(path), signature=())
         self.marked = []
+        # authentication off: every caller may name the adapter (add_request asks)
+        self.settings = types.SimpleNamespace(auth=types.SimpleNamespace(enabled=False), shared_adapters=[])
 
     def verified(self, lora_path):
         return self.prepared if lora_path == str(self.prepared.path) else None

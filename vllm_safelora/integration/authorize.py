@@ -17,8 +17,8 @@ from ..serving.access import may_use
 from . import auth, state
 
 
-def allowed(name: str | None) -> bool:
-    settings = state.settings()
+def allowed(name: str | None, settings=None) -> bool:
+    settings = settings if settings is not None else state.settings()
     return not name or may_use(auth.current(settings), name, settings.shared_adapters)
 
 

@@ -200,7 +200,7 @@ def _wrap_async_add_request(cls) -> None:
             lora_request = getattr(bound.arguments.get("prompt"), "lora_request", None)
         if lora_request is not None:
             svc = _service_or_503()
-            if not authorize.allowed(lora_request.lora_name):  # a route that skipped _check_model
+            if not authorize.allowed(lora_request.lora_name, svc.settings):  # a route that skipped _check_model
                 from vllm.exceptions import VLLMNotFoundError
 
                 raise VLLMNotFoundError(f"The model `{lora_request.lora_name}` does not exist.")
