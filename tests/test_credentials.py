@@ -105,3 +105,17 @@ def test_who_may_use_what():
         assert not may_use(acme, name, shared), name
     assert may_use(OPEN, "globex/bot", shared) and may_use(Identity("admin", "ops", "key"), "globex/bot", [])
     assert owns(acme, "acme/bot") and not owns(acme, "acme") and not owns(acme, "public/x")
+
+
+def test_routes_are_closed_to_tenants_unless_listed():
+    from vllm_safelora.integration.auth import tenant_may_call
+
+    for method, path in (("POST", "/v1/completions"), ("POST", "/v1/chat/completions"), ("GET", "/v1/models"),
+                         ("GET", "/safelora/v1/adapters"), ("PUT", "/safelora/v1/adapters/acme/bot"),
+                         ("DELETE", "/safelora/v1/adapters/acme/bot"), ("GET", "/health")):
+        assert tenant_may_call(method, path), (method, path)
+    for method, path in (("GET", "/safelora/v1/status"), ("GET", "/metrics"), ("POST", "/v1/load_lora_adapter"),
+                         ("POST", "/v1/unload_lora_adapter"), ("POST", "/v1/responses"), ("POST", "/tokenize"),
+                         ("GET", "/v1/models/acme"), ("DELETE", "/safelora/v1/adapters"), ("POST", "/collective_rpc"),
+                         ("PUT", "/v1/completions"), ("GET", "/v1/completions/x")):
+        assert not tenant_may_call(method, path), (method, path)

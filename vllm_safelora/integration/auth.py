@@ -33,7 +33,7 @@ _caller: contextvars.ContextVar[Identity | None] = contextvars.ContextVar("safel
 # (method, path regex) a tenant may call; the handlers narrow what each one shows.
 _TENANT_ROUTES = [
     (("POST",), re.compile(r"/v1/(completions|chat/completions|embeddings)")),
-    (("GET",), re.compile(r"/v1/models(/.*)?")),
+    (("GET",), re.compile(r"/v1/models")),
     (("GET",), re.compile(r"/(health|ping|version)")),
     (("GET",), re.compile(r"/safelora/v1/adapters")),
     (("GET", "PUT", "DELETE"), re.compile(r"/safelora/v1/adapters/.+")),
