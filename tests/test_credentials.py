@@ -104,6 +104,8 @@ def test_who_may_use_what():
     for name in ("globex/bot", "acmecorp/bot", "hub:acme/x", "public", "", "Acme/bot"):
         assert not may_use(acme, name, shared), name
     assert may_use(OPEN, "globex/bot", shared) and may_use(Identity("admin", "ops", "key"), "globex/bot", [])
+    assert may_use(acme, "s3:acme/bot", [], ("s3:",)) and not may_use(acme, "s3:globex/bot", [], ("s3:",))
+    assert not may_use(acme, "s3:acme/bot", [])  # without the prefix known, "s3:acme" is no tenant
     assert owns(acme, "acme/bot") and not owns(acme, "acme") and not owns(acme, "public/x")
 
 

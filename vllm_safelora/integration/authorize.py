@@ -13,13 +13,13 @@ from __future__ import annotations
 import functools
 from http import HTTPStatus
 
-from ..serving.access import may_use
+from ..serving.access import may_use_in
 from . import auth, state
 
 
 def allowed(name: str | None, settings=None) -> bool:
     settings = settings if settings is not None else state.settings()
-    return not name or may_use(auth.current(settings), name, settings.shared_adapters)
+    return not name or may_use_in(auth.current(settings), name, settings)
 
 
 def not_found_message(serving, model: str) -> str:

@@ -21,7 +21,7 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from ..policies.tenant_rules import describe_rules
-from ..serving.access import may_use
+from ..serving.access import may_use_in
 from . import auth, state, upload_route
 from .answers import missing, report_body
 
@@ -67,7 +67,7 @@ def build_router() -> APIRouter:
             {
                 name: {"cache_entry": p.digest, **p.report.summary.model_dump(mode="json")}
                 for name, p in sorted(svc.loaded().items())
-                if may_use(who, name, svc.settings.shared_adapters)
+                if may_use_in(who, name, svc.settings)
             }
         )
 
@@ -77,7 +77,7 @@ def build_router() -> APIRouter:
         if svc is None:
             return _unavailable()
         prepared = svc.loaded().get(name)
-        if prepared is None or not may_use(auth.current(svc.settings), name, svc.settings.shared_adapters):
+        if prepared is None or not may_use_in(auth.current(svc.settings), name, svc.settings):
             return missing(name)
         return JSONResponse(report_body(name, prepared))
 
