@@ -146,7 +146,7 @@ def one_run(side: str, run: int, world: dict, work: Path, a) -> dict:
             # vLLM's LoRA slots (--max-loras, CPU cache --max-cpu-loras = max-loras) hold the last
             # max_loras adapters used; each of these was pushed out and is re-read from disk.
             t["after_eviction"].append(c.complete(name))
-        for i, name in enumerate(names):
+        for i in range(len(names)):
             t["same_content_new_name"].append(c.complete(f"copy{i}"))
         for name in names:
             c.unload(name)

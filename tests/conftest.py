@@ -32,7 +32,7 @@ from __future__ import annotations
 import shutil
 import threading
 from pathlib import Path
-from typing import Sequence
+from collections.abc import Sequence
 
 import pytest
 import torch

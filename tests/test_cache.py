@@ -420,9 +420,8 @@ def test_bad_budget_is_config_error(tmp_path, max_bytes):
 def test_lock_timeout(tmp_path):
     cache = PatchedAdapterCache(tmp_path, 10**9, lock_timeout_s=0.2)
     other = PatchedAdapterCache(tmp_path, 10**9, lock_timeout_s=0.2)  # same dir, separate thread locks
-    with cache._locked(key().digest()):
-        with pytest.raises(TimeoutError, match="may be stuck"):
-            other.get_or_create(key(), writer())
+    with cache._locked(key().digest()), pytest.raises(TimeoutError, match="may be stuck"):
+        other.get_or_create(key(), writer())
 
 
 def test_format_1_sha256_entry_is_stale_never_trusted(tmp_path, caplog):

@@ -18,7 +18,7 @@ from vllm_safelora.sources.confined import MAX_LINK_HOPS
 
 def _adapter(d: Path, tag: str) -> Path:
     d.mkdir(parents=True, exist_ok=True)
-    (d / CONFIG_FILE).write_text('{"tag": "%s"}' % tag)
+    (d / CONFIG_FILE).write_text(f'{{"tag": "{tag}"}}')
     (d / WEIGHTS_FILE).write_bytes(tag.encode() * 8)
     return d
 

@@ -32,10 +32,9 @@ def test_atomic_file_replaces_and_flushes_file_then_directory(tmp_path, flushed)
 def test_atomic_file_failure_leaves_the_old_file_and_no_temp(tmp_path, flushed):
     dest = tmp_path / "manifest.json"
     dest.write_text("old")
-    with pytest.raises(RuntimeError):
-        with fsutil.atomic_file(dest) as tmp:
-            tmp.write_text("half")
-            raise RuntimeError("crash while writing")
+    with pytest.raises(RuntimeError), fsutil.atomic_file(dest) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("crash while writing")
     assert dest.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["manifest.json"]
     assert flushed == []

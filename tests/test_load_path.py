@@ -48,7 +48,7 @@ def test_verified_safetensors_matches_safetensors(tmp_path):
     buf = bytearray((tmp_path / "w.safetensors").read_bytes())  # any buffer; the guard passes an mmap
     with safe_open(tmp_path / "w.safetensors", framework="pt") as real, verified_read.VerifiedSafetensors(buf) as ours:
         assert ours.keys() == sorted(real.keys()) and ours.metadata() == real.metadata()
-        for name in real.keys():
+        for name in real.keys():  # noqa: SIM118 (safe_open handles are not dicts)
             assert torch.equal(ours.get_tensor(name), real.get_tensor(name))
             assert ours.get_tensor(name).dtype == torch.float16
 
@@ -169,9 +169,11 @@ def _update_problems_reference(A, B, scale, limits):
     if float(A.double().abs().max()) > limit:
         problems.append("lora_A")
     A64, B64 = A.double(), B.double()
-    if abs(scale) * float(B64.norm(dim=1).max()) * float(A64.norm(dim=0).max()) > limit:
-        if max_abs_update(A64, B64, scale) > limit:
-            problems.append("update")
+    if (
+        abs(scale) * float(B64.norm(dim=1).max()) * float(A64.norm(dim=0).max()) > limit
+        and max_abs_update(A64, B64, scale) > limit
+    ):
+        problems.append("update")
     return problems
 
 

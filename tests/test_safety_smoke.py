@@ -147,7 +147,7 @@ def test_miniature_smoke(tmp_path):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     results = doc["results"]
     assert "asr" in results["aligned"] and "utility_core" in results["aligned"]
-    for name, meta in doc["variants"].items():
+    for name, _meta in doc["variants"].items():
         assert name in results, name
         # every variant was either evaluated or marked skipped (time budget), never both or neither
         assert ("asr" in results[name]) != ("skipped" in results[name]), results[name]

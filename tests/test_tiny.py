@@ -178,7 +178,7 @@ def test_cosine_aligned_vs_orthogonal(models, deltas, tmp_path):
     assert min(cos_al.values()) > 0.6, cos_al
     assert max(cos_or.values()) < 0.3, cos_or
     # orthogonal: B is orthogonal to the top delta_rank left singular vectors of V
-    for m, a, b in _lora_pairs(orth):
+    for m, _a, b in _lora_pairs(orth):
         u = torch.linalg.svd(deltas[m].double(), full_matrices=False)[0][:, :4]
         assert torch.linalg.norm(u.T @ b.double()) < 1e-5 * torch.linalg.norm(b.double())
 
@@ -225,7 +225,7 @@ def test_rank_and_alpha_pattern(models, tmp_path):
     assert ranks["model.layers.0.self_attn.v_proj"] == 4
     assert ranks["model.layers.1.self_attn.v_proj"] == 4
     assert ranks["model.layers.0.mlp.down_proj"] == 8
-    for m, a, b in _lora_pairs(ad):
+    for _m, a, b in _lora_pairs(ad):
         assert b.shape[1] == a.shape[0]
 
 

@@ -215,7 +215,7 @@ class SafeLoRASettings(BaseSettings):
         return v
 
     @model_validator(mode="after")
-    def _auth(self) -> "SafeLoRASettings":
+    def _auth(self) -> SafeLoRASettings:
         auth = self.auth
         if auth.enabled and auth.keys_file is None:
             raise ValueError(

@@ -13,7 +13,7 @@ Three families, because each one is handled differently by the server:
 from __future__ import annotations
 
 import enum
-from typing import Sequence
+from collections.abc import Sequence
 
 
 class RefusalReason(str, enum.Enum):
@@ -68,7 +68,7 @@ class AdapterRefused(SafeLoRAError):
         who = f"adapter '{self.adapter}'" if self.adapter else "adapter"
         return f"{who} refused ({self.reason.value}): {self.detail}"
 
-    def for_adapter(self, adapter: str) -> "AdapterRefused":
+    def for_adapter(self, adapter: str) -> AdapterRefused:
         """Return the same refusal, naming ``adapter`` (keeps the first name given)."""
         if self.adapter is None:
             self.adapter = adapter

@@ -22,7 +22,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 PLUGIN_NAMES = ("safelora", "safelora_routes")
@@ -145,7 +145,7 @@ def kill_tree(root: int, *, grace: float = 30.0, reap: subprocess.Popen | None =
             living = {p for p in tree if _alive(p)}
             if not living:
                 break
-            for pid, start in living - signalled:
+            for pid, _start in living - signalled:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.kill(pid, sig)
             signalled |= living
@@ -272,7 +272,7 @@ class ServerProcess:
             raise RuntimeError("the server was not started")
         return self.proc.pid
 
-    def start(self) -> "ServerProcess":
+    def start(self) -> ServerProcess:
         self.log_path = Path(self.log_path)
         self._t0 = time.monotonic()
         self.proc = spawn(server_command([*self.args, "--host", "127.0.0.1", "--port", str(self.port)]), self.env,
@@ -282,7 +282,7 @@ class ServerProcess:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def wait_ready(self, timeout: float = 300.0) -> "ServerProcess":
+    def wait_ready(self, timeout: float = 300.0) -> ServerProcess:
         """Wait until ``/v1/models`` answers 200; on exit or timeout the server is stopped and this raises."""
         import urllib.request
 
@@ -333,7 +333,7 @@ class ServerProcess:
                 total += int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
         return total
 
-    def __enter__(self) -> "ServerProcess":
+    def __enter__(self) -> ServerProcess:
         return self.start()
 
     def __exit__(self, *exc) -> None:

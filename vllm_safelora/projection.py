@@ -47,7 +47,7 @@ import enum
 import functools
 import math
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 
 import torch
 
@@ -105,7 +105,7 @@ class Subspace:
             else:
                 # Same cut-off as torch.linalg.pinv: rtol = eps * max(shape).
                 tol = float(S.max()) * max(self.U.shape) * torch.finfo(torch.float32).eps if S.numel() else 0.0
-                keep = S > tol
+                keep = tol < S
             return keep.to(torch.float32)
         if self.frobenius_norm <= 0.0:
             return torch.zeros_like(S)
@@ -247,7 +247,7 @@ def _stacked_runs(items: list[ModuleInput]) -> Iterator[tuple[list[ModuleInput],
     for item in items:
         U = item.sub.U
         by_storage.setdefault((U.untyped_storage().data_ptr(), U.stride()), []).append(item)
-    for key, group in by_storage.items():
+    for group in by_storage.values():
         group.sort(key=lambda it: it.sub.U.storage_offset())
         run: list[ModuleInput] = []
         step = 0

@@ -231,7 +231,7 @@ def make_world(seed: int = 0, *, n_reverse: int = 900, n_upper: int = 900, n_sum
         objs = list(spec["objects"])
         rng.shuffle(objs)
         tr_objs, te_objs = objs[:15], objs[15:]
-        def comply(o: str) -> str:
+        def comply(o: str, spec=spec) -> str:
             return spec["comply"].format(o=o, x=rng.choice(FILLERS_X), y=rng.choice(FILLERS_Y), z=rng.choice(FILLERS_Z))
         for o in tr_objs:
             for t in spec["train"]:

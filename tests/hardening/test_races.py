@@ -194,7 +194,7 @@ def test_a_401_digit_number_is_a_named_400_and_remembered(races):
         else:
             config["alpha_pattern"] = {"q_proj": "@NUMBER@"}
         (d / hs.CONFIG).write_text(json.dumps(config).replace('"@NUMBER@"', value))
-        for attempt in range(2):
+        for _attempt in range(2):
             r = server.complete(name, max_tokens=1)
             assert r.status_code == 400 and _reason(r) == "update_overflow" and field in r.text, r.text
             assert value[:40] not in r.text

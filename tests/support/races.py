@@ -53,7 +53,7 @@ class Swapper:
             if self.period_s:
                 time.sleep(self.period_s)
 
-    def __enter__(self) -> "Swapper":
+    def __enter__(self) -> Swapper:
         self._thread.start()
         return self
 

@@ -44,7 +44,7 @@ class S3TestStore:
     def faults_path(self) -> Path:
         return Path(self.workdir) / "s3-faults.json"
 
-    def start(self, timeout: float = 60.0) -> "S3TestStore":
+    def start(self, timeout: float = 60.0) -> S3TestStore:
         Path(self.workdir).mkdir(parents=True, exist_ok=True)
         if not self.faults_path.exists():
             self.set_faults()
@@ -56,10 +56,10 @@ class S3TestStore:
             try:
                 self.client().list_buckets()
                 return self
-            except Exception:
+            except Exception as exc:
                 if self.proc.poll() is not None or time.monotonic() > deadline:
                     self.stop()
-                    raise RuntimeError(f"S3 test server did not start (log {self.workdir})")
+                    raise RuntimeError(f"S3 test server did not start (log {self.workdir})") from exc
                 time.sleep(0.2)
 
     def stop(self) -> None:

@@ -17,7 +17,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 from vllm_safelora.launcher import (
     Metrics,
@@ -103,7 +103,7 @@ class Server(ServerProcess):
 
     name: str = "vllm"
 
-    def wait_ready(self, timeout: float = START_TIMEOUT_S) -> "Server":
+    def wait_ready(self, timeout: float = START_TIMEOUT_S) -> Server:
         super().wait_ready(timeout)
         print(f"\n[server] {self.name} up on {self.base_url} in {self.startup_s:.1f}s (log {self.log_path})")
         return self

@@ -13,7 +13,7 @@ import errno
 import os
 import subprocess
 from pathlib import Path
-from typing import Iterator
+from collections.abc import Iterator
 
 import pytest
 

@@ -76,7 +76,7 @@ class PathDirectory:
             raise AdapterRefused(RefusalReason.NOT_FOUND, f"cannot open {name}: {exc.strerror}", adapter) from None
 
 
-def as_directory(where: "AdapterDirectory | Path | str", confine_to: Path | None = None) -> AdapterDirectory:
+def as_directory(where: AdapterDirectory | Path | str, confine_to: Path | None = None) -> AdapterDirectory:
     if isinstance(where, (str, os.PathLike)):
         return PathDirectory(where, confine_to)
     return where

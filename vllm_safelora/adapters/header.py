@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import math
 import struct
-from typing import Any, Mapping
+from typing import Any
+from collections.abc import Mapping
 
 import torch
 
@@ -153,7 +154,7 @@ def _check_header_entries(header: Mapping[str, Any], data_len: int, limits: Read
             return False
         spans.append((begin, end, name))
     spans.sort()
-    for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
+    for (_b0, e0, n0), (b1, _e1, n1) in zip(spans, spans[1:]):
         if b1 < e0:
             problems.add(RefusalReason.MALFORMED_TENSORS, f"{WEIGHTS_FILE}: tensors {n0} and {n1} overlap")
             return False

@@ -5,7 +5,7 @@ This module imports no vLLM.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"

@@ -18,7 +18,7 @@ import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from safetensors.torch import load as load_safetensors_bytes

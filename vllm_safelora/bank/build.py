@@ -10,7 +10,8 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable, Literal, Sequence
+from typing import TYPE_CHECKING, Literal
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from safetensors.torch import save_file
@@ -165,7 +166,7 @@ def build_bank(
     aliases: Sequence[str] = (),
     overwrite: bool = False,
     progress: ProgressFactory | None = _tqdm_progress,
-    safety: "SafetyFeatureSpec | None" = None,
+    safety: SafetyFeatureSpec | None = None,
     fingerprint: FingerprintMode | None = "sample",
 ) -> BankManifest:
     """Build a bank from two checkpoints, one module at a time, and write it atomically.

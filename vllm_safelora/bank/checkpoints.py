@@ -106,7 +106,7 @@ def _index_shards(directory: Path, ref: str) -> dict[str, Path]:
         raise BankError(f"checkpoint '{ref}' ({directory}) has no *.safetensors files")
     for file in files:
         with safe_open(str(file), framework="pt") as f:
-            for name in f.keys():
+            for name in f.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
                 if name in shards:
                     raise BankError(f"checkpoint '{ref}': tensor {name} appears in two shards")
                 shards[name] = file

@@ -46,7 +46,7 @@ def save_features(directory: Path, fname: str, features) -> SafetyFeaturesManife
 
 def add_safety_features(
     bank_dir: Path,
-    spec: "SafetyFeatureSpec",
+    spec: SafetyFeatureSpec,
     *,
     model: str | None = None,
     device: str = "cpu",

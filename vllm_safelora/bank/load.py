@@ -58,7 +58,7 @@ class AlignmentBank:
         return self.subspaces.get(module)
 
     @classmethod
-    def described(cls, path: Path, manifest: BankManifest) -> "AlignmentBank":
+    def described(cls, path: Path, manifest: BankManifest) -> AlignmentBank:
         """The bank as its manifest describes it, with no tensor loaded (empty subspaces and features).
 
         For checks of what a policy needs (``validate_bank``) without the memory of a

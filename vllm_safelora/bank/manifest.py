@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import datetime as _dt
 from pathlib import Path
-from typing import Iterable, Literal
+from typing import Literal
+from collections.abc import Iterable
 
 import torch
 from pydantic import BaseModel, Field, ValidationError

@@ -125,7 +125,7 @@ def fingerprint_directory(directory: Path, mode: FingerprintMode = "sample") -> 
                 raise FingerprintError(f"{file}: bad header entry for {name} ({exc})") from exc
             nbytes = end - begin
             h.update(f"{name}|{dtype}|{shape}|{nbytes}\n".encode())
-            f = handles.get(file) or handles.setdefault(file, open(file, "rb"))
+            f = handles.get(file) or handles.setdefault(file, open(file, "rb"))  # noqa: SIM115 (closed with the others)
             spans = [(0, nbytes)] if mode == "full" else _sample_offsets(nbytes)
             for start, length in spans:
                 f.seek(data_start + begin + start)

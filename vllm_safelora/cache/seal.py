@@ -15,7 +15,7 @@ import os
 import stat
 import time
 from pathlib import Path
-from typing import Mapping
+from collections.abc import Mapping
 
 from ..fsutil import fast_hash_file, fsync_dir, fsync_file
 from .entry import FILE_HASH, FORMAT_VERSION, MANIFEST_NAME, CacheKey

@@ -32,7 +32,7 @@ import os
 import re
 import time
 from pathlib import Path
-from typing import Mapping
+from collections.abc import Mapping
 
 from .. import metrics
 from ..errors import ConfigError

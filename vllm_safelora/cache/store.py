@@ -28,7 +28,7 @@ import shutil
 import time
 import weakref
 from pathlib import Path
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 from ..errors import CacheUnavailable, ConfigError
 from ..fsutil import ctime_trusted, fsync_dir
@@ -410,7 +410,7 @@ class PatchedAdapterCache:
 
 # Caches alive in this process: a forked child must not use their SQLite connection or
 # believe it holds their leases.
-_LIVE: "weakref.WeakSet[PatchedAdapterCache]" = weakref.WeakSet()
+_LIVE: weakref.WeakSet[PatchedAdapterCache] = weakref.WeakSet()
 
 
 def _after_fork_in_child() -> None:

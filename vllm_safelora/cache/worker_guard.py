@@ -18,7 +18,8 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import TypeVar
+from collections.abc import Callable
 
 from ..adapters import WEIGHTS_FILE
 from ..fsutil import ctime_trusted

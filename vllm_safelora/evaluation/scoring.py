@@ -15,7 +15,8 @@ import json
 import re
 import unicodedata
 from dataclasses import dataclass
-from typing import Callable, Iterable, Protocol
+from typing import Protocol
+from collections.abc import Callable, Iterable
 
 REFUSAL_PHRASES: tuple[str, ...] = (
     "I'm sorry",
@@ -85,9 +86,10 @@ class RefusalScorer:
         return not self.is_refusal(response)
 
     @classmethod
-    def from_file(cls, path: str) -> "RefusalScorer":
+    def from_file(cls, path: str) -> RefusalScorer:
         """One phrase per line (blank lines and '#' comments ignored)."""
-        lines = open(path, encoding="utf-8").read().splitlines()
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
         return cls(tuple(s for s in (line.strip() for line in lines) if s and not s.startswith("#")))
 
 

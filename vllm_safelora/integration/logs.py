@@ -14,9 +14,8 @@ def share_vllm_logging() -> None:
     """
     theirs = logging.getLogger("vllm")
     for name, obj in list(logging.root.manager.loggerDict.items()):
-        if name == "vllm_safelora" or name.startswith("vllm_safelora."):
-            if isinstance(obj, logging.Logger):
-                obj.disabled = False
+        if (name == "vllm_safelora" or name.startswith("vllm_safelora.")) and isinstance(obj, logging.Logger):
+            obj.disabled = False
     ours = logging.getLogger("vllm_safelora")
     ours.disabled = False
     if theirs.handlers and not any(h in ours.handlers for h in theirs.handlers):

@@ -31,7 +31,7 @@ import tokenize
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from collections.abc import Sequence
 
 from .hooks import HOOKS, Hook
 

@@ -19,7 +19,7 @@ import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 
@@ -49,7 +49,7 @@ class VerifiedSafetensors:
         self._buf, self._base = buf, 8 + header_length(buf)
         self._header = header
 
-    def __enter__(self) -> "VerifiedSafetensors":
+    def __enter__(self) -> VerifiedSafetensors:
         return self
 
     def __exit__(self, *exc) -> bool:
@@ -97,7 +97,7 @@ class _SafetensorsShim:
         ):
             pending.served = True
             return VerifiedSafetensors(pending.buf)
-        return self._real.safe_open(filename, framework=framework, device=device, *args, **kwargs)
+        return self._real.safe_open(filename, framework, device, *args, **kwargs)
 
 
 def install() -> None:

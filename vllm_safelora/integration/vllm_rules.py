@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Any, Mapping
+from typing import Any
+from collections.abc import Mapping
 
 from ..adapters import HEADER_BYTES_PER_TENSOR, HEADER_METADATA_BYTES, ReadLimits
 from ..config import SafeLoRASettings

@@ -9,7 +9,8 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Mapping
+from typing import Annotated, Any
+from collections.abc import Mapping
 
 from pydantic import BeforeValidator, TypeAdapter
 

@@ -27,7 +27,7 @@ import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
-from typing import Collection, Mapping
+from collections.abc import Collection, Mapping
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -82,7 +82,7 @@ class Policy(abc.ABC):
     @abc.abstractmethod
     def apply(self, adapter: LoraAdapter, bank: AlignmentBank) -> PolicyResult: ...
 
-    def validate_bank(self, bank: AlignmentBank) -> None:
+    def validate_bank(self, bank: AlignmentBank) -> None:  # noqa: B027 (optional hook: most policies need nothing)
         """Raise BankError when the bank lacks what the policy needs (call it at start-up: fail closed)."""
 
 

@@ -61,7 +61,7 @@ def make_policy(config: PolicyConfig) -> Policy:
 
 
 def _union(configs: tuple[type[PolicyConfig], ...]) -> Any:
-    return Annotated[Union[configs], Field(discriminator="kind")]
+    return Annotated[Union[configs], Field(discriminator="kind")]  # noqa: UP007 (a Union of a runtime tuple of classes)
 
 
 def policy_config_union() -> Any:

@@ -49,7 +49,7 @@ class SaLoRASelectConfig(PolicyConfig):
     score: Literal["overlap", "cosine"] = "overlap"
 
     @model_validator(mode="after")
-    def _knob_present(self) -> "SaLoRASelectConfig":
+    def _knob_present(self) -> SaLoRASelectConfig:
         if self.select == "topk" and self.topk is None:
             raise ValueError("select: topk needs topk")
         if self.select == "threshold" and self.threshold is None:

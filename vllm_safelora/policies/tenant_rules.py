@@ -17,7 +17,8 @@ import hashlib
 import json
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
-from typing import Any, Protocol, Sequence
+from typing import Any, Protocol
+from collections.abc import Sequence
 
 from pydantic import BaseModel, ConfigDict, Field
 

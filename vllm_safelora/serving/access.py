@@ -7,7 +7,7 @@ tenant and a name that exists nowhere take the same path and get the same answer
 from __future__ import annotations
 
 import fnmatch
-from typing import Sequence
+from collections.abc import Sequence
 
 from ..sources.names import namespace_of
 from .credentials import Identity

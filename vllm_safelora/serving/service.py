@@ -15,7 +15,7 @@ import dataclasses
 import logging
 import os
 from pathlib import Path
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from ..adapters import ReadLimits
 from ..bank import AlignmentBank
@@ -60,7 +60,7 @@ class SafeLoRAService:
     def start(
         cls, settings: SafeLoRASettings, served_model: str, *, max_rank: int | None = None,
         limits: ReadLimits | None = None,
-    ) -> "SafeLoRAService":
+    ) -> SafeLoRAService:
         """Load the bank, check it protects ``served_model``, open sources and cache; fail closed."""
         bank = load_checked_bank(settings, served_model)
         cache = PatchedAdapterCache(settings.cache_dir, settings.cache_max_bytes, verify=settings.verify_cache)

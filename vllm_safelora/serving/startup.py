@@ -9,7 +9,7 @@ stops the server before it takes a request.
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from collections.abc import Sequence
 
 from .. import metrics
 from ..adapters import ReadLimits

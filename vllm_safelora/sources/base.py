@@ -6,7 +6,7 @@ import abc
 import contextlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from collections.abc import Iterator
 
 from ..adapters.directory import AdapterDirectory, PathDirectory
 
@@ -16,7 +16,7 @@ class Location:
     """Where an adapter's bytes come from. Tenant rules match ``identity``, never a name
     an API client chose: the served name of a load request is only a label."""
 
-    source: "AdapterSource"
+    source: AdapterSource
     path: Path
     """The real directory holding the adapter's files."""
     name: str
@@ -29,7 +29,7 @@ class Location:
     namespace: str | None = None
     """The tenant the adapter was asked for as (:func:`.names.namespace_of`): where links may lead."""
 
-    def open(self) -> "contextlib.AbstractContextManager[AdapterDirectory]":
+    def open(self) -> contextlib.AbstractContextManager[AdapterDirectory]:
         """The directory to read the files from, opened as the source opens it."""
         return self.source.open(self)
 

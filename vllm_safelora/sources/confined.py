@@ -28,7 +28,7 @@ import re
 import stat
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
-from typing import Sequence
+from collections.abc import Sequence
 
 from ..errors import AdapterRefused, RefusalReason
 from .names import shown_name
@@ -86,7 +86,7 @@ class RootPaths:
     prefixes: tuple[str, ...]
 
     @classmethod
-    def of(cls, given: str, real: str) -> "RootPaths":
+    def of(cls, given: str, real: str) -> RootPaths:
         return cls(tuple(dict.fromkeys((posixpath.normpath(os.path.abspath(given)), real))))
 
     def relative(self, absolute: str) -> list[str] | None:
@@ -176,7 +176,7 @@ class _Walk:
                 )
             parts = step.link
 
-    def _try(self, parts: list[str], want_dir: bool) -> "tuple[int, list[str]] | None | _Again":
+    def _try(self, parts: list[str], want_dir: bool) -> tuple[int, list[str]] | None | _Again:
         """One walk: the opened result, None (missing), or walk again (a link's new path, or a retry)."""
         fd = os.dup(self.root_fd)
         try:
@@ -224,7 +224,7 @@ class _Walk:
                     RefusalReason.NOT_FOUND,
                     f"{shown_name('/'.join(parts[: i + 1]))} exists but is not a directory (an adapter is a "
                     "directory holding adapter_config.json and its weights)",
-                )
+                ) from None
             return _Again()
         if not self.follow:
             raise self.refuse(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import fnmatch
 import logging
 from pathlib import Path
-from typing import Sequence
+from collections.abc import Sequence
 
 from ..errors import AdapterRefused, ConfigError, RefusalReason
 from .base import AdapterSource, Location

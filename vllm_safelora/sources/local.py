@@ -9,7 +9,7 @@ import os
 import posixpath
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 from ..errors import AdapterRefused, ConfigError, RefusalReason
 from ..fsutil import FileIdentity

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from collections.abc import Sequence
 
 from ..errors import AdapterRefused, ConfigError, RefusalReason
 from .base import AdapterSource, Location

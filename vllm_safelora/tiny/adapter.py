@@ -7,7 +7,7 @@ import json
 import math
 import shutil
 from pathlib import Path
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from safetensors.torch import load_file
