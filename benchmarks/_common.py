@@ -23,7 +23,14 @@ for _path in (REPO_ROOT, REPO_ROOT / "tests"):  # vllm_safelora, and tests/suppo
         sys.path.insert(0, str(_path))
 
 from support.server import (  # noqa: E402, F401 (re-exported for the benchmark scripts)
-    Metrics, ServerProcess, baseline_env, clean_env, plugin_env, served, server_args, write_config,
+    Metrics,
+    ServerProcess,
+    baseline_env,
+    clean_env,
+    plugin_env,
+    served,
+    server_args,
+    write_config,
 )
 
 SHARED_NOTE = (
@@ -123,10 +130,17 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> Non
 # the benchmarks (clean_env, baseline_env, plugin_env, server_args, served, Metrics).
 
 
-def write_safelora_config(path: Path, *, bank: Path, adapter_dirs: Sequence[Path], cache_dir: Path,
-                          threshold: float = 0.35) -> Path:
-    return write_config(path, bank=bank, adapter_dirs=[str(d) for d in adapter_dirs], cache_dir=cache_dir,
-                        device="cpu", policy={"select": "threshold", "threshold": threshold, "projection": "approx"})
+def write_safelora_config(
+    path: Path, *, bank: Path, adapter_dirs: Sequence[Path], cache_dir: Path, threshold: float = 0.35
+) -> Path:
+    return write_config(
+        path,
+        bank=bank,
+        adapter_dirs=[str(d) for d in adapter_dirs],
+        cache_dir=cache_dir,
+        device="cpu",
+        policy={"select": "threshold", "threshold": threshold, "projection": "approx"},
+    )
 
 
 def check_plugin_state(server: ServerProcess, expect_plugin: bool) -> dict:
@@ -134,8 +148,11 @@ def check_plugin_state(server: ServerProcess, expect_plugin: bool) -> dict:
     status = server.get("/safelora/v1/status")
     has_metrics = server.metrics().has_plugin_metrics()
     loaded = status.status_code == 200 or has_metrics
-    evidence = {"safelora_status_http": status.status_code, "safelora_metrics_present": has_metrics,
-                "plugin_loaded": loaded}
+    evidence = {
+        "safelora_status_http": status.status_code,
+        "safelora_metrics_present": has_metrics,
+        "plugin_loaded": loaded,
+    }
     if loaded != expect_plugin:
         raise RuntimeError(f"expected plugin_loaded={expect_plugin}, got {evidence}")
     if expect_plugin:

@@ -63,11 +63,15 @@ def bank_bytes_7b(kinds: list[str], ranks: list[int]) -> dict:
     shapes = [LLAMA2_7B_MODULES[k] for k in kinds]
     n = LLAMA2_7B_LAYERS
     dense_c = n * sum(d_out * d_out * 4 for d_out, _ in shapes)
-    full = {dt: n * sum(d_out * min(d_out, d_in) * b + min(d_out, d_in) * 4 for d_out, d_in in shapes)
-            for dt, b in DTYPE_BYTES.items()}
+    full = {
+        dt: n * sum(d_out * min(d_out, d_in) * b + min(d_out, d_in) * 4 for d_out, d_in in shapes)
+        for dt, b in DTYPE_BYTES.items()
+    }
     truncated = {
-        str(k): {dt: n * sum(d_out * min(k, d_out, d_in) * b + min(k, d_out, d_in) * 4 for d_out, d_in in shapes)
-                 for dt, b in DTYPE_BYTES.items()}
+        str(k): {
+            dt: n * sum(d_out * min(k, d_out, d_in) * b + min(k, d_out, d_in) * 4 for d_out, d_in in shapes)
+            for dt, b in DTYPE_BYTES.items()
+        }
         for k in ranks
     }
     two_models_fp16 = None
@@ -125,8 +129,11 @@ def _flat_variant(src_models, out_dir: Path, seed: int = 0):
             noise = torch.randn(base[name].shape, generator=g, dtype=torch.float64)
             noise *= torch.linalg.norm(v_old) / torch.linalg.norm(noise)  # same ||V||_F as the decaying delta
             aligned[name] = (base[name].double() + noise).float().contiguous()
-    save_file({k: aligned[k] for k in sorted(aligned)}, str(out_dir / "aligned" / "model.safetensors"),
-              metadata={"format": "pt"})
+    save_file(
+        {k: aligned[k] for k in sorted(aligned)},
+        str(out_dir / "aligned" / "model.safetensors"),
+        metadata={"format": "pt"},
+    )
     return TinyModels(base=out_dir / "base", aligned=out_dir / "aligned")
 
 
@@ -152,22 +159,32 @@ def part2(work: Path, ranks: list[int], energies: list[float], seeds: list[int],
     decaying = make_tiny_models(work / "tiny_decaying" / "models")
     variants = {"decaying": decaying, "flat": _flat_variant(decaying, work / "tiny_flat" / "models")}
     results: dict = {"policy": policy.model_dump(mode="json"), "variants": {}}
-    cuts = [("full", Truncation())] + [(f"rank={k}", Truncation(rank=k)) for k in ranks] + \
-           [(f"energy={e}", Truncation(energy=e)) for e in energies]
+    cuts = (
+        [("full", Truncation())]
+        + [(f"rank={k}", Truncation(rank=k)) for k in ranks]
+        + [(f"energy={e}", Truncation(energy=e)) for e in energies]
+    )
     for vname, models in variants.items():
         adapters = []
         for direction in ("random", "aligned", "orthogonal"):
             for seed in seeds:
                 d = work / f"tiny_{vname}" / "adapters" / f"{direction}-{seed}"
-                make_tiny_adapter(models.aligned, d, seed=seed, direction=direction, base_dir=models.base,
-                                  target_modules=LINEAR_MODULES)
+                make_tiny_adapter(
+                    models.aligned,
+                    d,
+                    seed=seed,
+                    direction=direction,
+                    base_dir=models.base,
+                    target_modules=LINEAR_MODULES,
+                )
                 adapters.append((direction, seed, d))
         ref = None
         rows = []
         for label, trunc in tqdm(cuts, desc=f"tiny banks ({vname})", unit="bank"):
             bdir = work / f"tiny_{vname}" / "banks" / label.replace("=", "_")
-            manifest = build_bank(str(models.base), str(models.aligned), bdir, truncation=trunc, overwrite=True,
-                                  progress=None)
+            manifest = build_bank(
+                str(models.base), str(models.aligned), bdir, truncation=trunc, overwrite=True, progress=None
+            )
             bank = load_bank(bdir, "cpu")
             per_adapter = {f"{dr}-{s}": _cosines(p, bank, policy) for dr, s, p in adapters}
             if ref is None:
@@ -201,15 +218,30 @@ def part2(work: Path, ranks: list[int], energies: list[float], seeds: list[int],
                 "selected": sel_now,
             }
             results["variants"].setdefault(vname, []).append(entry)
-            rows.append([label, f"{entry['rank_kept_mean']:.1f}", f"{entry['energy_kept_min']:.6f}",
-                         f"{bank.nbytes / 1024:.1f}", f"{entry['max_abs_dcos']:.2e}", f"{entry['mean_abs_dcos']:.2e}",
-                         f"{flips}/{n_mod}", f"{sel_now} (full {sel_full})"])
-        print(f"\n== 2. tiny bank, {vname} spectrum: truncation vs full bank "
-              f"({len(adapters)} adapters x {len(LINEAR_MODULES) * 2} modules, threshold 0.35) ==")
+            rows.append(
+                [
+                    label,
+                    f"{entry['rank_kept_mean']:.1f}",
+                    f"{entry['energy_kept_min']:.6f}",
+                    f"{bank.nbytes / 1024:.1f}",
+                    f"{entry['max_abs_dcos']:.2e}",
+                    f"{entry['mean_abs_dcos']:.2e}",
+                    f"{flips}/{n_mod}",
+                    f"{sel_now} (full {sel_full})",
+                ]
+            )
+        print(
+            f"\n== 2. tiny bank, {vname} spectrum: truncation vs full bank "
+            f"({len(adapters)} adapters x {len(LINEAR_MODULES) * 2} modules, threshold 0.35) =="
+        )
         print_table(["bank", "mean k", "min energy", "KiB", "max|dcos|", "mean|dcos|", "sel. flips", "selected"], rows)
     results["tiny_shapes"] = "hidden 128, intermediate 256, 2 layers; q,k,v,o,gate,up,down (14 modules)"
-    results["adapters"] = {"directions": ["random", "aligned", "orthogonal"], "seeds": seeds, "rank": 8,
-                           "targets": list(LINEAR_MODULES)}
+    results["adapters"] = {
+        "directions": ["random", "aligned", "orthogonal"],
+        "seeds": seeds,
+        "rank": 8,
+        "targets": list(LINEAR_MODULES),
+    }
     return results
 
 
@@ -288,8 +320,15 @@ def _child_measure(mode: str, ckpt: Path, out: Path, rank: int | None) -> None:
     elif mode == "stream":
         # with a rank: the randomized SVD (--svd lowrank --rank K), the fast path for big models
         trunc = Truncation(rank=rank) if rank else Truncation()
-        build_bank(str(ckpt / "base"), str(ckpt / "aligned"), out / "bank", truncation=trunc, overwrite=True,
-                   svd="lowrank" if rank else "full", progress=None)
+        build_bank(
+            str(ckpt / "base"),
+            str(ckpt / "aligned"),
+            out / "bank",
+            truncation=trunc,
+            overwrite=True,
+            svd="lowrank" if rank else "full",
+            progress=None,
+        )
     elif mode in ("full_models", "reference_dense_c"):
         # like the reference: both whole checkpoints in memory, in float32
         base = load_file(str(ckpt / "base" / "model.safetensors"))
@@ -305,14 +344,16 @@ def _child_measure(mode: str, ckpt: Path, out: Path, rank: int | None) -> None:
                 continue
             V = aligned[k] - base[k]
             if mode == "full_models":
-                U, S, _ = decompose_module(V, svd="lowrank" if rank else "full",
-                                           truncation=Truncation(rank=rank) if rank else Truncation())
+                U, S, _ = decompose_module(
+                    V, svd="lowrank" if rank else "full", truncation=Truncation(rank=rank) if rank else Truncation()
+                )
                 kept[k] = (U, S)
             else:
                 kept[k] = V @ V.T / torch.linalg.norm(V)  # the reference's dense C
             del V
-        info["kept_bytes"] = sum(sum(t.numel() * t.element_size() for t in (v if isinstance(v, tuple) else (v,)))
-                                 for v in kept.values())
+        info["kept_bytes"] = sum(
+            sum(t.numel() * t.element_size() for t in (v if isinstance(v, tuple) else (v,))) for v in kept.values()
+        )
     else:
         raise SystemExit(f"unknown mode {mode}")
     info["seconds"] = time.perf_counter() - t0
@@ -323,25 +364,49 @@ def _child_measure(mode: str, ckpt: Path, out: Path, rank: int | None) -> None:
 
 def _run_child(args: list[str]) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")})
+    proc = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")},
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"child {args} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))
-    return json.loads(line[len("RESULT "):])
+    return json.loads(line[len("RESULT ") :])
 
 
-def part3(work: Path, layers: int, hidden: int, inter: int, vocab: int, rank: int, repeats: int,
-          full_svd: bool) -> dict:
+def part3(
+    work: Path, layers: int, hidden: int, inter: int, vocab: int, rank: int, repeats: int, full_svd: bool
+) -> dict:
     from tqdm import tqdm
 
     ckpt = work / "synthetic"
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, str(Path(__file__).resolve()), "--_child", "make", "--_ckpt", str(ckpt),
-                    "--mem-layers", str(layers), "--mem-hidden", str(hidden), "--mem-intermediate", str(inter),
-                    "--mem-vocab", str(vocab)], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--_child",
+            "make",
+            "--_ckpt",
+            str(ckpt),
+            "--mem-layers",
+            str(layers),
+            "--mem-hidden",
+            str(hidden),
+            "--mem-intermediate",
+            str(inter),
+            "--mem-vocab",
+            str(vocab),
+        ],
+        check=True,
+    )
     files = {role: (ckpt / role / "model.safetensors").stat().st_size for role in ("base", "aligned")}
-    print(f"\nsynthetic checkpoints: {layers} layers x {hidden} hidden, {inter} intermediate, vocab {vocab}, "
-          f"bfloat16: {sum(files.values()) / 2**20:.0f} MiB on disk ({time.perf_counter() - t0:.0f}s to write)")
+    print(
+        f"\nsynthetic checkpoints: {layers} layers x {hidden} hidden, {inter} intermediate, vocab {vocab}, "
+        f"bfloat16: {sum(files.values()) / 2**20:.0f} MiB on disk ({time.perf_counter() - t0:.0f}s to write)"
+    )
     # Same decomposition (randomized SVD, rank K) in A and B: only the streaming differs.
     modes = [("baseline", None), ("stream", rank), ("full_models", rank), ("reference_dense_c", None)]
     if full_svd:  # full SVD of every module: slow on a busy 2-core machine, hence optional
@@ -350,8 +415,17 @@ def part3(work: Path, layers: int, hidden: int, inter: int, vocab: int, rank: in
     order = [m for _ in range(repeats) for m in modes]  # alternate modes, repeat
     for mode, r in tqdm(order, desc="peak-RSS subprocesses", unit="proc"):
         key = mode if r is None else f"{mode}_rank{r}"
-        res = _run_child(["--_child", mode, "--_ckpt", str(ckpt), "--_out", str(work / f"out-{key}"),
-                          *(["--_rank", str(r)] if r else [])])
+        res = _run_child(
+            [
+                "--_child",
+                mode,
+                "--_ckpt",
+                str(ckpt),
+                "--_out",
+                str(work / f"out-{key}"),
+                *(["--_rank", str(r)] if r else []),
+            ]
+        )
         runs.setdefault(key, []).append(res)
     summary = {}
     base_rss = min(x["peak_rss_bytes"] for x in runs["baseline"])
@@ -377,10 +451,16 @@ def part3(work: Path, layers: int, hidden: int, inter: int, vocab: int, rank: in
     print(f"\n== 3. build peak RSS (VmHWM of fresh subprocesses, median of {repeats}) ==")
     print_table(["process", "peak RSS MiB", "above baseline MiB", "seconds"], rows)
     return {
-        "checkpoint": {"layers": layers, "hidden": hidden, "intermediate": inter, "vocab": vocab,
-                       "dtype": "bfloat16", "file_bytes": files},
+        "checkpoint": {
+            "layers": layers,
+            "hidden": hidden,
+            "intermediate": inter,
+            "vocab": vocab,
+            "dtype": "bfloat16",
+            "file_bytes": files,
+        },
         "measure": "peak RSS (VmHWM of /proc/self/status) of a fresh subprocess per measurement; "
-                   "ru_maxrss also recorded per run (it includes the parent's RSS at fork, see _peak_rss_bytes)",
+        "ru_maxrss also recorded per run (it includes the parent's RSS at fork, see _peak_rss_bytes)",
         "results": summary,
     }
 
@@ -406,8 +486,9 @@ def plot(result: dict, path: Path) -> None:
         off = -0.2 if key == "all_7" else 0.2
         ax.bar([i + off for i in x], [v / gib for v in vals], width=0.4, label=label, color=color)
         ax.set_xticks(list(x), names, rotation=30)
-    ax.axhline(result["llama2_7b"]["llama2_7b_fp16_weights_bytes"] / gib, color="gray", ls="--", lw=1,
-               label="7B fp16 weights")
+    ax.axhline(
+        result["llama2_7b"]["llama2_7b_fp16_weights_bytes"] / gib, color="gray", ls="--", lw=1, label="7B fp16 weights"
+    )
     ax.set_yscale("log")
     ax.set_ylabel("GiB (float32)")
     ax.set_title("Llama-2-7B-shaped bank (from shapes)")
@@ -433,10 +514,21 @@ def plot(result: dict, path: Path) -> None:
     res = result["build_peak_rss"]["results"]
     keys = list(res)
     ax.barh(range(len(keys)), [res[k]["peak_rss_bytes_median"] / 2**20 for k in keys], color="tab:green")
-    short = {"baseline": "imports only", "stream": "A: streaming,\nfull SVD", "full_models": "B: two models",
-             "reference_dense_c": "B': two models\n+ dense C (reference)"}
-    names = [short.get(k, "A: streaming,\n" + k.split("_")[-1].replace("rank", "lowrank ") if k.startswith("stream")
-                       else "B: two models,\n" + k.split("_")[-1].replace("rank", "lowrank ")) for k in keys]
+    short = {
+        "baseline": "imports only",
+        "stream": "A: streaming,\nfull SVD",
+        "full_models": "B: two models",
+        "reference_dense_c": "B': two models\n+ dense C (reference)",
+    }
+    names = [
+        short.get(
+            k,
+            "A: streaming,\n" + k.split("_")[-1].replace("rank", "lowrank ")
+            if k.startswith("stream")
+            else "B: two models,\n" + k.split("_")[-1].replace("rank", "lowrank "),
+        )
+        for k in keys
+    ]
     vals = [res[k]["peak_rss_bytes_median"] / 2**20 for k in keys]
     ax.set_yticks(range(len(keys)), names, fontsize=8)
     for i, v in enumerate(vals):
@@ -459,17 +551,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="smoke run: smaller synthetic checkpoints, fewer repeats")
     p.add_argument("--ranks-7b", nargs="+", type=int, default=[64, 256, 1024], help="truncation ranks for part 1")
     p.add_argument("--ranks", nargs="+", type=int, default=[1, 2, 4, 8, 16, 32], help="tiny banks: --rank values")
-    p.add_argument("--energies", nargs="+", type=float, default=[0.9, 0.99, 0.999, 0.999999],
-                   help="tiny banks: --energy values")
+    p.add_argument(
+        "--energies", nargs="+", type=float, default=[0.9, 0.99, 0.999, 0.999999], help="tiny banks: --energy values"
+    )
     p.add_argument("--seeds", nargs="+", type=int, default=None, help="adapter seeds per direction (default 0 1 2)")
     p.add_argument("--mem-layers", type=int, default=None, help="synthetic checkpoint layers (default 8; quick 2)")
     p.add_argument("--mem-hidden", type=int, default=1024)
     p.add_argument("--mem-intermediate", type=int, default=2752)
     p.add_argument("--mem-vocab", type=int, default=8192)
     p.add_argument("--mem-rank", type=int, default=64, help="truncated streaming build measured in part 3")
-    p.add_argument("--repeats", type=int, default=None, help="peak-RSS subprocesses per mode (default 1; RSS barely varies)")
-    p.add_argument("--rss-full-svd", action="store_true",
-                   help="also measure a streaming build with a full SVD of every module (slow on small CPUs)")
+    p.add_argument(
+        "--repeats", type=int, default=None, help="peak-RSS subprocesses per mode (default 1; RSS barely varies)"
+    )
+    p.add_argument(
+        "--rss-full-svd",
+        action="store_true",
+        help="also measure a streaming build with a full SVD of every module (slow on small CPUs)",
+    )
     p.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/bank_memory.json)")
     p.add_argument("--workdir", type=Path, default=None, help="scratch directory (default: a temp dir, removed)")
     p.add_argument("--plot-only", type=Path, default=None, metavar="JSON", help="redraw the PNG from a saved result")
@@ -515,8 +613,16 @@ def main(argv: list[str] | None = None) -> int:
         if "tiny" not in args.skip:
             result["tiny"] = part2(tmp, ranks, energies, seeds, quick)
         if "rss" not in args.skip:
-            result["build_peak_rss"] = part3(tmp, layers, args.mem_hidden, args.mem_intermediate, args.mem_vocab,
-                                             args.mem_rank, repeats, args.rss_full_svd)
+            result["build_peak_rss"] = part3(
+                tmp,
+                layers,
+                args.mem_hidden,
+                args.mem_intermediate,
+                args.mem_vocab,
+                args.mem_rank,
+                repeats,
+                args.rss_full_svd,
+            )
     finally:
         if args.workdir is None:
             shutil.rmtree(tmp, ignore_errors=True)

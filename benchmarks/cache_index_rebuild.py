@@ -43,8 +43,11 @@ def make_entries(entries_dir: Path, start: int, stop: int) -> None:
         path.mkdir()
         (path / "adapter_config.json").write_bytes(PAYLOAD)
         manifest = {
-            "format_version": FORMAT_VERSION, "key": key.as_dict(), "digest": key.digest(),
-            "files": {"adapter_config.json": {FILE_HASH: sha, "size": len(PAYLOAD)}}, "nbytes": len(PAYLOAD),
+            "format_version": FORMAT_VERSION,
+            "key": key.as_dict(),
+            "digest": key.digest(),
+            "files": {"adapter_config.json": {FILE_HASH: sha, "size": len(PAYLOAD)}},
+            "nbytes": len(PAYLOAD),
             "created": time.time(),
         }
         (path / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, sort_keys=True))
@@ -84,7 +87,11 @@ def main() -> None:
     _drop_index(root)
     cache, seconds = _open(root, 10**15)
     out["startup_no_index_s"] = round(seconds, 2)
-    out["rebuild"] = {"state": cache.startup.index_state, "added": cache.startup.added, "s": round(cache.startup.seconds, 2)}
+    out["rebuild"] = {
+        "state": cache.startup.index_state,
+        "added": cache.startup.added,
+        "s": round(cache.startup.seconds, 2),
+    }
     cache.close()
 
     cache, seconds = _open(root, 10**15)
@@ -128,8 +135,12 @@ def main() -> None:
     }
     stats = cache.stats()
     out["after"] = {
-        "entries": stats.entries, "bytes": stats.nbytes, "budget": cache.max_bytes,
-        "index_file_bytes": stats.file_bytes, "fds_before_ops": fds0, "fds_after_ops": fd_count(),
+        "entries": stats.entries,
+        "bytes": stats.nbytes,
+        "budget": cache.max_bytes,
+        "index_file_bytes": stats.file_bytes,
+        "fds_before_ops": fds0,
+        "fds_after_ops": fd_count(),
     }
     print(json.dumps(out, indent=2))
 

@@ -36,8 +36,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (  # noqa: E402
-    RESULTS_DIR, fmt, machine_info, now_iso, plugin_env, print_table, save_json,
-    served, server_args, write_safelora_config,
+    RESULTS_DIR,
+    fmt,
+    machine_info,
+    now_iso,
+    plugin_env,
+    print_table,
+    save_json,
+    served,
+    server_args,
+    write_safelora_config,
 )
 
 PROMPT = "Hello, the safety rule is"
@@ -53,7 +61,9 @@ def hostile_adapter(out: Path, template: Path, n_tensors: int) -> None:
     (out / "adapter_config.json").write_bytes((template / "adapter_config.json").read_bytes())
     header = {
         f"base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight": {
-            "dtype": "F32", "shape": [0, 128], "data_offsets": [0, 0],
+            "dtype": "F32",
+            "shape": [0, 128],
+            "data_offsets": [0, 0],
         }
         for i in range(n_tensors)
     }
@@ -71,8 +81,9 @@ def make_world(work: Path, n_new: int, n_hostile: int, hostile_tensors: int) -> 
     root = work / "adapters"
     make_tiny_adapter(models.aligned, root / "victim" / "resident", seed=1, direction="random", base_dir=models.base)
     for i in tqdm(range(n_new), desc="new adapters", unit="adapter"):
-        make_tiny_adapter(models.aligned, root / "flood" / f"new{i:04d}", seed=1000 + i, direction="random",
-                          base_dir=models.base)
+        make_tiny_adapter(
+            models.aligned, root / "flood" / f"new{i:04d}", seed=1000 + i, direction="random", base_dir=models.base
+        )
     for i in range(n_hostile):
         hostile_adapter(root / "flood" / f"bad{i:04d}", root / "victim" / "resident", hostile_tensors)
     bank = work / "bank"
@@ -82,8 +93,9 @@ def make_world(work: Path, n_new: int, n_hostile: int, hostile_tensors: int) -> 
 
 def complete(session, url: str, model: str) -> tuple[int, float]:
     t0 = time.perf_counter()
-    r = session.post(f"{url}/v1/completions", json={"model": model, "prompt": PROMPT, "max_tokens": 1,
-                                                    "temperature": 0}, timeout=120)
+    r = session.post(
+        f"{url}/v1/completions", json={"model": model, "prompt": PROMPT, "max_tokens": 1, "temperature": 0}, timeout=120
+    )
     return r.status_code, time.perf_counter() - t0
 
 
@@ -98,8 +110,9 @@ def run_side(side: str, world: dict, work: Path, a) -> dict:
     import requests
 
     cache = work / f"cache-{side}"
-    config = write_safelora_config(work / f"{side}.yaml", bank=world["bank"], adapter_dirs=[world["root"]],
-                                   cache_dir=cache)
+    config = write_safelora_config(
+        work / f"{side}.yaml", bank=world["bank"], adapter_dirs=[world["root"]], cache_dir=cache
+    )
     config.write_text(config.read_text() + "served_names: location\n" + SIDES[side])
     args = server_args(world["models"].aligned, max_loras=2, max_num_seqs=8)
     out: dict = {"side": side, "config_extra": SIDES[side].strip().splitlines()}
@@ -141,16 +154,22 @@ def run_side(side: str, world: dict, work: Path, a) -> dict:
             t.join(timeout=120)
         metrics = server.metrics()
         out.update(
-            quiet_median_s=percentile(quiet, 0.5), quiet_p95_s=percentile(quiet, 0.95),
-            flood_median_s=percentile(under_flood, 0.5), flood_p95_s=percentile(under_flood, 0.95),
-            victim_requests_under_flood=len(under_flood), flood_statuses=statuses,
+            quiet_median_s=percentile(quiet, 0.5),
+            quiet_p95_s=percentile(quiet, 0.95),
+            flood_median_s=percentile(under_flood, 0.5),
+            flood_p95_s=percentile(under_flood, 0.95),
+            victim_requests_under_flood=len(under_flood),
+            flood_statuses=statuses,
             projections=metrics.value("safelora_projections_total"),
             refusals=metrics.value("safelora_refusals_total"),
             refusal_cache_hits=metrics.value("safelora_refusal_cache_hits_total"),
             overloads=metrics.value("safelora_overload_total"),
         )
-    print(f"[flood] {side}: victim median {fmt(out['quiet_median_s'])} s quiet, {fmt(out['flood_median_s'])} s "
-          f"under flood; flood statuses {statuses}", flush=True)
+    print(
+        f"[flood] {side}: victim median {fmt(out['quiet_median_s'])} s quiet, {fmt(out['flood_median_s'])} s "
+        f"under flood; flood statuses {statuses}",
+        flush=True,
+    )
     return out
 
 
@@ -173,17 +192,49 @@ def main() -> int:
         a.log_dir = work
         world = make_world(work, n_new=n_new, n_hostile=8, hostile_tensors=a.hostile_tensors)
         runs = [run_side(side, world, work, a) for side in SIDES]
-    rows = [[r["side"], fmt(r["quiet_median_s"]), fmt(r["flood_median_s"]), fmt(r["flood_p95_s"]),
-             json.dumps(r["flood_statuses"]), int(r["projections"]), int(r["refusal_cache_hits"]), int(r["overloads"])]
-            for r in runs]
-    print_table(["side", "victim median quiet (s)", "median under flood (s)", "p95 under flood (s)",
-                 "flood statuses", "projections", "refusal-cache hits", "503s"], rows)
+    rows = [
+        [
+            r["side"],
+            fmt(r["quiet_median_s"]),
+            fmt(r["flood_median_s"]),
+            fmt(r["flood_p95_s"]),
+            json.dumps(r["flood_statuses"]),
+            int(r["projections"]),
+            int(r["refusal_cache_hits"]),
+            int(r["overloads"]),
+        ]
+        for r in runs
+    ]
+    print_table(
+        [
+            "side",
+            "victim median quiet (s)",
+            "median under flood (s)",
+            "p95 under flood (s)",
+            "flood statuses",
+            "projections",
+            "refusal-cache hits",
+            "503s",
+        ],
+        rows,
+    )
     by = {r["side"]: r for r in runs}
-    ratio = (by["limited"]["flood_median_s"] / by["unlimited"]["flood_median_s"]
-             if by["unlimited"]["flood_median_s"] and by["limited"]["flood_median_s"] else None)
+    ratio = (
+        by["limited"]["flood_median_s"] / by["unlimited"]["flood_median_s"]
+        if by["unlimited"]["flood_median_s"] and by["limited"]["flood_median_s"]
+        else None
+    )
     print(f"victim median under flood, limited / unlimited: {fmt(ratio)}")
-    save_json(a.out, {"created": now_iso(), "machine": machine_info(), "args": {k: str(v) for k, v in vars(a).items()},
-                      "runs": runs, "limited_over_unlimited_flood_median": ratio})
+    save_json(
+        a.out,
+        {
+            "created": now_iso(),
+            "machine": machine_info(),
+            "args": {k: str(v) for k, v in vars(a).items()},
+            "runs": runs,
+            "limited_over_unlimited_flood_median": ratio,
+        },
+    )
     print(f"saved {a.out}")
     return 0
 

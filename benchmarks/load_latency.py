@@ -48,8 +48,21 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (  # noqa: E402
-    RESULTS_DIR, SHARED_NOTE, ServerProcess, baseline_env, check_plugin_state, fmt, machine_info,
-    median, now_iso, plugin_env, print_table, save_json, served, server_args, write_safelora_config,
+    RESULTS_DIR,
+    SHARED_NOTE,
+    ServerProcess,
+    baseline_env,
+    check_plugin_state,
+    fmt,
+    machine_info,
+    median,
+    now_iso,
+    plugin_env,
+    print_table,
+    save_json,
+    served,
+    server_args,
+    write_safelora_config,
 )
 
 PROMPT = "Hello, the safety rule is"
@@ -65,8 +78,14 @@ def make_world(work: Path, n: int) -> dict:
     names = []
     for i in range(n + 1):  # + one warm-up adapter
         name = "warmup" if i == n else f"fresh{i}"
-        make_tiny_adapter(models.aligned, root / name, seed=300 + i, direction="orthogonal", base_dir=models.base,
-                          target_modules=LINEAR_MODULES)
+        make_tiny_adapter(
+            models.aligned,
+            root / name,
+            seed=300 + i,
+            direction="orthogonal",
+            base_dir=models.base,
+            target_modules=LINEAR_MODULES,
+        )
         if i < n:
             shutil.copytree(root / name, root / f"copy{i}")  # same content, another name
             names.append(name)
@@ -86,8 +105,11 @@ class Client:
 
     def complete(self, model: str) -> float:
         t0 = time.perf_counter()
-        r = self.s.post(f"{self.url}/v1/completions",
-                        json={"model": model, "prompt": PROMPT, "max_tokens": 1, "temperature": 0}, timeout=120)
+        r = self.s.post(
+            f"{self.url}/v1/completions",
+            json={"model": model, "prompt": PROMPT, "max_tokens": 1, "temperature": 0},
+            timeout=120,
+        )
         dt = time.perf_counter() - t0
         if r.status_code != 200:
             raise RuntimeError(f"completion for {model} failed: HTTP {r.status_code} {r.text[:300]}")
@@ -106,13 +128,15 @@ def one_run(side: str, run: int, world: dict, work: Path, a) -> dict:
     model = str(world["models"].aligned)
     args = server_args(model, max_loras=a.max_loras, max_num_seqs=8)
     if side == "baseline":
-        env = baseline_env("lora_filesystem_resolver", runtime_lora=True,
-                           VLLM_LORA_RESOLVER_CACHE_DIR=str(world["root"]))
+        env = baseline_env(
+            "lora_filesystem_resolver", runtime_lora=True, VLLM_LORA_RESOLVER_CACHE_DIR=str(world["root"])
+        )
     else:
         cache = work / f"cache-{run}"
         shutil.rmtree(cache, ignore_errors=True)
-        config = write_safelora_config(work / f"safelora-{run}.yaml", bank=world["bank"],
-                                       adapter_dirs=[world["root"]], cache_dir=cache)
+        config = write_safelora_config(
+            work / f"safelora-{run}.yaml", bank=world["bank"], adapter_dirs=[world["root"]], cache_dir=cache
+        )
         env = plugin_env(config)
     log = a.log_dir / f"{side}-{run}.log"
     t: dict[str, list[float]] = {p: [] for p in PHASES}
@@ -154,8 +178,11 @@ def one_run(side: str, run: int, world: dict, work: Path, a) -> dict:
         if side == "plugin":
             metrics = server.metrics()
             out["plugin_metrics"] = {
-                m: metrics.value(m) for m in (
-                    "safelora_projections_total", "safelora_projection_seconds_count", "safelora_projection_seconds_sum",
+                m: metrics.value(m)
+                for m in (
+                    "safelora_projections_total",
+                    "safelora_projection_seconds_count",
+                    "safelora_projection_seconds_sum",
                 )
             }
             out["plugin_metrics"]["safelora_cache_requests_total"] = metrics.by_labels("safelora_cache_requests_total")
@@ -164,9 +191,11 @@ def one_run(side: str, run: int, world: dict, work: Path, a) -> dict:
     out["projection_report_s"] = proj_report
     out["log"] = str(log)
     b = median(t["base"])
-    print(f"  [{side} #{run}] up in {out['startup_s']:.0f}s; medians ms: base {b * 1e3:.1f}, "
-          + ", ".join(f"{p} {median(t[p]) * 1e3:.1f}" for p in PHASES[1:] if t[p])
-          + (f"; projection (metric) {median(proj_metric) * 1e3:.1f}" if proj_metric else ""))
+    print(
+        f"  [{side} #{run}] up in {out['startup_s']:.0f}s; medians ms: base {b * 1e3:.1f}, "
+        + ", ".join(f"{p} {median(t[p]) * 1e3:.1f}" for p in PHASES[1:] if t[p])
+        + (f"; projection (metric) {median(proj_metric) * 1e3:.1f}" if proj_metric else "")
+    )
     return out
 
 
@@ -190,15 +219,22 @@ def summarize(runs: list[dict]) -> dict:
             s[side]["projection_report_median_ms"] = median(pr) * 1e3 if pr else None
             s[side]["projection_share_of_cold"] = (median(pm) / median(colds)) if pm and colds else None
             s[side]["projection_share_of_cold_per_request_median"] = (
-                median([p / c for p, c in zip(pm, colds)]) if pm and len(pm) == len(colds) else None)
+                median([p / c for p, c in zip(pm, colds)]) if pm and len(pm) == len(colds) else None
+            )
     s["ratio_plugin_over_baseline_median"] = {
-        p: (s["plugin"]["median_ms"][p] / s["baseline"]["median_ms"][p]
-            if s["baseline"]["median_ms"][p] and s["plugin"]["median_ms"][p] else None)
+        p: (
+            s["plugin"]["median_ms"][p] / s["baseline"]["median_ms"][p]
+            if s["baseline"]["median_ms"][p] and s["plugin"]["median_ms"][p]
+            else None
+        )
         for p in PHASES
     }
     s["extra_ms_plugin_minus_baseline_median"] = {
-        p: (s["plugin"]["median_ms"][p] - s["baseline"]["median_ms"][p]
-            if s["baseline"]["median_ms"][p] is not None and s["plugin"]["median_ms"][p] is not None else None)
+        p: (
+            s["plugin"]["median_ms"][p] - s["baseline"]["median_ms"][p]
+            if s["baseline"]["median_ms"][p] is not None and s["plugin"]["median_ms"][p] is not None
+            else None
+        )
         for p in PHASES
     }
     return s
@@ -207,17 +243,25 @@ def summarize(runs: list[dict]) -> dict:
 def print_summary(s: dict) -> None:
     rows = []
     for p in PHASES:
-        rows.append([p, fmt(s["baseline"]["median_ms"][p], ".1f"), fmt(s["plugin"]["median_ms"][p], ".1f"),
-                     fmt(s["extra_ms_plugin_minus_baseline_median"][p], "+.1f"),
-                     fmt(s["ratio_plugin_over_baseline_median"][p], ".2f"),
-                     f"{s['baseline']['samples'][p]}/{s['plugin']['samples'][p]}"])
+        rows.append(
+            [
+                p,
+                fmt(s["baseline"]["median_ms"][p], ".1f"),
+                fmt(s["plugin"]["median_ms"][p], ".1f"),
+                fmt(s["extra_ms_plugin_minus_baseline_median"][p], "+.1f"),
+                fmt(s["ratio_plugin_over_baseline_median"][p], ".2f"),
+                f"{s['baseline']['samples'][p]}/{s['plugin']['samples'][p]}",
+            ]
+        )
     print("\n== adapter load latency: client-side ms for a 1-token completion, medians ==")
     print_table(["phase", "baseline", "plugin", "plugin-base", "ratio", "n (b/p)"], rows)
     p = s["plugin"]
-    print(f"plugin projection (safelora_projection_seconds: read+project+write): median "
-          f"{fmt(p['projection_metric_median_ms'], '.1f')} ms; report 'seconds' (projection only): "
-          f"{fmt(p['projection_report_median_ms'], '.1f')} ms; share of the cold request: "
-          f"{fmt((p['projection_share_of_cold'] or 0) * 100, '.0f')}%")
+    print(
+        f"plugin projection (safelora_projection_seconds: read+project+write): median "
+        f"{fmt(p['projection_metric_median_ms'], '.1f')} ms; report 'seconds' (projection only): "
+        f"{fmt(p['projection_report_median_ms'], '.1f')} ms; share of the cold request: "
+        f"{fmt((p['projection_share_of_cold'] or 0) * 100, '.0f')}%"
+    )
 
 
 def plot(result: dict, path: Path) -> None:
@@ -239,8 +283,11 @@ def plot(result: dict, path: Path) -> None:
         ax.bar([1 + 0.19], [proj], width=0.36, color="tab:red", label="of which projection (metric)")
     ax.set_xticks(range(len(PHASES)), [p.replace("_", "\n") for p in PHASES], fontsize=8)
     ax.set_ylabel("ms (1-token completion, client side)")
-    ax.set_title(f"adapter load latency, tiny Llama, --max-loras {result['config']['max_loras']}: medians "
-                 f"(dots: samples; shared 2-core CPU)", fontsize=9)
+    ax.set_title(
+        f"adapter load latency, tiny Llama, --max-loras {result['config']['max_loras']}: medians "
+        f"(dots: samples; shared 2-core CPU)",
+        fontsize=9,
+    )
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -255,8 +302,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-loras", type=int, default=2)
     p.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/load_latency.json)")
     p.add_argument("--workdir", type=Path, default=None, help="scratch directory (default: a temp dir, removed)")
-    p.add_argument("--plot-only", type=Path, default=None, metavar="JSON",
-                   help="re-summarise a saved result (JSON updated) and redraw its PNG")
+    p.add_argument(
+        "--plot-only",
+        type=Path,
+        default=None,
+        metavar="JSON",
+        help="re-summarise a saved result (JSON updated) and redraw its PNG",
+    )
     return p
 
 
@@ -281,11 +333,16 @@ def main(argv: list[str] | None = None) -> int:
     a.log_dir = Path(tempfile.mkdtemp(prefix="safelora-load-logs-"))
     print(f"server logs: {a.log_dir}")
     result: dict = {
-        "benchmark": "load_latency", "date": now_iso(), "quick": a.quick,
+        "benchmark": "load_latency",
+        "date": now_iso(),
+        "quick": a.quick,
         "command": " ".join(["python", "benchmarks/load_latency.py", *(argv if argv is not None else sys.argv[1:])]),
-        "machine": machine_info(), "note": SHARED_NOTE,
+        "machine": machine_info(),
+        "note": SHARED_NOTE,
         "config": {
-            "repeats": a.repeats, "adapters_per_server": a.adapters, "max_loras": a.max_loras,
+            "repeats": a.repeats,
+            "adapters_per_server": a.adapters,
+            "max_loras": a.max_loras,
             "request": f"POST /v1/completions, prompt {PROMPT!r}, max_tokens 1, temperature 0",
             "adapters": "rank 8 on q,k,v,o,gate,up,down, orthogonal to the alignment subspace (projected)",
             "baseline": "VLLM_PLUGINS=lora_filesystem_resolver, VLLM_LORA_RESOLVER_CACHE_DIR",

@@ -94,11 +94,23 @@ from vllm_safelora.policies.tenant_rules import resolve_tenant  # noqa: E402
 
 MODEL = "meta-llama/Llama-2-7b-chat-hf"
 SHAPES = {  # module -> (d_out, d_in), Llama-2-7B
-    "q_proj": (4096, 4096), "k_proj": (4096, 4096), "v_proj": (4096, 4096), "o_proj": (4096, 4096),
-    "gate_proj": (11008, 4096), "up_proj": (11008, 4096), "down_proj": (4096, 11008),
+    "q_proj": (4096, 4096),
+    "k_proj": (4096, 4096),
+    "v_proj": (4096, 4096),
+    "o_proj": (4096, 4096),
+    "gate_proj": (11008, 4096),
+    "up_proj": (11008, 4096),
+    "down_proj": (4096, 11008),
 }
-PARENT = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
-          "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+PARENT = {
+    "q_proj": "self_attn",
+    "k_proj": "self_attn",
+    "v_proj": "self_attn",
+    "o_proj": "self_attn",
+    "gate_proj": "mlp",
+    "up_proj": "mlp",
+    "down_proj": "mlp",
+}
 SUITES = {
     "llama2-7b-qv-r16": {"modules": ["q_proj", "v_proj"], "rank": 16, "what": "q_proj + v_proj, r = 16, 32 layers"},
     "llama2-7b-all-r64": {"modules": list(SHAPES), "rank": 64, "what": "all seven modules, r = 64, 32 layers"},
@@ -124,9 +136,17 @@ def make_adapter(out: Path, modules: list[str], rank: int, seed: int) -> int:
     out.mkdir(parents=True)
     save_file(tensors, out / WEIGHTS_FILE, metadata={"format": "pt"})
     config = {
-        "base_model_name_or_path": MODEL, "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank,
-        "lora_alpha": 2 * rank, "lora_dropout": 0.0, "bias": "none", "target_modules": modules,
-        "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
+        "base_model_name_or_path": MODEL,
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": rank,
+        "lora_alpha": 2 * rank,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "target_modules": modules,
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "use_dora": False,
     }
     (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
     return (out / WEIGHTS_FILE).stat().st_size
@@ -150,14 +170,28 @@ def make_bank(out: Path, modules: list[str], k: int) -> None:
             tensors[f"{name}.U"] = per_shape[d_out][perm].to(torch.bfloat16).contiguous()
             tensors[f"{name}.S"] = s.clone()
             norm = float(s.norm())
-            entries.append(BankModule(
-                name=name, shape=(d_out, d_in), rank_kept=k, numerical_rank=k, frobenius_norm=norm,
-                energy_kept=1.0, approx_error_bound=0.0,
-            ))
+            entries.append(
+                BankModule(
+                    name=name,
+                    shape=(d_out, d_in),
+                    rank_kept=k,
+                    numerical_rank=k,
+                    frobenius_norm=norm,
+                    energy_kept=1.0,
+                    approx_error_bound=0.0,
+                )
+            )
     ident = SourceIdentity(ref=MODEL, tensors_sha256="0" * 64)
     _write_bank(
-        out, tensors, entries, overwrite=True, base=SourceIdentity(ref="meta-llama/Llama-2-7b-hf", tensors_sha256="0" * 64),
-        aligned=ident, storage_dtype="bfloat16", svd="lowrank", truncation={"rank": k},
+        out,
+        tensors,
+        entries,
+        overwrite=True,
+        base=SourceIdentity(ref="meta-llama/Llama-2-7b-hf", tensors_sha256="0" * 64),
+        aligned=ident,
+        storage_dtype="bfloat16",
+        svd="lowrank",
+        truncation={"rank": k},
     )
 
 
@@ -191,8 +225,12 @@ class _Worker:
         helper = PEFTHelper.from_local_dir(lora_request.lora_path, self.max_position_embeddings)
         helper.validate_legal(self.lora_config)
         return LoRAModel.from_local_checkpoint(
-            lora_request.lora_path, self.expected, peft_helper=helper, lora_model_id=lora_request.lora_int_id,
-            device="cpu", dtype=self.lora_config.lora_dtype,
+            lora_request.lora_path,
+            self.expected,
+            peft_helper=helper,
+            lora_model_id=lora_request.lora_int_id,
+            device="cpu",
+            dtype=self.lora_config.lora_dtype,
         )
 
 
@@ -227,7 +265,10 @@ def run_suite(name: str, spec: dict, work: Path, repeats: int, bank_rank: int, b
     make_bank(suite_dir / "bank", spec["modules"], bank_rank)
     bank = load_bank(suite_dir / "bank", "cpu", verify=False)
     settings = SafeLoRASettings(
-        bank=suite_dir / "bank", adapter_dirs=[root], cache_dir=suite_dir / "cache", device="cpu",
+        bank=suite_dir / "bank",
+        adapter_dirs=[root],
+        cache_dir=suite_dir / "cache",
+        device="cpu",
         max_adapter_bytes=1 << 30,
     )
     state.set_settings(settings)
@@ -236,8 +277,16 @@ def run_suite(name: str, spec: dict, work: Path, repeats: int, bank_rank: int, b
     adapter_name = "acme/adapter"
     location = svc._locate(adapter_name, None)
     tenant = resolve_tenant(settings, location.identity)
-    out: dict = {"what": spec["what"], "weights_bytes": nbytes, "bank_rank": bank_rank, "bank_dtype": "bfloat16",
-                 "bank_bytes": bank.nbytes, "repeats": repeats, "seconds": {}, "samples": {}}
+    out: dict = {
+        "what": spec["what"],
+        "weights_bytes": nbytes,
+        "bank_rank": bank_rank,
+        "bank_dtype": "bfloat16",
+        "bank_bytes": bank.nbytes,
+        "repeats": repeats,
+        "seconds": {},
+        "samples": {},
+    }
 
     def record(stage: str, fn, before=None) -> object:
         bar.set_postfix_str(f"{name}: {stage}")
@@ -255,13 +304,17 @@ def run_suite(name: str, spec: dict, work: Path, repeats: int, bank_rank: int, b
 
     files = record("read+hash", read_and_hash)
     adapter = record("parse", lambda: parse_adapter(files, limits=svc.limits))
-    outcome = record("project", lambda: project_for_tenant(adapter, bank, tenant, name=adapter_name,
-                                                           require_base_model_match=True))
+    outcome = record(
+        "project", lambda: project_for_tenant(adapter, bank, tenant, name=adapter_name, require_base_model_match=True)
+    )
     out["projected_modules"] = outcome.report.summary.projected
     out["modules"] = outcome.report.summary.modules
     key = CacheKey(adapter_hash=adapter.content_hash, bank_id=bank.bank_id, policy_id=tenant.cache_policy_id(bank))
-    record("write", lambda: cache.get_or_create(key, lambda tmp: write_adapter_files(tmp, outcome.adapter)),
-           before=lambda: cache.remove(key))
+    record(
+        "write",
+        lambda: cache.get_or_create(key, lambda tmp: write_adapter_files(tmp, outcome.adapter)),
+        before=lambda: cache.remove(key),
+    )
     files = adapter = outcome = None  # free them before the whole-path runs
     gc.collect()
 
@@ -275,8 +328,13 @@ def run_suite(name: str, spec: dict, work: Path, repeats: int, bank_rank: int, b
     assert prepared.cache_hit
     record("cache.get", lambda: cache.get(key))
     entry = verify_entry(prepared.path)
-    record("guard: verify + read + blake3 (no vLLM)", lambda: (
-        verify_entry(entry.path, hashed_by_caller=frozenset({WEIGHTS_FILE})), read_verified(entry, WEIGHTS_FILE)))
+    record(
+        "guard: verify + read + blake3 (no vLLM)",
+        lambda: (
+            verify_entry(entry.path, hashed_by_caller=frozenset({WEIGHTS_FILE})),
+            read_verified(entry, WEIGHTS_FILE),
+        ),
+    )
 
     # -- vLLM's own load of the upload and of the entry, plain and guarded, interleaved
     max_rank = spec["rank"]
@@ -285,15 +343,22 @@ def run_suite(name: str, spec: dict, work: Path, repeats: int, bank_rank: int, b
     entry_request = LoRARequest(lora_name=adapter_name, lora_int_id=1, lora_path=str(prepared.path))
     upload_request = LoRARequest(lora_name=adapter_name, lora_int_id=1, lora_path=str(upload))
     plain._load_adapter(entry_request), guarded._load_adapter(entry_request)  # warm both (imports, page cache)
-    samples: dict[str, list[float]] = {"vllm (upload)": [], "vllm (entry)": [], "guarded (entry)": [],
-                                       "vllm (entry) + copy": [], "guarded (entry) + copy": []}
+    samples: dict[str, list[float]] = {
+        "vllm (upload)": [],
+        "vllm (entry)": [],
+        "guarded (entry)": [],
+        "vllm (entry) + copy": [],
+        "guarded (entry) + copy": [],
+    }
     bar.set_postfix_str(f"{name}: vLLM load")
     for _ in range(repeats):
-        for label, fn in (("vllm (upload)", lambda: plain._load_adapter(upload_request)),
-                          ("vllm (entry)", lambda: plain._load_adapter(entry_request)),
-                          ("guarded (entry)", lambda: guarded._load_adapter(entry_request)),
-                          ("vllm (entry) + copy", lambda: copied(plain._load_adapter(entry_request))),
-                          ("guarded (entry) + copy", lambda: copied(guarded._load_adapter(entry_request)))):
+        for label, fn in (
+            ("vllm (upload)", lambda: plain._load_adapter(upload_request)),
+            ("vllm (entry)", lambda: plain._load_adapter(entry_request)),
+            ("guarded (entry)", lambda: guarded._load_adapter(entry_request)),
+            ("vllm (entry) + copy", lambda: copied(plain._load_adapter(entry_request))),
+            ("guarded (entry) + copy", lambda: copied(guarded._load_adapter(entry_request))),
+        ):
             gc.collect()
             t0 = time.perf_counter()
             lora = fn()
@@ -309,8 +374,10 @@ def run_suite(name: str, spec: dict, work: Path, repeats: int, bank_rank: int, b
     # views of the page cache, no byte is read yet), and the same plus one copy of every
     # tensor, which is what vLLM does next when it puts the adapter in its LoRA slots.
     out["ratios"] = {}
-    for base, guarded_label, suffix in (("vllm (entry)", "guarded (entry)", ""),
-                                         ("vllm (entry) + copy", "guarded (entry) + copy", " + copy")):
+    for base, guarded_label, suffix in (
+        ("vllm (entry)", "guarded (entry)", ""),
+        ("vllm (entry) + copy", "guarded (entry) + copy", " + copy"),
+    ):
         vllm = sec[base]
         guard_overhead = max(0.0, sec[guarded_label] - vllm)
         sec["guard overhead" + suffix] = guard_overhead
@@ -355,6 +422,7 @@ def request_overhead(svc, prepared, repeats: int) -> dict:
         per_call = []
         for obj in (Plain(), Hooked()):
             if hook == "process_inputs":
+
                 def call(obj=obj):
                     obj.process_inputs("r", "p", None, lora_request=lora)
             else:
@@ -362,6 +430,7 @@ def request_overhead(svc, prepared, repeats: int) -> dict:
 
                 def call(obj=obj, loop=loop):
                     loop.run_until_complete(obj.add_request("r", "p", None, lora_request=lora))
+
             times = []
             for _ in range(repeats):
                 t0 = time.perf_counter()
@@ -379,7 +448,7 @@ def request_overhead(svc, prepared, repeats: int) -> dict:
     for metric in metrics.REQUEST_OVERHEAD.collect():
         for sample in metric.samples:
             if sample.name.endswith("_sum") or sample.name.endswith("_count"):
-                hist[f"{sample.labels['hook']}{sample.name[len('safelora_request_overhead_seconds'):]}"] = sample.value
+                hist[f"{sample.labels['hook']}{sample.name[len('safelora_request_overhead_seconds') :]}"] = sample.value
     for hook in ("process_inputs", "add_request"):
         if hist.get(f"{hook}_count"):
             result[hook]["histogram_mean_us"] = hist[f"{hook}_sum"] / hist[f"{hook}_count"] * 1e6
@@ -393,14 +462,23 @@ def ttft_reference() -> dict:
     try:
         doc = json.loads(path.read_text())
         med = doc["summary"]["baseline"]["median_ms"]
-        return {"source": f"{path.relative_to(RESULTS_DIR.parents[1])} ({doc.get('date')})",
-                "resident_ms": med["resident"], "base_ms": med["base"]}
+        return {
+            "source": f"{path.relative_to(RESULTS_DIR.parents[1])} ({doc.get('date')})",
+            "resident_ms": med["resident"],
+            "base_ms": med["base"],
+        }
     except (OSError, KeyError, ValueError, TypeError):
         return {"source": None}
 
 
-def measure(suites: list[str], *, repeats: int | None = None, bank_rank: int = 256, work_dir: Path | None = None,
-            quick: bool = False) -> dict:
+def measure(
+    suites: list[str],
+    *,
+    repeats: int | None = None,
+    bank_rank: int = 256,
+    work_dir: Path | None = None,
+    quick: bool = False,
+) -> dict:
     """Run the suites (torch threads as the caller set them) and return the result document."""
     torch.manual_seed(0)
     work = Path(tempfile.mkdtemp(prefix="safelora-load-path-", dir=work_dir))
@@ -418,15 +496,23 @@ def measure(suites: list[str], *, repeats: int | None = None, bank_rank: int = 2
     if ttft.get("resident_ms"):
         for n in suites:
             results[n]["request_overhead"]["fraction_of_resident_ttft"] = (
-                results[n]["request_overhead"]["per_online_request_us"] / 1e3 / ttft["resident_ms"])
+                results[n]["request_overhead"]["per_online_request_us"] / 1e3 / ttft["resident_ms"]
+            )
     return {
-        "benchmark": "load_path", "date": started, "command": "python " + " ".join(sys.argv),
+        "benchmark": "load_path",
+        "date": started,
+        "command": "python " + " ".join(sys.argv),
         "machine": machine_info(),
-        "note": ("one process; warm page cache for every read (disk not measured); synthetic Llama-2-7B-shaped "
-                 f"adapters; synthetic bank truncated to k = {bank_rank} (bfloat16), so projection is a lower "
-                 "bound for an untruncated bank; vLLM side = WorkerLoRAManager._load_adapter's calls on CPU "
-                 "(PEFTHelper.from_local_dir, validate_legal, LoRAModel.from_local_checkpoint, dtype float16)"),
-        "bank_rank": bank_rank, "torch_threads": torch.get_num_threads(), "goals": GOALS, "ttft_reference": ttft,
+        "note": (
+            "one process; warm page cache for every read (disk not measured); synthetic Llama-2-7B-shaped "
+            f"adapters; synthetic bank truncated to k = {bank_rank} (bfloat16), so projection is a lower "
+            "bound for an untruncated bank; vLLM side = WorkerLoRAManager._load_adapter's calls on CPU "
+            "(PEFTHelper.from_local_dir, validate_legal, LoRAModel.from_local_checkpoint, dtype float16)"
+        ),
+        "bank_rank": bank_rank,
+        "torch_threads": torch.get_num_threads(),
+        "goals": GOALS,
+        "ttft_reference": ttft,
         "suites": results,
     }
 
@@ -434,32 +520,65 @@ def measure(suites: list[str], *, repeats: int | None = None, bank_rank: int = 2
 def print_report(doc: dict) -> None:
     results = doc["suites"]
     suites = list(results)
-    stages = ["read+hash", "parse", "project", "write", "prepare (miss)", "prepare (hit)", "cache.get",
-              "guard: verify + read + blake3 (no vLLM)", "vllm (upload)", "vllm (entry)", "guarded (entry)",
-              "guard overhead", "vllm (entry) + copy", "guarded (entry) + copy", "guard overhead + copy"]
-    print(f"\nLoad path, ms (median; warm page cache; synthetic bank truncated to k = {doc.get('bank_rank', 256)}, "
-          f"bfloat16; torch threads {doc['torch_threads']})")
+    stages = [
+        "read+hash",
+        "parse",
+        "project",
+        "write",
+        "prepare (miss)",
+        "prepare (hit)",
+        "cache.get",
+        "guard: verify + read + blake3 (no vLLM)",
+        "vllm (upload)",
+        "vllm (entry)",
+        "guarded (entry)",
+        "guard overhead",
+        "vllm (entry) + copy",
+        "guarded (entry) + copy",
+        "guard overhead + copy",
+    ]
+    print(
+        f"\nLoad path, ms (median; warm page cache; synthetic bank truncated to k = {doc.get('bank_rank', 256)}, "
+        f"bfloat16; torch threads {doc['torch_threads']})"
+    )
     print_table(["stage", *suites], [[s, *(f"{results[n]['seconds'][s] * 1e3:.1f}" for n in suites)] for s in stages])
     print("\nRatios to vLLM's own load of the entry (goal); '+ copy': vLLM's load with every tensor copied once")
     rows = []
     for base in ("vllm (entry)", "vllm (entry) + copy"):
-        for r, goal in (("first_load_overhead", GOALS["first_load_overhead"]), ("cache_hit", GOALS["cache_hit"]),
-                        ("cache_get", GOALS["cache_hit"]), ("reload_after_eviction", GOALS["reload_after_eviction"])):
-            rows.append([f"{r} vs {base} (<= {goal}x)",
-                         *(f"{results[n]['ratios']['vs ' + base][r]:.2f}x" for n in suites)])
+        for r, goal in (
+            ("first_load_overhead", GOALS["first_load_overhead"]),
+            ("cache_hit", GOALS["cache_hit"]),
+            ("cache_get", GOALS["cache_hit"]),
+            ("reload_after_eviction", GOALS["reload_after_eviction"]),
+        ):
+            rows.append(
+                [f"{r} vs {base} (<= {goal}x)", *(f"{results[n]['ratios']['vs ' + base][r]:.2f}x" for n in suites)]
+            )
     print_table(["ratio", *suites], rows)
     print("\nPer-request overhead of the hooks, adapter already prepared (us)")
     rows = []
     for hook in ("process_inputs", "add_request"):
         for stat in ("median_us", "p99_us", "histogram_mean_us"):
-            rows.append([f"{hook} {stat}", *(f"{results[n]['request_overhead'][hook].get(stat, float('nan')):.1f}"
-                                              for n in suites)])
-    rows.append(["per online request (median)", *(f"{results[n]['request_overhead']['per_online_request_us']:.1f}"
-                                                   for n in suites)])
+            rows.append(
+                [
+                    f"{hook} {stat}",
+                    *(f"{results[n]['request_overhead'][hook].get(stat, float('nan')):.1f}" for n in suites),
+                ]
+            )
+    rows.append(
+        [
+            "per online request (median)",
+            *(f"{results[n]['request_overhead']['per_online_request_us']:.1f}" for n in suites),
+        ]
+    )
     ttft = doc["ttft_reference"]
     if ttft.get("resident_ms"):
-        rows.append([f"fraction of TTFT {ttft['resident_ms']:.1f} ms", *(
-            f"{results[n]['request_overhead']['fraction_of_resident_ttft'] * 100:.3f}%" for n in suites)])
+        rows.append(
+            [
+                f"fraction of TTFT {ttft['resident_ms']:.1f} ms",
+                *(f"{results[n]['request_overhead']['fraction_of_resident_ttft'] * 100:.3f}%" for n in suites),
+            ]
+        )
     print_table(["hook", *suites], rows)
 
 
@@ -471,10 +590,14 @@ def main() -> int:
     ap.add_argument("--suites", nargs="*", default=None, choices=list(SUITES))
     ap.add_argument("--work-dir", type=Path, default=None, help="scratch directory (default: a temp dir, removed)")
     ap.add_argument("--out", type=Path, default=RESULTS_DIR / "load_path.json")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch intra-op threads for both sides (default 1: on a small shared machine OpenMP's "
-                         "spinning under contention makes the many small tensor ops of validation and projection "
-                         "10-50x slower; 0 = torch's default)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads for both sides (default 1: on a small shared machine OpenMP's "
+        "spinning under contention makes the many small tensor ops of validation and projection "
+        "10-50x slower; 0 = torch's default)",
+    )
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

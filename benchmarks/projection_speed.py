@@ -82,9 +82,15 @@ SUITES: dict[str, dict] = {
     },
     "llama2-7b-all": {
         "what": "Llama-2-7B all seven linear modules, 32 layers",
-        "modules": [("q_proj", 4096, 4096, 32), ("k_proj", 4096, 4096, 32), ("v_proj", 4096, 4096, 32),
-                    ("o_proj", 4096, 4096, 32), ("gate_proj", 11008, 4096, 32),
-                    ("up_proj", 11008, 4096, 32), ("down_proj", 4096, 11008, 32)],
+        "modules": [
+            ("q_proj", 4096, 4096, 32),
+            ("k_proj", 4096, 4096, 32),
+            ("v_proj", 4096, 4096, 32),
+            ("o_proj", 4096, 4096, 32),
+            ("gate_proj", 11008, 4096, 32),
+            ("up_proj", 11008, 4096, 32),
+            ("down_proj", 4096, 11008, 32),
+        ],
         "accuracy_module": "gate_proj",
     },
 }
@@ -103,40 +109,85 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--suites", nargs="+", choices=list(SUITES), default=list(SUITES))
     p.add_argument("--ranks", nargs="+", type=int, default=None, help="LoRA ranks (default 8 16 64)")
-    p.add_argument("--modules-per-shape", type=int, default=None,
-                   help="distinct modules timed per shape (default 4; quick 2)")
+    p.add_argument(
+        "--modules-per-shape", type=int, default=None, help="distinct modules timed per shape (default 4; quick 2)"
+    )
     p.add_argument("--repeats", type=int, default=None, help="passes over those modules (default 5; quick 2)")
-    p.add_argument("--sweep-dims", nargs="*", type=int, default=None,
-                   help="square d of the growth sweep (default 512 1024 2048 4096 8192; quick 128..1024); "
-                        "give none to skip the sweep")
-    p.add_argument("--sweep-dense-max", type=int, default=None,
-                   help="largest sweep d that also runs the dense path (default 8192; quick 512)")
-    p.add_argument("--bank-dtypes", nargs="+", choices=list(BANK_DTYPES), default=["bfloat16", "float32"],
-                   help="storage dtypes of the (untruncated) bank the fast path uses; the first is the headline")
-    p.add_argument("--parity-seeds", type=int, default=None,
-                   help="adapters of the decision-parity check (default 40; quick 8)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch intra-op threads (default: 1 with --clock cpu, else torch's own)")
-    p.add_argument("--clock", choices=["cpu", "wall"], default="cpu",
-                   help="cpu (default): the calling thread's CPU time with 1 torch thread, which other processes "
-                        "on a shared machine barely disturb; wall: perf_counter with torch's threads")
+    p.add_argument(
+        "--sweep-dims",
+        nargs="*",
+        type=int,
+        default=None,
+        help="square d of the growth sweep (default 512 1024 2048 4096 8192; quick 128..1024); "
+        "give none to skip the sweep",
+    )
+    p.add_argument(
+        "--sweep-dense-max",
+        type=int,
+        default=None,
+        help="largest sweep d that also runs the dense path (default 8192; quick 512)",
+    )
+    p.add_argument(
+        "--bank-dtypes",
+        nargs="+",
+        choices=list(BANK_DTYPES),
+        default=["bfloat16", "float32"],
+        help="storage dtypes of the (untruncated) bank the fast path uses; the first is the headline",
+    )
+    p.add_argument(
+        "--parity-seeds", type=int, default=None, help="adapters of the decision-parity check (default 40; quick 8)"
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch intra-op threads (default: 1 with --clock cpu, else torch's own)",
+    )
+    p.add_argument(
+        "--clock",
+        choices=["cpu", "wall"],
+        default="cpu",
+        help="cpu (default): the calling thread's CPU time with 1 torch thread, which other processes "
+        "on a shared machine barely disturb; wall: perf_counter with torch's threads",
+    )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE,
-                   help="where the float64 orthonormal factors are cached (default %(default)s)")
+    p.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=DEFAULT_CACHE,
+        help="where the float64 orthonormal factors are cached (default %(default)s)",
+    )
     p.add_argument("--no-cache", action="store_true", help="do not read or write the factor cache")
     p.add_argument("--no-flush", action="store_true", help="do not evict caches before each timed call")
     p.add_argument("--no-cuda", action="store_true", help="skip the CUDA part even if a GPU is present")
-    p.add_argument("--no-load-path", action="store_true",
-                   help="skip the load-path table (benchmarks/load_path.py's stages beside vLLM's own load)")
-    p.add_argument("--wait-quiet", type=float, default=0.0, metavar="MINUTES",
-                   help="first wait up to MINUTES for the 1-minute load average to drop below --quiet-load "
-                        "(polled every 30 s; the polls are recorded)")
+    p.add_argument(
+        "--no-load-path",
+        action="store_true",
+        help="skip the load-path table (benchmarks/load_path.py's stages beside vLLM's own load)",
+    )
+    p.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=0.0,
+        metavar="MINUTES",
+        help="first wait up to MINUTES for the 1-minute load average to drop below --quiet-load "
+        "(polled every 30 s; the polls are recorded)",
+    )
     p.add_argument("--quiet-load", type=float, default=1.0)
-    p.add_argument("--out", type=Path, default=None,
-                   help="JSON path (default results/projection_speed.json; quick: projection_speed_quick.json)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="JSON path (default results/projection_speed.json; quick: projection_speed_quick.json)",
+    )
     p.add_argument("--quick", action="store_true", help="smoke run, all dimensions / 8 (< 1 minute)")
-    p.add_argument("--plot-only", type=Path, default=None, metavar="RESULT.json",
-                   help="print the tables of a saved result and redraw its PNG")
+    p.add_argument(
+        "--plot-only",
+        type=Path,
+        default=None,
+        metavar="RESULT.json",
+        help="print the tables of a saved result and redraw its PNG",
+    )
     return p
 
 
@@ -281,7 +332,11 @@ def prepare(job: ShapeJob, n_modules: int, args: argparse.Namespace) -> Prepared
     S32 = s64.float()
     gen = torch.Generator().manual_seed(args.seed + 7919)
     perms = [torch.arange(d_out) if j == 0 else torch.randperm(d_out, generator=gen) for j in range(n_modules)]
-    Cs = [C if j == 0 else C.index_select(0, p).index_select(1, p) for j, p in enumerate(perms)] if C is not None else None
+    Cs = (
+        [C if j == 0 else C.index_select(0, p).index_select(1, p) for j, p in enumerate(perms)]
+        if C is not None
+        else None
+    )
     subs: dict[str, list[Subspace]] = {}
     for name in args.bank_dtypes:
         # Side by side in one tensor, as bank.load stores a shape's U's (what the batched scorer reads).
@@ -335,8 +390,7 @@ class Timer:
         self.cuda = device.startswith("cuda")
         # CUDA work runs on the device: only wall time (with synchronize) measures it.
         self.now = time.thread_time if clock == "cpu" and not self.cuda else time.perf_counter
-        self.buf = (torch.zeros(FLUSH_BYTES["cuda" if self.cuda else "cpu"] // 4, device=device)
-                    if flush else None)
+        self.buf = torch.zeros(FLUSH_BYTES["cuda" if self.cuda else "cpu"] // 4, device=device) if flush else None
 
     def sync(self) -> None:
         if self.cuda:
@@ -390,8 +444,9 @@ def accuracy(prep: Prepared, A: torch.Tensor, B: torch.Tensor, device: str) -> d
 def _to(sub: Subspace, dev: torch.device) -> Subspace:
     if sub.U.device == dev:
         return sub
-    return Subspace(U=sub.U.to(dev), S=sub.S.to(dev), frobenius_norm=sub.frobenius_norm,
-                    numerical_rank=sub.numerical_rank)
+    return Subspace(
+        U=sub.U.to(dev), S=sub.S.to(dev), frobenius_norm=sub.frobenius_norm, numerical_rank=sub.numerical_rank
+    )
 
 
 def _on(subs: list[Subspace], dev: torch.device) -> list[Subspace]:
@@ -406,12 +461,16 @@ def _on(subs: list[Subspace], dev: torch.device) -> list[Subspace]:
 
 
 def _stats(samples: list[float], prefix: str) -> dict:
-    return {f"{prefix}_ms_median": statistics.median(samples) * 1e3, f"{prefix}_ms_min": min(samples) * 1e3,
-            f"{prefix}_ms": [t * 1e3 for t in samples]}
+    return {
+        f"{prefix}_ms_median": statistics.median(samples) * 1e3,
+        f"{prefix}_ms_min": min(samples) * 1e3,
+        f"{prefix}_ms": [t * 1e3 for t in samples],
+    }
 
 
-def time_shape(prep: Prepared, device: str, args: argparse.Namespace, accuracy_ranks: bool,
-               bandwidth: float) -> list[dict]:
+def time_shape(
+    prep: Prepared, device: str, args: argparse.Namespace, accuracy_ranks: bool, bandwidth: float
+) -> list[dict]:
     job = prep.job
     dev = torch.device(device)
     subs = {dtype: _on(lst, dev) for dtype, lst in prep.subs.items()}
@@ -421,8 +480,12 @@ def time_shape(prep: Prepared, device: str, args: argparse.Namespace, accuracy_r
     rows = []
     n = len(Cs) if Cs is not None else len(next(iter(subs.values())))
     calls_per_rep = n * (2 * len(subs) + (1 if Cs is not None else 0)) + len(subs)
-    bar = tqdm(total=len(job.ranks) * args.repeats * calls_per_rep, unit="call",
-               desc=f"{device} {job.key}" + ("" if Cs is not None else " (fast only)"), leave=False)
+    bar = tqdm(
+        total=len(job.ranks) * args.repeats * calls_per_rep,
+        unit="call",
+        desc=f"{device} {job.key}" + ("" if Cs is not None else " (fast only)"),
+        leave=False,
+    )
     for r in job.ranks:
         loras = [make_lora(job.d_out, job.d_in, r, gen) for _ in range(n)]
         loras_dev = [(A.to(dev), B.to(dev)) for A, B in loras]
@@ -452,8 +515,13 @@ def time_shape(prep: Prepared, device: str, args: argparse.Namespace, accuracy_r
                 batch_t[dtype].append(timer(fast_batched, lst, loras_dev)[0] / n)
                 bar.update(1)
         row = {
-            "device": device, "d_out": job.d_out, "d_in": job.d_in, "rank": r, "k": prep.build["k"],
-            "roles": job.roles, "samples_per_path": len(dense_t) or len(next(iter(score_t.values()))),
+            "device": device,
+            "d_out": job.d_out,
+            "d_in": job.d_in,
+            "rank": r,
+            "k": prep.build["k"],
+            "roles": job.roles,
+            "samples_per_path": len(dense_t) or len(next(iter(score_t.values()))),
             "fast": {},
         }
         dense_med = statistics.median(dense_t) if dense_t else None
@@ -500,10 +568,17 @@ def summarise_suites(shape_rows: list[dict], args: argparse.Namespace, device: s
             count = sum(n for _, n, _ in rows)
             dense_ms = sum(n * x["dense_ms_median"] for _, n, x in rows) / count
             acc_row = next(x for m, _, x in rows if m == acc_mod)
-            entry = {"device": device, "suite": suite, "rank": r, "modules": count,
-                     "dense_ms_per_module": dense_ms, "dense_s_per_adapter": dense_ms * count / 1e3, "fast": {},
-                     "accuracy_module": f"{acc_mod} {acc_row['d_out']}x{acc_row['d_in']}",
-                     "accuracy_vs_float64": acc_row.get("accuracy_vs_float64")}
+            entry = {
+                "device": device,
+                "suite": suite,
+                "rank": r,
+                "modules": count,
+                "dense_ms_per_module": dense_ms,
+                "dense_s_per_adapter": dense_ms * count / 1e3,
+                "fast": {},
+                "accuracy_module": f"{acc_mod} {acc_row['d_out']}x{acc_row['d_in']}",
+                "accuracy_vs_float64": acc_row.get("accuracy_vs_float64"),
+            }
             for dtype in args.bank_dtypes:
                 per = {}
                 for what in ("score", "batched", "score_and_cb"):
@@ -511,9 +586,12 @@ def summarise_suites(shape_rows: list[dict], args: argparse.Namespace, device: s
                     per[f"{what}_ms_per_module"] = ms
                     per[f"ratio_{what}"] = dense_ms / ms
                 u_bytes = sum(n * x["fast"][dtype]["bank_U_bytes"] for _, n, x in rows)
-                per["bandwidth_fraction_score"] = (u_bytes / (per["score_ms_per_module"] * count / 1e3)) / args.bandwidths[device]
+                per["bandwidth_fraction_score"] = (
+                    u_bytes / (per["score_ms_per_module"] * count / 1e3)
+                ) / args.bandwidths[device]
                 per["bandwidth_fraction_batched"] = (
-                    (u_bytes / (per["batched_ms_per_module"] * count / 1e3)) / args.bandwidths[device])
+                    u_bytes / (per["batched_ms_per_module"] * count / 1e3)
+                ) / args.bandwidths[device]
                 per["score_s_per_adapter"] = per["score_ms_per_module"] * count / 1e3
                 entry["fast"][dtype] = per
             out.append(entry)
@@ -529,8 +607,16 @@ def sweep_rows(shape_rows: list[dict], args: argparse.Namespace) -> list[dict]:
             continue
         fast = r["fast"][head]["score_ms_median"]
         dense = r.get("dense_ms_median")
-        out.append({"d_out": r["d_out"], "rank": r["rank"], "fast_ms_median": fast, "dense_ms_median": dense,
-                    "ratio_of_medians": dense / fast if dense else None, "bank_dtype": head})
+        out.append(
+            {
+                "d_out": r["d_out"],
+                "rank": r["rank"],
+                "fast_ms_median": fast,
+                "dense_ms_median": dense,
+                "ratio_of_medians": dense / fast if dense else None,
+                "bank_dtype": head,
+            }
+        )
     return out
 
 
@@ -567,8 +653,10 @@ def decision_parity(seeds: int, dtypes: list[str]) -> dict:
             A = torch.randn(r, d_in, generator=gen, dtype=torch.float64) / d_in**0.5
             lean = float(torch.rand(1, generator=gen)) * 3.0
             top = U[:, : max(1, k // 8)]
-            B = (torch.randn(d_out, r, generator=gen, dtype=torch.float64)
-                 + lean * top @ torch.randn(top.shape[1], r, generator=gen, dtype=torch.float64)) * 0.01
+            B = (
+                torch.randn(d_out, r, generator=gen, dtype=torch.float64)
+                + lean * top @ torch.randn(top.shape[1], r, generator=gen, dtype=torch.float64)
+            ) * 0.01
             A32, B32 = A.float(), B.float()
             C = U @ torch.diag(S * S / norm) @ U.T  # the dense float64 reference on the float32 adapter
             dW = B32.double() @ A32.double()
@@ -587,12 +675,31 @@ def decision_parity(seeds: int, dtypes: list[str]) -> dict:
             for d in dtypes:
                 got = select_modules({n: round_cosine(c) for n, c in fast[d].items()}, mode, threshold=t, topk=k)
                 if got != want:
-                    mismatches[d].append({"seed": seed, "mode": mode, "threshold": t, "topk": k,
-                                          "only_fast": sorted(got - want), "only_reference": sorted(want - got)})
-    return {"adapters": seeds, "modules_per_adapter": 12, "selections_per_dtype": decisions,
-            "thresholds": PARITY_THRESHOLDS, "topk": PARITY_TOPK,
-            "per_dtype": {d: {"mismatched_selections": len(mismatches[d]), "examples": mismatches[d][:5],
-                              "max_cosine_abs_err": max_err[d]} for d in dtypes}}
+                    mismatches[d].append(
+                        {
+                            "seed": seed,
+                            "mode": mode,
+                            "threshold": t,
+                            "topk": k,
+                            "only_fast": sorted(got - want),
+                            "only_reference": sorted(want - got),
+                        }
+                    )
+    return {
+        "adapters": seeds,
+        "modules_per_adapter": 12,
+        "selections_per_dtype": decisions,
+        "thresholds": PARITY_THRESHOLDS,
+        "topk": PARITY_TOPK,
+        "per_dtype": {
+            d: {
+                "mismatched_selections": len(mismatches[d]),
+                "examples": mismatches[d][:5],
+                "max_cosine_abs_err": max_err[d],
+            }
+            for d in dtypes
+        },
+    }
 
 
 # --------------------------------------------------------------------------- driver
@@ -630,17 +737,22 @@ def run(args: argparse.Namespace) -> dict:
     if cuda:
         info["cuda_device"] = torch.cuda.get_device_name(0)
         info["cuda_allow_tf32"] = torch.backends.cuda.matmul.allow_tf32
-    print(f"machine: {info['cpu_count']} CPUs ({info['cpu_model']}), torch {info['torch']}, "
-          f"{info['torch_threads']} threads, load {info['load_average_at_start']}; devices {devices}")
+    print(
+        f"machine: {info['cpu_count']} CPUs ({info['cpu_model']}), torch {info['torch']}, "
+        f"{info['torch_threads']} threads, load {info['load_average_at_start']}; devices {devices}"
+    )
     args.bandwidths = {d: peak_read_bandwidth(d, args.clock) for d in devices}
     info["peak_read_bandwidth_GBps"] = {d: round(bw / 1e9, 2) for d, bw in args.bandwidths.items()}
-    print(f"clock: {args.clock} ({torch.get_num_threads()} torch threads); peak read bandwidth (torch.sum over 512 MiB "
-          "float32, best of 7): "
-          + ", ".join(f"{d} {bw / 1e9:.1f} GB/s" for d, bw in args.bandwidths.items()))
+    print(
+        f"clock: {args.clock} ({torch.get_num_threads()} torch threads); peak read bandwidth (torch.sum over 512 MiB "
+        "float32, best of 7): " + ", ".join(f"{d} {bw / 1e9:.1f} GB/s" for d, bw in args.bandwidths.items())
+    )
     jobs = plan_jobs(args)
     print(f"{len(jobs)} distinct shapes: " + ", ".join(j.key + ("" if j.dense else " (fast only)") for j in jobs))
-    print(f"timing {args.modules_per_shape} modules x {args.repeats} repeats per shape, rank and path; "
-          "per-adapter totals = sum(count x per-shape median)")
+    print(
+        f"timing {args.modules_per_shape} modules x {args.repeats} repeats per shape, rank and path; "
+        "per-adapter totals = sum(count x per-shape median)"
+    )
     shape_rows: list[dict] = []
     builds: dict[str, dict] = {}
     load_samples = []
@@ -653,20 +765,25 @@ def run(args: argparse.Namespace) -> dict:
         for device in devices:
             if device != "cpu" and not job.faithful:
                 continue  # CUDA: the suites only
-            shape_rows.extend(time_shape(prep, device, args, accuracy_ranks=job.faithful,
-                                         bandwidth=args.bandwidths[device]))
+            shape_rows.extend(
+                time_shape(prep, device, args, accuracy_ranks=job.faithful, bandwidth=args.bandwidths[device])
+            )
         del prep
     info["load_average_at_end"] = loadavg()
     info["load_samples"] = load_samples
-    results = {"shapes": shape_rows, "suites": {d: summarise_suites(shape_rows, args, d) for d in devices},
-               "sweep": sweep_rows(shape_rows, args),
-               "decision_parity": decision_parity(args.parity_seeds, args.bank_dtypes)}
+    results = {
+        "shapes": shape_rows,
+        "suites": {d: summarise_suites(shape_rows, args, d) for d in devices},
+        "sweep": sweep_rows(shape_rows, args),
+        "decision_parity": decision_parity(args.parity_seeds, args.bank_dtypes),
+    }
     if not args.no_load_path:
         # The load-path table in the same run: the plugin's stages and vLLM's own load of the same files.
         from benchmarks import load_path
 
-        results["load_path"] = load_path.measure(["llama2-7b-qv-r16"] if args.quick else list(load_path.SUITES),
-                                                 quick=args.quick)
+        results["load_path"] = load_path.measure(
+            ["llama2-7b-qv-r16"] if args.quick else list(load_path.SUITES), quick=args.quick
+        )
     if not cuda:
         results["cuda"] = {"available": False, "note": NO_CUDA_NOTE if not args.no_cuda else "skipped (--no-cuda)"}
     else:
@@ -705,7 +822,8 @@ def run(args: argparse.Namespace) -> dict:
                 f"per distinct shape, {args.modules_per_shape} modules (row permutations of one V, each its own "
                 f"memory, own lora_A / lora_B) x {args.repeats} repeats are timed per path and rank; fast and dense "
                 "calls alternate; a 64 MiB buffer is rewritten before every timed call (cold caches)"
-                + (" [disabled: --no-flush]" if args.no_flush else "") + "."
+                + (" [disabled: --no-flush]" if args.no_flush else "")
+                + "."
             ),
             (
                 "per-adapter totals are sum over the suite's shapes of (module count x per-shape median): "
@@ -751,25 +869,62 @@ def print_report(rep: dict) -> None:
         rows = []
         for s in suites:
             for dtype, f in s["fast"].items():
-                rows.append([s["suite"], s["rank"], s["modules"], dtype,
-                             f"{f['score_ms_per_module']:.2f}", f"{f['batched_ms_per_module']:.2f}",
-                             f"{f['score_and_cb_ms_per_module']:.2f}", f"{s['dense_ms_per_module']:.1f}",
-                             f"{f['ratio_score']:.1f}x", f"{f['ratio_batched']:.1f}x", f"{f['ratio_score_and_cb']:.1f}x",
-                             f"{f['bandwidth_fraction_score']:.0%}"])
-        print_table(["suite", "r", "modules", "bank", "score", "batched", "score+CB", "dense",
-                     "dense/score", "dense/batched", "dense/(score+CB)", "BW frac"], rows)
+                rows.append(
+                    [
+                        s["suite"],
+                        s["rank"],
+                        s["modules"],
+                        dtype,
+                        f"{f['score_ms_per_module']:.2f}",
+                        f"{f['batched_ms_per_module']:.2f}",
+                        f"{f['score_and_cb_ms_per_module']:.2f}",
+                        f"{s['dense_ms_per_module']:.1f}",
+                        f"{f['ratio_score']:.1f}x",
+                        f"{f['ratio_batched']:.1f}x",
+                        f"{f['ratio_score_and_cb']:.1f}x",
+                        f"{f['bandwidth_fraction_score']:.0%}",
+                    ]
+                )
+        print_table(
+            [
+                "suite",
+                "r",
+                "modules",
+                "bank",
+                "score",
+                "batched",
+                "score+CB",
+                "dense",
+                "dense/score",
+                "dense/batched",
+                "dense/(score+CB)",
+                "BW frac",
+            ],
+            rows,
+        )
     print("\n== per shape (medians; min in brackets) ==")
     rows = []
     for r in res["shapes"]:
         for dtype, f in r["fast"].items():
-            rows.append([r["device"], f"{r['d_out']}x{r['d_in']}", r["rank"], dtype, r["samples_per_path"],
-                         f"{f['score_ms_median']:.2f} [{f['score_ms_min']:.2f}]", f"{f['batched_ms_median']:.2f}",
-                         f"{f['cb_ms_median']:.2f}",
-                         f"{r['dense_ms_median']:.1f} [{r['dense_ms_min']:.1f}]" if "dense_ms_median" in r else "-",
-                         f"{f['ratio_score']:.1f}x" if "ratio_score" in f else "-",
-                         f"{f['bandwidth_fraction_score']:.0%}"])
-    print_table(["device", "shape", "r", "bank", "n", "score ms", "batched ms", "C B ms", "dense ms", "dense/score",
-                 "BW frac"], rows)
+            rows.append(
+                [
+                    r["device"],
+                    f"{r['d_out']}x{r['d_in']}",
+                    r["rank"],
+                    dtype,
+                    r["samples_per_path"],
+                    f"{f['score_ms_median']:.2f} [{f['score_ms_min']:.2f}]",
+                    f"{f['batched_ms_median']:.2f}",
+                    f"{f['cb_ms_median']:.2f}",
+                    f"{r['dense_ms_median']:.1f} [{r['dense_ms_min']:.1f}]" if "dense_ms_median" in r else "-",
+                    f"{f['ratio_score']:.1f}x" if "ratio_score" in f else "-",
+                    f"{f['bandwidth_fraction_score']:.0%}",
+                ]
+            )
+    print_table(
+        ["device", "shape", "r", "bank", "n", "score ms", "batched ms", "C B ms", "dense ms", "dense/score", "BW frac"],
+        rows,
+    )
     print("\n== accuracy vs float64, one module per suite ==")
     rows = []
     for device, suites in res["suites"].items():
@@ -780,16 +935,32 @@ def print_report(rep: dict) -> None:
             for path, a in acc.items():
                 if path == "cosine_float64":
                     continue
-                rows.append([device, s["suite"], s["accuracy_module"], s["rank"], path,
-                             f"{a['cb_rel_err']:.1e}", f"{acc['cosine_float64']:.6f}", f"{a['cosine_abs_err']:.1e}"])
+                rows.append(
+                    [
+                        device,
+                        s["suite"],
+                        s["accuracy_module"],
+                        s["rank"],
+                        path,
+                        f"{a['cb_rel_err']:.1e}",
+                        f"{acc['cosine_float64']:.6f}",
+                        f"{a['cosine_abs_err']:.1e}",
+                    ]
+                )
     print_table(["device", "suite", "module", "r", "path", "C B rel err", "cos (f64)", "|cos err|"], rows)
     par = res.get("decision_parity")
     if par:
-        print(f"\n== decision parity vs dense float64: {par['adapters']} adapters x "
-              f"{par['selections_per_dtype'] // par['adapters']} selections ==")
-        print_table(["bank", "selections", "mismatched", "max |cos err|"],
-                    [[d, par["selections_per_dtype"], v["mismatched_selections"], f"{v['max_cosine_abs_err']:.1e}"]
-                     for d, v in par["per_dtype"].items()])
+        print(
+            f"\n== decision parity vs dense float64: {par['adapters']} adapters x "
+            f"{par['selections_per_dtype'] // par['adapters']} selections =="
+        )
+        print_table(
+            ["bank", "selections", "mismatched", "max |cos err|"],
+            [
+                [d, par["selections_per_dtype"], v["mismatched_selections"], f"{v['max_cosine_abs_err']:.1e}"]
+                for d, v in par["per_dtype"].items()
+            ],
+        )
     if res.get("load_path"):
         from benchmarks import load_path
 
@@ -816,13 +987,14 @@ def plot(rep: dict, path: Path) -> None:
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.8))
     for rk in ranks:
         pts = sorted((r for r in rows if r["rank"] == rk), key=lambda r: r["d_out"])
-        ax.plot([p["d_out"] for p in pts], [p["fast_ms_median"] for p in pts], "o-", color=colors[rk],
-                label=f"fast r={rk}")
+        ax.plot(
+            [p["d_out"] for p in pts], [p["fast_ms_median"] for p in pts], "o-", color=colors[rk], label=f"fast r={rk}"
+        )
         dp = [p for p in pts if p.get("dense_ms_median") is not None]
-        ax.plot([p["d_out"] for p in dp], [p["dense_ms_median"] for p in dp], "s--", color=colors[rk],
-                label=f"dense r={rk}")
-        ax2.plot([p["d_out"] for p in dp], [p["ratio_of_medians"] for p in dp], "o-", color=colors[rk],
-                 label=f"r={rk}")
+        ax.plot(
+            [p["d_out"] for p in dp], [p["dense_ms_median"] for p in dp], "s--", color=colors[rk], label=f"dense r={rk}"
+        )
+        ax2.plot([p["d_out"] for p in dp], [p["ratio_of_medians"] for p in dp], "o-", color=colors[rk], label=f"r={rk}")
     for a in (ax, ax2):
         a.set_xscale("log", base=2)
         a.set_xlabel("d (square d x d module)")
@@ -835,9 +1007,12 @@ def plot(rep: dict, path: Path) -> None:
     ax2.set_ylabel("dense / fast (ratio of medians)")
     ax2.set_title("speed-up")
     m = rep["machine"]
-    fig.suptitle(f"Safe LoRA projection, CPU: {m.get('cpu_model', '')[:30]}, {m.get('cpu_count')} vCPUs, "
-                 f"{m.get('torch_threads')} torch threads, load {m.get('load_average_at_start')} -> "
-                 f"{m.get('load_average_at_end')} (shared machine)", fontsize=9)
+    fig.suptitle(
+        f"Safe LoRA projection, CPU: {m.get('cpu_model', '')[:30]}, {m.get('cpu_count')} vCPUs, "
+        f"{m.get('torch_threads')} torch threads, load {m.get('load_average_at_start')} -> "
+        f"{m.get('load_average_at_end')} (shared machine)",
+        fontsize=9,
+    )
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

@@ -49,8 +49,20 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (  # noqa: E402
-    RESULTS_DIR, SHARED_NOTE, baseline_env, check_plugin_state, fmt, machine_info,
-    median, now_iso, plugin_env, print_table, save_json, served, server_args, write_safelora_config,
+    RESULTS_DIR,
+    SHARED_NOTE,
+    baseline_env,
+    check_plugin_state,
+    fmt,
+    machine_info,
+    median,
+    now_iso,
+    plugin_env,
+    print_table,
+    save_json,
+    served,
+    server_args,
+    write_safelora_config,
 )
 
 PROMPT = "Hello, the safety rule is"
@@ -95,8 +107,9 @@ def make_world(work: Path, modules: list[str]) -> dict:
     from vllm_safelora.tiny import make_tiny_adapter, make_tiny_models
 
     models = make_tiny_models(work / "models")
-    template = make_tiny_adapter(models.aligned, work / "template", seed=7, direction="orthogonal",
-                                 base_dir=models.base, target_modules=modules)
+    template = make_tiny_adapter(
+        models.aligned, work / "template", seed=7, direction="orthogonal", base_dir=models.base, target_modules=modules
+    )
     bank = work / "bank"
     build_bank(str(models.base), str(models.aligned), bank, overwrite=True, progress=None)
     return {"models": models, "template": template, "bank": bank, "factory": AdapterFactory(template)}
@@ -151,7 +164,7 @@ def dir_bytes(path: Path) -> int:
 
 def window(values, center: int, width: int, n: int) -> list[float]:
     lo = max(0, min(center - width // 2, n - width))
-    return list(values[lo:min(n, lo + width)])
+    return list(values[lo : min(n, lo + width)])
 
 
 def quantile(xs: list[float], q: float) -> float | None:
@@ -164,7 +177,7 @@ def quantile(xs: list[float], q: float) -> float | None:
 def bins(values, n: int, size: int) -> list[dict]:
     out = []
     for lo in range(0, n, size):
-        xs = list(values[lo:min(n, lo + size)])
+        xs = list(values[lo : min(n, lo + size)])
         out.append({"n": lo + len(xs), "median": median(xs), "p90": quantile(xs, 0.9)})
     return out
 
@@ -184,8 +197,9 @@ def run_service(world: dict, work: Path, a) -> dict:
     cache_dir = work / "svc-cache"
     shutil.rmtree(cache_dir, ignore_errors=True)
     budget = int(a.budget_mb * 2**20)
-    settings = SafeLoRASettings(bank=world["bank"], adapter_dirs=[root], cache_dir=cache_dir, device="cpu",
-                                cache_max_bytes=budget)
+    settings = SafeLoRASettings(
+        bank=world["bank"], adapter_dirs=[root], cache_dir=cache_dir, device="cpu", cache_max_bytes=budget
+    )
     t0 = time.perf_counter()
     svc = SafeLoRAService.start(settings, str(world["models"].aligned))
     start_s = time.perf_counter() - t0
@@ -206,11 +220,19 @@ def run_service(world: dict, work: Path, a) -> dict:
 
     def sample(i: int) -> None:
         st = svc.cache.stats()
-        samples.append({
-            "n": i, "fds": self_fds(), "rss": self_rss(), "cache_bytes": st.nbytes, "cache_entries": st.entries,
-            "index_file_bytes": st.file_bytes, "leases": st.leases, **{f"tracking_{k}": v for k, v in svc.tracking().items()},
-            "t": time.perf_counter() - t_loop,
-        })
+        samples.append(
+            {
+                "n": i,
+                "fds": self_fds(),
+                "rss": self_rss(),
+                "cache_bytes": st.nbytes,
+                "cache_entries": st.entries,
+                "index_file_bytes": st.file_bytes,
+                "leases": st.leases,
+                **{f"tracking_{k}": v for k, v in svc.tracking().items()},
+                "t": time.perf_counter() - t_loop,
+            }
+        )
 
     t_loop = time.perf_counter()
     sample(0)
@@ -234,26 +256,45 @@ def run_service(world: dict, work: Path, a) -> dict:
             sample(i + 1)
         if a.partial_every and (i + 1) % a.partial_every == 0 and i + 1 < n:
             # progress on disk, so that an interrupted long run still shows the trend
-            save_json(a.partial_path, {"benchmark": "scale", "partial": True, "service": {
-                "n_done": i + 1, "samples": samples, "budget_bytes": budget,
-                "bins": {"size": every, "wall": bins(wall, i + 1, every), "cpu": bins(cpu, i + 1, every)}}})
+            save_json(
+                a.partial_path,
+                {
+                    "benchmark": "scale",
+                    "partial": True,
+                    "service": {
+                        "n_done": i + 1,
+                        "samples": samples,
+                        "budget_bytes": budget,
+                        "bins": {"size": every, "wall": bins(wall, i + 1, every), "cpu": bins(cpu, i + 1, every)},
+                    },
+                },
+            )
         if i + 1 in checkpoints:
-            ckpt_du[i + 1] = dir_bytes(cache_dir / "entries") if (cache_dir / "entries").is_dir() else dir_bytes(cache_dir)
+            ckpt_du[i + 1] = (
+                dir_bytes(cache_dir / "entries") if (cache_dir / "entries").is_dir() else dir_bytes(cache_dir)
+            )
     loop_s = time.perf_counter() - t_loop
     cache_du_end = dir_bytes(cache_dir)
     svc.cache.close()
 
     return {
-        "n": n, "window": a.window, "budget_bytes": budget, "service_start_s": start_s, "loop_s": loop_s,
-        "outcomes": outcomes, "cache_hits": hits, "gen_ms_median": median(gen) * 1e3,
+        "n": n,
+        "window": a.window,
+        "budget_bytes": budget,
+        "service_start_s": start_s,
+        "loop_s": loop_s,
+        "outcomes": outcomes,
+        "cache_hits": hits,
+        "gen_ms_median": median(gen) * 1e3,
         "max_tracked_adapters": settings.max_tracked_adapters,
         **summarize_service(wall, cpu, samples, checkpoints, ckpt_du, budget, a.window),
         "cache_dir_bytes_du_end": cache_du_end,
     }
 
 
-def summarize_service(wall, cpu, samples: list[dict], checkpoints: list[int], ckpt_du: dict, budget: int,
-                      width: int) -> dict:
+def summarize_service(
+    wall, cpu, samples: list[dict], checkpoints: list[int], ckpt_du: dict, budget: int, width: int
+) -> dict:
     """Median windows around each checkpoint, the headline, and binned series for the plot."""
     n = len(wall)
     windows = {}
@@ -261,24 +302,33 @@ def summarize_service(wall, cpu, samples: list[dict], checkpoints: list[int], ck
         ww, cc = window(wall, c, width, n), window(cpu, c, width, n)
         s_at = min(samples, key=lambda s: abs(s["n"] - c))
         windows[str(c)] = {
-            "wall_ms_median": median(ww) * 1e3, "wall_ms_p90": quantile(ww, 0.9) * 1e3,
-            "cpu_ms_median": median(cc) * 1e3, "cpu_ms_p90": quantile(cc, 0.9) * 1e3, "prepares": len(ww),
-            "fds": s_at["fds"], "rss_mib": s_at["rss"] / 2**20, "cache_bytes": s_at["cache_bytes"],
-            "cache_entries": s_at["cache_entries"], "entries_dir_bytes_du": ckpt_du.get(c),
+            "wall_ms_median": median(ww) * 1e3,
+            "wall_ms_p90": quantile(ww, 0.9) * 1e3,
+            "cpu_ms_median": median(cc) * 1e3,
+            "cpu_ms_p90": quantile(cc, 0.9) * 1e3,
+            "prepares": len(ww),
+            "fds": s_at["fds"],
+            "rss_mib": s_at["rss"] / 2**20,
+            "cache_bytes": s_at["cache_bytes"],
+            "cache_entries": s_at["cache_entries"],
+            "entries_dir_bytes_du": ckpt_du.get(c),
             "sampled_at_n": s_at["n"],
         }
     first, last = str(checkpoints[0]), str(checkpoints[-1])
     after_warm = [s for s in samples if s["n"] >= checkpoints[0]]
     headline = {
-        "n_first": checkpoints[0], "n_last": checkpoints[-1],
+        "n_first": checkpoints[0],
+        "n_last": checkpoints[-1],
         "wall_ratio_last_over_first": windows[last]["wall_ms_median"] / windows[first]["wall_ms_median"],
         "cpu_ratio_last_over_first": windows[last]["cpu_ms_median"] / windows[first]["cpu_ms_median"],
         "fds_by_n": {c: windows[c]["fds"] for c in windows},
         "fds_min_max_after_first": [min(s["fds"] for s in after_warm), max(s["fds"] for s in after_warm)],
-        "rss_mib_first": windows[first]["rss_mib"], "rss_mib_last": windows[last]["rss_mib"],
+        "rss_mib_first": windows[first]["rss_mib"],
+        "rss_mib_last": windows[last]["rss_mib"],
         "rss_growth_mib": windows[last]["rss_mib"] - windows[first]["rss_mib"],
         "rss_mib_max": max(s["rss"] for s in samples) / 2**20,
-        "cache_bytes_max": max(s["cache_bytes"] for s in samples), "cache_budget_bytes": budget,
+        "cache_bytes_max": max(s["cache_bytes"] for s in samples),
+        "cache_budget_bytes": budget,
         "cache_bytes_max_over_budget": max(s["cache_bytes"] for s in samples) / budget,
     }
     size = max(1, n // 200)
@@ -290,8 +340,13 @@ def summarize_service(wall, cpu, samples: list[dict], checkpoints: list[int], ck
             mx, my = sum(x for x, _ in pts) / len(pts), sum(y for _, y in pts) / len(pts)
             slope = sum((x - mx) * (y - my) for x, y in pts) / sum((x - mx) ** 2 for x, _ in pts)
             headline[f"{key}_slope_ms_per_10k_adapters"] = slope * 1e4 * 1e3
-    return {"checkpoints": checkpoints, "windows": windows, "headline": headline, "samples": samples,
-            "bins": {"size": size, "wall": b_wall, "cpu": b_cpu}}
+    return {
+        "checkpoints": checkpoints,
+        "windows": windows,
+        "headline": headline,
+        "samples": samples,
+        "bins": {"size": size, "wall": b_wall, "cpu": b_cpu},
+    }
 
 
 # ----------------------------------------------------------------------------- live part
@@ -308,8 +363,9 @@ def live_side(side: str, world: dict, root: Path, names: list[str], work: Path, 
     else:
         cache = work / "live-cache"
         shutil.rmtree(cache, ignore_errors=True)
-        config = write_safelora_config(work / "live-safelora.yaml", bank=world["bank"], adapter_dirs=[root],
-                                       cache_dir=cache)
+        config = write_safelora_config(
+            work / "live-safelora.yaml", bank=world["bank"], adapter_dirs=[root], cache_dir=cache
+        )
         with open(config, "a") as f:
             f.write(f"cache_max_bytes: {int(a.live_budget_mb * 2**20)}\n")
         env = plugin_env(config)
@@ -327,8 +383,11 @@ def live_side(side: str, world: dict, root: Path, names: list[str], work: Path, 
 
         def complete(m: str) -> tuple[float, int, str]:
             t0 = time.perf_counter()
-            r = s.post(f"{server.base_url}/v1/completions",
-                       json={"model": m, "prompt": PROMPT, "max_tokens": 1, "temperature": 0}, timeout=120)
+            r = s.post(
+                f"{server.base_url}/v1/completions",
+                json={"model": m, "prompt": PROMPT, "max_tokens": 1, "temperature": 0},
+                timeout=120,
+            )
             return time.perf_counter() - t0, r.status_code, r.text[:200]
 
         for m in (model, model, model, "warmup", "warmup"):
@@ -340,9 +399,18 @@ def live_side(side: str, world: dict, root: Path, names: list[str], work: Path, 
         def sample(i: int) -> None:
             st = tree_stats(pid)
             floor, code, _ = complete(model)
-            samples.append({"n": i, "fds": st["fds"], "rss": st["rss"], "cpu_s": st["cpu_s"], "procs": st["procs"],
-                            "per_proc": st["per_proc"], "floor_s": floor if code == 200 else None,
-                            "t": time.perf_counter() - t_loop})
+            samples.append(
+                {
+                    "n": i,
+                    "fds": st["fds"],
+                    "rss": st["rss"],
+                    "cpu_s": st["cpu_s"],
+                    "procs": st["procs"],
+                    "per_proc": st["per_proc"],
+                    "floor_s": floor if code == 200 else None,
+                    "t": time.perf_counter() - t_loop,
+                }
+            )
 
         t_loop = time.perf_counter()
         sample(0)
@@ -358,9 +426,15 @@ def live_side(side: str, world: dict, root: Path, names: list[str], work: Path, 
         out["loop_s"] = time.perf_counter() - t_loop
         if side == "plugin":
             metrics = server.metrics()
-            out["plugin_metrics"] = {m: metrics.value(m) for m in (
-                "safelora_projections_total", "safelora_projection_seconds_sum", "safelora_cache_bytes",
-                "safelora_cache_max_bytes")}
+            out["plugin_metrics"] = {
+                m: metrics.value(m)
+                for m in (
+                    "safelora_projections_total",
+                    "safelora_projection_seconds_sum",
+                    "safelora_cache_bytes",
+                    "safelora_cache_max_bytes",
+                )
+            }
             r = server.get("/safelora/v1/status")
             if r.status_code == 200:
                 out["plugin_status_end"] = r.json()
@@ -378,15 +452,22 @@ def live_side(side: str, world: dict, root: Path, names: list[str], work: Path, 
         cpu_per_req = (s1["cpu_s"] - s0["cpu_s"]) / max(1, s1["n"] - s0["n"]) if s1["n"] > s0["n"] else None
         floors = [s["floor_s"] for s in samples if s["floor_s"] is not None and s0["n"] <= s["n"] <= s1["n"]]
         out["windows"][str(m)] = {
-            "latency_ms_median": median(w) * 1e3, "latency_ms_p90": quantile(w, 0.9) * 1e3,
+            "latency_ms_median": median(w) * 1e3,
+            "latency_ms_p90": quantile(w, 0.9) * 1e3,
             "server_cpu_ms_per_request": cpu_per_req * 1e3 if cpu_per_req is not None else None,
             "floor_ms_median": median(floors) * 1e3 if floors else None,
-            "fds": s1["fds"], "rss_mib": s1["rss"] / 2**20, "sampled_at_n": s1["n"],
+            "fds": s1["fds"],
+            "rss_mib": s1["rss"] / 2**20,
+            "sampled_at_n": s1["n"],
         }
-    print(f"  [live {side}] up in {out['startup_s']:.0f}s, {n} requests in {out['loop_s']:.0f}s, "
-          f"{len(errors)} errors; " + ", ".join(
-              f"N={m}: {v['latency_ms_median']:.1f} ms, {v['fds']} fds, {v['rss_mib']:.0f} MiB"
-              for m, v in out["windows"].items()))
+    print(
+        f"  [live {side}] up in {out['startup_s']:.0f}s, {n} requests in {out['loop_s']:.0f}s, "
+        f"{len(errors)} errors; "
+        + ", ".join(
+            f"N={m}: {v['latency_ms_median']:.1f} ms, {v['fds']} fds, {v['rss_mib']:.0f} MiB"
+            for m, v in out["windows"].items()
+        )
+    )
     return out
 
 
@@ -400,8 +481,12 @@ def run_live(world: dict, work: Path, a) -> dict:
     names = [f"live{i}" for i in range(a.live_n)]
     for i, name in enumerate(tqdm(names, desc="writing live adapters", unit="adapter", mininterval=5)):
         factory.write(root / name, seed=10_000_000 + i)
-    out = {"n": a.live_n, "budget_bytes": int(a.live_budget_mb * 2**20), "adapters_dir_bytes": dir_bytes(root),
-           "sides": {}}
+    out = {
+        "n": a.live_n,
+        "budget_bytes": int(a.live_budget_mb * 2**20),
+        "adapters_dir_bytes": dir_bytes(root),
+        "sides": {},
+    }
     for side in ("baseline", "plugin"):
         out["sides"][side] = live_side(side, world, root, names, work, a)
     shutil.rmtree(root, ignore_errors=True)
@@ -422,35 +507,76 @@ def api_fds(live: dict, side: str, n: int) -> int | None:
 def print_summary(result: dict) -> None:
     sv = result.get("service")
     if sv:
-        print(f"\n== service (no vLLM): prepare + mark_loaded of N distinct adapters, medians of {sv['window']} "
-              f"prepares around N; cache budget {sv['budget_bytes'] / 2**20:.0f} MiB ==")
-        rows = [[c, fmt(w["wall_ms_median"], ".2f"), fmt(w["wall_ms_p90"], ".2f"), fmt(w["cpu_ms_median"], ".2f"),
-                 w["fds"], fmt(w["rss_mib"], ".0f"), fmt(w["cache_bytes"] / 2**20, ".1f"), w["cache_entries"]]
-                for c, w in sv["windows"].items()]
+        print(
+            f"\n== service (no vLLM): prepare + mark_loaded of N distinct adapters, medians of {sv['window']} "
+            f"prepares around N; cache budget {sv['budget_bytes'] / 2**20:.0f} MiB =="
+        )
+        rows = [
+            [
+                c,
+                fmt(w["wall_ms_median"], ".2f"),
+                fmt(w["wall_ms_p90"], ".2f"),
+                fmt(w["cpu_ms_median"], ".2f"),
+                w["fds"],
+                fmt(w["rss_mib"], ".0f"),
+                fmt(w["cache_bytes"] / 2**20, ".1f"),
+                w["cache_entries"],
+            ]
+            for c, w in sv["windows"].items()
+        ]
         print_table(["N", "wall ms", "wall p90", "cpu ms", "fds", "RSS MiB", "cache MiB", "entries"], rows)
         h = sv["headline"]
-        print(f"latency N={h['n_last']} / N={h['n_first']}: wall {h['wall_ratio_last_over_first']:.2f}, "
-              f"CPU {h['cpu_ratio_last_over_first']:.2f} (goal <= 1.2); fds {h['fds_min_max_after_first']} "
-              f"(min/max after N={h['n_first']}); RSS {h['rss_mib_first']:.0f} -> {h['rss_mib_last']:.0f} MiB "
-              f"(max {h['rss_mib_max']:.0f}); cache max {h['cache_bytes_max'] / 2**20:.1f} MiB of "
-              f"{h['cache_budget_bytes'] / 2**20:.0f} MiB ({h['cache_bytes_max_over_budget']:.2f}); outcomes "
-              f"{sv['outcomes']}; {sv['loop_s']:.0f} s")
+        print(
+            f"latency N={h['n_last']} / N={h['n_first']}: wall {h['wall_ratio_last_over_first']:.2f}, "
+            f"CPU {h['cpu_ratio_last_over_first']:.2f} (goal <= 1.2); fds {h['fds_min_max_after_first']} "
+            f"(min/max after N={h['n_first']}); RSS {h['rss_mib_first']:.0f} -> {h['rss_mib_last']:.0f} MiB "
+            f"(max {h['rss_mib_max']:.0f}); cache max {h['cache_bytes_max'] / 2**20:.1f} MiB of "
+            f"{h['cache_budget_bytes'] / 2**20:.0f} MiB ({h['cache_bytes_max_over_budget']:.2f}); outcomes "
+            f"{sv['outcomes']}; {sv['loop_s']:.0f} s"
+        )
     lv = result.get("live")
     if lv:
-        print(f"\n== live server, --max-loras 2, every request a new adapter (N={lv['n']}): client ms (median "
-              "of the window before N), server tree fds / RSS at N ==")
+        print(
+            f"\n== live server, --max-loras 2, every request a new adapter (N={lv['n']}): client ms (median "
+            "of the window before N), server tree fds / RSS at N =="
+        )
         rows = []
         marks = list(lv["sides"]["baseline"]["windows"])
         for m in marks:
             b, p = lv["sides"]["baseline"]["windows"][m], lv["sides"]["plugin"]["windows"].get(m)
             if p is None:
                 continue
-            rows.append([m, fmt(b["latency_ms_median"], ".1f"), fmt(p["latency_ms_median"], ".1f"),
-                         fmt(b["server_cpu_ms_per_request"], ".1f"), fmt(p["server_cpu_ms_per_request"], ".1f"),
-                         b["fds"], p["fds"], api_fds(lv, "baseline", b["sampled_at_n"]),
-                         api_fds(lv, "plugin", p["sampled_at_n"]), fmt(b["rss_mib"], ".0f"), fmt(p["rss_mib"], ".0f")])
-        print_table(["N", "base ms", "plugin ms", "base cpu ms/req", "plugin cpu ms/req", "base fds",
-                     "plugin fds", "base API fds", "plugin API fds", "base RSS", "plugin RSS"], rows)
+            rows.append(
+                [
+                    m,
+                    fmt(b["latency_ms_median"], ".1f"),
+                    fmt(p["latency_ms_median"], ".1f"),
+                    fmt(b["server_cpu_ms_per_request"], ".1f"),
+                    fmt(p["server_cpu_ms_per_request"], ".1f"),
+                    b["fds"],
+                    p["fds"],
+                    api_fds(lv, "baseline", b["sampled_at_n"]),
+                    api_fds(lv, "plugin", p["sampled_at_n"]),
+                    fmt(b["rss_mib"], ".0f"),
+                    fmt(p["rss_mib"], ".0f"),
+                ]
+            )
+        print_table(
+            [
+                "N",
+                "base ms",
+                "plugin ms",
+                "base cpu ms/req",
+                "plugin cpu ms/req",
+                "base fds",
+                "plugin fds",
+                "base API fds",
+                "plugin API fds",
+                "base RSS",
+                "plugin RSS",
+            ],
+            rows,
+        )
 
 
 def plot(result: dict, path: Path) -> None:
@@ -512,11 +638,14 @@ def plot(result: dict, path: Path) -> None:
             ax[1].plot(ns, fds, color=color, label=f"{side}: whole tree ({fds[0]} -> {fds[-1]})")
             ax[1].plot(ns, api, color=color, ls="--", label=f"{side}: API server process ({api[0]} -> {api[-1]})")
             ax[2].plot(ns, rss, color=color, label=f"{side} ({rss[0]:.0f} -> {rss[-1]:.0f} MiB)")
-            cpu = [(s1["cpu_s"] - s0["cpu_s"]) / max(1, s1["n"] - s0["n"]) * 1e3
-                   for s0, s1 in zip(d["samples"], d["samples"][1:])]
+            cpu = [
+                (s1["cpu_s"] - s0["cpu_s"]) / max(1, s1["n"] - s0["n"]) * 1e3
+                for s0, s1 in zip(d["samples"], d["samples"][1:])
+            ]
             ax[3].plot(ns[1:], cpu, color=color, label=side)
-        ax[0].set_title(f"live, --max-loras 2: client ms per new adapter (bins of {max(1, lv['n'] // 100)})",
-                        fontsize=9)
+        ax[0].set_title(
+            f"live, --max-loras 2: client ms per new adapter (bins of {max(1, lv['n'] // 100)})", fontsize=9
+        )
         ax[0].set_ylabel("ms")
         ax[1].set_title("live: open fds of the server process tree", fontsize=9)
         ax[2].set_title("live: RSS of the server process tree (MiB, summed)", fontsize=9)
@@ -525,8 +654,10 @@ def plot(result: dict, path: Path) -> None:
             a_.set_xlabel("N (requests, each a new adapter)")
             a_.set_ylim(bottom=0)
             a_.legend(fontsize=7)
-    fig.suptitle(f"vllm-safelora scale: {result.get('config', {}).get('adapters', '').split(';')[0]}; "
-                 "shared 2-core CPU", fontsize=10)
+    fig.suptitle(
+        f"vllm-safelora scale: {result.get('config', {}).get('adapters', '').split(';')[0]}; shared 2-core CPU",
+        fontsize=10,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -541,18 +672,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--service-n", type=int, default=None, help="distinct adapters through the service (100000)")
     p.add_argument("--live-n", type=int, default=None, help="new adapters per live server (3000)")
     p.add_argument("--budget-mb", type=float, default=200.0, help="service cache budget, MiB (200)")
-    p.add_argument("--live-budget-mb", type=float, default=32.0,
-                   help="plugin server's cache budget, MiB (32: about 1,000 entries, so eviction runs)")
-    p.add_argument("--modules", default="q_proj,v_proj",
-                   help="target modules of every adapter (q_proj,v_proj: ~30 KB each, as in the first scale round)")
+    p.add_argument(
+        "--live-budget-mb",
+        type=float,
+        default=32.0,
+        help="plugin server's cache budget, MiB (32: about 1,000 entries, so eviction runs)",
+    )
+    p.add_argument(
+        "--modules",
+        default="q_proj,v_proj",
+        help="target modules of every adapter (q_proj,v_proj: ~30 KB each, as in the first scale round)",
+    )
     p.add_argument("--window", type=int, default=200, help="prepares per median window (200)")
     p.add_argument("--skip-service", action="store_true")
     p.add_argument("--skip-live", action="store_true")
-    p.add_argument("--keep", action="store_true",
-                   help="keep the parts (service / live) of an existing --out JSON that this run skips")
+    p.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep the parts (service / live) of an existing --out JSON that this run skips",
+    )
     p.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/scale.json)")
     p.add_argument("--workdir", type=Path, default=None, help="scratch directory (default: a temp dir, removed)")
-    p.add_argument("--plot-only", type=Path, default=None, metavar="JSON", help="re-print a saved result, redraw its PNG")
+    p.add_argument(
+        "--plot-only", type=Path, default=None, metavar="JSON", help="re-print a saved result, redraw its PNG"
+    )
     return p
 
 
@@ -575,19 +718,24 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import subprocess
 
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).resolve().parents[1]).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1]
+        ).stdout.strip()
     except Exception:
         commit = None
     result: dict = {
-        "benchmark": "scale", "date": now_iso(), "quick": a.quick, "git_commit": commit,
+        "benchmark": "scale",
+        "date": now_iso(),
+        "quick": a.quick,
+        "git_commit": commit,
         "command": " ".join(["python", "benchmarks/scale.py", *(argv if argv is not None else sys.argv[1:])]),
-        "machine": machine_info(), "note": SHARED_NOTE,
+        "machine": machine_info(),
+        "note": SHARED_NOTE,
         "config": {
             "adapters": f"rank 8 on {a.modules} of the tiny Llama, float32; PEFT template config, "
-                        "new Gaussian weights per adapter",
+            "new Gaussian weights per adapter",
             "service": "SafeLoRAService.start (projection_threads 1); per adapter: write source, prepare + "
-                       "mark_loaded (timed), delete source",
+            "mark_loaded (timed), delete source",
             "live_request": f"POST /v1/completions, prompt {PROMPT!r}, max_tokens 1, temperature 0, each a new adapter",
             "live_server_flags": " ".join(server_args("MODEL", max_loras=2, max_num_seqs=8)[2:]),
             "baseline": "VLLM_PLUGINS=lora_filesystem_resolver, VLLM_LORA_RESOLVER_CACHE_DIR, runtime LoRA updating",
@@ -600,7 +748,8 @@ def main(argv: list[str] | None = None) -> int:
             if skipped and part in old:
                 result[part] = old[part]
                 result.setdefault("kept_from_earlier_run", {})[part] = {
-                    k: old.get(k) for k in ("date", "command", "git_commit")}
+                    k: old.get(k) for k in ("date", "command", "git_commit")
+                }
     try:
         print("making tiny models, a template adapter and a bank ...")
         world = make_world(work, a.modules.split(","))

@@ -41,12 +41,33 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (  # noqa: E402
-    RESULTS_DIR, SHARED_NOTE, baseline_env, check_plugin_state, fmt, machine_info,
-    median, now_iso, plugin_env, print_table, save_json, served, server_args, write_safelora_config,
+    RESULTS_DIR,
+    SHARED_NOTE,
+    baseline_env,
+    check_plugin_state,
+    fmt,
+    machine_info,
+    median,
+    now_iso,
+    plugin_env,
+    print_table,
+    save_json,
+    served,
+    server_args,
+    write_safelora_config,
 )
 
-METRICS = ("output_throughput", "request_throughput", "median_ttft_ms", "p99_ttft_ms", "median_tpot_ms",
-           "p99_tpot_ms", "median_itl_ms", "median_e2el_ms", "p99_e2el_ms")
+METRICS = (
+    "output_throughput",
+    "request_throughput",
+    "median_ttft_ms",
+    "p99_ttft_ms",
+    "median_tpot_ms",
+    "p99_tpot_ms",
+    "median_itl_ms",
+    "median_e2el_ms",
+    "p99_e2el_ms",
+)
 
 
 def make_world(work: Path, n_adapters: int) -> dict:
@@ -59,8 +80,14 @@ def make_world(work: Path, n_adapters: int) -> dict:
     for i in range(n_adapters):
         name = f"tenant{i}/lora"
         path = work / "adapters" / f"tenant{i}" / "lora"
-        make_tiny_adapter(models.aligned, path, seed=200 + i, direction=directions[i % 3], base_dir=models.base,
-                          target_modules=("q_proj", "k_proj", "v_proj", "o_proj"))
+        make_tiny_adapter(
+            models.aligned,
+            path,
+            seed=200 + i,
+            direction=directions[i % 3],
+            base_dir=models.base,
+            target_modules=("q_proj", "k_proj", "v_proj", "o_proj"),
+        )
         adapters[name] = path
     bank = work / "bank"
     build_bank(str(models.base), str(models.aligned), bank, overwrite=True, progress=None)
@@ -69,12 +96,24 @@ def make_world(work: Path, n_adapters: int) -> dict:
 
 def world_server_args(world: dict, max_loras: int, max_num_seqs: int) -> list[str]:
     mods = [f"{name}={path}" for name, path in world["adapters"].items()]
-    return [*server_args(world["models"].aligned, max_loras=max_loras, max_num_seqs=max_num_seqs),
-            "--lora-modules", *mods]
+    return [
+        *server_args(world["models"].aligned, max_loras=max_loras, max_num_seqs=max_num_seqs),
+        "--lora-modules",
+        *mods,
+    ]
 
 
-def bench_client(base_url: str, world: dict, loras: list[str], *, num_prompts: int, input_len: int,
-                 output_len: int, concurrency: int, seed: int) -> dict:
+def bench_client(
+    base_url: str,
+    world: dict,
+    loras: list[str],
+    *,
+    num_prompts: int,
+    input_len: int,
+    output_len: int,
+    concurrency: int,
+    seed: int,
+) -> dict:
     """vLLM's serving benchmark client, in-process; returns its result dict (stdout captured)."""
     from vllm.benchmarks import serve as bs
     from vllm.utils.argparse_utils import FlexibleArgumentParser
@@ -82,14 +121,42 @@ def bench_client(base_url: str, world: dict, loras: list[str], *, num_prompts: i
     parser = FlexibleArgumentParser()
     bs.add_cli_args(parser)
     model = str(world["models"].aligned)
-    args = parser.parse_args([
-        "--backend", "openai", "--base-url", base_url, "--endpoint", "/v1/completions",
-        "--model", model, "--tokenizer", model,
-        "--dataset-name", "random", "--random-input-len", str(input_len), "--random-output-len", str(output_len),
-        "--num-prompts", str(num_prompts), "--max-concurrency", str(concurrency), "--ignore-eos",
-        "--seed", str(seed), "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,99",
-        "--lora-modules", *loras, "--lora-assignment", "round-robin", "--disable-tqdm",
-    ])
+    args = parser.parse_args(
+        [
+            "--backend",
+            "openai",
+            "--base-url",
+            base_url,
+            "--endpoint",
+            "/v1/completions",
+            "--model",
+            model,
+            "--tokenizer",
+            model,
+            "--dataset-name",
+            "random",
+            "--random-input-len",
+            str(input_len),
+            "--random-output-len",
+            str(output_len),
+            "--num-prompts",
+            str(num_prompts),
+            "--max-concurrency",
+            str(concurrency),
+            "--ignore-eos",
+            "--seed",
+            str(seed),
+            "--percentile-metrics",
+            "ttft,tpot,itl,e2el",
+            "--metric-percentiles",
+            "50,99",
+            "--lora-modules",
+            *loras,
+            "--lora-assignment",
+            "round-robin",
+            "--disable-tqdm",
+        ]
+    )
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         result = bs.main(args)
@@ -106,38 +173,64 @@ def one_run(side: str, run: int, world: dict, work: Path, a) -> dict:
     else:
         cache = work / f"cache-{run}"
         shutil.rmtree(cache, ignore_errors=True)
-        config = write_safelora_config(work / f"safelora-{run}.yaml", bank=world["bank"],
-                                       adapter_dirs=[work / "adapters"], cache_dir=cache)
+        config = write_safelora_config(
+            work / f"safelora-{run}.yaml", bank=world["bank"], adapter_dirs=[work / "adapters"], cache_dir=cache
+        )
         env = plugin_env(config)
     names = list(world["adapters"])
     out: dict = {"side": side, "run": run, "env_VLLM_PLUGINS": env.get("VLLM_PLUGINS"), "scenarios": {}}
     with served(args, env, log) as server:
         out["startup_s"] = server.startup_s
         out["plugin_check"] = check_plugin_state(server, expect_plugin=(side == "plugin"))
-        print(f"  [{side} #{run}] up in {server.startup_s:.0f}s on {server.base_url} "
-              f"(VLLM_PLUGINS={env.get('VLLM_PLUGINS')}, plugin loaded: {out['plugin_check']['plugin_loaded']})")
+        print(
+            f"  [{side} #{run}] up in {server.startup_s:.0f}s on {server.base_url} "
+            f"(VLLM_PLUGINS={env.get('VLLM_PLUGINS')}, plugin loaded: {out['plugin_check']['plugin_loaded']})"
+        )
         for scenario in a.scenarios:
             loras = names[: a.max_loras] if scenario == "steady" else names[: a.churn_adapters]
             # LoRA warm-up (vLLM's --num-warmups uses the base model): load these adapters, compile paths.
-            bench_client(server.base_url, world, loras, num_prompts=max(2 * len(loras), 8), input_len=a.input_len,
-                         output_len=a.output_len, concurrency=a.concurrency, seed=1000 + run)
+            bench_client(
+                server.base_url,
+                world,
+                loras,
+                num_prompts=max(2 * len(loras), 8),
+                input_len=a.input_len,
+                output_len=a.output_len,
+                concurrency=a.concurrency,
+                seed=1000 + run,
+            )
             t0 = time.monotonic()
-            res = bench_client(server.base_url, world, loras, num_prompts=a.num_prompts, input_len=a.input_len,
-                               output_len=a.output_len, concurrency=a.concurrency, seed=run)
+            res = bench_client(
+                server.base_url,
+                world,
+                loras,
+                num_prompts=a.num_prompts,
+                input_len=a.input_len,
+                output_len=a.output_len,
+                concurrency=a.concurrency,
+                seed=run,
+            )
             res["wall_s"] = time.monotonic() - t0
             res["loras"] = loras
             out["scenarios"][scenario] = res
-            print(f"  [{side} #{run}] {scenario:6s}: {res['output_throughput']:.1f} out tok/s, "
-                  f"TTFT median {res['median_ttft_ms']:.1f} ms / p99 {res['p99_ttft_ms']:.1f} ms, "
-                  f"TPOT median {res['median_tpot_ms']:.1f} ms, failed {res['failed']}")
+            print(
+                f"  [{side} #{run}] {scenario:6s}: {res['output_throughput']:.1f} out tok/s, "
+                f"TTFT median {res['median_ttft_ms']:.1f} ms / p99 {res['p99_ttft_ms']:.1f} ms, "
+                f"TPOT median {res['median_tpot_ms']:.1f} ms, failed {res['failed']}"
+            )
             if res["failed"]:
                 raise RuntimeError(f"{side} {scenario}: {res['failed']} requests failed; see {log}")
         if side == "plugin":
             metrics = server.metrics()
             out["plugin_metrics"] = {
-                name: metrics.by_labels(name) for name in (
-                    "safelora_adapters_total", "safelora_projections_total", "safelora_cache_requests_total",
-                    "safelora_guard_events_total", "safelora_projection_seconds_sum", "safelora_projection_seconds_count",
+                name: metrics.by_labels(name)
+                for name in (
+                    "safelora_adapters_total",
+                    "safelora_projections_total",
+                    "safelora_cache_requests_total",
+                    "safelora_guard_events_total",
+                    "safelora_projection_seconds_sum",
+                    "safelora_projection_seconds_count",
                 )
             }
     out["log"] = str(log)
@@ -154,9 +247,7 @@ def summarize(runs: list[dict], scenarios: list[str]) -> dict:
             s[side]["runs_output_throughput"] = [r["output_throughput"] for r in rs]
             s[side]["failed_total"] = sum(r["failed"] for r in rs)
         b, p = s["baseline"], s["plugin"]
-        s["ratio_plugin_over_baseline"] = {
-            m: (p[m] / b[m] if b[m] and p[m] is not None else None) for m in METRICS
-        }
+        s["ratio_plugin_over_baseline"] = {m: (p[m] / b[m] if b[m] and p[m] is not None else None) for m in METRICS}
         # Paired ratios: run i of the plugin against run i of the baseline (started right before it),
         # which cancels slow drifts in the machine's load better than a ratio of medians.
         pairs = []
@@ -164,8 +255,16 @@ def summarize(runs: list[dict], scenarios: list[str]) -> dict:
             bb = [r for r in runs if r["run"] == i and r["side"] == "baseline" and scenario in r["scenarios"]]
             pp = [r for r in runs if r["run"] == i and r["side"] == "plugin" and scenario in r["scenarios"]]
             if bb and pp:
-                pairs.append({m: (pp[0]["scenarios"][scenario][m] / bb[0]["scenarios"][scenario][m]
-                                  if bb[0]["scenarios"][scenario][m] else None) for m in METRICS})
+                pairs.append(
+                    {
+                        m: (
+                            pp[0]["scenarios"][scenario][m] / bb[0]["scenarios"][scenario][m]
+                            if bb[0]["scenarios"][scenario][m]
+                            else None
+                        )
+                        for m in METRICS
+                    }
+                )
         s["paired_ratios"] = pairs
         s["paired_ratio_median"] = {m: median(p[m] for p in pairs) for m in METRICS}
         summary[scenario] = s
@@ -178,16 +277,33 @@ def print_summary(summary: dict, scenarios: list[str]) -> None:
     rows = []
     for scenario in scenarios:
         s = summary[scenario]
-        for m, spec in (("output_throughput", ".1f"), ("median_ttft_ms", ".1f"), ("p99_ttft_ms", ".1f"),
-                        ("median_tpot_ms", ".2f"), ("p99_tpot_ms", ".2f"), ("median_e2el_ms", ".1f")):
-            rows.append([scenario, m, fmt(s["baseline"][m], spec), fmt(s["plugin"][m], spec),
-                         fmt(s["ratio_plugin_over_baseline"][m], ".3f"), fmt(s["paired_ratio_median"][m], ".3f"),
-                         " ".join(fmt(p[m], ".2f") for p in s["paired_ratios"])])
+        for m, spec in (
+            ("output_throughput", ".1f"),
+            ("median_ttft_ms", ".1f"),
+            ("p99_ttft_ms", ".1f"),
+            ("median_tpot_ms", ".2f"),
+            ("p99_tpot_ms", ".2f"),
+            ("median_e2el_ms", ".1f"),
+        ):
+            rows.append(
+                [
+                    scenario,
+                    m,
+                    fmt(s["baseline"][m], spec),
+                    fmt(s["plugin"][m], spec),
+                    fmt(s["ratio_plugin_over_baseline"][m], ".3f"),
+                    fmt(s["paired_ratio_median"][m], ".3f"),
+                    " ".join(fmt(p[m], ".2f") for p in s["paired_ratios"]),
+                ]
+            )
     print("\n== serving throughput: medians over runs (vLLM bench serve client) ==")
-    print_table(["scenario", "metric", "baseline", "plugin", "ratio of medians", "median paired ratio",
-                 "paired ratios"], rows)
-    print(f"server start-up median: baseline {summary['startup_s']['baseline']:.1f}s, "
-          f"plugin {summary['startup_s']['plugin']:.1f}s")
+    print_table(
+        ["scenario", "metric", "baseline", "plugin", "ratio of medians", "median paired ratio", "paired ratios"], rows
+    )
+    print(
+        f"server start-up median: baseline {summary['startup_s']['baseline']:.1f}s, "
+        f"plugin {summary['startup_s']['plugin']:.1f}s"
+    )
 
 
 def plot(result: dict, path: Path) -> None:
@@ -200,9 +316,14 @@ def plot(result: dict, path: Path) -> None:
     runs = result["runs"]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
     colors = {"baseline": "tab:gray", "plugin": "tab:blue"}
-    for ax, (metric, label) in zip(axes, (("output_throughput", "output tokens/s"),
-                                          ("median_ttft_ms", "TTFT ms (median; p99 hatched)"),
-                                          ("median_tpot_ms", "TPOT ms (median; p99 hatched)"))):
+    for ax, (metric, label) in zip(
+        axes,
+        (
+            ("output_throughput", "output tokens/s"),
+            ("median_ttft_ms", "TTFT ms (median; p99 hatched)"),
+            ("median_tpot_ms", "TPOT ms (median; p99 hatched)"),
+        ),
+    ):
         for i, scenario in enumerate(scenarios):
             for j, side in enumerate(("baseline", "plugin")):
                 x = i + (j - 0.5) * 0.38
@@ -213,22 +334,37 @@ def plot(result: dict, path: Path) -> None:
                 if metric != "output_throughput":
                     p99 = result["summary"][scenario][side][metric.replace("median", "p99")]
                     ax.bar(x, p99 - med, bottom=med, width=0.36, color="none", edgecolor=colors[side], hatch="//")
-        ax.set_xticks(range(len(scenarios)),
-                      [f"{s}\n({result['config']['max_loras'] if s == 'steady' else result['config']['churn_adapters']}"
-                       f" adapters, --max-loras {result['config']['max_loras']})" for s in scenarios], fontsize=8)
+        ax.set_xticks(
+            range(len(scenarios)),
+            [
+                f"{s}\n({result['config']['max_loras'] if s == 'steady' else result['config']['churn_adapters']}"
+                f" adapters, --max-loras {result['config']['max_loras']})"
+                for s in scenarios
+            ],
+            fontsize=8,
+        )
         ax.set_title(label)
         if metric == "output_throughput":
             for i, scenario in enumerate(scenarios):
                 r = result["summary"][scenario]["ratio_plugin_over_baseline"]["output_throughput"]
                 top = result["summary"][scenario]["plugin"][metric]
-                ax.annotate(f"plugin/baseline\n{r:.2f} (paired "
-                            f"{result['summary'][scenario]['paired_ratio_median'][metric]:.2f})", (i + 0.19, top), ha="center", va="bottom", fontsize=8)
+                ax.annotate(
+                    f"plugin/baseline\n{r:.2f} (paired "
+                    f"{result['summary'][scenario]['paired_ratio_median'][metric]:.2f})",
+                    (i + 0.19, top),
+                    ha="center",
+                    va="bottom",
+                    fontsize=8,
+                )
             ax.margins(y=0.15)
         ax.legend(fontsize=8)
-    fig.suptitle(f"tiny Llama, vLLM bench serve: random {result['config']['input_len']} in / "
-                 f"{result['config']['output_len']} out, concurrency {result['config']['concurrency']}, "
-                 f"{result['config']['num_prompts']} prompts; medians of {result['config']['repeats']} alternating "
-                 f"runs (shared 2-core CPU)", fontsize=9)
+    fig.suptitle(
+        f"tiny Llama, vLLM bench serve: random {result['config']['input_len']} in / "
+        f"{result['config']['output_len']} out, concurrency {result['config']['concurrency']}, "
+        f"{result['config']['num_prompts']} prompts; medians of {result['config']['repeats']} alternating "
+        f"runs (shared 2-core CPU)",
+        fontsize=9,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -246,9 +382,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-num-seqs", type=int, default=8)
     p.add_argument("--churn-adapters", type=int, default=6, help="adapters in the churn scenario (> --max-loras)")
     p.add_argument("--scenarios", nargs="+", default=["steady", "churn"], choices=["steady", "churn"])
-    p.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/serving_throughput.json)")
+    p.add_argument(
+        "--out", type=Path, default=None, help="JSON path (default benchmarks/results/serving_throughput.json)"
+    )
     p.add_argument("--workdir", type=Path, default=None, help="scratch directory (default: a temp dir, removed)")
-    p.add_argument("--plot-only", type=Path, default=None, metavar="JSON", help="re-summarise a saved result (JSON updated) and redraw its PNG")
+    p.add_argument(
+        "--plot-only",
+        type=Path,
+        default=None,
+        metavar="JSON",
+        help="re-summarise a saved result (JSON updated) and redraw its PNG",
+    )
     return p
 
 
@@ -274,17 +418,30 @@ def main(argv: list[str] | None = None) -> int:
     a.log_dir = Path(tempfile.mkdtemp(prefix="safelora-tput-logs-"))  # kept: server logs for inspection
     print(f"server logs: {a.log_dir}")
     result: dict = {
-        "benchmark": "serving_throughput", "date": now_iso(), "quick": a.quick,
-        "command": " ".join(["python", "benchmarks/serving_throughput.py", *(argv if argv is not None else sys.argv[1:])]),
-        "machine": machine_info(), "note": SHARED_NOTE,
+        "benchmark": "serving_throughput",
+        "date": now_iso(),
+        "quick": a.quick,
+        "command": " ".join(
+            ["python", "benchmarks/serving_throughput.py", *(argv if argv is not None else sys.argv[1:])]
+        ),
+        "machine": machine_info(),
+        "note": SHARED_NOTE,
         "config": {
-            "repeats": a.repeats, "num_prompts": a.num_prompts, "input_len": a.input_len, "output_len": a.output_len,
-            "concurrency": a.concurrency, "max_loras": a.max_loras, "max_num_seqs": a.max_num_seqs,
-            "churn_adapters": a.churn_adapters, "scenarios": a.scenarios, "dataset": "random",
-            "lora_assignment": "round-robin", "model": "vllm_safelora.tiny (hidden 128, 2 layers, head_dim 64, fp32)",
+            "repeats": a.repeats,
+            "num_prompts": a.num_prompts,
+            "input_len": a.input_len,
+            "output_len": a.output_len,
+            "concurrency": a.concurrency,
+            "max_loras": a.max_loras,
+            "max_num_seqs": a.max_num_seqs,
+            "churn_adapters": a.churn_adapters,
+            "scenarios": a.scenarios,
+            "dataset": "random",
+            "lora_assignment": "round-robin",
+            "model": "vllm_safelora.tiny (hidden 128, 2 layers, head_dim 64, fp32)",
             "adapters": "rank 8 on q,k,v,o; directions cycle orthogonal/random/aligned; all given via --lora-modules",
-            "policy": "threshold 0.35, approx", "server_flags": " ".join(server_args("MODEL", max_loras=a.max_loras,
-                                                                                     max_num_seqs=a.max_num_seqs)[2:]),
+            "policy": "threshold 0.35, approx",
+            "server_flags": " ".join(server_args("MODEL", max_loras=a.max_loras, max_num_seqs=a.max_num_seqs)[2:]),
             "env": "VLLM_CPU_KVCACHE_SPACE=1; baseline VLLM_PLUGINS=none; plugin VLLM_PLUGINS=safelora,safelora_routes",
         },
         "runs": [],

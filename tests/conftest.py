@@ -106,18 +106,34 @@ class TinyAdapterFactory:
         from vllm_safelora.tiny import make_tiny_adapter
 
         key = (
-            direction, str(dtype), rank, float(alpha), tuple(target_modules), use_rslora,
-            tuple(sorted((rank_pattern or {}).items())), tuple(sorted((alpha_pattern or {}).items())),
-            seed, float(scale),
+            direction,
+            str(dtype),
+            rank,
+            float(alpha),
+            tuple(target_modules),
+            use_rslora,
+            tuple(sorted((rank_pattern or {}).items())),
+            tuple(sorted((alpha_pattern or {}).items())),
+            seed,
+            float(scale),
         )
         with self._lock:
             if key not in self._cache:
                 out = self.root / f"adapter-{len(self._cache):03d}-{direction}"
                 make_tiny_adapter(
-                    self.models.aligned, out, seed=seed, rank=rank, alpha=alpha,
-                    target_modules=tuple(target_modules), dtype=dtype, direction=direction,
-                    base_dir=self.models.base, use_rslora=use_rslora, rank_pattern=rank_pattern,
-                    alpha_pattern=alpha_pattern, scale=scale,
+                    self.models.aligned,
+                    out,
+                    seed=seed,
+                    rank=rank,
+                    alpha=alpha,
+                    target_modules=tuple(target_modules),
+                    dtype=dtype,
+                    direction=direction,
+                    base_dir=self.models.base,
+                    use_rslora=use_rslora,
+                    rank_pattern=rank_pattern,
+                    alpha_pattern=alpha_pattern,
+                    scale=scale,
                 )
                 self._cache[key] = out
             return self._cache[key]

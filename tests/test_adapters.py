@@ -63,7 +63,9 @@ def base_tensors(r: int = 4, dtype=torch.float32) -> dict[str, torch.Tensor]:
     }
 
 
-def write_adapter(d: Path, config: dict | bytes | None = None, tensors: dict | None = None, weights: bytes | None = None) -> Path:
+def write_adapter(
+    d: Path, config: dict | bytes | None = None, tensors: dict | None = None, weights: bytes | None = None
+) -> Path:
     """A hand-made adapter directory. ``weights`` (raw bytes) wins over ``tensors``."""
     d.mkdir(parents=True, exist_ok=True)
     if config is None:
@@ -127,8 +129,11 @@ def test_reads_half_precision_adapters(tiny_adapter_factory, dtype):
 
 def test_rslora_rank_and_alpha_patterns(tiny_adapter_factory):
     path = tiny_adapter_factory(
-        "random", target_modules=("q_proj", "k_proj", "v_proj", "o_proj"), use_rslora=True,
-        rank_pattern={"q_proj": 4, "layers.1.self_attn.v_proj": 2}, alpha_pattern={"v_proj": 4},
+        "random",
+        target_modules=("q_proj", "k_proj", "v_proj", "o_proj"),
+        use_rslora=True,
+        rank_pattern={"q_proj": 4, "layers.1.self_attn.v_proj": 2},
+        alpha_pattern={"v_proj": 4},
     )
     a = read_adapter(path)
     expect = {
@@ -153,8 +158,11 @@ def test_scale_matches_peft(tiny_adapter_factory, tiny_models):
     from transformers import AutoModelForCausalLM
 
     path = tiny_adapter_factory(
-        "random", target_modules=("q_proj", "v_proj"), use_rslora=True,
-        rank_pattern={"q_proj": 4}, alpha_pattern={"layers.1.self_attn.v_proj": 3},
+        "random",
+        target_modules=("q_proj", "v_proj"),
+        use_rslora=True,
+        rank_pattern={"q_proj": 4},
+        alpha_pattern={"layers.1.self_attn.v_proj": 3},
     )
     a = read_adapter(path)
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tiny_models.aligned)), str(path))
@@ -293,8 +301,10 @@ def test_non_finite(tmp_path, value):
     refused(d, RefusalReason.NON_FINITE, must_name=[MOD_V])
 
 
-@pytest.mark.parametrize("dtype,code", [(torch.int32, "I32"), (torch.int64, "I64"), (torch.bool, "BOOL"),
-                                        (torch.float64, "F64"), (torch.uint8, "U8")])
+@pytest.mark.parametrize(
+    "dtype,code",
+    [(torch.int32, "I32"), (torch.int64, "I64"), (torch.bool, "BOOL"), (torch.float64, "F64"), (torch.uint8, "U8")],
+)
 def test_bad_dtypes(tmp_path, dtype, code):
     tensors = base_tensors()
     tensors[key(MOD, "A")] = torch.ones(4, 16).to(dtype)
@@ -353,8 +363,12 @@ def test_rank_above_limit(tmp_path):
 def test_adapter_larger_than_limit(tmp_path):
     d = write_adapter(tmp_path / "a")
     size = (d / WEIGHTS_FILE).stat().st_size
-    refused(d, RefusalReason.TOO_LARGE, must_name=[WEIGHTS_FILE, str(size), "limit is 200"],
-            limits=ReadLimits(max_bytes=200))
+    refused(
+        d,
+        RefusalReason.TOO_LARGE,
+        must_name=[WEIGHTS_FILE, str(size), "limit is 200"],
+        limits=ReadLimits(max_bytes=200),
+    )
     assert read_adapter(d, limits=ReadLimits(max_bytes=size)).modules
 
 
@@ -397,10 +411,12 @@ def test_header_not_an_object(tmp_path):
 
 def test_overlapping_offsets(tmp_path):
     a, b = key(MOD, "A"), key(MOD, "B")
-    header = json.dumps({
-        a: {"dtype": "F32", "shape": [1, 2], "data_offsets": [0, 8]},
-        b: {"dtype": "F32", "shape": [2, 1], "data_offsets": [4, 12]},
-    })
+    header = json.dumps(
+        {
+            a: {"dtype": "F32", "shape": [1, 2], "data_offsets": [0, 8]},
+            b: {"dtype": "F32", "shape": [2, 1], "data_offsets": [4, 12]},
+        }
+    )
     d = write_adapter(tmp_path / "a", config=base_config(r=1), weights=raw_safetensors(header, b"\0" * 12))
     refused(d, RefusalReason.MALFORMED_TENSORS, must_name=[WEIGHTS_FILE, a, b, "overlap"])
 
@@ -561,8 +577,7 @@ def test_content_hash_stable_and_sensitive(tmp_path):
     (d / "README.md").write_text("notes")
     assert read_adapter(d).content_hash == h1
     # a copy elsewhere, under another name: same content, same hash
-    copy = write_adapter(tmp_path / "b", weights=(d / WEIGHTS_FILE).read_bytes(),
-                         config=(d / CONFIG_FILE).read_bytes())
+    copy = write_adapter(tmp_path / "b", weights=(d / WEIGHTS_FILE).read_bytes(), config=(d / CONFIG_FILE).read_bytes())
     assert read_adapter(copy, name="other").content_hash == h1
 
     # one byte of tensor data (lowest mantissa byte of the first float: stays finite)

@@ -45,8 +45,11 @@ def handmade(header_items: list[tuple[str, torch.Tensor]]) -> bytes:
     header, blobs, offset = {}, [], 0
     for name, t in header_items:
         data = t.contiguous().numpy().tobytes()
-        header[name] = {"dtype": {torch.float32: "F32", torch.float16: "F16"}[t.dtype], "shape": list(t.shape),
-                        "data_offsets": [offset, offset + len(data)]}
+        header[name] = {
+            "dtype": {torch.float32: "F32", torch.float16: "F16"}[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + len(data)],
+        }
         blobs.append(data)
         offset += len(data)
     text = json.dumps(header).encode()
@@ -77,13 +80,30 @@ def same_outcome(name, mapper=None) -> None:
 
 
 HOSTILE_NAMES = [
-    key(MOD, "A"), f"{MOD}.lora_A.weight", f"base_model.model.base_model.model.{MOD}.lora_B.weight",
-    f"base_model.model.base_model.base_model.model.model.{MOD}.lora_A.weight", f"x.base_model.model.{MOD}.lora_A.weight",
-    f"base_model.model.{MOD}.lora_A.default.weight", f"{MOD}.lora_A.bias",
-    "lora_A.weight", "base_model.model.lora_B.weight", ".lora_A.weight", "weight", "", ".", "..",
-    "base_model.model.model.embed_tokens.lora_embedding_A", "lm_head.lora_embedding_B", "model.score.weight",
-    "classifier.bias", "base_model.model.score.bias", f"{MOD}.lora_magnitude_vector", "model.embed_tokens.base_layer.weight",
-    f"{MOD}.base_layer.lora_A.weight", "base_model.model.", "base_model.modelXlayers.lora_A.weight",
+    key(MOD, "A"),
+    f"{MOD}.lora_A.weight",
+    f"base_model.model.base_model.model.{MOD}.lora_B.weight",
+    f"base_model.model.base_model.base_model.model.model.{MOD}.lora_A.weight",
+    f"x.base_model.model.{MOD}.lora_A.weight",
+    f"base_model.model.{MOD}.lora_A.default.weight",
+    f"{MOD}.lora_A.bias",
+    "lora_A.weight",
+    "base_model.model.lora_B.weight",
+    ".lora_A.weight",
+    "weight",
+    "",
+    ".",
+    "..",
+    "base_model.model.model.embed_tokens.lora_embedding_A",
+    "lm_head.lora_embedding_B",
+    "model.score.weight",
+    "classifier.bias",
+    "base_model.model.score.bias",
+    f"{MOD}.lora_magnitude_vector",
+    "model.embed_tokens.base_layer.weight",
+    f"{MOD}.base_layer.lora_A.weight",
+    "base_model.model.",
+    "base_model.modelXlayers.lora_A.weight",
 ]
 
 
@@ -93,8 +113,26 @@ def test_parser_equals_vllms_on_hostile_names(name):
 
 
 _PARTS = st.sampled_from(
-    ["base_model", "model", "lora_A", "lora_B", "weight", "bias", "score", "classifier", "lora_embedding_A",
-     "lora_embedding_B", "default", "layers", "0", "q_proj", "", "base_model.model", "experts", "base_layer"]
+    [
+        "base_model",
+        "model",
+        "lora_A",
+        "lora_B",
+        "weight",
+        "bias",
+        "score",
+        "classifier",
+        "lora_embedding_A",
+        "lora_embedding_B",
+        "default",
+        "layers",
+        "0",
+        "q_proj",
+        "",
+        "base_model.model",
+        "experts",
+        "base_layer",
+    ]
 )
 
 
@@ -122,7 +160,9 @@ def test_served_parser_differs_only_where_the_reader_refuses(tmp_path):
     elsewhere); all other names map as with the default parser."""
     served = llama_parser()
     differing = []
-    for i, name in enumerate(HOSTILE_NAMES + [key(f"model.layers.1.mlp.{p}", w) for p in ("gate_proj", "down_proj") for w in "AB"]):
+    for i, name in enumerate(
+        HOSTILE_NAMES + [key(f"model.layers.1.mlp.{p}", w) for p in ("gate_proj", "down_proj") for w in "AB"]
+    ):
         try:
             same = served(name) == parse_lora_name(name)
         except ValueError:
@@ -144,13 +184,27 @@ COLLISIONS = {
     "prefixed-and-bare-A": [(key(MOD, "A"), A4), (f"{MOD}.lora_A.weight", A4 * 100), (key(MOD, "B"), B4)],
     "bare-then-prefixed-A": [(f"{MOD}.lora_A.weight", A4 * 100), (key(MOD, "A"), A4), (key(MOD, "B"), B4)],
     "prefixed-and-bare-B": [(key(MOD, "A"), A4), (key(MOD, "B"), B4), (f"{MOD}.lora_B.weight", B4 * 100)],
-    "both-halves": [(key(MOD, "A"), A4), (key(MOD, "B"), B4), (f"{MOD}.lora_A.weight", A4), (f"{MOD}.lora_B.weight", B4)],
-    "double-prefix": [(key(MOD, "A"), A4), (f"base_model.model.base_model.model.{MOD}.lora_A.weight", A4), (key(MOD, "B"), B4)],
+    "both-halves": [
+        (key(MOD, "A"), A4),
+        (key(MOD, "B"), B4),
+        (f"{MOD}.lora_A.weight", A4),
+        (f"{MOD}.lora_B.weight", B4),
+    ],
+    "double-prefix": [
+        (key(MOD, "A"), A4),
+        (f"base_model.model.base_model.model.{MOD}.lora_A.weight", A4),
+        (key(MOD, "B"), B4),
+    ],
     "prefix-rebuilt-by-replace": [
-        (key(MOD, "A"), A4), (f"base_model.model.base_model.base_model.model.model.{MOD}.lora_A.weight", A4),
-        (key(MOD, "B"), B4)],
-    "inner-prefix": [(key(MOD, "B"), B4), ("base_model.model.model.base_model.model.layers.0.self_attn.q_proj.lora_B.weight", B4),
-                     (key(MOD, "A"), A4)],
+        (key(MOD, "A"), A4),
+        (f"base_model.model.base_model.base_model.model.model.{MOD}.lora_A.weight", A4),
+        (key(MOD, "B"), B4),
+    ],
+    "inner-prefix": [
+        (key(MOD, "B"), B4),
+        ("base_model.model.model.base_model.model.layers.0.self_attn.q_proj.lora_B.weight", B4),
+        (key(MOD, "A"), A4),
+    ],
 }
 
 
@@ -164,14 +218,17 @@ def test_two_tensors_for_one_module_half_are_refused(tmp_path, case):
     assert info.value.reason in (R.DUPLICATE_MODULE, R.UNEXPECTED_TENSOR)
 
 
-@pytest.mark.parametrize("name,reason,fragment", [
-    (f"base_model.model.{MOD}.lora_A.default.weight", R.UNEXPECTED_TENSOR, "vLLM can map"),
-    ("base_model.model.lora_A.weight", R.UNEXPECTED_TENSOR, "names no module"),
-    ("base_model.model.model.score.weight", R.UNSUPPORTED_FEATURE, "full 'score' module"),
-    ("classifier.bias", R.UNSUPPORTED_FEATURE, "full 'classifier' module"),
-    ("base_model.model.model.embed_tokens.lora_embedding_A", R.UNSUPPORTED_FEATURE, "embedding LoRA"),
-    ("model.embed_tokens.base_layer.weight", R.UNEXPECTED_TENSOR, "vLLM can map"),
-])
+@pytest.mark.parametrize(
+    "name,reason,fragment",
+    [
+        (f"base_model.model.{MOD}.lora_A.default.weight", R.UNEXPECTED_TENSOR, "vLLM can map"),
+        ("base_model.model.lora_A.weight", R.UNEXPECTED_TENSOR, "names no module"),
+        ("base_model.model.model.score.weight", R.UNSUPPORTED_FEATURE, "full 'score' module"),
+        ("classifier.bias", R.UNSUPPORTED_FEATURE, "full 'classifier' module"),
+        ("base_model.model.model.embed_tokens.lora_embedding_A", R.UNSUPPORTED_FEATURE, "embedding LoRA"),
+        ("model.embed_tokens.base_layer.weight", R.UNEXPECTED_TENSOR, "vLLM can map"),
+    ],
+)
 def test_tensors_vllm_would_skip_or_misplace_are_refused(tmp_path, name, reason, fragment):
     t = base_tensors()
     t[name] = torch.zeros(4, 16)
@@ -232,21 +289,27 @@ def rank_one(a: float, b: float, r: int = 4, d_in: int = 16) -> dict[str, torch.
     return t
 
 
-@pytest.mark.parametrize("config,fragment", [
-    (dict(lora_alpha=1e30), "lora_alpha is 1e+30"),
-    (dict(lora_alpha=-1e30), "lora_alpha is -1e+30"),
-    (dict(lora_alpha=4097), "lora_alpha is 4097"),
-    (dict(alpha_pattern={"q_proj": 1e30}), "alpha_pattern['q_proj']"),
-    (dict(alpha_pattern={"v_proj": 5e3}), "alpha_pattern['v_proj']"),
-])
+@pytest.mark.parametrize(
+    "config,fragment",
+    [
+        (dict(lora_alpha=1e30), "lora_alpha is 1e+30"),
+        (dict(lora_alpha=-1e30), "lora_alpha is -1e+30"),
+        (dict(lora_alpha=4097), "lora_alpha is 4097"),
+        (dict(alpha_pattern={"q_proj": 1e30}), "alpha_pattern['q_proj']"),
+        (dict(alpha_pattern={"v_proj": 5e3}), "alpha_pattern['v_proj']"),
+    ],
+)
 def test_alpha_is_bounded(tmp_path, config, fragment):
     refused(write_adapter(tmp_path / "a", config=base_config(**config)), R.UPDATE_OVERFLOW, must_name=[fragment])
 
 
-@pytest.mark.parametrize("serve,value,fragment", [
-    (torch.float16, 1e5, "float16"),  # an F32 value that is Inf in F16
-    (torch.bfloat16, 3.4e38, "bfloat16"),  # rounds up to Inf in BF16
-])
+@pytest.mark.parametrize(
+    "serve,value,fragment",
+    [
+        (torch.float16, 1e5, "float16"),  # an F32 value that is Inf in F16
+        (torch.bfloat16, 3.4e38, "bfloat16"),  # rounds up to Inf in BF16
+    ],
+)
 def test_tensor_infinite_after_vllms_cast(tmp_path, serve, value, fragment):
     t = base_tensors()
     t[key(MOD, "A")][0, 0] = value
@@ -280,26 +343,41 @@ def test_rslora_scale_is_the_one_checked(tmp_path):
     b = 0.75 * limit / 2  # plain: 2 * b = 0.75 limit; rslora: 4 * b = 1.5 limit
     t = rank_one(1.0, b)
     assert read_adapter(write_adapter(tmp_path / "plain", tensors=t), limits=limits).modules
-    refused(write_adapter(tmp_path / "rs", config=base_config(use_rslora=True), tensors=t), R.UPDATE_OVERFLOW,
-            must_name=["s = 4"], limits=limits)
+    refused(
+        write_adapter(tmp_path / "rs", config=base_config(use_rslora=True), tensors=t),
+        R.UPDATE_OVERFLOW,
+        must_name=["s = 4"],
+        limits=limits,
+    )
 
 
 def test_large_lora_a_is_refused_for_the_intermediate(tmp_path):
     # x @ A^T is computed before B: a huge A overflows there however small B is.
     limits = ReadLimits(serve_dtype=torch.float16)
-    refused(write_adapter(tmp_path / "a", tensors=rank_one(1e3, 1e-9)), R.UPDATE_OVERFLOW, must_name=["|lora_A| reaches"],
-            limits=limits)
+    refused(
+        write_adapter(tmp_path / "a", tensors=rank_one(1e3, 1e-9)),
+        R.UPDATE_OVERFLOW,
+        must_name=["|lora_A| reaches"],
+        limits=limits,
+    )
 
 
-@pytest.mark.parametrize("config,reason,fragment", [
-    (dict(use_rslora="yes"), R.INVALID_CONFIG, "use_rslora must be true or false"),
-    (dict(rank_pattern={"nothing_matches": 64}), R.RANK_TOO_LARGE, "rank_pattern['nothing_matches'] is 64"),
-    (dict(rank_pattern={"q_proj": 0}), R.INVALID_CONFIG, "must be a positive integer"),
-    (dict(alpha_pattern={"q_proj": "x"}), R.INVALID_CONFIG, "must be a finite number"),
-])
+@pytest.mark.parametrize(
+    "config,reason,fragment",
+    [
+        (dict(use_rslora="yes"), R.INVALID_CONFIG, "use_rslora must be true or false"),
+        (dict(rank_pattern={"nothing_matches": 64}), R.RANK_TOO_LARGE, "rank_pattern['nothing_matches'] is 64"),
+        (dict(rank_pattern={"q_proj": 0}), R.INVALID_CONFIG, "must be a positive integer"),
+        (dict(alpha_pattern={"q_proj": "x"}), R.INVALID_CONFIG, "must be a finite number"),
+    ],
+)
 def test_rslora_and_pattern_values_are_checked(tmp_path, config, reason, fragment):
-    refused(write_adapter(tmp_path / "a", config=base_config(**config)), reason, must_name=[fragment],
-            limits=ReadLimits(max_rank=8))
+    refused(
+        write_adapter(tmp_path / "a", config=base_config(**config)),
+        reason,
+        must_name=[fragment],
+        limits=ReadLimits(max_rank=8),
+    )
 
 
 def test_cauchy_schwarz_bound_first_exact_only_when_needed(tmp_path, monkeypatch):
@@ -350,15 +428,23 @@ def test_exact_max_matches_dense():
 
 
 def zero_size_flood(n: int) -> bytes:
-    header = {f"base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight": {"dtype": "F32", "shape": [0, 128],
-              "data_offsets": [0, 0]} for i in range(n)}
+    header = {
+        f"base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight": {
+            "dtype": "F32",
+            "shape": [0, 128],
+            "data_offsets": [0, 0],
+        }
+        for i in range(n)
+    }
     text = json.dumps(header).encode()
     return struct.pack("<Q", len(text)) + text
 
 
 def parse_bytes(config: dict, weights: bytes, limits: ReadLimits):
-    return parse_adapter(AdapterFiles(path=None, name="flood", config_bytes=json.dumps(config).encode(),
-                                      weights_bytes=weights), limits=limits)
+    return parse_adapter(
+        AdapterFiles(path=None, name="flood", config_bytes=json.dumps(config).encode(), weights_bytes=weights),
+        limits=limits,
+    )
 
 
 def refused_parse(reason, fragment, config, weights, limits):
@@ -402,7 +488,9 @@ def test_a_huge_file_with_a_hostile_header_is_not_read(tmp_path, header):
     with open(d / adapters.WEIGHTS_FILE, "r+b") as f:
         f.truncate(256 << 20)
     tracemalloc.start()
-    refused(d, R.TOO_LARGE, must_name=["header is 200000 bytes" if header == "long" else "holds 400 tensors"], limits=limits)
+    refused(
+        d, R.TOO_LARGE, must_name=["header is 200000 bytes" if header == "long" else "holds 400 tensors"], limits=limits
+    )
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     assert peak < 4 << 20, peak
@@ -419,28 +507,44 @@ def test_tensor_count_refused_before_json(no_tensor_parsing):
 
 def test_tensor_count_after_json_counts_entries(tmp_path):
     t = base_tensors()
-    refused(write_adapter(tmp_path / "a", tensors=t), R.TOO_LARGE, must_name=["holds 4 tensors", "at most 3"],
-            limits=ReadLimits(max_tensors=3))
+    refused(
+        write_adapter(tmp_path / "a", tensors=t),
+        R.TOO_LARGE,
+        must_name=["holds 4 tensors", "at most 3"],
+        limits=ReadLimits(max_tensors=3),
+    )
     assert read_adapter(tmp_path / "a", limits=ReadLimits(max_tensors=4)).modules
 
 
 def test_per_tensor_elements_are_bounded(tmp_path):
-    refused(write_adapter(tmp_path / "a"), R.TOO_LARGE, must_name=["64 elements", "at most 63"],
-            limits=ReadLimits(max_tensor_elements=63))
+    refused(
+        write_adapter(tmp_path / "a"),
+        R.TOO_LARGE,
+        must_name=["64 elements", "at most 63"],
+        limits=ReadLimits(max_tensor_elements=63),
+    )
 
 
-@pytest.mark.parametrize("config,fragment", [
-    (b"[" * 100_000 + b"]" * 100_000, "nests JSON too deeply"),
-    (json.dumps({**base_config(), "x": json.loads("[" * 20 + "]" * 20)}).encode(), "more than 16 levels"),
-])
+@pytest.mark.parametrize(
+    "config,fragment",
+    [
+        (b"[" * 100_000 + b"]" * 100_000, "nests JSON too deeply"),
+        (json.dumps({**base_config(), "x": json.loads("[" * 20 + "]" * 20)}).encode(), "more than 16 levels"),
+    ],
+)
 def test_config_depth_is_bounded(tmp_path, config, fragment):
     refused(write_adapter(tmp_path / "a", config=config), R.INVALID_CONFIG, must_name=[fragment])
 
 
 def test_deep_header_json_is_refused():
     text = b"[" * 50_000 + b"]" * 50_000
-    refused_parse(R.MALFORMED_TENSORS, "too deeply", base_config(), struct.pack("<Q", len(text)) + text,
-                  ReadLimits(max_header_bytes=1 << 20))
+    refused_parse(
+        R.MALFORMED_TENSORS,
+        "too deeply",
+        base_config(),
+        struct.pack("<Q", len(text)) + text,
+        ReadLimits(max_header_bytes=1 << 20),
+    )
 
 
 def test_config_size_limit_is_a_field(tmp_path):
@@ -509,8 +613,9 @@ def served_check():
 
     return lambda max_rank=8: ReadLimits(
         max_rank=max_rank,
-        check_config=lambda cfg: peft_helper_problems(cfg, lora_config=LoRAConfig(max_lora_rank=max_rank),
-                                                      max_position_embeddings=256),
+        check_config=lambda cfg: peft_helper_problems(
+            cfg, lora_config=LoRAConfig(max_lora_rank=max_rank), max_position_embeddings=256
+        ),
     )
 
 
@@ -528,8 +633,14 @@ def test_config_hook_problems_are_refused_with_their_words(tmp_path):
 
 
 def test_served_check_accepts_what_vllm_accepts(tmp_path, served_check):
-    for i, cfg in enumerate([base_config(), base_config(init_lora_weights="gaussian"), base_config(use_rslora=True),
-                             base_config(rank_pattern={"q_proj": 4}, alpha_pattern={"v_proj": 3.5})]):
+    for i, cfg in enumerate(
+        [
+            base_config(),
+            base_config(init_lora_weights="gaussian"),
+            base_config(use_rslora=True),
+            base_config(rank_pattern={"q_proj": 4}, alpha_pattern={"v_proj": 3.5}),
+        ]
+    ):
         assert not vllm_refuses(cfg)
         assert read_adapter(write_adapter(tmp_path / str(i), config=cfg), limits=served_check()).modules
 
@@ -559,8 +670,9 @@ def test_read_limits_follow_the_served_vllm(tiny_models, monkeypatch, dtype):
     from vllm_safelora.integration.vllm_rules import read_limits_for
 
     monkeypatch.setenv("VLLM_PLUGINS", "none")  # this process must not start the plugin itself
-    vllm_config = EngineArgs(model=str(tiny_models.aligned), enable_lora=True, max_lora_rank=8, dtype=dtype,
-                             max_model_len=256).create_engine_config()
+    vllm_config = EngineArgs(
+        model=str(tiny_models.aligned), enable_lora=True, max_lora_rank=8, dtype=dtype, max_model_len=256
+    ).create_engine_config()
     limits = read_limits_for(vllm_config, SafeLoRASettings.model_construct(max_adapter_bytes=256 * 1024))
     # 2 layers x 7 linear modules x 2 tensors x 2 slack; widest projection 256 (intermediate) x 4 x rank 8
     assert (limits.max_rank, limits.max_tensors, limits.max_tensor_elements) == (8, 56, 8192)

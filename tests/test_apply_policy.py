@@ -168,7 +168,9 @@ def test_projected_lora_B_matches_dense(
         assert len(selected) >= policy.topk
     if direction != "orthogonal":  # well-conditioned: the dense cosines pick the same modules
         dense_cos = {
-            n: round_cosine(dense_cosine(bank_dense_C(bank, tiny_deltas, n, policy.projection.value), m.lora_B, m.lora_A))
+            n: round_cosine(
+                dense_cosine(bank_dense_C(bank, tiny_deltas, n, policy.projection.value), m.lora_B, m.lora_A)
+            )
             for n, m in adapter.modules.items()
         }
         assert selected == selection_rule(dense_cos, policy)
@@ -199,8 +201,11 @@ def test_all_attention_and_mlp_modules(tiny_adapter_factory, tiny_bank, tiny_del
 
 def test_rslora_and_patterns(tiny_adapter_factory, tiny_bank, tiny_deltas):
     path = tiny_adapter_factory(
-        "orthogonal", target_modules=ATTN, use_rslora=True,
-        rank_pattern={"q_proj": 4, "layers.1.self_attn.v_proj": 2}, alpha_pattern={"v_proj": 4},
+        "orthogonal",
+        target_modules=ATTN,
+        use_rslora=True,
+        rank_pattern={"q_proj": 4, "layers.1.self_attn.v_proj": 2},
+        alpha_pattern={"v_proj": 4},
     )
     adapter = read_adapter(path)
     policy = SafeLoRAConfig(select="topk", topk=4)
@@ -272,9 +277,7 @@ def test_report_fields(tiny_adapter_random, tiny_bank, tiny_deltas, tmp_path):
     assert s.min_cosine == pytest.approx(min(cos.values()), abs=2e-5)
     assert s.mean_cosine == pytest.approx(sum(cos.values()) / len(cos), abs=2e-5)
     assert 0 < s.seconds <= wall and s.refusal is None  # the projection's own time, inside the call
-    assert s.max_bank_error_bound == max(
-        tiny_bank.manifest.module(n).approx_error_bound for n in adapter.modules
-    )
+    assert s.max_bank_error_bound == max(tiny_bank.manifest.module(n).approx_error_bound for n in adapter.modules)
 
     # Pdst: 1 for projected modules, 1 / (1 + ||C B - B||_F) for kept ones (dense)
     terms = []
@@ -340,7 +343,10 @@ def test_base_model_mismatch_refused_and_alias_accepts(tiny_adapter_factory, tin
     # an alias recorded in the bank's manifest works the same
     aliased = AlignmentBank(
         manifest=tiny_bank.manifest.model_copy(update={"aliases": ["meta-llama/Llama-2-7b-hf"]}),
-        subspaces=tiny_bank.subspaces, device=tiny_bank.device, nbytes=tiny_bank.nbytes, path=tiny_bank.path,
+        subspaces=tiny_bank.subspaces,
+        device=tiny_bank.device,
+        nbytes=tiny_bank.nbytes,
+        path=tiny_bank.path,
     )
     check_compatible(adapter, aliased)
 
@@ -432,8 +438,13 @@ def full_rank_setup(tmp_path_factory):
     build_bank(str(root / "base"), str(root / "aligned"), root / "bank", progress=None)
     adapter = root / "adapter"
     adapter.mkdir()
-    cfg = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "base_model_name_or_path": str(root / "aligned"),
-           "target_modules": ["q_proj", "gate_proj"]}
+    cfg = {
+        "peft_type": "LORA",
+        "r": 4,
+        "lora_alpha": 8,
+        "base_model_name_or_path": str(root / "aligned"),
+        "target_modules": ["q_proj", "gate_proj"],
+    }
     (adapter / CONFIG_FILE).write_text(json.dumps(cfg))
     tensors = {}
     for m, (d_out, d_in) in shapes.items():
@@ -476,7 +487,9 @@ def test_no_exact_note_on_numerically_low_rank_bank(tiny_adapter_random, tiny_ba
 # Writing, and what PEFT makes of the result
 
 
-def test_written_adapter_merges_in_peft_to_dense_reference(tiny_adapter_random, tiny_models, tiny_bank, tiny_deltas, tmp_path):
+def test_written_adapter_merges_in_peft_to_dense_reference(
+    tiny_adapter_random, tiny_models, tiny_bank, tiny_deltas, tmp_path
+):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -574,15 +587,31 @@ def test_write_projected_refuses_existing_without_overwrite(tiny_adapter_random,
 
 @pytest.mark.parametrize(
     "old, outcome, refusal",
-    [({"outcome": "projected"}, "modified", None), ({"outcome": "rejected", "rejection": "too similar"}, "refused", "too similar"),
-     ({"outcome": "unchanged"}, "unchanged", None), ({"outcome": "refused", "refusal": "x"}, "refused", "x")],
+    [
+        ({"outcome": "projected"}, "modified", None),
+        ({"outcome": "rejected", "rejection": "too similar"}, "refused", "too similar"),
+        ({"outcome": "unchanged"}, "unchanged", None),
+        ({"outcome": "refused", "refusal": "x"}, "refused", "x"),
+    ],
 )
 def test_reports_written_with_the_old_words_still_read(old, outcome, refusal):
     from vllm_safelora.report import ReportSummary
 
-    fields = dict(modules=1, projected=0, mean_pdst=1.0, min_cosine=None, mean_cosine=None, policy_name="safelora",
-                  policy={}, policy_id="p", bank_id="b", input_hash="0" * 64, output_hash=None, seconds=0.1,
-                  max_bank_error_bound=0.0)
+    fields = dict(
+        modules=1,
+        projected=0,
+        mean_pdst=1.0,
+        min_cosine=None,
+        mean_cosine=None,
+        policy_name="safelora",
+        policy={},
+        policy_id="p",
+        bank_id="b",
+        input_hash="0" * 64,
+        output_hash=None,
+        seconds=0.1,
+        max_bank_error_bound=0.0,
+    )
     summary = ReportSummary.model_validate({**fields, **old})
     assert (summary.outcome, summary.refusal, summary.rejection) == (outcome, refusal, refusal)
     dumped = summary.model_dump()

@@ -260,7 +260,10 @@ def test_storage_dtypes_and_loaded_bytes(tiny_models, tmp_path, storage):
     assert manifest.storage_dtype == storage
     with safe_open(str(tmp_path / "bank" / TENSORS_FILE), framework="pt") as f:
         for m in manifest.modules:
-            assert f.get_slice(f"{m.name}.U").get_dtype() == {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}[storage]
+            assert (
+                f.get_slice(f"{m.name}.U").get_dtype()
+                == {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}[storage]
+            )
             assert f.get_slice(f"{m.name}.S").get_dtype() == "F32"
     bank = load_bank(tmp_path / "bank", "cpu")
     assert bank.device == torch.device("cpu")
@@ -294,7 +297,9 @@ def test_loaded_U_of_one_shape_share_one_stack_in_manifest_order(tiny_models, ti
                 assert torch.equal(u, f.get_tensor(f"{n}.U"))
     q = [n for n in tiny_bank.subspaces if n.endswith("q_proj")]
     shapes = {n: tiny_bank.manifest.module(n).shape for n in q}
-    items = [ModuleInput(n, tiny_bank.get(n), torch.zeros(2, shapes[n][1]), torch.zeros(shapes[n][0], 2), 1.0) for n in q]
+    items = [
+        ModuleInput(n, tiny_bank.get(n), torch.zeros(2, shapes[n][1]), torch.zeros(shapes[n][0], 2), 1.0) for n in q
+    ]
     assert len(list(_stacked_runs(items))) == 1
 
 
@@ -488,7 +493,8 @@ def test_sharded_checkpoint(tiny_models, tiny_bank_dir, tmp_path):
     sharded = _shard(tiny_models.base, tmp_path / "base-sharded")
     ckpt = resolve_checkpoint(str(sharded))
     assert {p.name for p in ckpt.shards.values()} == {
-        "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
     }
     manifest = build_bank(str(sharded), str(tiny_models.aligned), tmp_path / "bank", progress=None)
     reference = read_manifest(tiny_bank_dir)

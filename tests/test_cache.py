@@ -37,6 +37,7 @@ def entry_dirs(root: Path) -> list[str]:
 
 # ---------------------------------------------------------------- keys
 
+
 def test_key_digest_stable_and_distinct():
     k = key(1)
     assert k.digest() == key(1).digest() and len(k.digest()) == 64
@@ -50,7 +51,9 @@ def test_key_digest_keeps_field_boundaries(b1, p1, b2, p2):
         assert CacheKey(h, b1, p1).digest() != CacheKey(h, b2, p2).digest()
 
 
-@pytest.mark.parametrize("bad", [dict(adapter_hash="xyz"), dict(adapter_hash="A" * 64), dict(bank_id=""), dict(policy_id=None)])
+@pytest.mark.parametrize(
+    "bad", [dict(adapter_hash="xyz"), dict(adapter_hash="A" * 64), dict(bank_id=""), dict(policy_id=None)]
+)
 def test_key_validation(bad):
     fields = dict(adapter_hash="0" * 64, bank_id="b", policy_id="p") | bad
     with pytest.raises(ValueError):
@@ -58,6 +61,7 @@ def test_key_validation(bad):
 
 
 # ---------------------------------------------------------------- basic behaviour
+
 
 def test_miss_then_hit(tmp_path):
     cache = PatchedAdapterCache(tmp_path, 10**9)
@@ -69,7 +73,10 @@ def test_miss_then_hit(tmp_path):
     assert entry.files["adapter_model.safetensors"] == blake3.blake3(b"patched weights").hexdigest()
     manifest = json.loads((entry.path / MANIFEST_NAME).read_text())
     assert manifest["key"] == key().as_dict() and manifest["format_version"] == FORMAT_VERSION == 2
-    assert manifest["files"]["adapter_model.safetensors"] == {"blake3": entry.files["adapter_model.safetensors"], "size": 15}
+    assert manifest["files"]["adapter_model.safetensors"] == {
+        "blake3": entry.files["adapter_model.safetensors"],
+        "size": 15,
+    }
     assert entry.nbytes == sum(f.stat().st_size for f in entry.path.iterdir())
 
     entry2, hit2 = cache.get_or_create(key(), writer(b"never used"))
@@ -89,6 +96,7 @@ def test_remove(tmp_path):
 
 
 # ---------------------------------------------------------------- atomicity
+
 
 class Boom(Exception):
     pass
@@ -126,6 +134,7 @@ def test_build_contract_violations_leave_nothing(tmp_path, bad_build):
 
 
 # ---------------------------------------------------------------- single-flight
+
 
 def test_single_flight_threads(tmp_path):
     cache = PatchedAdapterCache(tmp_path, 10**9)
@@ -186,7 +195,9 @@ def test_single_flight_processes(tmp_path):
     ctx = mp.get_context("spawn")
     counter = tmp_path / "counter.txt"
     barrier = ctx.Barrier(3)
-    procs = [ctx.Process(target=_process_worker, args=(str(tmp_path / "cache"), str(counter), barrier)) for _ in range(3)]
+    procs = [
+        ctx.Process(target=_process_worker, args=(str(tmp_path / "cache"), str(counter), barrier)) for _ in range(3)
+    ]
     for p in procs:
         p.start()
     for p in procs:
@@ -197,6 +208,7 @@ def test_single_flight_processes(tmp_path):
 
 
 # ---------------------------------------------------------------- verification
+
 
 @pytest.mark.parametrize(
     "damage",
@@ -274,6 +286,7 @@ def test_entry_files_are_read_only(tmp_path):
 
 # ---------------------------------------------------------------- LRU
 
+
 def _set_last_used(cache: PatchedAdapterCache, k: CacheKey, t: float) -> None:
     # Last use lives in the index (the manifest's mtime only seeds a rebuilt index).
     cache.index.set_last_use(k.digest(), int(t * 1e9))
@@ -336,6 +349,7 @@ def test_eviction_skips_entries_locked_by_others(tmp_path):
 
 # ---------------------------------------------------------------- restarts and crashes
 
+
 def test_restart_persistence(tmp_path):
     entry, _ = PatchedAdapterCache(tmp_path, 10**9).get_or_create(key(), writer())
     fresh = PatchedAdapterCache(tmp_path, 10**9)
@@ -394,6 +408,7 @@ def _crashing_worker(root: str) -> None:
 
 
 # ---------------------------------------------------------------- configuration errors
+
 
 def test_unwritable_root_is_config_error(tmp_path):
     blocker = tmp_path / "file"

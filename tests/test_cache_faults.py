@@ -66,16 +66,19 @@ def test_a_full_cache_refuses_new_entries_and_keeps_serving_cached_ones(fs):
     cache.close()
 
 
-@pytest.mark.parametrize("exc, fault", [
-    (OSError(errno.ENOSPC, "No space left on device"), "full"),
-    (OSError(errno.EDQUOT, "Disk quota exceeded"), "full"),
-    (OSError(errno.EROFS, "Read-only file system"), "read_only"),
-    (sqlite3.OperationalError("database or disk is full"), "full"),
-    (sqlite3.OperationalError("attempt to write a readonly database"), "read_only"),
-    (OSError(errno.EACCES, "Permission denied"), None),
-    (sqlite3.OperationalError("database is locked"), None),
-    (ValueError("no"), None),
-])
+@pytest.mark.parametrize(
+    "exc, fault",
+    [
+        (OSError(errno.ENOSPC, "No space left on device"), "full"),
+        (OSError(errno.EDQUOT, "Disk quota exceeded"), "full"),
+        (OSError(errno.EROFS, "Read-only file system"), "read_only"),
+        (sqlite3.OperationalError("database or disk is full"), "full"),
+        (sqlite3.OperationalError("attempt to write a readonly database"), "read_only"),
+        (OSError(errno.EACCES, "Permission denied"), None),
+        (sqlite3.OperationalError("database is locked"), None),
+        (ValueError("no"), None),
+    ],
+)
 def test_storage_faults_are_told_apart(exc, fault):
     """A read-only remount cannot be made under a live cache (the kernel refuses it while files are
     open for writing: EBUSY), so the read-only case is checked where it is decided."""

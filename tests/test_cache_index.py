@@ -29,6 +29,7 @@ def _disk_bytes(cache: PatchedAdapterCache) -> int:
 
 # ---------------------------------------------------------------- rows and totals
 
+
 def test_index_tracks_entries_and_bytes(tmp_path):
     cache = PatchedAdapterCache(tmp_path, 10**9)
     assert cache.startup.index_state == "missing" and cache.total_bytes() == 0
@@ -87,6 +88,7 @@ def test_lease_and_eviction_exclude_each_other(tmp_path):
 
 
 # ---------------------------------------------------------------- rebuild and staleness
+
 
 def test_rebuild_when_index_missing(tmp_path):
     cache = PatchedAdapterCache(tmp_path, 10**9)
@@ -185,6 +187,7 @@ def test_evicting_state_left_by_a_crash_is_repaired_at_startup(tmp_path):
 
 # ---------------------------------------------------------------- eviction while serving
 
+
 def test_eviction_keeps_leased_entries_and_budget(tmp_path):
     probe = PatchedAdapterCache(tmp_path / "probe", 10**9)
     size = probe.get_or_create(key(0), writer(b"x" * 1000))[0].nbytes
@@ -260,6 +263,7 @@ def test_dead_process_leases_are_ignored(tmp_path):
 
 # ---------------------------------------------------------------- several processes
 
+
 def _hammer(root: str, worker: int, barrier, n: int) -> None:
     cache = PatchedAdapterCache(Path(root), 20 * 1200, lock_timeout_s=120)
     barrier.wait()
@@ -292,6 +296,7 @@ def test_processes_share_index_consistently(tmp_path):
 
 # ---------------------------------------------------------------- key locks
 
+
 def test_lock_files_do_not_accumulate(tmp_path):
     locks = KeyLocks(tmp_path, timeout_s=5)
     for i in range(50):
@@ -322,6 +327,7 @@ def test_lock_still_exclusive_when_file_is_recycled(tmp_path):
 
 
 # ---------------------------------------------------------------- the bounded LRU map
+
 
 class _Book:
     def __init__(self):

@@ -31,16 +31,45 @@ def _names(path: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def rank2_bank(tiny_models, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("cli") / "bank-r2"
-    assert main(["build-bank", "--base", str(tiny_models.base), "--aligned", str(tiny_models.aligned),
-                 "--out", str(out), "--rank", "2", "--modules", "q_proj,v_proj"]) == 0
+    assert (
+        main(
+            [
+                "build-bank",
+                "--base",
+                str(tiny_models.base),
+                "--aligned",
+                str(tiny_models.aligned),
+                "--out",
+                str(out),
+                "--rank",
+                "2",
+                "--modules",
+                "q_proj,v_proj",
+            ]
+        )
+        == 0
+    )
     return out
 
 
 def test_build_bank(tiny_models, tmp_path, capsys):
     out = tmp_path / "bank"
-    code, stdout, _ = run(capsys, "build-bank", "--base", tiny_models.base, "--aligned", tiny_models.aligned,
-                          "--out", out, "--modules", "q_proj,k_proj", "--dtype", "bfloat16",
-                          "--alias", "org/tiny-chat")
+    code, stdout, _ = run(
+        capsys,
+        "build-bank",
+        "--base",
+        tiny_models.base,
+        "--aligned",
+        tiny_models.aligned,
+        "--out",
+        out,
+        "--modules",
+        "q_proj,k_proj",
+        "--dtype",
+        "bfloat16",
+        "--alias",
+        "org/tiny-chat",
+    )
     assert code == 0
     manifest = read_manifest(out)
     assert manifest.bank_id in stdout and str(out) in stdout and "4 modules" in stdout
@@ -49,11 +78,32 @@ def test_build_bank(tiny_models, tmp_path, capsys):
     assert {m.name.rsplit(".", 1)[-1] for m in manifest.modules} == {"q_proj", "k_proj"}
     assert (out / TENSORS_FILE).is_file() and (out / MANIFEST_FILE).is_file()
     # again without --overwrite: a bank error; with it: fine
-    code, _, err = run(capsys, "build-bank", "--base", tiny_models.base, "--aligned", tiny_models.aligned,
-                       "--out", out, "--modules", "q_proj")
+    code, _, err = run(
+        capsys,
+        "build-bank",
+        "--base",
+        tiny_models.base,
+        "--aligned",
+        tiny_models.aligned,
+        "--out",
+        out,
+        "--modules",
+        "q_proj",
+    )
     assert code == EXIT_BANK and "already exists" in err and "pass --overwrite" in err
-    code, _, _ = run(capsys, "build-bank", "--base", tiny_models.base, "--aligned", tiny_models.aligned,
-                     "--out", out, "--modules", "q_proj", "--overwrite")
+    code, _, _ = run(
+        capsys,
+        "build-bank",
+        "--base",
+        tiny_models.base,
+        "--aligned",
+        tiny_models.aligned,
+        "--out",
+        out,
+        "--modules",
+        "q_proj",
+        "--overwrite",
+    )
     assert code == 0 and len(read_manifest(out).modules) == 2
 
 
@@ -85,8 +135,20 @@ def test_build_bank_rank_prints_truncation(rank2_bank, tiny_models, tmp_path, ca
     manifest = read_manifest(rank2_bank)
     assert all(m.rank_kept == 2 for m in manifest.modules)
     worst = max(manifest.modules, key=lambda m: m.approx_error_bound)
-    code, stdout, _ = run(capsys, "build-bank", "--base", tiny_models.base, "--aligned", tiny_models.aligned,
-                          "--out", tmp_path / "b", "--rank", "2", "--modules", "q_proj,v_proj")
+    code, stdout, _ = run(
+        capsys,
+        "build-bank",
+        "--base",
+        tiny_models.base,
+        "--aligned",
+        tiny_models.aligned,
+        "--out",
+        tmp_path / "b",
+        "--rank",
+        "2",
+        "--modules",
+        "q_proj,v_proj",
+    )
     assert code == 0
     assert "keeps rank 2/" in stdout and f"{worst.approx_error_bound:.3e}" in stdout
 
@@ -108,8 +170,20 @@ def test_project_writes_adapter_and_report(tiny_bank_dir, tiny_adapter_random, t
     code, _, err = run(capsys, "project", tiny_adapter_random, "--bank", tiny_bank_dir, "--out", out)
     assert code == EXIT_USAGE and "already exists" in err and "pass --overwrite" in err
     assert (out / WEIGHTS_FILE).read_bytes() == before
-    code, _, _ = run(capsys, "project", tiny_adapter_random, "--bank", tiny_bank_dir, "--out", out,
-                     "--overwrite", "--select", "topk", "--topk", "1")
+    code, _, _ = run(
+        capsys,
+        "project",
+        tiny_adapter_random,
+        "--bank",
+        tiny_bank_dir,
+        "--out",
+        out,
+        "--overwrite",
+        "--select",
+        "topk",
+        "--topk",
+        "1",
+    )
     assert code == 0
     assert AdapterReport.model_validate_json((out / REPORT_FILE).read_text()).summary.projected >= 1
 
@@ -127,8 +201,7 @@ def test_inspect_table_and_json(tiny_bank_dir, tiny_adapter_aligned, tmp_path, c
     assert "module" in stdout and "cosine" in stdout
     assert "model.layers.0.self_attn.q_proj" in stdout and "keep" in stdout
     assert "0/4 modules projected" in stdout
-    code, stdout, _ = run(capsys, "inspect", tiny_adapter_aligned, "--bank", tiny_bank_dir, "--json",
-                          "--select", "all")
+    code, stdout, _ = run(capsys, "inspect", tiny_adapter_aligned, "--bank", tiny_bank_dir, "--json", "--select", "all")
     assert code == 0
     report = AdapterReport.model_validate_json(stdout)
     assert report.summary.projected == 4 and report.summary.policy["select"] == "all"
@@ -157,15 +230,40 @@ def test_inspect_prints_exact_mode_note(tmp_path, capsys):
     for name, t in (("base", w), ("aligned", w + torch.randn(8, 16, generator=g))):
         (tmp_path / name).mkdir()
         save_file({"model.layers.0.self_attn.q_proj.weight": t}, str(tmp_path / name / "model.safetensors"))
-    assert main(["build-bank", "--base", str(tmp_path / "base"), "--aligned", str(tmp_path / "aligned"),
-                 "--out", str(tmp_path / "bank")]) == 0
+    assert (
+        main(
+            [
+                "build-bank",
+                "--base",
+                str(tmp_path / "base"),
+                "--aligned",
+                str(tmp_path / "aligned"),
+                "--out",
+                str(tmp_path / "bank"),
+            ]
+        )
+        == 0
+    )
     ad = tmp_path / "adapter"
     ad.mkdir()
-    (ad / CONFIG_FILE).write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 2, "target_modules": ["q_proj"],
-                                              "base_model_name_or_path": str(tmp_path / "aligned")}))
-    save_file({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.randn(2, 16, generator=g),
-               "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": torch.randn(8, 2, generator=g)},
-              str(ad / WEIGHTS_FILE))
+    (ad / CONFIG_FILE).write_text(
+        json.dumps(
+            {
+                "peft_type": "LORA",
+                "r": 2,
+                "lora_alpha": 2,
+                "target_modules": ["q_proj"],
+                "base_model_name_or_path": str(tmp_path / "aligned"),
+            }
+        )
+    )
+    save_file(
+        {
+            "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.randn(2, 16, generator=g),
+            "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": torch.randn(8, 2, generator=g),
+        },
+        str(ad / WEIGHTS_FILE),
+    )
     capsys.readouterr()
     code, stdout, _ = run(capsys, "inspect", ad, "--bank", tmp_path / "bank", "--projection", "exact")
     assert code == 0
@@ -177,8 +275,10 @@ def test_refused_adapter_exit_code(tiny_bank_dir, tiny_adapter_factory, tmp_path
     cfg = json.loads((ad / CONFIG_FILE).read_text())
     cfg["use_dora"] = True
     (ad / CONFIG_FILE).write_text(json.dumps(cfg))
-    for cmd in (["project", ad, "--bank", tiny_bank_dir, "--out", tmp_path / "out"],
-                ["inspect", ad, "--bank", tiny_bank_dir]):
+    for cmd in (
+        ["project", ad, "--bank", tiny_bank_dir, "--out", tmp_path / "out"],
+        ["inspect", ad, "--bank", tiny_bank_dir],
+    ):
         code, stdout, err = run(capsys, *cmd)
         assert code == EXIT_REFUSED == 3
         assert "refused" in err and str(ad) in err and "use_dora" in err
@@ -218,8 +318,9 @@ def test_bad_bank_exit_code(tiny_adapter_random, tiny_bank_dir, tmp_path, capsys
     assert code == EXIT_BANK and "corrupt" in err
     assert not (tmp_path / "out").exists()
     # build-bank from a directory that is not a checkpoint
-    code, _, err = run(capsys, "build-bank", "--base", tmp_path / "empty", "--aligned", tmp_path / "empty",
-                       "--out", tmp_path / "b2")
+    code, _, err = run(
+        capsys, "build-bank", "--base", tmp_path / "empty", "--aligned", tmp_path / "empty", "--out", tmp_path / "b2"
+    )
     assert code == EXIT_BANK and "safetensors" in err
 
 
@@ -237,21 +338,37 @@ def test_usage_errors(tiny_bank_dir, tiny_adapter_random, tiny_models, tmp_path,
     # values argparse accepts but the policy does not
     code, _, err = run(capsys, "inspect", tiny_adapter_random, "--bank", tiny_bank_dir, "--threshold", "2")
     assert code == EXIT_USAGE and "threshold" in err
-    code, _, err = run(capsys, "inspect", tiny_adapter_random, "--bank", tiny_bank_dir, "--select", "topk",
-                       "--topk", "-1")
+    code, _, err = run(
+        capsys, "inspect", tiny_adapter_random, "--bank", tiny_bank_dir, "--select", "topk", "--topk", "-1"
+    )
     assert code == EXIT_USAGE
 
 
 def test_subprocess_end_to_end(tiny_models, tiny_adapter_orthogonal, tmp_path):
     """The real entry point (``python -m vllm_safelora.cli``): exit codes reach the shell."""
     bank, out = tmp_path / "bank", tmp_path / "out"
-    assert main(["build-bank", "--base", str(tiny_models.base), "--aligned", str(tiny_models.aligned),
-                 "--out", str(bank), "--modules", "q_proj,v_proj"]) == 0
+    assert (
+        main(
+            [
+                "build-bank",
+                "--base",
+                str(tiny_models.base),
+                "--aligned",
+                str(tiny_models.aligned),
+                "--out",
+                str(bank),
+                "--modules",
+                "q_proj,v_proj",
+            ]
+        )
+        == 0
+    )
     assert main(["project", str(tiny_adapter_orthogonal), "--bank", str(bank), "--out", str(out)]) == 0
 
     def cli(*args) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "vllm_safelora.cli", *map(str, args)],
-                              capture_output=True, text=True, timeout=120)
+        return subprocess.run(
+            [sys.executable, "-m", "vllm_safelora.cli", *map(str, args)], capture_output=True, text=True, timeout=120
+        )
 
     r = cli("inspect", out, "--bank", bank, "--json")
     assert r.returncode == 0, r.stderr
@@ -296,7 +413,7 @@ def test_serve_execs_vllm_with_the_plugin_environment(tiny_bank_dir, tmp_path, m
     config = tmp_path / "ok.yaml"
     config.write_text(f"bank: {tiny_bank_dir}\ncache_dir: {tmp_path / 'cache'}\n")
     assert main(["serve", "--config", str(config), "--", "--model", "m", "--port", "9"]) == 0
-    (argv, env), = calls
+    ((argv, env),) = calls
     assert argv[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
     assert argv[3:] == ["--model", "m", "--port", "9", "--enable-lora"]
     assert env["VLLM_SAFELORA_CONFIG"] == str(config.resolve())

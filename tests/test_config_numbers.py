@@ -75,7 +75,9 @@ def test_a_numeric_field_is_refused_by_name_never_raised(tmp_path, tiny_adapter_
         assert accepted is not True, f"{field}={value} should be accepted: {exc}"
         assert field in exc.detail, exc.detail
         assert exc.reason in (
-            RefusalReason.INVALID_CONFIG, RefusalReason.RANK_TOO_LARGE, RefusalReason.UPDATE_OVERFLOW,
+            RefusalReason.INVALID_CONFIG,
+            RefusalReason.RANK_TOO_LARGE,
+            RefusalReason.UPDATE_OVERFLOW,
             RefusalReason.RANK_MISMATCH,
         ), exc
         assert len(exc.detail) < 2000 and str(BIG)[:40] not in exc.detail, "the message echoes the huge number"

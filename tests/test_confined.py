@@ -84,7 +84,9 @@ def test_a_refused_link_says_nothing_about_its_target(root):
     src = LocalDirSource(root)
     a, b = _refusal(src, "acme/a"), _refusal(src, "acme/b")
     assert a.reason is b.reason is RefusalReason.OUTSIDE_NAMESPACE
-    assert a.detail.replace("bot", "X").replace("'acme/a'", "L") == b.detail.replace("nothing", "X").replace("'acme/b'", "L")
+    assert a.detail.replace("bot", "X").replace("'acme/a'", "L") == b.detail.replace("nothing", "X").replace(
+        "'acme/b'", "L"
+    )
 
 
 def test_a_weights_link_into_another_tenant_is_refused_inside_the_namespace_followed(root):
@@ -120,7 +122,9 @@ def test_a_lora_path_is_confined_the_same_way(root, tmp_path):
     assert locate_path([src], str(root / "acme" / ".." / "globex" / "bot")).name == "globex/bot"
     with pytest.raises(AdapterRefused) as info:
         locate_path([src], str(root / ".." / "outside" / "x"))
-    assert info.value.reason is RefusalReason.INVALID_NAME and "outside the configured adapter_dirs" in info.value.detail
+    assert (
+        info.value.reason is RefusalReason.INVALID_NAME and "outside the configured adapter_dirs" in info.value.detail
+    )
 
 
 def test_a_directory_swapped_for_a_link_after_it_was_located_is_not_read(root):

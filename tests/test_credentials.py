@@ -37,8 +37,12 @@ def test_anything_but_the_exact_key_is_refused(tmp_path, variant):
     key = issue_key(path, "acme", "tenant")
     other = issue_key(path, "globex", "tenant")
     wrong = {
-        "last-char": key[:-1] + ("A" if key[-1] != "A" else "B"), "other-id": other[:16] + key[16:],
-        "no-prefix": key[3:], "empty": "", "long": key + "x" * 10_000, "unicode": key[:-1] + "\u00e9",
+        "last-char": key[:-1] + ("A" if key[-1] != "A" else "B"),
+        "other-id": other[:16] + key[16:],
+        "no-prefix": key[3:],
+        "empty": "",
+        "long": key + "x" * 10_000,
+        "unicode": key[:-1] + "\u00e9",
         "spaces": f" {key}",
     }[variant]
     assert KeyStore(path).identify(wrong) is None
@@ -112,12 +116,27 @@ def test_who_may_use_what():
 def test_routes_are_closed_to_tenants_unless_listed():
     from vllm_safelora.integration.auth import tenant_may_call
 
-    for method, path in (("POST", "/v1/completions"), ("POST", "/v1/chat/completions"), ("GET", "/v1/models"),
-                         ("GET", "/safelora/v1/adapters"), ("PUT", "/safelora/v1/adapters/acme/bot"),
-                         ("DELETE", "/safelora/v1/adapters/acme/bot"), ("GET", "/health")):
+    for method, path in (
+        ("POST", "/v1/completions"),
+        ("POST", "/v1/chat/completions"),
+        ("GET", "/v1/models"),
+        ("GET", "/safelora/v1/adapters"),
+        ("PUT", "/safelora/v1/adapters/acme/bot"),
+        ("DELETE", "/safelora/v1/adapters/acme/bot"),
+        ("GET", "/health"),
+    ):
         assert tenant_may_call(method, path), (method, path)
-    for method, path in (("GET", "/safelora/v1/status"), ("GET", "/metrics"), ("POST", "/v1/load_lora_adapter"),
-                         ("POST", "/v1/unload_lora_adapter"), ("POST", "/v1/responses"), ("POST", "/tokenize"),
-                         ("GET", "/v1/models/acme"), ("DELETE", "/safelora/v1/adapters"), ("POST", "/collective_rpc"),
-                         ("PUT", "/v1/completions"), ("GET", "/v1/completions/x")):
+    for method, path in (
+        ("GET", "/safelora/v1/status"),
+        ("GET", "/metrics"),
+        ("POST", "/v1/load_lora_adapter"),
+        ("POST", "/v1/unload_lora_adapter"),
+        ("POST", "/v1/responses"),
+        ("POST", "/tokenize"),
+        ("GET", "/v1/models/acme"),
+        ("DELETE", "/safelora/v1/adapters"),
+        ("POST", "/collective_rpc"),
+        ("PUT", "/v1/completions"),
+        ("GET", "/v1/completions/x"),
+    ):
         assert not tenant_may_call(method, path), (method, path)

@@ -26,36 +26,78 @@ CASES = {
     "no_config": (None, "config", ("not configured", "VLLM_SAFELORA_CONFIG", "Refusing to serve adapters unprotected")),
     "bank_missing": ({"bank": "{work}/no-such-bank"}, "bank", ("no alignment bank at", "vllm-safelora build-bank")),
     "bank_corrupt": ({"bank": "{corrupt_bank}"}, "bank intact", ("is corrupt", "bank.safetensors", "rebuild the bank")),
-    "bank_other_model": ({"bank": "{other_bank}"}, "bank protects model",
-                         ("was built for aligned model", "Build a bank for the served model")),
+    "bank_other_model": (
+        {"bank": "{other_bank}"},
+        "bank protects model",
+        ("was built for aligned model", "Build a bank for the served model"),
+    ),
     # tests/hardening/test_startup_fail_closed.py
-    "cache_dir_under_file": ({"cache_dir": "{file}/sub"}, "cache",
-                             ("patched-adapter cache directory", "cannot be created", "make it writable")),
-    "threshold_out_of_range": ({"policy": {"select": "threshold", "threshold": 2.0}}, "config",
-                               ("invalid vllm-safelora configuration", "threshold", "less than or equal to 1")),
-    "select_bogus": ({"policy": {"select": "bogus"}}, "config",
-                     ("invalid vllm-safelora configuration", "select", "'threshold', 'topk' or 'all'")),
-    "unknown_key": ({"polcy": {"select": "all"}}, "config",
-                    ("invalid vllm-safelora configuration", "polcy", "Extra inputs are not permitted")),
-    "invalid_yaml": ("bank: [unclosed\n  cache_dir: {\n", "config",
-                     ("cannot read vllm-safelora configuration", "expected ',' or ']'")),
-    "adapter_dir_missing": ({"adapter_dirs": ["{work}/no-such-adapter-dir"]}, "adapter sources",
-                            ("adapter directory", "does not exist", "create it")),
-    "max_adapter_bytes_zero": ({"max_adapter_bytes": 0}, "config",
-                               ("invalid vllm-safelora configuration", "max_adapter_bytes", "greater than 0")),
-    "device_bogus": ({"device": "tpu"}, "config",
-                     ("invalid vllm-safelora configuration", "device must be auto, cpu, cuda or cuda:N")),
+    "cache_dir_under_file": (
+        {"cache_dir": "{file}/sub"},
+        "cache",
+        ("patched-adapter cache directory", "cannot be created", "make it writable"),
+    ),
+    "threshold_out_of_range": (
+        {"policy": {"select": "threshold", "threshold": 2.0}},
+        "config",
+        ("invalid vllm-safelora configuration", "threshold", "less than or equal to 1"),
+    ),
+    "select_bogus": (
+        {"policy": {"select": "bogus"}},
+        "config",
+        ("invalid vllm-safelora configuration", "select", "'threshold', 'topk' or 'all'"),
+    ),
+    "unknown_key": (
+        {"polcy": {"select": "all"}},
+        "config",
+        ("invalid vllm-safelora configuration", "polcy", "Extra inputs are not permitted"),
+    ),
+    "invalid_yaml": (
+        "bank: [unclosed\n  cache_dir: {\n",
+        "config",
+        ("cannot read vllm-safelora configuration", "expected ',' or ']'"),
+    ),
+    "adapter_dir_missing": (
+        {"adapter_dirs": ["{work}/no-such-adapter-dir"]},
+        "adapter sources",
+        ("adapter directory", "does not exist", "create it"),
+    ),
+    "max_adapter_bytes_zero": (
+        {"max_adapter_bytes": 0},
+        "config",
+        ("invalid vllm-safelora configuration", "max_adapter_bytes", "greater than 0"),
+    ),
+    "device_bogus": (
+        {"device": "tpu"},
+        "config",
+        ("invalid vllm-safelora configuration", "device must be auto, cpu, cuda or cuda:N"),
+    ),
     # authentication (tests/hardening/test_auth_startup.py)
-    "auth_without_keys_file": ({"auth": {"enabled": True}}, "config", ("auth.enabled needs auth.keys_file", "issue-key")),
-    "auth_keys_file_missing": ({"auth": {"enabled": True, "keys_file": "{work}/no-keys.yaml"}}, "auth",
-                               ("no-keys.yaml cannot be read", "issue-key --admin")),
-    "upload_root_not_served": ({"auth": {"enabled": True, "keys_file": "{work}/keys.yaml",
-                                         "upload_root": "{work}/elsewhere"}}, "config",
-                               ("auth.upload_root", "is not one of adapter_dirs")),
-    "header_without_proxies": ({"auth": {"enabled": True, "keys_file": "{work}/keys.yaml", "tenant_header": "X-Tenant"}},
-                               "config", ("auth.tenant_header needs auth.trusted_proxies",)),
-    "proxy_not_an_address": ({"auth": {"enabled": True, "keys_file": "{work}/keys.yaml", "trusted_proxies": ["gw"]}},
-                             "config", ("'gw' is not an IP address or network",)),
+    "auth_without_keys_file": (
+        {"auth": {"enabled": True}},
+        "config",
+        ("auth.enabled needs auth.keys_file", "issue-key"),
+    ),
+    "auth_keys_file_missing": (
+        {"auth": {"enabled": True, "keys_file": "{work}/no-keys.yaml"}},
+        "auth",
+        ("no-keys.yaml cannot be read", "issue-key --admin"),
+    ),
+    "upload_root_not_served": (
+        {"auth": {"enabled": True, "keys_file": "{work}/keys.yaml", "upload_root": "{work}/elsewhere"}},
+        "config",
+        ("auth.upload_root", "is not one of adapter_dirs"),
+    ),
+    "header_without_proxies": (
+        {"auth": {"enabled": True, "keys_file": "{work}/keys.yaml", "tenant_header": "X-Tenant"}},
+        "config",
+        ("auth.tenant_header needs auth.trusted_proxies",),
+    ),
+    "proxy_not_an_address": (
+        {"auth": {"enabled": True, "keys_file": "{work}/keys.yaml", "trusted_proxies": ["gw"]}},
+        "config",
+        ("'gw' is not an IP address or network",),
+    ),
 }
 
 
@@ -78,8 +120,14 @@ def world(tiny_models, tiny_bank_dir, tmp_path_factory):
     from vllm_safelora.serving.credentials import issue_key
 
     issue_key(work / "keys.yaml", "ops", "admin")
-    return {"work": work, "corrupt_bank": corrupt, "other_bank": other_bank, "file": work / "a-regular-file",
-            "bank": tiny_bank_dir, "model": str(tiny_models.aligned)}
+    return {
+        "work": work,
+        "corrupt_bank": corrupt,
+        "other_bank": other_bank,
+        "file": work / "a-regular-file",
+        "bank": tiny_bank_dir,
+        "model": str(tiny_models.aligned),
+    }
 
 
 def _fill(value, subst):
@@ -96,8 +144,12 @@ def write_config(world, path: Path, edits) -> Path:
     if isinstance(edits, str):
         path.write_text(edits)
         return path
-    doc = {"bank": str(world["bank"]), "adapter_dirs": [str(world["work"] / "adapters")],
-           "cache_dir": str(path.parent / f"cache-{path.stem}"), "device": "cpu"}
+    doc = {
+        "bank": str(world["bank"]),
+        "adapter_dirs": [str(world["work"] / "adapters")],
+        "cache_dir": str(path.parent / f"cache-{path.stem}"),
+        "device": "cpu",
+    }
     doc.update(_fill(edits or {}, {k: str(v) for k, v in world.items()}))
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return path
@@ -129,9 +181,20 @@ def test_healthy_deployment(world, env, tmp_path, capsys):
     code, report = doctor(capsys, "--config", config, "--model", world["model"])
     assert code == 0 and report["ok"], failed(report)
     statuses = {c["name"]: c["status"] for c in report["checks"]}
-    for name in ("config", "bank", "bank intact", "bank protects model", "policy (default)", "adapter sources",
-                 "cache", "vllm", "entry point safelora", "entry point safelora_routes", "VLLM_PLUGINS",
-                 "VLLM_ALLOW_RUNTIME_LORA_UPDATING"):
+    for name in (
+        "config",
+        "bank",
+        "bank intact",
+        "bank protects model",
+        "policy (default)",
+        "adapter sources",
+        "cache",
+        "vllm",
+        "entry point safelora",
+        "entry point safelora_routes",
+        "VLLM_PLUGINS",
+        "VLLM_ALLOW_RUNTIME_LORA_UPDATING",
+    ):
         assert statuses.get(name) == "ok", (name, statuses)
     # The table for people says the same.
     assert main(["doctor", "--config", str(config), "--model", world["model"]]) == 0
@@ -163,7 +226,9 @@ def test_every_configuration_problem_is_listed_at_once(world, env, tmp_path, cap
 
 
 def test_auth_and_vllms_own_key_are_refused_together(world, env, tmp_path, capsys):
-    config = write_config(world, tmp_path / "both.yaml", {"auth": {"enabled": True, "keys_file": str(world["work"] / "keys.yaml")}})
+    config = write_config(
+        world, tmp_path / "both.yaml", {"auth": {"enabled": True, "keys_file": str(world["work"] / "keys.yaml")}}
+    )
     code, report = doctor(capsys, "--config", config, "--model", world["model"])
     assert code == 0 and {c["name"]: c["status"] for c in report["checks"]}["auth"] == "ok", failed(report)
     env.setenv("VLLM_API_KEY", "shared-secret")
@@ -173,8 +238,9 @@ def test_auth_and_vllms_own_key_are_refused_together(world, env, tmp_path, capsy
 
 
 def test_policy_the_bank_cannot_serve(world, env, tmp_path, capsys):
-    config = write_config(world, tmp_path / "salora.yaml",
-                          {"tenants": [{"match": "x/*", "policy": {"kind": "salora-style"}}]})
+    config = write_config(
+        world, tmp_path / "salora.yaml", {"tenants": [{"match": "x/*", "policy": {"kind": "salora-style"}}]}
+    )
     code, report = doctor(capsys, "--config", config, "--model", world["model"])
     assert code == EXIT_PROBLEMS
     assert "safety features" in failed(report)["policy tenants[0]"]
@@ -222,7 +288,9 @@ def test_cache_over_budget_is_reported(world, env, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("fstype, status", [("ext4", "ok"), ("nfs4", "warn"), ("fuse.sshfs", "warn")])
-def test_doctor_says_whether_the_cache_file_system_keeps_ctime(world, env, tmp_path, capsys, monkeypatch, fstype, status):
+def test_doctor_says_whether_the_cache_file_system_keeps_ctime(
+    world, env, tmp_path, capsys, monkeypatch, fstype, status
+):
     from vllm_safelora import fsutil
 
     config = write_config(world, tmp_path / "fs.yaml", {})

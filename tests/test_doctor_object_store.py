@@ -57,10 +57,16 @@ def test_reachable_store_and_tier_are_ok_and_no_secret_is_printed(env, store, tm
     for k, v in aws_env().items():
         env.setenv(k, v)
     checks, out = _doctor(
-        capsys, tmp_path, tiny_bank_dir,
+        capsys,
+        tmp_path,
+        tiny_bank_dir,
         s3={"enabled": True, "uri": "s3://adapters/tenants/", "endpoint_url": store.endpoint},
-        shared_cache={"enabled": True, "uri": "s3://adapters/fleet/", "endpoint_url": store.endpoint,
-                      "mac_key_file": "KEY"},
+        shared_cache={
+            "enabled": True,
+            "uri": "s3://adapters/fleet/",
+            "endpoint_url": store.endpoint,
+            "mac_key_file": "KEY",
+        },
     )
     assert checks["s3 adapter store"][0] == "ok", checks
     assert "bucket readable" in checks["s3 adapter store"][1]
@@ -68,26 +74,40 @@ def test_reachable_store_and_tier_are_ok_and_no_secret_is_printed(env, store, tm
     assert SECRET_KEY not in out and FLEET_SECRET.decode() not in out
 
 
-@pytest.mark.parametrize("case, creds, uri, says", [
-    ("no credentials", False, "s3://adapters/tenants/", "credentials"),
-    ("bucket missing", True, "s3://no-such-bucket/tenants/", "no_such_bucket"),
-    ("store down", True, "s3://adapters/tenants/", "unreachable"),
-])
+@pytest.mark.parametrize(
+    "case, creds, uri, says",
+    [
+        ("no credentials", False, "s3://adapters/tenants/", "credentials"),
+        ("bucket missing", True, "s3://no-such-bucket/tenants/", "no_such_bucket"),
+        ("store down", True, "s3://adapters/tenants/", "unreachable"),
+    ],
+)
 def test_store_problems_fail_the_check(env, store, tmp_path, tiny_bank_dir, capsys, case, creds, uri, says):
     if creds:
         for k, v in aws_env().items():
             env.setenv(k, v)
     endpoint = "http://127.0.0.1:9" if case == "store down" else store.endpoint
-    checks, out = _doctor(capsys, tmp_path, tiny_bank_dir,
-                          s3={"enabled": True, "uri": uri, "endpoint_url": endpoint, "retries": 0,
-                              "connect_timeout_s": 1})
+    checks, out = _doctor(
+        capsys,
+        tmp_path,
+        tiny_bank_dir,
+        s3={"enabled": True, "uri": uri, "endpoint_url": endpoint, "retries": 0, "connect_timeout_s": 1},
+    )
     status, detail = checks["s3 adapter store"]
     assert status == "fail" and says in detail, checks
     assert SECRET_KEY not in out
 
 
 def test_tier_without_a_key_file_fails(env, store, tmp_path, tiny_bank_dir, capsys):
-    checks, _ = _doctor(capsys, tmp_path, tiny_bank_dir,
-                        shared_cache={"enabled": True, "uri": "s3://adapters/fleet/", "endpoint_url": store.endpoint,
-                                      "mac_key_file": str(tmp_path / "missing.key")})
+    checks, _ = _doctor(
+        capsys,
+        tmp_path,
+        tiny_bank_dir,
+        shared_cache={
+            "enabled": True,
+            "uri": "s3://adapters/fleet/",
+            "endpoint_url": store.endpoint,
+            "mac_key_file": str(tmp_path / "missing.key"),
+        },
+    )
     assert checks["shared cache tier"][0] == "fail" and "cannot be read" in checks["shared cache tier"][1]

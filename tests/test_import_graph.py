@@ -42,8 +42,11 @@ def import_graph(modules: dict[str, Path]) -> dict[str, set[str]]:
             if isinstance(node, ast.Import):
                 targets.update(alias.name for alias in node.names)
             elif isinstance(node, ast.ImportFrom):
-                base = importlib.util.resolve_name("." * node.level + (node.module or ""), anchor) if node.level \
+                base = (
+                    importlib.util.resolve_name("." * node.level + (node.module or ""), anchor)
+                    if node.level
                     else node.module
+                )
                 for alias in node.names:  # a submodule (from . import state) or a name in ``base``
                     sub = f"{base}.{alias.name}"
                     targets.add(sub if sub in modules else base)
@@ -62,7 +65,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         stack.append(node)
         for nxt in sorted(graph[node]):
             if colour[nxt] == GREY:
-                return stack[stack.index(nxt):] + [nxt]
+                return stack[stack.index(nxt) :] + [nxt]
             if colour[nxt] == WHITE and (found := visit(nxt)):
                 return found
         stack.pop()
@@ -82,8 +85,13 @@ MODULES = package_modules(ROOT, PACKAGE)
 def test_the_walker_sees_the_whole_package():
     found = {info.name for info in pkgutil.walk_packages(vllm_safelora.__path__, f"{PACKAGE}.")}
     assert set(MODULES) == found | {PACKAGE}
-    assert {"vllm_safelora.config", "vllm_safelora.policies.tenant_rules", "vllm_safelora.bank.load",
-            "vllm_safelora.integration.patches", "vllm_safelora.integration.plugin"} <= set(MODULES)
+    assert {
+        "vllm_safelora.config",
+        "vllm_safelora.policies.tenant_rules",
+        "vllm_safelora.bank.load",
+        "vllm_safelora.integration.patches",
+        "vllm_safelora.integration.plugin",
+    } <= set(MODULES)
 
 
 def test_the_walker_finds_edges_and_cycles(tmp_path):

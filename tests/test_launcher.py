@@ -102,7 +102,9 @@ def fake_server(tmp_path, monkeypatch):
     Path(str(pids_file) + ".metrics").write_text(METRICS_TEXT)
 
     def make(mode: str) -> launcher.ServerProcess:
-        monkeypatch.setattr(launcher, "server_command", lambda args: [sys.executable, str(script), mode, str(pids_file), *args])
+        monkeypatch.setattr(
+            launcher, "server_command", lambda args: [sys.executable, str(script), mode, str(pids_file), *args]
+        )
         server = launcher.ServerProcess(args=[], env=dict(os.environ), log_path=tmp_path / f"{mode}.log")
         return server
 
@@ -187,7 +189,9 @@ def test_http_helpers_and_metrics(fake_server):
 
 
 def test_wait_ready_stops_a_server_that_exits(fake_server, tmp_path, monkeypatch):
-    monkeypatch.setattr(launcher, "server_command", lambda args: [sys.executable, "-c", "print('boom'); raise SystemExit(3)"])
+    monkeypatch.setattr(
+        launcher, "server_command", lambda args: [sys.executable, "-c", "print('boom'); raise SystemExit(3)"]
+    )
     server = launcher.ServerProcess(args=[], env=dict(os.environ), log_path=tmp_path / "exits.log")
     with pytest.raises(RuntimeError, match="exited with 3"):
         server.start().wait_ready(timeout=30)
@@ -196,11 +200,13 @@ def test_wait_ready_stops_a_server_that_exits(fake_server, tmp_path, monkeypatch
 
 def test_run_to_exit_ends_the_tree_on_timeout(tmp_path):
     pids_file = tmp_path / "pids"
-    code = ("import os, subprocess, sys, time\n"
-            "k = subprocess.Popen([sys.executable, '-c', 'import os, time\\nos.setsid()\\nwhile True: time.sleep(1)'])\n"
-            f"open({str(pids_file)!r}, 'w').write(f'{{os.getpid()}} {{k.pid}}')\n"
-            "print('started', flush=True)\n"
-            "while True: time.sleep(1)\n")
+    code = (
+        "import os, subprocess, sys, time\n"
+        "k = subprocess.Popen([sys.executable, '-c', 'import os, time\\nos.setsid()\\nwhile True: time.sleep(1)'])\n"
+        f"open({str(pids_file)!r}, 'w').write(f'{{os.getpid()}} {{k.pid}}')\n"
+        "print('started', flush=True)\n"
+        "while True: time.sleep(1)\n"
+    )
     rc, out = launcher.run_to_exit([sys.executable, "-c", code], dict(os.environ), tmp_path / "run.log", timeout=5)
     assert rc is None and "started" in out
     assert [p for p in map(int, pids_file.read_text().split()) if alive(p)] == []

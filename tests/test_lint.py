@@ -32,7 +32,10 @@ def test_ruff_finds_nothing():
         pytest.skip("ruff is not installed (pip install -e '.[test]' installs it); the lint check did not run")
     result = subprocess.run(
         [*ruff, "check", "--no-cache", "--output-format", "concise", *LINTED],
-        cwd=REPO, capture_output=True, text=True, timeout=120,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 0, f"ruff check {' '.join(LINTED)} found problems:\n{result.stdout}{result.stderr}"
 

@@ -79,7 +79,9 @@ def test_vllm_reads_the_verified_bytes_not_the_file(tmp_path):
     weights = entry.path / WEIGHTS_FILE
     weights.chmod(0o644)
     save_file(_tensors(1), weights, metadata={"format": "pt"})  # what an attacker swaps in after the check
-    helper = PEFTHelper.from_dict({**json.loads((entry.path / CONFIG_FILE).read_text()), "vllm_max_position_embeddings": 128})
+    helper = PEFTHelper.from_dict(
+        {**json.loads((entry.path / CONFIG_FILE).read_text()), "vllm_max_position_embeddings": 128}
+    )
 
     def load():
         return LoRAModel.from_local_checkpoint(str(entry.path), {"q_proj"}, helper, lora_model_id=1, device="cpu")

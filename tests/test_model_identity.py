@@ -109,8 +109,9 @@ def test_aliases_stay_a_name_only_check(bank, tiny_models):
 
 def test_hub_id_and_local_path_are_the_same_model(tiny_models, tmp_path, offline_hub):  # noqa: F811 (fixture from test_bank)
     """Bank built from a local directory; served by a hub id whose snapshot (already cached) has the same weights."""
-    local_bank = build_bank(str(tiny_models.base), str(tiny_models.aligned), tmp_path / "local-bank",
-                            modules=["q_proj"], progress=None)
+    local_bank = build_bank(
+        str(tiny_models.base), str(tiny_models.aligned), tmp_path / "local-bank", modules=["q_proj"], progress=None
+    )
     assert local_bank.protects("org/tiny-aligned")
     assert not local_bank.protects("org/tiny-base")
     assert not local_bank.protects("org/not-cached")  # nothing is downloaded
@@ -121,8 +122,14 @@ def test_hub_id_and_local_path_are_the_same_model(tiny_models, tmp_path, offline
 
 
 def test_full_mode_bank(tiny_models, tmp_path):
-    manifest = build_bank(str(tiny_models.base), str(tiny_models.aligned), tmp_path / "bank", modules=["q_proj"],
-                          progress=None, fingerprint="full")
+    manifest = build_bank(
+        str(tiny_models.base),
+        str(tiny_models.aligned),
+        tmp_path / "bank",
+        modules=["q_proj"],
+        progress=None,
+        fingerprint="full",
+    )
     assert manifest.aligned.fingerprint.mode == "full"
     assert manifest.aligned.fingerprint.bytes_hashed == manifest.aligned.fingerprint.bytes_total
     edited = _copy_model(tiny_models.aligned, tmp_path / "edited")
@@ -132,8 +139,14 @@ def test_full_mode_bank(tiny_models, tmp_path):
 
 
 def test_bank_without_fingerprint_keeps_the_name_check(tiny_models, tmp_path):
-    manifest = build_bank(str(tiny_models.base), str(tiny_models.aligned), tmp_path / "bank", modules=["q_proj"],
-                          progress=None, fingerprint=None)
+    manifest = build_bank(
+        str(tiny_models.base),
+        str(tiny_models.aligned),
+        tmp_path / "bank",
+        modules=["q_proj"],
+        progress=None,
+        fingerprint=None,
+    )
     assert manifest.aligned.fingerprint is None
     assert manifest.protects(str(tiny_models.aligned))
     assert not manifest.protects(str(_copy_model(tiny_models.aligned, tmp_path / "copy")))
@@ -154,8 +167,9 @@ def test_manifest_from_before_fingerprints_still_loads(tiny_bank_dir, tiny_model
 
 
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "vllm_safelora.cli", *args], cwd=str(cwd), capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "vllm_safelora.cli", *args], cwd=str(cwd), capture_output=True, text=True, timeout=300
+    )
 
 
 def test_relative_path_bank_protects_the_absolute_model(tiny_models, tmp_path, monkeypatch):
@@ -168,8 +182,18 @@ def test_relative_path_bank_protects_the_absolute_model(tiny_models, tmp_path, m
     (world / "models").mkdir(parents=True)
     shutil.copytree(tiny_models.aligned, world / "models" / "aligned")
     shutil.copytree(tiny_models.base, world / "models" / "base")
-    res = _cli("build-bank", "--base", "world/models/base", "--aligned", "world/models/aligned",
-               "--out", "world/bank", "--modules", "q_proj,v_proj", cwd=tmp_path)
+    res = _cli(
+        "build-bank",
+        "--base",
+        "world/models/base",
+        "--aligned",
+        "world/models/aligned",
+        "--out",
+        "world/bank",
+        "--modules",
+        "q_proj,v_proj",
+        cwd=tmp_path,
+    )
     assert res.returncode == 0, res.stderr
     manifest = read_manifest(world / "bank")
     assert manifest.aligned.ref == "world/models/aligned"

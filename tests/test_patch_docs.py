@@ -14,7 +14,11 @@ PATCHES = Path(vllm_safelora.__file__).parent / "integration" / "patches.py"
 
 def wrappers() -> dict[str, str | None]:
     tree = ast.parse(PATCHES.read_text(encoding="utf-8"))
-    return {n.name: ast.get_docstring(n) for n in tree.body if isinstance(n, ast.FunctionDef) and n.name.startswith("_wrap_")}
+    return {
+        n.name: ast.get_docstring(n)
+        for n in tree.body
+        if isinstance(n, ast.FunctionDef) and n.name.startswith("_wrap_")
+    }
 
 
 def test_there_are_wrappers_to_check():
@@ -26,8 +30,9 @@ def test_each_wrapper_opens_with_what_why_and_its_hook():
     problems = []
     for name, doc in wrappers().items():
         lines = (doc or "").splitlines()[:3]
-        if len(lines) < 3 or not (lines[0].startswith("vLLM: ") and lines[1].startswith("Why: ")
-                                  and lines[2].startswith("Hook: ``")):
+        if len(lines) < 3 or not (
+            lines[0].startswith("vLLM: ") and lines[1].startswith("Why: ") and lines[2].startswith("Hook: ``")
+        ):
             problems.append(f"{name}: the first three lines must be 'vLLM: ...', 'Why: ...', 'Hook: ``key``'")
             continue
         key = lines[2].split("``")[1]

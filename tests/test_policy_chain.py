@@ -73,7 +73,9 @@ def test_chain_equals_steps_by_hand(mixed, sf_bank, steps, tmp_path):
 
     report = outcome.report
     assert report.summary.policy_name == "chain" and report.summary.modules == len(adapter.modules)
-    assert sum(n.startswith(f"step {i + 1}/{len(steps)} ") for i in range(len(steps)) for n in report.notes) == len(steps)
+    assert sum(n.startswith(f"step {i + 1}/{len(steps)} ") for i in range(len(steps)) for n in report.notes) == len(
+        steps
+    )
     pruned = {r.module for r in report.modules if r.pruned}
     assert pruned == set(adapter.modules) - set(read_adapter(last_dir).modules)
     assert report.summary.pruned == len(pruned) == 2
@@ -100,7 +102,12 @@ def test_single_step_chain_equals_the_policy(mixed, tiny_bank):
     chained = project_adapter(adapter, tiny_bank, ChainConfig(steps=(SAFE,)))
     assert chained.adapter.weights_bytes == alone.adapter.weights_bytes
     for x, y in zip(alone.report.modules, chained.report.modules):
-        assert (x.module, x.cosine, x.projected, x.pdst_term) == (y.module, y.cosine, y.projected, pytest.approx(y.pdst_term))
+        assert (x.module, x.cosine, x.projected, x.pdst_term) == (
+            y.module,
+            y.cosine,
+            y.projected,
+            pytest.approx(y.pdst_term),
+        )
 
 
 def test_merged_report_keeps_upload_scores(mixed, tiny_bank):
@@ -138,12 +145,27 @@ def test_cli_policy_file(mixed, tiny_bank_dir, tmp_path, capsys):
     from vllm_safelora.cli import main
 
     policy = tmp_path / "policy.yaml"
-    policy.write_text("kind: chain\nsteps:\n  - {kind: safelora, select: topk, topk: 3}\n  - {kind: splora, select: topk, topk: 2}\n")
+    policy.write_text(
+        "kind: chain\nsteps:\n  - {kind: safelora, select: topk, topk: 3}\n  - {kind: splora, select: topk, topk: 2}\n"
+    )
     assert main(["inspect", str(mixed), "--bank", str(tiny_bank_dir), "--policy-file", str(policy), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["summary"]["policy_name"] == "chain" and report["summary"]["pruned"] == 2
-    assert main(["project", str(mixed), "--bank", str(tiny_bank_dir), "--policy-file", str(policy),
-                 "--out", str(tmp_path / "out")]) == 0
+    assert (
+        main(
+            [
+                "project",
+                str(mixed),
+                "--bank",
+                str(tiny_bank_dir),
+                "--policy-file",
+                str(policy),
+                "--out",
+                str(tmp_path / "out"),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "2 pruned" in out and "saved" in out
     assert len(read_adapter(tmp_path / "out").modules) == len(read_adapter(mixed).modules) - 2
@@ -152,7 +174,10 @@ def test_cli_policy_file(mixed, tiny_bank_dir, tmp_path, capsys):
     plugin.write_text("bank: /x\npolicy: {kind: splora, threshold: 1.5}\n")
     assert main(["inspect", str(mixed), "--bank", str(tiny_bank_dir), "--policy-file", str(plugin)]) == 0
     assert "z" in capsys.readouterr().out
-    assert main(["inspect", str(mixed), "--bank", str(tiny_bank_dir), "--policy-file", str(policy), "--threshold", "0.3"]) == 2
+    assert (
+        main(["inspect", str(mixed), "--bank", str(tiny_bank_dir), "--policy-file", str(policy), "--threshold", "0.3"])
+        == 2
+    )
     bad = tmp_path / "bad.yaml"
     bad.write_text("kind: splora\nthreshhold: 2\n")
     assert main(["inspect", str(mixed), "--bank", str(tiny_bank_dir), "--policy-file", str(bad)]) == 2

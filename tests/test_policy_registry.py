@@ -45,8 +45,13 @@ def test_every_kind_is_registered_once_and_builds_its_policy():
     kinds = [p.kind for p in registry.registered_policies()]
     assert kinds == ["safelora", "splora", "salora-style", "salora-select", "chain"]
     for entry in registry.registered_policies():
-        config = parse_policy({"kind": entry.kind, **({"steps": [{"kind": "safelora"}]} if entry.kind == "chain" else {}),
-                               **({"topk": 1} if entry.kind == "salora-select" else {})})
+        config = parse_policy(
+            {
+                "kind": entry.kind,
+                **({"steps": [{"kind": "safelora"}]} if entry.kind == "chain" else {}),
+                **({"topk": 1} if entry.kind == "salora-select" else {}),
+            }
+        )
         assert type(config) is entry.config
         assert type(make_policy(config)) is entry.policy
     chain = make_policy(ChainConfig(steps=[SafeLoRAConfig()]))

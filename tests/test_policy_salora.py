@@ -181,12 +181,29 @@ def test_cli_build_bank_with_safety_prompts(tiny_models, prompts, tmp_path, caps
     from vllm_safelora.cli import main
 
     out = tmp_path / "bank"
-    rc = main(["build-bank", "--base", str(tiny_models.base), "--aligned", str(tiny_models.aligned), "--out", str(out),
-               "--modules", "q_proj,v_proj", "--safety-prompts", str(prompts), "--safety-rank", "4"])
+    rc = main(
+        [
+            "build-bank",
+            "--base",
+            str(tiny_models.base),
+            "--aligned",
+            str(tiny_models.aligned),
+            "--out",
+            str(out),
+            "--modules",
+            "q_proj,v_proj",
+            "--safety-prompts",
+            str(prompts),
+            "--safety-rank",
+            "4",
+        ]
+    )
     assert rc == 0
     section = read_manifest(out).safety_features
     assert section.rank == 4 and {m.name for m in section.modules} == {m.name for m in read_manifest(out).modules}
     assert "safety features sf-" in capsys.readouterr().out
-    rc = main(["build-bank", "--out", str(out), "--features-only", "--safety-prompts", str(prompts), "--safety-rank", "2"])
+    rc = main(
+        ["build-bank", "--out", str(out), "--features-only", "--safety-prompts", str(prompts), "--safety-rank", "2"]
+    )
     assert rc == 0 and read_manifest(out).safety_features.rank == 2
     assert main(["build-bank", "--out", str(out), "--aligned", str(tiny_models.aligned)]) == 2  # no --base

@@ -88,7 +88,9 @@ def test_threshold_and_all(sf_bank, adapter):
     chosen = {n for n, v in ov.items() if v >= t}
     check_projected(adapter, sf_bank, outcome, chosen, RANK)
     # select: all equals SaLoRA-style on every module
-    check_projected(adapter, sf_bank, project_adapter(adapter, sf_bank, SaLoRASelectConfig(select="all")), set(ov), RANK)
+    check_projected(
+        adapter, sf_bank, project_adapter(adapter, sf_bank, SaLoRASelectConfig(select="all")), set(ov), RANK
+    )
 
 
 def test_cosine_score_picks_safe_loras_modules(sf_bank, adapter, tiny_deltas):
@@ -105,7 +107,9 @@ def test_cosine_score_picks_safe_loras_modules(sf_bank, adapter, tiny_deltas):
 def test_config_parses_chains_and_needs_features(tiny_bank, adapter):
     cfg = parse_policy({"kind": "salora-select", "rank": 8, "topk": 4})
     assert isinstance(cfg, SaLoRASelectConfig) and cfg.uses_safety_features()
-    parse_policy({"kind": "chain", "steps": [{"kind": "safelora", "threshold": 0.5}, {"kind": "salora-select", "topk": 2}]})
+    parse_policy(
+        {"kind": "chain", "steps": [{"kind": "safelora", "threshold": 0.5}, {"kind": "salora-select", "topk": 2}]}
+    )
     with pytest.raises(ValueError):
         SaLoRASelectConfig(select="topk")  # no k
     with pytest.raises(BankError, match="safety features"):

@@ -35,8 +35,9 @@ def _orthonormal(n: int, k: int, gen: torch.Generator) -> torch.Tensor:
     return torch.linalg.qr(torch.randn(n, k, generator=gen, dtype=F64))[0]
 
 
-def _subspace(d_out: int, d_in: int, gen: torch.Generator, *, keep: int | None = None,
-              dtype: torch.dtype = torch.float32) -> tuple[Subspace, torch.Tensor]:
+def _subspace(
+    d_out: int, d_in: int, gen: torch.Generator, *, keep: int | None = None, dtype: torch.dtype = torch.float32
+) -> tuple[Subspace, torch.Tensor]:
     """A subspace from an exact SVD; returns it and V (float64) for the reference."""
     k = min(d_out, d_in)
     S = 0.05 + torch.exp(-torch.arange(k, dtype=F64) / (k / 4))
@@ -131,7 +132,9 @@ def test_reduced_precision_bank_against_the_float64_truth(dtype, cos_tol):
     rounded = Subspace(U=sub64.U.to(dtype), S=sub64.S, frobenius_norm=sub64.frobenius_norm)
     got = analyze_module("m", rounded, A, B, 1.0, ProjectionKind.APPROX)
     assert got.score.cosine == pytest.approx(truth["cosine"], abs=cos_tol)
-    assert float(torch.linalg.norm(got.projected_B.to(F64) - truth["CB"])) <= 50 * cos_tol * float(torch.linalg.norm(truth["CB"]))
+    assert float(torch.linalg.norm(got.projected_B.to(F64) - truth["CB"])) <= 50 * cos_tol * float(
+        torch.linalg.norm(truth["CB"])
+    )
 
 
 def _stacked_bank(n: int, d_out: int, d_in: int, gen: torch.Generator, dtype=torch.float32) -> list[Subspace]:
@@ -158,8 +161,14 @@ def test_batched_scoring_equals_one_module_at_a_time(dtype, pick):
     batched = analyze_modules(items, ProjectionKind.APPROX)
     assert list(batched) == [it.name for it in items] or set(batched) == {it.name for it in items}
     for it in items:
-        alone = analyze_module(it.name, Subspace(U=it.sub.U.clone(), S=it.sub.S, frobenius_norm=it.sub.frobenius_norm),
-                               it.lora_A, it.lora_B, it.scale, ProjectionKind.APPROX)
+        alone = analyze_module(
+            it.name,
+            Subspace(U=it.sub.U.clone(), S=it.sub.S, frobenius_norm=it.sub.frobenius_norm),
+            it.lora_A,
+            it.lora_B,
+            it.scale,
+            ProjectionKind.APPROX,
+        )
         got = batched[it.name]
         assert got.score.cosine == pytest.approx(alone.score.cosine, abs=1e-6)
         assert got.score.relative_distance == pytest.approx(alone.score.relative_distance, abs=1e-6)

@@ -130,8 +130,9 @@ def fast_adapter(mods, kind, mode, threshold=None, topk=None, scale=2.0):
 
 def ref_adapter(mods, kind, mode, dtype, threshold=None, topk=None):
     Cs = [m.C(kind, dtype) for m in mods]
-    res = ref.project_adapter(Cs, [m.A for m in mods], [m.B for m in mods], mode,
-                              threshold=threshold, topk=topk, dtype=dtype)
+    res = ref.project_adapter(
+        Cs, [m.A for m in mods], [m.B for m in mods], mode, threshold=threshold, topk=topk, dtype=dtype
+    )
     selected = {m.name for m, s in zip(mods, res.selected) if s}
     return res, selected
 
@@ -146,7 +147,8 @@ def assert_same_selection(fast_sel, ref_sel, ref_res, mods):
     diff = fast_sel ^ ref_sel
     raw = {m.name: c for m, c in zip(mods, ref_res.cosines_raw)}
     assert all(near_rounding_boundary(raw[n]) for n in diff), (
-        f"selection differs on {sorted(diff)} away from any rounding boundary")
+        f"selection differs on {sorted(diff)} away from any rounding boundary"
+    )
 
 
 def rel_err(x: torch.Tensor, truth: torch.Tensor) -> float:
@@ -195,9 +197,11 @@ def test_module_parity(shape, r, kind):
     dense = ref.dense_update_metrics(C64, A, B, scale)
     assert got.score.update_norm == pytest.approx(math.sqrt(dense["norm_dw_sq"]), rel=1e-6)
     assert got.score.relative_distance == pytest.approx(
-        math.sqrt(dense["dist_dw_sq"] / dense["norm_dw_sq"]), rel=1e-5, abs=2e-6)
+        math.sqrt(dense["dist_dw_sq"] / dense["norm_dw_sq"]), rel=1e-5, abs=2e-6
+    )
     assert got.score.distance_B == pytest.approx(
-        float(torch.linalg.norm(r64.W - B.to(F64))), rel=1e-5, abs=1e-5 * float(torch.linalg.norm(B)))
+        float(torch.linalg.norm(r64.W - B.to(F64))), rel=1e-5, abs=1e-5 * float(torch.linalg.norm(B))
+    )
     # Pdst term: 1 if projected (final B is C B), else 1 / (1 + ||B - C B||)
     assert pdst_term(got.score, True) == 1.0
     ref_dist = 1 / (1 + float(torch.norm(B.to(F64) - r64.W)))
@@ -255,10 +259,8 @@ def _check_adapter(mods, kind, mode, threshold=None, topk=None):
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_adapter_threshold_parity(seed, kind):
     mods = make_adapter(seed, n=12)
-    rounded = sorted({analyze_module(m.name, m.sub, m.A, m.B, 1.0, kind).score.cosine_rounded
-                      for m in mods})
-    taus = [0.35, -1.0, 2.0, rounded[0], rounded[len(rounded) // 2], rounded[-1],
-            rounded[len(rounded) // 2] - 1e-5]
+    rounded = sorted({analyze_module(m.name, m.sub, m.A, m.B, 1.0, kind).score.cosine_rounded for m in mods})
+    taus = [0.35, -1.0, 2.0, rounded[0], rounded[len(rounded) // 2], rounded[-1], rounded[len(rounded) // 2] - 1e-5]
     for tau in taus:
         fast_sel, res64 = _check_adapter(mods, kind, SelectMode.THRESHOLD, threshold=tau)
         # threshold is inclusive: a module whose rounded cosine equals tau is projected
@@ -321,8 +323,10 @@ def test_zero_update_behaves_like_reference(kind):
     gen = torch.Generator().manual_seed(11)
     V = make_V(64, 128, gen)
     A, B = make_lora(64, 128, 8, gen)
-    mods = [Module("zeroB", V, A, torch.zeros_like(B), make_subspace(V)),
-            Module("zeroA", V, torch.zeros_like(A), B, make_subspace(V))]
+    mods = [
+        Module("zeroB", V, A, torch.zeros_like(B), make_subspace(V)),
+        Module("zeroA", V, torch.zeros_like(A), B, make_subspace(V)),
+    ]
     for m in mods:
         a = analyze_module(m.name, m.sub, m.A, m.B, 2.0, kind)
         for dtype in (F32, F64):
@@ -422,7 +426,8 @@ def test_truncated_subspace_matches_dense_truncated_operator(shape):
         a = analyze_module("m", sub, A, B, 1.0, ProjectionKind.APPROX)
         full = C_full @ B.to(F64)
         assert float(torch.linalg.matrix_norm(a.projected_B.to(F64) - full, ord=2)) <= (
-            bound * float(torch.linalg.matrix_norm(B.to(F64), ord=2)) * (1 + 1e-4) + 1e-6 * float(full.norm()))
+            bound * float(torch.linalg.matrix_norm(B.to(F64), ord=2)) * (1 + 1e-4) + 1e-6 * float(full.norm())
+        )
 
 
 @pytest.mark.parametrize("k", [0, 1, 3, 10, 31, 47])

@@ -130,8 +130,16 @@ def test_cosine_in_range(seed, d_out, d_in, r, kind, s):
 
 
 @FAST
-@given(seed=seeds, d_out=dims, d_in=dims, r=ranks, kind=kinds,
-       s=st.floats(1e-3, 1e3), t=st.floats(1e-3, 1e3), sign=st.sampled_from([1.0, -1.0]))
+@given(
+    seed=seeds,
+    d_out=dims,
+    d_in=dims,
+    r=ranks,
+    kind=kinds,
+    s=st.floats(1e-3, 1e3),
+    t=st.floats(1e-3, 1e3),
+    sign=st.sampled_from([1.0, -1.0]),
+)
 def test_cosine_scale_invariance(seed, d_out, d_in, r, kind, s, t, sign):
     """The cosine ignores the LoRA scale s, a rescaling B A -> (tB)(A/t), scaling B or A alone,
     and scaling V (C is linear in ||V||)."""

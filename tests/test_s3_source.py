@@ -42,9 +42,19 @@ def _aws_credentials(monkeypatch):
 
 def _service(tmp_path, tiny_bank, store, limits=None, **s3) -> SafeLoRAService:
     settings = SafeLoRASettings(
-        bank=tiny_bank.path, cache_dir=tmp_path / "cache", device="cpu",
-        s3={"enabled": True, "uri": f"s3://{BUCKET}/tenants/", "endpoint_url": store.endpoint,
-            "read_timeout_s": 1.0, "connect_timeout_s": 1.0, "fetch_timeout_s": 5.0, "retries": 1, **s3},
+        bank=tiny_bank.path,
+        cache_dir=tmp_path / "cache",
+        device="cpu",
+        s3={
+            "enabled": True,
+            "uri": f"s3://{BUCKET}/tenants/",
+            "endpoint_url": store.endpoint,
+            "read_timeout_s": 1.0,
+            "connect_timeout_s": 1.0,
+            "fetch_timeout_s": 5.0,
+            "retries": 1,
+            **s3,
+        },
     )
     cache = PatchedAdapterCache(settings.cache_dir, settings.cache_max_bytes)
     return SafeLoRAService(settings, tiny_bank, build_sources(settings, limits), cache, max_rank=8, limits=limits)
@@ -58,16 +68,24 @@ def test_prepares_a_projected_adapter_from_the_store(tmp_path, tiny_bank, store,
     prepared = svc.prepare("s3:acme/bot")
     assert prepared.report.summary.outcome == "modified"
     assert prepared.location.identity == "s3:acme/bot"
-    size = sum(p.stat().st_size for p in src.iterdir() if p.name in ("adapter_config.json", "adapter_model.safetensors"))
+    size = sum(
+        p.stat().st_size for p in src.iterdir() if p.name in ("adapter_config.json", "adapter_model.safetensors")
+    )
     assert _metric("safelora_source_fetch_bytes_total", source="s3") - fetched == size
     # the private download directory is gone once the adapter was read
     assert not list(Path(svc.sources[0].staging).glob(f"safelora-s3.{__import__('os').getpid()}.*"))
 
 
-@pytest.mark.parametrize("name, why", [
-    ("s3:../etc/x", ".."), ("s3:acme/%2e%2e", "%"), ("s3:acme/a\nb", "control"), ("s3:acme", "tenant"),
-    ("s3:a/b/c", "more than one"),
-])
+@pytest.mark.parametrize(
+    "name, why",
+    [
+        ("s3:../etc/x", ".."),
+        ("s3:acme/%2e%2e", "%"),
+        ("s3:acme/a\nb", "control"),
+        ("s3:acme", "tenant"),
+        ("s3:a/b/c", "more than one"),
+    ],
+)
 def test_illegal_names_are_refused_before_any_request(tmp_path, tiny_bank, store, name, why):
     svc = _service(tmp_path, tiny_bank, store, endpoint_url="http://127.0.0.1:9")  # nothing listens there
     with pytest.raises(AdapterRefused) as info:
@@ -105,8 +123,13 @@ def test_missing_weights_and_pickle_only(tmp_path, tiny_bank, store, tiny_adapte
 def test_rewritten_while_downloaded_is_refused_never_mixed(tmp_path, tiny_bank, store, tiny_adapter_factory):
     a, b = tiny_adapter_factory("random", seed=44), tiny_adapter_factory("random", seed=45)
     store.upload_dir(BUCKET, "tenants/acme/moving", a)
-    store.set_faults({"contains": "tenants/acme/moving/adapter_model.safetensors", "method": "GET",
-                      "rewrite_with": [str(b / "adapter_model.safetensors"), str(a / "adapter_model.safetensors")]})
+    store.set_faults(
+        {
+            "contains": "tenants/acme/moving/adapter_model.safetensors",
+            "method": "GET",
+            "rewrite_with": [str(b / "adapter_model.safetensors"), str(a / "adapter_model.safetensors")],
+        }
+    )
     try:
         svc = _service(tmp_path, tiny_bank, store)
         before = _metric("safelora_source_fetch_failures_total", source="s3", reason="changed")
@@ -143,14 +166,24 @@ def test_store_down_is_a_503(tmp_path, tiny_bank, store):
     assert 4 < svc.retry_after_s() <= 5
 
 
-@pytest.mark.parametrize("s3, why", [
-    ({"uri": None}, "s3.uri is not set"), ({"uri": "https://x/y"}, "s3://"), ({"uri": "s3://A_b/x"}, "bucket"),
-    ({"uri": "s3://bkt/../x"}, "prefix"), ({"endpoint_url": "ftp://x"}, "endpoint_url"), ({"prefix": ""}, "prefix"),
-    ({"prefix": "hub:"}, "overlap"),
-])
+@pytest.mark.parametrize(
+    "s3, why",
+    [
+        ({"uri": None}, "s3.uri is not set"),
+        ({"uri": "https://x/y"}, "s3://"),
+        ({"uri": "s3://A_b/x"}, "bucket"),
+        ({"uri": "s3://bkt/../x"}, "prefix"),
+        ({"endpoint_url": "ftp://x"}, "endpoint_url"),
+        ({"prefix": ""}, "prefix"),
+        ({"prefix": "hub:"}, "overlap"),
+    ],
+)
 def test_misconfigured_store_refuses_to_start(tmp_path, tiny_bank, s3, why):
     settings = SafeLoRASettings(
-        bank=tiny_bank.path, cache_dir=tmp_path / "cache", device="cpu", hub={"enabled": True},
+        bank=tiny_bank.path,
+        cache_dir=tmp_path / "cache",
+        device="cpu",
+        hub={"enabled": True},
         s3={"enabled": True, "uri": "s3://bkt/p/", **s3},
     )
     with pytest.raises(ConfigError, match=why):

@@ -46,8 +46,12 @@ class _Variants:
 
 def _service(tmp_path: Path, bank, adapters_root: Path, max_bytes: int) -> SafeLoRAService:
     settings = SafeLoRASettings(
-        bank=bank.path, adapter_dirs=[adapters_root], cache_dir=tmp_path / "cache", device="cpu",
-        cache_max_bytes=max_bytes, max_tracked_adapters=TRACKED,
+        bank=bank.path,
+        adapter_dirs=[adapters_root],
+        cache_dir=tmp_path / "cache",
+        device="cpu",
+        cache_max_bytes=max_bytes,
+        max_tracked_adapters=TRACKED,
     )
     cache = PatchedAdapterCache(settings.cache_dir, settings.cache_max_bytes)
     return SafeLoRAService(settings, bank, build_sources(settings), cache, max_rank=8)

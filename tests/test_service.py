@@ -123,7 +123,9 @@ def test_admission_refuses_without_caching(tmp_path, tiny_bank, adapters_root):
 
 def test_tenant_rules_pick_policy_and_names_cannot_pose(tmp_path, tiny_bank, adapters_root):
     svc = _service(
-        tmp_path, tiny_bank, adapters_root,
+        tmp_path,
+        tiny_bank,
+        adapters_root,
         tenants=[{"match": "trusted/*", "policy": {"select": "threshold", "threshold": -1.0}}],
     )
     trusted = svc.prepare("trusted/bad")
@@ -232,8 +234,10 @@ def test_forget_drops_the_name_but_keeps_the_entry(tmp_path, tiny_bank, adapters
 
 def test_policy_follows_the_location_not_the_served_name(tmp_path, tiny_bank, adapters_root):
     """A client cannot pick a tenant's policy by naming its adapter like that tenant."""
-    rules = [{"match": "trusted/*", "policy": {"select": "threshold", "threshold": -1.0}},
-             {"match": "canary/*", "shadow": True}]
+    rules = [
+        {"match": "trusted/*", "policy": {"select": "threshold", "threshold": -1.0}},
+        {"match": "canary/*", "shadow": True},
+    ]
     svc = _service(tmp_path, tiny_bank, adapters_root, tenants=rules, served_names="label")
     evil = str(adapters_root / "globex" / "bad")
     for label in ("trusted/x", "canary/y", "trusted/bad", "canary/bad"):
@@ -255,9 +259,17 @@ def test_a_link_into_another_tenant_is_refused(tmp_path, tiny_bank, adapters_roo
 
 def test_a_link_into_a_shared_area_gets_the_policy_of_where_it_leads(tmp_path, tiny_bank, adapters_root):
     (adapters_root / "trusted" / "current").symlink_to(adapters_root / "globex" / "bad")
-    svc = _service(tmp_path, tiny_bank, adapters_root, shared_adapters=["globex/*"],
-                   tenants=[{"match": "trusted/*", "policy": {"select": "threshold", "threshold": -1.0}}])
-    for prepared in (svc.prepare("trusted/current"), svc.prepare("trusted/current", str(adapters_root / "trusted" / "current"))):
+    svc = _service(
+        tmp_path,
+        tiny_bank,
+        adapters_root,
+        shared_adapters=["globex/*"],
+        tenants=[{"match": "trusted/*", "policy": {"select": "threshold", "threshold": -1.0}}],
+    )
+    for prepared in (
+        svc.prepare("trusted/current"),
+        svc.prepare("trusted/current", str(adapters_root / "trusted" / "current")),
+    ):
         assert prepared.report.summary.tenant_rule == "default" and prepared.report.summary.outcome == "modified"
 
 
@@ -274,11 +286,17 @@ def test_an_operators_static_label_is_served_unless_it_shadows_a_tenant(tmp_path
     svc = _service(tmp_path, tiny_bank, adapters_root, hub={"enabled": True})
     path = str(adapters_root / "globex" / "bad")
     assert svc.prepare_client_path("mybot", path, operator_label=True).report.summary.modules
-    for label, shadowed in (("acme", "'acme'"), ("acme/other", "'acme'"), ("trusted", "'trusted'"),
-                            ("hub:acme/x", "'hub:acme/x'")):
+    for label, shadowed in (
+        ("acme", "'acme'"),
+        ("acme/other", "'acme'"),
+        ("trusted", "'trusted'"),
+        ("hub:acme/x", "'hub:acme/x'"),
+    ):
         with pytest.raises(AdapterRefused) as err:
             svc.prepare_client_path(label, path, operator_label=True)
-        assert err.value.reason is RefusalReason.INVALID_NAME and f"shadow tenant namespace {shadowed}" in err.value.detail
+        assert (
+            err.value.reason is RefusalReason.INVALID_NAME and f"shadow tenant namespace {shadowed}" in err.value.detail
+        )
     with pytest.raises(AdapterRefused, match="served_names: location"):  # the same label from a client
         svc.prepare_client_path("mybot2", path)
 
@@ -437,7 +455,9 @@ def _counting_reads(monkeypatch) -> list:
     return reads
 
 
-def test_a_restarted_server_serves_an_unchanged_upload_without_reading_it(tmp_path, tiny_bank, adapters_root, monkeypatch):
+def test_a_restarted_server_serves_an_unchanged_upload_without_reading_it(
+    tmp_path, tiny_bank, adapters_root, monkeypatch
+):
     from vllm_safelora import fsutil
 
     monkeypatch.setattr(fsutil, "RACY_WINDOW_NS", 0)

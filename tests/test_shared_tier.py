@@ -56,15 +56,25 @@ def _key_file(path, secret: bytes):
 
 
 def _replica(tmp_path, name, tiny_bank, adapters, store, secret=b"f" * 40, **extra) -> SafeLoRAService:
-    settings = SafeLoRASettings(**extra,
-        bank=tiny_bank.path, adapter_dirs=[adapters], cache_dir=tmp_path / f"cache-{name}", device="cpu",
-        shared_cache={"enabled": True, "uri": f"s3://{BUCKET}/entries/", "endpoint_url": store.endpoint,
-                      "mac_key_file": str(_key_file(tmp_path / f"key-{name}", secret)), "read_timeout_s": 2,
-                      "retries": 0},
+    settings = SafeLoRASettings(
+        **extra,
+        bank=tiny_bank.path,
+        adapter_dirs=[adapters],
+        cache_dir=tmp_path / f"cache-{name}",
+        device="cpu",
+        shared_cache={
+            "enabled": True,
+            "uri": f"s3://{BUCKET}/entries/",
+            "endpoint_url": store.endpoint,
+            "mac_key_file": str(_key_file(tmp_path / f"key-{name}", secret)),
+            "read_timeout_s": 2,
+            "retries": 0,
+        },
     )
     cache = PatchedAdapterCache(settings.cache_dir, settings.cache_max_bytes)
-    return SafeLoRAService(settings, tiny_bank, build_sources(settings), cache, max_rank=8,
-                           shared_tier=build_shared_tier(settings))
+    return SafeLoRAService(
+        settings, tiny_bank, build_sources(settings), cache, max_rank=8, shared_tier=build_shared_tier(settings)
+    )
 
 
 @pytest.fixture()
@@ -97,19 +107,32 @@ def test_second_replica_downloads_instead_of_projecting(tmp_path, tiny_bank, ada
 
 
 def _reupload(store, digest, manifest):
-    store.client().put_object(Bucket=BUCKET, Key=f"entries/{digest}/{SHARED_MANIFEST}",
-                              Body=json.dumps(manifest).encode())
+    store.client().put_object(
+        Bucket=BUCKET, Key=f"entries/{digest}/{SHARED_MANIFEST}", Body=json.dumps(manifest).encode()
+    )
 
 
-@pytest.mark.parametrize("tenant, result", [
-    ("unsigned", "unsigned"), ("otherkey", "bad_mac"), ("misbound", "mis_bound"), ("altered", "bad_file"),
-    ("othercfg", "mis_bound"),  # signed by a replica whose settings outside the cache key differ
-])
+@pytest.mark.parametrize(
+    "tenant, result",
+    [
+        ("unsigned", "unsigned"),
+        ("otherkey", "bad_mac"),
+        ("misbound", "mis_bound"),
+        ("altered", "bad_file"),
+        ("othercfg", "mis_bound"),  # signed by a replica whose settings outside the cache key differ
+    ],
+)
 def test_untrusted_tier_entries_are_ignored_and_rebuilt(tmp_path, tiny_bank, adapters, store, tenant, result):
     name = f"{tenant}/bot"
-    a = _replica(tmp_path, "a", tiny_bank, adapters, store,
-                 secret=b"another fleet's key, 40 bytes long......" if tenant == "otherkey" else b"f" * 40,
-                 **({"require_base_model_match": False} if tenant == "othercfg" else {}))
+    a = _replica(
+        tmp_path,
+        "a",
+        tiny_bank,
+        adapters,
+        store,
+        secret=b"another fleet's key, 40 bytes long......" if tenant == "otherkey" else b"f" * 40,
+        **({"require_base_model_match": False} if tenant == "othercfg" else {}),
+    )
     honest = a.prepare(name)
     digest = honest.digest
     c, stored = _entry_objects(store, digest)
@@ -118,8 +141,11 @@ def test_untrusted_tier_entries_are_ignored_and_rebuilt(tmp_path, tiny_bank, ada
     elif tenant == "misbound":
         # a genuinely signed manifest, of another adapter's entry, placed under this key
         donor = a.prepare("acme/bot").digest
-        c.copy_object(Bucket=BUCKET, Key=f"entries/{digest}/{SHARED_MANIFEST}",
-                      CopySource={"Bucket": BUCKET, "Key": f"entries/{donor}/{SHARED_MANIFEST}"})
+        c.copy_object(
+            Bucket=BUCKET,
+            Key=f"entries/{digest}/{SHARED_MANIFEST}",
+            CopySource={"Bucket": BUCKET, "Key": f"entries/{donor}/{SHARED_MANIFEST}"},
+        )
     elif tenant == "altered":
         key = f"entries/{digest}/{WEIGHTS_FILE}"
         body = bytearray(c.get_object(Bucket=BUCKET, Key=key)["Body"].read())
@@ -135,16 +161,24 @@ def test_untrusted_tier_entries_are_ignored_and_rebuilt(tmp_path, tiny_bank, ada
         assert (rebuilt.path / f).read_bytes() == (honest.path / f).read_bytes()
 
 
-@pytest.mark.parametrize("cfg, why", [
-    ({"mac_key_file": None}, "mac_key_file is not set"), ({"mac_key_file": "/nonexistent/key"}, "cannot be read"),
-    ({"mac_key_file": "SHORT"}, "at least 32"), ({"uri": None}, "uri is not set"), ({"uri": "s3://x"}, "bucket"),
-])
+@pytest.mark.parametrize(
+    "cfg, why",
+    [
+        ({"mac_key_file": None}, "mac_key_file is not set"),
+        ({"mac_key_file": "/nonexistent/key"}, "cannot be read"),
+        ({"mac_key_file": "SHORT"}, "at least 32"),
+        ({"uri": None}, "uri is not set"),
+        ({"uri": "s3://x"}, "bucket"),
+    ],
+)
 def test_misconfigured_tier_refuses_to_start(tmp_path, tiny_bank, cfg, why):
     short = tmp_path / "short"
     short.write_bytes(b"tooshort")
     cfg = {k: (str(short) if v == "SHORT" else v) for k, v in cfg.items()}
     settings = SafeLoRASettings(
-        bank=tiny_bank.path, cache_dir=tmp_path / "cache", device="cpu",
+        bank=tiny_bank.path,
+        cache_dir=tmp_path / "cache",
+        device="cpu",
         shared_cache={"enabled": True, "uri": "s3://fleet/entries/", "mac_key_file": str(tmp_path / "k"), **cfg},
     )
     (tmp_path / "k").write_bytes(b"k" * 40)

@@ -117,6 +117,7 @@ def test_any_accepted_name_stays_inside_root(name):
 
 # ---------------------------------------------------------------- local source
 
+
 def test_local_locate(root):
     src = LocalDirSource(root)
     assert src.locate("plain") == root / "plain"
@@ -212,8 +213,14 @@ def test_hub_offline_from_hand_built_cache(tmp_path):
     assert json.loads((path / "adapter_config.json").read_text())["peft_type"] == "LORA"
     assert src.locate("hub:acme/other") is None
     # pinned commit and a tag that is not cached
-    assert HubSource(cache_dir=cache, local_files_only=True, allow=["acme/*"], revision=COMMIT).locate("hub:acme/my-lora") == snap
-    assert HubSource(cache_dir=cache, local_files_only=True, allow=["acme/*"], revision="v9").locate("hub:acme/my-lora") is None
+    assert (
+        HubSource(cache_dir=cache, local_files_only=True, allow=["acme/*"], revision=COMMIT).locate("hub:acme/my-lora")
+        == snap
+    )
+    assert (
+        HubSource(cache_dir=cache, local_files_only=True, allow=["acme/*"], revision="v9").locate("hub:acme/my-lora")
+        is None
+    )
 
 
 def test_hub_offline_via_hf_hub_offline(tmp_path, monkeypatch):
@@ -294,6 +301,7 @@ def test_hub_error_mapping(tmp_path, monkeypatch):
     def raising(exc):
         def fake(*a, **k):
             raise exc
+
         return fake
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", raising(_http_error(e.RepositoryNotFoundError)))

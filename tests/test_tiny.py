@@ -1,4 +1,5 @@
 """Tests for vllm_safelora.tiny: tiny local models and PEFT adapters."""
+
 from __future__ import annotations
 
 import hashlib
@@ -28,9 +29,7 @@ pytest.importorskip("peft")
 
 def _digest(d: Path) -> dict[str, str]:
     return {
-        str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(d.rglob("*"))
-        if p.is_file()
+        str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.rglob("*")) if p.is_file()
     }
 
 
@@ -55,11 +54,24 @@ def deltas(models):
 
 def test_files_and_config(models):
     for d in (models.base, models.aligned):
-        for f in ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
+        for f in (
+            "config.json",
+            "generation_config.json",
+            "model.safetensors",
+            "tokenizer.json",
+            "tokenizer_config.json",
+        ):
             assert (d / f).is_file(), f
         cfg = json.loads((d / "config.json").read_text())
-        for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                  "num_key_value_heads", "head_dim", "max_position_embeddings"):
+        for k in (
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+            "max_position_embeddings",
+        ):
             assert cfg[k] == TINY_LLAMA_CONFIG[k]
         assert cfg["tie_word_embeddings"] is False
         assert cfg["head_dim"] == 64
@@ -96,8 +108,15 @@ def test_alignment_delta_structure(models, deltas):
             assert torch.equal(a[k], b[k]), k
     n_layers = TINY_LLAMA_CONFIG["num_hidden_layers"]
     assert len(deltas) == n_layers * len(LINEAR_MODULES)
-    shapes = {"q_proj": (128, 128), "k_proj": (64, 128), "v_proj": (64, 128), "o_proj": (128, 128),
-              "gate_proj": (256, 128), "up_proj": (256, 128), "down_proj": (128, 256)}
+    shapes = {
+        "q_proj": (128, 128),
+        "k_proj": (64, 128),
+        "v_proj": (64, 128),
+        "o_proj": (128, 128),
+        "gate_proj": (256, 128),
+        "up_proj": (256, 128),
+        "down_proj": (128, 256),
+    }
     for name, v in deltas.items():
         assert tuple(v.shape) == shapes[name.rsplit(".", 1)[1]]
         s = torch.linalg.svdvals(v.double())
@@ -115,9 +134,7 @@ def test_models_load_and_generate(models):
     ids = tok("Hello, the cat can read a book.", return_tensors="pt")
     assert ids.input_ids[0, 0].item() == tok.bos_token_id
     assert tok.decode(ids.input_ids[0], skip_special_tokens=True) == "Hello, the cat can read a book."
-    chat = tok.apply_chat_template(
-        [{"role": "user", "content": "hello"}], add_generation_prompt=True, tokenize=False
-    )
+    chat = tok.apply_chat_template([{"role": "user", "content": "hello"}], add_generation_prompt=True, tokenize=False)
     assert chat == "<s><|user|> hello\n<|assistant|>"
     outs = []
     for d in (models.base, models.aligned):
@@ -168,10 +185,12 @@ def test_update_scale(models, tmp_path):
 
 
 def test_cosine_aligned_vs_orthogonal(models, deltas, tmp_path):
-    al = make_tiny_adapter(models.aligned, tmp_path / "al", direction="aligned", base_dir=models.base,
-                           target_modules=LINEAR_MODULES)
-    orth = make_tiny_adapter(models.aligned, tmp_path / "or", direction="orthogonal", base_dir=models.base,
-                             target_modules=LINEAR_MODULES)
+    al = make_tiny_adapter(
+        models.aligned, tmp_path / "al", direction="aligned", base_dir=models.base, target_modules=LINEAR_MODULES
+    )
+    orth = make_tiny_adapter(
+        models.aligned, tmp_path / "or", direction="orthogonal", base_dir=models.base, target_modules=LINEAR_MODULES
+    )
     cos_al = {m: safelora_cosine(deltas[m], b, a) for m, a, b in _lora_pairs(al)}
     cos_or = {m: safelora_cosine(deltas[m], b, a) for m, a, b in _lora_pairs(orth)}
     assert len(cos_al) == len(cos_or) == len(deltas)
@@ -212,10 +231,14 @@ def test_dtype_cast(models, tmp_path, dtype):
 
 def test_rank_and_alpha_pattern(models, tmp_path):
     ad = make_tiny_adapter(
-        models.aligned, tmp_path / "rp", rank=8, alpha=16,
+        models.aligned,
+        tmp_path / "rp",
+        rank=8,
+        alpha=16,
         target_modules=("q_proj", "v_proj", "down_proj"),
         rank_pattern={"v_proj": 4, "model.layers.1.self_attn.q_proj": 2},
-        alpha_pattern={"down_proj": 4}, use_rslora=True,
+        alpha_pattern={"down_proj": 4},
+        use_rslora=True,
     )
     cfg = json.loads((ad / "adapter_config.json").read_text())
     assert cfg["use_rslora"] is True and cfg["rank_pattern"] and cfg["alpha_pattern"]

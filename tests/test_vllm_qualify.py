@@ -59,7 +59,9 @@ def test_installed_vllm_passes_every_hook():
 
 @needs_vllm
 def test_untouched_copy_passes_and_comments_do_not_count(altered):
-    _edit(altered, "vllm/lora/utils.py", "def parse_fine_tuned_lora_name(", "# a comment\ndef parse_fine_tuned_lora_name(")
+    _edit(
+        altered, "vllm/lora/utils.py", "def parse_fine_tuned_lora_name(", "# a comment\ndef parse_fine_tuned_lora_name("
+    )
     assert all(r.status == OK for r in check_tree(altered))
 
 
@@ -67,22 +69,69 @@ def test_untouched_copy_passes_and_comments_do_not_count(altered):
 @pytest.mark.parametrize(
     "case, path, old, new, hook, status, says",
     [
-        ("renamed parameter", "vllm/v1/engine/async_llm.py", "async def add_lora(self, lora_request: LoRARequest)",
-         "async def add_lora(self, request: LoRARequest)", "AsyncLLM.add_lora", CHANGED, "parameters"),
-        ("no longer async", "vllm/v1/engine/async_llm.py", "async def add_lora(self, lora_request: LoRARequest)",
-         "def add_lora(self, lora_request: LoRARequest)", "AsyncLLM.add_lora", CHANGED, "no longer async"),
-        ("call site gone", "vllm/entrypoints/openai/models/serving.py", "await self.engine_client.add_lora(lora_request)",
-         "await self.engine_client.preload(lora_request)", "OpenAIServingModels.load_lora_adapter", CHANGED,
-         "self.engine_client.add_lora"),
-        ("lora_request parameter gone", "vllm/v1/engine/input_processor.py",
-         "        lora_request: LoRARequest | None = None,\n", "", "InputProcessor.process_inputs", CHANGED,
-         "no parameter lora_request"),
-        ("method removed", "vllm/lora/worker_manager.py", "def _load_adapter(self", "def _load_adapter_v2(self",
-         "WorkerLoRAManager._load_adapter", MISSING, "not defined"),
-        ("mirrored code edited", "vllm/lora/utils.py", 'start_index = 2 if name.startswith("base_model.model.") else 0',
-         'start_index = 2 if name.startswith("base_model.") else 0', "parse_fine_tuned_lora_name", CHANGED, "review our copy"),
-        ("registry field renamed", "vllm/lora/resolver.py", "    resolvers: dict[str, LoRAResolver]",
-         "    _resolvers: dict[str, LoRAResolver]", "_LoRAResolverRegistry", CHANGED, "no field resolvers"),
+        (
+            "renamed parameter",
+            "vllm/v1/engine/async_llm.py",
+            "async def add_lora(self, lora_request: LoRARequest)",
+            "async def add_lora(self, request: LoRARequest)",
+            "AsyncLLM.add_lora",
+            CHANGED,
+            "parameters",
+        ),
+        (
+            "no longer async",
+            "vllm/v1/engine/async_llm.py",
+            "async def add_lora(self, lora_request: LoRARequest)",
+            "def add_lora(self, lora_request: LoRARequest)",
+            "AsyncLLM.add_lora",
+            CHANGED,
+            "no longer async",
+        ),
+        (
+            "call site gone",
+            "vllm/entrypoints/openai/models/serving.py",
+            "await self.engine_client.add_lora(lora_request)",
+            "await self.engine_client.preload(lora_request)",
+            "OpenAIServingModels.load_lora_adapter",
+            CHANGED,
+            "self.engine_client.add_lora",
+        ),
+        (
+            "lora_request parameter gone",
+            "vllm/v1/engine/input_processor.py",
+            "        lora_request: LoRARequest | None = None,\n",
+            "",
+            "InputProcessor.process_inputs",
+            CHANGED,
+            "no parameter lora_request",
+        ),
+        (
+            "method removed",
+            "vllm/lora/worker_manager.py",
+            "def _load_adapter(self",
+            "def _load_adapter_v2(self",
+            "WorkerLoRAManager._load_adapter",
+            MISSING,
+            "not defined",
+        ),
+        (
+            "mirrored code edited",
+            "vllm/lora/utils.py",
+            'start_index = 2 if name.startswith("base_model.model.") else 0',
+            'start_index = 2 if name.startswith("base_model.") else 0',
+            "parse_fine_tuned_lora_name",
+            CHANGED,
+            "review our copy",
+        ),
+        (
+            "registry field renamed",
+            "vllm/lora/resolver.py",
+            "    resolvers: dict[str, LoRAResolver]",
+            "    _resolvers: dict[str, LoRAResolver]",
+            "_LoRAResolverRegistry",
+            CHANGED,
+            "no field resolvers",
+        ),
     ],
 )
 def test_altered_source_is_caught(altered, case, path, old, new, hook, status, says):
@@ -105,8 +154,12 @@ def test_missing_file_is_missing(altered):
 @needs_vllm
 def test_wheel_is_read_as_a_zip(altered, tmp_path):
     """What --download / --wheel read: a wheel file, never installed."""
-    _edit(altered, "vllm/v1/engine/llm_engine.py", "def add_lora(self, lora_request: LoRARequest)",
-          "def add_lora(self, lora_request: LoRARequest, pin: bool)")
+    _edit(
+        altered,
+        "vllm/v1/engine/llm_engine.py",
+        "def add_lora(self, lora_request: LoRARequest)",
+        "def add_lora(self, lora_request: LoRARequest, pin: bool)",
+    )
     wheel = tmp_path / "vllm-9.9.9-cp38-abi3-manylinux_2_28_x86_64.whl"
     with zipfile.ZipFile(wheel, "w") as z:
         for h in {h.path for h in HOOKS}:
@@ -140,8 +193,12 @@ def test_override_still_checks_the_installed_hooks(altered, monkeypatch, caplog)
     with caplog.at_level(logging.WARNING, logger="vllm_safelora"):
         compat.check_vllm_version("0.34.0rc1", allow_untested=True)  # installed hooks match: a warning only
     assert "UNTESTED vLLM VERSION" in caplog.text
-    _edit(altered, "vllm/v1/engine/llm_engine.py", "def add_lora(self, lora_request: LoRARequest)",
-          "def add_lora(self, lora_request: LoRARequest, pin: bool)")
+    _edit(
+        altered,
+        "vllm/v1/engine/llm_engine.py",
+        "def add_lora(self, lora_request: LoRARequest)",
+        "def add_lora(self, lora_request: LoRARequest, pin: bool)",
+    )
     monkeypatch.setattr(qualify, "installed_tree", lambda: altered)
     with pytest.raises(ConfigError, match="LLMEngine.add_lora"):
         compat.check_vllm_version("0.34.0rc1", allow_untested=True)

@@ -74,7 +74,9 @@ def check_compatible(
     for module_name, module in adapter.modules.items():
         meta = manifest.module(module_name)
         if meta is None or bank.get(module_name) is None:
-            problems.add(RefusalReason.UNKNOWN_MODULE, f"module {module_name} is not in the alignment bank {manifest.bank_id}")
+            problems.add(
+                RefusalReason.UNKNOWN_MODULE, f"module {module_name} is not in the alignment bank {manifest.bank_id}"
+            )
             continue
         if (module.d_out, module.d_in) != tuple(meta.shape):
             problems.add(
@@ -96,14 +98,23 @@ def project_adapter(
 ) -> ProjectionOutcome:
     """Check, apply the policy and serialise; raises AdapterRefused, writes nothing."""
     served, report = _apply_policy(
-        adapter, bank, policy, who=name or str(adapter.path), aliases=aliases,
+        adapter,
+        bank,
+        policy,
+        who=name or str(adapter.path),
+        aliases=aliases,
         require_base_model_match=require_base_model_match,
     )
     return ProjectionOutcome(adapter=with_report(served, report), report=report)
 
 
 def _apply_policy(
-    adapter: LoraAdapter, bank: AlignmentBank, policy: PolicyConfig, *, who: str, aliases: Iterable[str],
+    adapter: LoraAdapter,
+    bank: AlignmentBank,
+    policy: PolicyConfig,
+    *,
+    who: str,
+    aliases: Iterable[str],
     require_base_model_match: bool,
 ) -> tuple[SerializedAdapter, AdapterReport]:
     """The policy's output files (without the report) and the report, for any caller."""

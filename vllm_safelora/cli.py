@@ -21,19 +21,23 @@ EXIT_PROBLEMS, EXIT_USAGE, EXIT_REFUSED, EXIT_BANK = 1, 2, 3, 4
 def _add_policy_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("policy (Safe LoRA flags, or --policy-file for any policy)")
     g.add_argument(
-        "--policy-file", metavar="YAML",
+        "--policy-file",
+        metavar="YAML",
         help="policy config of any kind (safelora | splora | salora-style | chain), e.g. "
         "'{kind: chain, steps: [{kind: safelora}, {kind: splora, threshold: 1.5}]}'; "
         "a file with a top-level 'policy:' key (a plugin config) also works. Excludes the Safe LoRA flags",
     )
     g.add_argument("--select", choices=["threshold", "topk", "all"], default=None, help="default threshold")
     g.add_argument("--threshold", type=float, default=None, help="project modules with cosine <= TAU (default 0.35)")
-    g.add_argument("--topk", type=int, default=None, help="with --select topk: project the K lowest-cosine modules (default 10)")
+    g.add_argument(
+        "--topk", type=int, default=None, help="with --select topk: project the K lowest-cosine modules (default 10)"
+    )
     g.add_argument("--projection", choices=["approx", "exact"], default=None, help="default approx")
     g.add_argument("--device", default="cpu", help="device for the bank: cpu, cuda:N or auto")
     g.add_argument("--alias", action="append", default=[], help="another name of the aligned model (repeatable)")
     g.add_argument(
-        "--no-base-model-check", action="store_true",
+        "--no-base-model-check",
+        action="store_true",
         help="do not require the adapter's base_model_name_or_path to name the bank's aligned model",
     )
     g.add_argument("--max-bytes", type=int, default=2 << 30, help="refuse adapters larger than this")
@@ -73,7 +77,8 @@ def _policy_from_args(args: argparse.Namespace):
     if getattr(args, "policy_file", None):
         if given:
             raise ConfigError(
-                "--policy-file and the Safe LoRA flags (" + ", ".join(f"--{k}" for k in given)
+                "--policy-file and the Safe LoRA flags ("
+                + ", ".join(f"--{k}" for k in given)
                 + ") are exclusive; put the settings in the policy file"
             )
         return load_policy_file(Path(args.policy_file))
@@ -88,8 +93,12 @@ def _analyse(args: argparse.Namespace):
     bank = load_bank(Path(args.bank), args.device)
     adapter = read_adapter(Path(args.adapter), limits=ReadLimits(max_bytes=args.max_bytes))
     return project_adapter(
-        adapter, bank, _policy_from_args(args),
-        name=str(args.adapter), aliases=args.alias, require_base_model_match=not args.no_base_model_check,
+        adapter,
+        bank,
+        _policy_from_args(args),
+        name=str(args.adapter),
+        aliases=args.alias,
+        require_base_model_match=not args.no_base_model_check,
     )
 
 
@@ -102,7 +111,9 @@ def cmd_build_bank(args: argparse.Namespace) -> int:
         from .bank.safety_features import SafetyFeatureSpec
 
         safety = SafetyFeatureSpec(
-            prompts=Path(args.safety_prompts), rank=args.safety_rank, batch_size=args.safety_batch_size,
+            prompts=Path(args.safety_prompts),
+            rank=args.safety_rank,
+            batch_size=args.safety_batch_size,
             max_samples=args.safety_max_samples,
         )
     if args.features_only:
@@ -112,29 +123,45 @@ def cmd_build_bank(args: argparse.Namespace) -> int:
             raise ConfigError("--features-only needs --safety-prompts FILE.jsonl")
         manifest = add_safety_features(Path(args.out), safety, model=args.aligned, device=args.device)
         sf = manifest.safety_features
-        print(f"safety features {sf.features_id} added to bank {manifest.bank_id} at {args.out}: "
-              f"{sf.samples} samples, {sf.response_tokens} response tokens, r_s = {sf.rank}")
+        print(
+            f"safety features {sf.features_id} added to bank {manifest.bank_id} at {args.out}: "
+            f"{sf.samples} samples, {sf.response_tokens} response tokens, r_s = {sf.rank}"
+        )
         return 0
     if not args.base or not args.aligned:
         raise ConfigError("build-bank needs --base and --aligned (only --features-only works without --base)")
     manifest = build_bank(
-        args.base, args.aligned, Path(args.out),
-        modules=modules, truncation=Truncation(rank=args.rank, energy=args.energy),
-        storage_dtype=args.dtype, device=args.device, svd=args.svd, aliases=args.alias, overwrite=args.overwrite,
-        safety=safety, fingerprint=None if args.fingerprint == "none" else args.fingerprint,
+        args.base,
+        args.aligned,
+        Path(args.out),
+        modules=modules,
+        truncation=Truncation(rank=args.rank, energy=args.energy),
+        storage_dtype=args.dtype,
+        device=args.device,
+        svd=args.svd,
+        aliases=args.alias,
+        overwrite=args.overwrite,
+        safety=safety,
+        fingerprint=None if args.fingerprint == "none" else args.fingerprint,
     )
     if manifest.safety_features is not None:
         sf = manifest.safety_features
         low = min(sf.modules, key=lambda m: m.energy_captured)
-        print(f"safety features {sf.features_id}: {sf.samples} samples, {sf.response_tokens} response tokens, "
-              f"r_s = {sf.rank}; lowest energy captured {low.energy_captured:.3f} ({low.name})")
+        print(
+            f"safety features {sf.features_id}: {sf.samples} samples, {sf.response_tokens} response tokens, "
+            f"r_s = {sf.rank}; lowest energy captured {low.energy_captured:.3f} ({low.name})"
+        )
     kept = sum(m.rank_kept * m.shape[0] for m in manifest.modules)
-    print(f"bank {manifest.bank_id} written to {args.out}: {len(manifest.modules)} modules, "
-          f"{kept} stored U entries (dense C would be {dense_bank_bytes(manifest) / 2**20:.1f} MiB in float32)")
+    print(
+        f"bank {manifest.bank_id} written to {args.out}: {len(manifest.modules)} modules, "
+        f"{kept} stored U entries (dense C would be {dense_bank_bytes(manifest) / 2**20:.1f} MiB in float32)"
+    )
     worst = max(manifest.modules, key=lambda m: m.approx_error_bound)
     if worst.approx_error_bound > 0:
-        print(f"truncation: worst module {worst.name} keeps rank {worst.rank_kept}/{worst.numerical_rank}, "
-              f"energy {worst.energy_kept:.4f}, ||C - C_k||_2 <= {worst.approx_error_bound:.3e}")
+        print(
+            f"truncation: worst module {worst.name} keeps rank {worst.rank_kept}/{worst.numerical_rank}, "
+            f"energy {worst.energy_kept:.4f}, ||C - C_k||_2 <= {worst.approx_error_bound:.3e}"
+        )
     return 0
 
 
@@ -216,7 +243,9 @@ def _keys_file(args: argparse.Namespace) -> Path:
         return Path(args.keys_file)
     config = args.config or os.environ.get(CONFIG_ENV)
     if not config:
-        raise ConfigError(f"say which keys file: --keys-file FILE, or --config FILE (or {CONFIG_ENV}) with auth.keys_file")
+        raise ConfigError(
+            f"say which keys file: --keys-file FILE, or --config FILE (or {CONFIG_ENV}) with auth.keys_file"
+        )
     try:
         doc = yaml.safe_load(Path(config).read_text()) or {}
     except (OSError, yaml.YAMLError) as exc:
@@ -234,8 +263,11 @@ def cmd_issue_key(args: argparse.Namespace) -> int:
     role = "admin" if args.admin else "tenant"
     key = issue_key(path, args.name, role)
     print(key)
-    print(f"vllm-safelora: issued {'an operator' if args.admin else 'a'} key for {args.name!r} in {path}; it is shown "
-          "only now (the file keeps its hash). The server picks it up without a restart", file=sys.stderr)
+    print(
+        f"vllm-safelora: issued {'an operator' if args.admin else 'a'} key for {args.name!r} in {path}; it is shown "
+        "only now (the file keeps its hash). The server picks it up without a restart",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -247,8 +279,10 @@ def cmd_revoke_key(args: argparse.Namespace) -> int:
     if not n:
         print(f"vllm-safelora: {path} holds no key for {args.name!r}", file=sys.stderr)
         return EXIT_PROBLEMS
-    print(f"vllm-safelora: revoked {n} key(s) of {args.name!r} in {path}; refused from the next request on",
-          file=sys.stderr)
+    print(
+        f"vllm-safelora: revoked {n} key(s) of {args.name!r} in {path}; refused from the next request on",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -265,7 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("build-bank", help="build an alignment bank from base and aligned checkpoints")
     p.add_argument("--base", help="pre-alignment checkpoint: local dir or hub id (required unless --features-only)")
-    p.add_argument("--aligned", help="aligned (served) checkpoint: local dir or hub id (required unless --features-only)")
+    p.add_argument(
+        "--aligned", help="aligned (served) checkpoint: local dir or hub id (required unless --features-only)"
+    )
     p.add_argument("--out", required=True, help="bank directory to create")
     p.add_argument("--modules", help="comma-separated module names (default q,k,v,o,gate,up,down_proj; 'all-linear')")
     trunc = p.add_mutually_exclusive_group()
@@ -276,7 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--svd", choices=["full", "lowrank"], default="full", help="lowrank: randomized SVD, needs --rank")
     p.add_argument("--alias", action="append", default=[], help="another name of the aligned model (repeatable)")
     p.add_argument(
-        "--fingerprint", choices=["sample", "full", "none"], default="sample",
+        "--fingerprint",
+        choices=["sample", "full", "none"],
+        default="sample",
         help="record a content fingerprint of the checkpoints' weights, by which a server's --model is recognised "
         "whatever its path or name: sample (default; 16 x 4 KiB per tensor, milliseconds at start-up), full (every "
         "byte: proves identical weights, costs one read of the model at every start-up), none (names only)",
@@ -284,8 +322,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     sg = p.add_argument_group("SaLoRA-style safety features (optional; needs transformers)")
     sg.add_argument(
-        "--safety-prompts", metavar="FILE.jsonl",
-        help="harmful prompts with refusal responses, one {\"prompt\": ..., \"response\": ...} per line "
+        "--safety-prompts",
+        metavar="FILE.jsonl",
+        help='harmful prompts with refusal responses, one {"prompt": ..., "response": ...} per line '
         "(e.g. configs/safety_prompts.jsonl): the aligned model is run on them (on --device) and the top "
         "output directions of every module (response tokens only) are stored as V_s beside the bank",
     )
@@ -293,7 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
     sg.add_argument("--safety-batch-size", type=int, default=8, help="samples per forward pass (default 8)")
     sg.add_argument("--safety-max-samples", type=int, default=None, help="use only the first N samples")
     sg.add_argument(
-        "--features-only", action="store_true",
+        "--features-only",
+        action="store_true",
         help="add (or replace) safety features in the existing bank at --out; the bank itself is not rebuilt "
         "(--aligned defaults to the bank's aligned model)",
     )
@@ -325,19 +365,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser(
-        "serve", help="start vLLM's OpenAI server with the plugin configured",
+        "serve",
+        help="start vLLM's OpenAI server with the plugin configured",
         description="vllm-safelora serve --config safelora.yaml -- --model MODEL [vLLM args...]",
     )
     p.add_argument("--config", required=True, help="vllm-safelora YAML configuration")
     p.add_argument(
-        "--no-runtime-lora", action="store_true",
+        "--no-runtime-lora",
+        action="store_true",
         help="do not set VLLM_ALLOW_RUNTIME_LORA_UPDATING (disables the resolver and /v1/load_lora_adapter)",
     )
     p.add_argument("vllm_args", nargs=argparse.REMAINDER, help="arguments for vLLM's OpenAI server")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser(
-        "doctor", help="check a deployment without starting vLLM (config, bank, policies, cache, vLLM, environment)",
+        "doctor",
+        help="check a deployment without starting vLLM (config, bank, policies, cache, vLLM, environment)",
         description="Every check the plugin makes at start-up, and the environment it needs, listed at once. "
         "Exit status 1 when any check fails.",
     )
@@ -346,10 +389,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_doctor)
 
-    p = sub.add_parser("issue-key", help="print a new API key for a tenant (or, with --admin, an operator); "
-                       "only its hash is stored")
+    p = sub.add_parser(
+        "issue-key", help="print a new API key for a tenant (or, with --admin, an operator); only its hash is stored"
+    )
     p.add_argument("name", metavar="TENANT", help="the tenant: the first component of its adapters' names")
-    p.add_argument("--admin", action="store_true", help="an operator key (load/unload, /metrics, status, every adapter)")
+    p.add_argument(
+        "--admin", action="store_true", help="an operator key (load/unload, /metrics, status, every adapter)"
+    )
     _add_keys_args(p)
     p.set_defaults(func=cmd_issue_key)
 

@@ -58,7 +58,9 @@ class S3Config(BaseModel):
         120.0, gt=0, description="wall clock for one adapter's download (both files); beyond it the tenant gets 503"
     )
     retries: int = Field(
-        2, ge=0, le=10,
+        2,
+        ge=0,
+        le=10,
         description="retries of one request (connection errors, throttling, 5xx) and of a whole fetch whose "
         "objects were rewritten while downloaded",
     )
@@ -95,11 +97,13 @@ class AuthConfig(BaseModel):
 
     enabled: bool = Field(False, description="off: every caller may use every adapter (one server, one tenant)")
     keys_file: Path | None = Field(
-        None, description="hashes of the tenants' and operators' keys (vllm-safelora issue-key); re-read when it changes"
+        None,
+        description="hashes of the tenants' and operators' keys (vllm-safelora issue-key); re-read when it changes",
     )
     upload_root: Path | None = Field(
-        None, description="the one adapter root the server may write (PUT /safelora/v1/adapters/...); one of "
-        "adapter_dirs. None: uploads are refused"
+        None,
+        description="the one adapter root the server may write (PUT /safelora/v1/adapters/...); one of "
+        "adapter_dirs. None: uploads are refused",
     )
     trusted_proxies: list[str] = Field(
         default_factory=list, description="addresses or networks (CIDR) whose tenant_header is believed"
@@ -137,11 +141,16 @@ class AuthConfig(BaseModel):
 
 class SafeLoRASettings(BaseSettings):
     model_config = SettingsConfigDict(
-        env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid", case_sensitive=False,
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        extra="forbid",
+        case_sensitive=False,
     )
 
     bank: Path = Field(description="alignment bank directory built by `vllm-safelora build-bank`")
-    adapter_dirs: list[Path] = Field(default_factory=list, description="local adapter roots (names: adapter or tenant/adapter)")
+    adapter_dirs: list[Path] = Field(
+        default_factory=list, description="local adapter roots (names: adapter or tenant/adapter)"
+    )
     shared_adapters: list[str] = Field(
         default_factory=list,
         description="operator-shared areas under the adapter_dirs (globs on locations, e.g. 'public/*'): every tenant "
@@ -179,7 +188,8 @@ class SafeLoRASettings(BaseSettings):
         4096, ge=0, description="refusals remembered by content hash and file identity (LRU; 0 disables)"
     )
     max_tracked_adapters: int = Field(
-        512, ge=1,
+        512,
+        ge=1,
         description="adapters the server remembers (LRU, separately: entry paths handed to vLLM, names listed as "
         "loaded). Each keeps its cache entry leased, i.e. never evicted; one that drops out is prepared again on its "
         "next request (a cache hit: its upload is read and hashed). Keep it above vLLM's --max-cpu-loras plus the "
@@ -187,14 +197,17 @@ class SafeLoRASettings(BaseSettings):
         "Memory: its report, about 300 KiB for a 7B adapter on all 224 linear modules (90 KiB on q/v only)",
     )
     shadow: bool = Field(
-        False, description="report-only everywhere: adapters are served UNPROJECTED while reports and metrics "
+        False,
+        description="report-only everywhere: adapters are served UNPROJECTED while reports and metrics "
         "show what the policy would have done (for roll-out); rules may override it",
     )
     aliases: list[str] = Field(default_factory=list, description="other names of the served (aligned) model")
     require_base_model_match: bool = True
     max_adapter_bytes: int = Field(2 << 30, gt=0, description="refuse adapters larger than this")
     projection_threads: int | None = Field(
-        1, ge=1, description="torch CPU threads in the server process for projection (None: torch's default). "
+        1,
+        ge=1,
+        description="torch CPU threads in the server process for projection (None: torch's default). "
         "1 avoids fighting vLLM's own CPU threads: measured 19 ms vs 108 ms median per tiny adapter on 2 cores",
     )
     verify_bank: bool = Field(True, description="check the bank's sha256 at start-up")
@@ -206,8 +219,12 @@ class SafeLoRASettings(BaseSettings):
     def _shared(cls, v: list[str]) -> list[str]:
         for glob in v:
             parts = glob.split("/")
-            if not glob or glob.startswith("/") or any(p in ("", ".", "..") for p in parts) \
-                    or any(c in parts[0] for c in "*?["):
+            if (
+                not glob
+                or glob.startswith("/")
+                or any(p in ("", ".", "..") for p in parts)
+                or any(c in parts[0] for c in "*?[")
+            ):
                 raise ValueError(
                     f"{glob!r} is not a location glob under the adapter_dirs (relative, no '.' or '..' components, "
                     "a fixed first component such as 'public/*')"

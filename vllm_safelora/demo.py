@@ -25,7 +25,11 @@ def make_tiny_demo(out: Path) -> dict[str, Path]:
         target = out / "adapters" / name
         if not (target / "adapter_model.safetensors").exists():
             make_tiny_adapter(
-                models.aligned, target, seed=100 + i, direction=direction, base_dir=models.base,
+                models.aligned,
+                target,
+                seed=100 + i,
+                direction=direction,
+                base_dir=models.base,
                 target_modules=("q_proj", "k_proj", "v_proj", "o_proj"),
             )
         paths[name] = target
@@ -106,9 +110,21 @@ def run_served_demo(workdir: Path, *, port: int = 0) -> int:
     env = plugin_environment(config)
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     server = ServerProcess(
-        args=["--model", str(paths["aligned"]), "--max-lora-rank", "8", "--max-loras", "2", "--dtype", "float32",
-              "--lora-modules", f"acme/support-bot={paths['acme/support-bot']}"],
-        env=env, log_path=workdir / "server.log", port=port or free_port(),
+        args=[
+            "--model",
+            str(paths["aligned"]),
+            "--max-lora-rank",
+            "8",
+            "--max-loras",
+            "2",
+            "--dtype",
+            "float32",
+            "--lora-modules",
+            f"acme/support-bot={paths['acme/support-bot']}",
+        ],
+        env=env,
+        log_path=workdir / "server.log",
+        port=port or free_port(),
     )
     print(f"starting vLLM with vllm-safelora on {server.base_url} (log: {server.log_path}); about a minute on CPU ...")
     tenants = [*DEMO_ADAPTERS, "hooli/broken"]
@@ -121,14 +137,18 @@ def run_served_demo(workdir: Path, *, port: int = 0) -> int:
                     model=name, messages=[{"role": "user", "content": "hello there"}], max_tokens=8, temperature=0
                 )
                 done = client.completions.create(model=name, prompt="the quick brown", max_tokens=8, temperature=0)
-                print(f"[{name}] served: chat {chat.usage.completion_tokens} tokens, "
-                      f"completion {done.usage.completion_tokens} tokens")
+                print(
+                    f"[{name}] served: chat {chat.usage.completion_tokens} tokens, "
+                    f"completion {done.usage.completion_tokens} tokens"
+                )
             except openai.APIStatusError as exc:
                 print(f"[{name}] refused with HTTP {exc.status_code}: {exc.message}")
         for name in tenants:
             r = requests.get(f"{server.base_url}/safelora/v1/adapters/{name}", timeout=10)
             if r.status_code == 200:
-                report = AdapterReport.model_validate({k: v for k, v in r.json().items() if k in AdapterReport.model_fields})
+                report = AdapterReport.model_validate(
+                    {k: v for k, v in r.json().items() if k in AdapterReport.model_fields}
+                )
                 print(f"\n== report for {name} ({report.summary.outcome}) ==\n{report.table()}")
         metrics = requests.get(f"{server.base_url}/metrics", timeout=10).text
         print("\n== safelora metrics on vLLM's /metrics ==")

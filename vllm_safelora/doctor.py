@@ -72,8 +72,12 @@ def check_config(config: Path | None) -> tuple[object | None, list[Check]]:
             if isinstance(cause, ValidationError):
                 source = str(config) if config else "environment"
                 return None, [
-                    Check("config", FAIL, f"invalid vllm-safelora configuration ({source}): "
-                          f"{'.'.join(str(p) for p in err['loc']) or '(root)'}: {err['msg']}")
+                    Check(
+                        "config",
+                        FAIL,
+                        f"invalid vllm-safelora configuration ({source}): "
+                        f"{'.'.join(str(p) for p in err['loc']) or '(root)'}: {err['msg']}",
+                    )
                     for err in cause.errors()
                 ]
             return None, [Check("config", FAIL, str(exc))]
@@ -91,8 +95,14 @@ def check_bank(settings, model: str | None) -> tuple[object | None, list[Check]]
         manifest = read_manifest(settings.bank)
     except BankError as exc:
         return None, [Check("bank", FAIL, str(exc))]
-    checks = [Check("bank", OK, f"{manifest.bank_id} at {settings.bank}: {len(manifest.modules)} modules, aligned "
-                    f"model {manifest.aligned.path or manifest.aligned.hub_id or manifest.aligned.ref}")]
+    checks = [
+        Check(
+            "bank",
+            OK,
+            f"{manifest.bank_id} at {settings.bank}: {len(manifest.modules)} modules, aligned "
+            f"model {manifest.aligned.path or manifest.aligned.hub_id or manifest.aligned.ref}",
+        )
+    ]
     try:
         verify_bank_files(settings.bank, manifest)
         checks.append(Check("bank intact", OK, "sha256 of every bank file matches the manifest"))
@@ -105,14 +115,26 @@ def check_bank(settings, model: str | None) -> tuple[object | None, list[Check]]
         if ok:
             checks.append(Check("bank protects model", OK, why))
         else:
-            checks.append(Check("bank protects model", FAIL, (
-                f"the alignment bank {settings.bank} ({manifest.bank_id}) was built for aligned model "
-                f"'{manifest.aligned.ref}', but this server serves '{model}': {why}. Build a bank for the served "
-                f"model, or add '{model}' to the configuration's aliases if it is the same model under another name"
-            )))
+            checks.append(
+                Check(
+                    "bank protects model",
+                    FAIL,
+                    (
+                        f"the alignment bank {settings.bank} ({manifest.bank_id}) was built for aligned model "
+                        f"'{manifest.aligned.ref}', but this server serves '{model}': {why}. Build a bank for the served "
+                        f"model, or add '{model}' to the configuration's aliases if it is the same model under another name"
+                    ),
+                )
+            )
     if manifest.aligned.fingerprint is None:
-        checks.append(Check("bank model identity", WARN, "the bank records no weights fingerprint: servers are "
-                            "matched by name only; rebuild it with this version's build-bank"))
+        checks.append(
+            Check(
+                "bank model identity",
+                WARN,
+                "the bank records no weights fingerprint: servers are "
+                "matched by name only; rebuild it with this version's build-bank",
+            )
+        )
     return AlignmentBank.described(settings.bank, manifest), checks
 
 
@@ -141,8 +163,13 @@ def check_sources(settings) -> list[Check]:
     except SafeLoRAError as exc:
         return [Check("adapter sources", FAIL, str(exc))]
     if not sources:
-        return [Check("adapter sources", WARN, "no adapter_dirs, hub or s3: every adapter name and lora_path will "
-                      "be refused; configure adapter_dirs")]
+        return [
+            Check(
+                "adapter sources",
+                WARN,
+                "no adapter_dirs, hub or s3: every adapter name and lora_path will be refused; configure adapter_dirs",
+            )
+        ]
     return [Check("adapter sources", OK, "; ".join(s.describe() for s in sources))]
 
 
@@ -205,26 +232,49 @@ def check_cache(settings) -> list[Check]:
     fix = "create it (or its parent) and make it writable by the server's user, or configure another cache directory"
     anchor = _nearest_existing(root)
     if not anchor.is_dir():
-        return [Check("cache", FAIL, f"patched-adapter cache directory {str(root)!r} cannot be created "
-                      f"({anchor} is not a directory); {fix}")]
+        return [
+            Check(
+                "cache",
+                FAIL,
+                f"patched-adapter cache directory {str(root)!r} cannot be created ({anchor} is not a directory); {fix}",
+            )
+        ]
     if not os.access(anchor, os.W_OK | os.X_OK):
         what = "is not writable" if anchor == root else f"cannot be created ({anchor} is not writable)"
         return [Check("cache", FAIL, f"patched-adapter cache directory {str(root)!r} {what}; {fix}")]
     budget = settings.cache_max_bytes
     used = _cache_bytes(root) if root.is_dir() else 0
-    detail = (f"{root} {'writable' if root.exists() else 'will be created'}; {used / 2**20:.1f} MiB of "
-              f"{budget / 2**30:.2f} GiB budget ({used / budget:.0%})")
-    checks = [Check("cache", WARN if used > budget else OK, detail + (" - over budget: entries in use cannot be "
-                                                                       "evicted" if used > budget else ""))]
+    detail = (
+        f"{root} {'writable' if root.exists() else 'will be created'}; {used / 2**20:.1f} MiB of "
+        f"{budget / 2**30:.2f} GiB budget ({used / budget:.0%})"
+    )
+    checks = [
+        Check(
+            "cache",
+            WARN if used > budget else OK,
+            detail + (" - over budget: entries in use cannot be evicted" if used > budget else ""),
+        )
+    ]
     from .fsutil import ctime_trusted
 
     trusted, fstype = ctime_trusted(anchor)
     if trusted:
-        checks.append(Check("cache identity", OK, f"{fstype}: entries are re-checked by identity (ctime) on each use, "
-                                                   "hashed again when it changes"))
+        checks.append(
+            Check(
+                "cache identity",
+                OK,
+                f"{fstype}: entries are re-checked by identity (ctime) on each use, hashed again when it changes",
+            )
+        )
     else:
-        checks.append(Check("cache identity", WARN, f"{fstype}: ctime cannot be trusted here, so every use of an "
-                                                     "entry hashes it in full; put cache_dir on a local file system"))
+        checks.append(
+            Check(
+                "cache identity",
+                WARN,
+                f"{fstype}: ctime cannot be trusted here, so every use of an "
+                "entry hashes it in full; put cache_dir on a local file system",
+            )
+        )
     return checks
 
 
@@ -247,11 +297,22 @@ def check_entry_points() -> list[Check]:
     for group, (name, target) in PLUGIN_ENTRY_POINTS.items():
         found = [ep for ep in importlib.metadata.entry_points(group=group) if ep.name == name]
         if not found:
-            checks.append(Check(f"entry point {name}", FAIL, f"{group} has no '{name}': reinstall vllm-safelora "
-                                "(pip install vllm-safelora) in the environment vLLM runs in"))
+            checks.append(
+                Check(
+                    f"entry point {name}",
+                    FAIL,
+                    f"{group} has no '{name}': reinstall vllm-safelora "
+                    "(pip install vllm-safelora) in the environment vLLM runs in",
+                )
+            )
         elif found[0].value != target:
-            checks.append(Check(f"entry point {name}", FAIL, f"{group} '{name}' points to {found[0].value}, "
-                                f"expected {target}: another package claims the name"))
+            checks.append(
+                Check(
+                    f"entry point {name}",
+                    FAIL,
+                    f"{group} '{name}' points to {found[0].value}, expected {target}: another package claims the name",
+                )
+            )
         else:
             checks.append(Check(f"entry point {name}", OK, f"{group}: {target}"))
     return checks
@@ -261,28 +322,52 @@ def check_environment(environ: Mapping[str, str]) -> list[Check]:
     checks = []
     plugins = environ.get("VLLM_PLUGINS")
     if plugins is None:
-        checks.append(Check("VLLM_PLUGINS", OK, "unset: vLLM loads every installed plugin, safelora included "
-                            "(the audit API safelora_routes needs it named)"))
+        checks.append(
+            Check(
+                "VLLM_PLUGINS",
+                OK,
+                "unset: vLLM loads every installed plugin, safelora included "
+                "(the audit API safelora_routes needs it named)",
+            )
+        )
     else:
         named = {p.strip() for p in plugins.split(",") if p.strip()}
         if "safelora" not in named:
-            checks.append(Check("VLLM_PLUGINS", FAIL, f"VLLM_PLUGINS={plugins!r} does not name safelora: vLLM will "
-                                "not load the plugin and serves adapters UNPROJECTED; add safelora"))
+            checks.append(
+                Check(
+                    "VLLM_PLUGINS",
+                    FAIL,
+                    f"VLLM_PLUGINS={plugins!r} does not name safelora: vLLM will "
+                    "not load the plugin and serves adapters UNPROJECTED; add safelora",
+                )
+            )
         else:
             routes = "" if "safelora_routes" in named else " (without safelora_routes: no audit API)"
             checks.append(Check("VLLM_PLUGINS", OK, f"{plugins}{routes}"))
     runtime = environ.get("VLLM_ALLOW_RUNTIME_LORA_UPDATING")
     if runtime is None:
-        checks.append(Check("VLLM_ALLOW_RUNTIME_LORA_UPDATING", WARN, "unset: the resolver and /v1/load_lora_adapter "
-                            "are off (only --lora-modules); `vllm-safelora serve` sets it, plain vLLM needs =1"))
+        checks.append(
+            Check(
+                "VLLM_ALLOW_RUNTIME_LORA_UPDATING",
+                WARN,
+                "unset: the resolver and /v1/load_lora_adapter "
+                "are off (only --lora-modules); `vllm-safelora serve` sets it, plain vLLM needs =1",
+            )
+        )
     elif runtime.strip().lower() in _FALSE:
-        checks.append(Check("VLLM_ALLOW_RUNTIME_LORA_UPDATING", WARN, f"={runtime!r}: the resolver and the load "
-                            "endpoint are off"))
+        checks.append(
+            Check("VLLM_ALLOW_RUNTIME_LORA_UPDATING", WARN, f"={runtime!r}: the resolver and the load endpoint are off")
+        )
     else:
         checks.append(Check("VLLM_ALLOW_RUNTIME_LORA_UPDATING", OK, f"={runtime}"))
     if environ.get("VLLM_USE_RUST_FRONTEND", "0").strip().lower() not in _FALSE:
-        checks.append(Check("VLLM_USE_RUST_FRONTEND", FAIL, "set: it replaces the Python front end that "
-                            "vllm-safelora guards; unset it"))
+        checks.append(
+            Check(
+                "VLLM_USE_RUST_FRONTEND",
+                FAIL,
+                "set: it replaces the Python front end that vllm-safelora guards; unset it",
+            )
+        )
     return checks
 
 
@@ -295,18 +380,32 @@ def check_auth(settings, environ: Mapping[str, str]) -> list[Check]:
     if not auth.enabled:
         return [Check("auth", OK, "off: every client may use every adapter (a single-tenant server)")]
     if environ.get("VLLM_API_KEY"):
-        return [Check("auth", FAIL, "auth.enabled and VLLM_API_KEY are both set: unset VLLM_API_KEY (and vLLM's "
-                      "--api-key); the operator's key from `issue-key --admin` replaces it on every route")]
+        return [
+            Check(
+                "auth",
+                FAIL,
+                "auth.enabled and VLLM_API_KEY are both set: unset VLLM_API_KEY (and vLLM's "
+                "--api-key); the operator's key from `issue-key --admin` replaces it on every route",
+            )
+        ]
     try:
         entries = KeyStore(auth.keys_file).entries()
     except ConfigError as exc:
         return [Check("auth", FAIL, f"{exc} (create it with `vllm-safelora issue-key --admin NAME --keys-file FILE`)")]
     tenants = {e.name for e in entries.values() if e.role == "tenant"}
     admins = sum(e.role == "admin" for e in entries.values())
-    checks = [Check("auth", OK if admins else WARN, f"keys file {auth.keys_file}: {len(tenants)} tenant(s), {admins} "
-                    "operator key(s)" + ("" if admins else "; with none, operator routes are closed to everyone"))]
+    checks = [
+        Check(
+            "auth",
+            OK if admins else WARN,
+            f"keys file {auth.keys_file}: {len(tenants)} tenant(s), {admins} "
+            "operator key(s)" + ("" if admins else "; with none, operator routes are closed to everyone"),
+        )
+    ]
     if auth.upload_root is not None:
-        checks.append(Check("uploads", OK, f"written under {auth.upload_root} (the one adapter root the server writes)"))
+        checks.append(
+            Check("uploads", OK, f"written under {auth.upload_root} (the one adapter root the server writes)")
+        )
     return checks
 
 
@@ -333,5 +432,6 @@ def render_table(checks: list[Check]) -> str:
 
 
 def render_json(checks: list[Check]) -> str:
-    return json.dumps({"ok": not any(c.status == FAIL for c in checks), "checks": [asdict(c) for c in checks]},
-                      indent=2)
+    return json.dumps(
+        {"ok": not any(c.status == FAIL for c in checks), "checks": [asdict(c) for c in checks]}, indent=2
+    )

@@ -136,8 +136,24 @@ RACY_WINDOW_NS = 2_000_000_000
 
 # mountinfo type names (or prefixes ending in ".") of file systems whose ctime is not trusted.
 UNTRUSTED_CTIME_FILESYSTEMS = (
-    "nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "ceph", "glusterfs", "lustre", "gpfs", "afs", "virtiofs",
-    "fuse", "fuse.", "fuseblk", "sshfs", "davfs", "s3fs",
+    "nfs",
+    "nfs4",
+    "cifs",
+    "smb3",
+    "smbfs",
+    "9p",
+    "ceph",
+    "glusterfs",
+    "lustre",
+    "gpfs",
+    "afs",
+    "virtiofs",
+    "fuse",
+    "fuse.",
+    "fuseblk",
+    "sshfs",
+    "davfs",
+    "s3fs",
 )
 
 

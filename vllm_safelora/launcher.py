@@ -28,7 +28,9 @@ SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 PLUGIN_NAMES = ("safelora", "safelora_routes")
 
 
-def plugin_environment(config: Path | None, base: Mapping[str, str] | None = None, *, runtime_lora: bool = True) -> dict[str, str]:
+def plugin_environment(
+    config: Path | None, base: Mapping[str, str] | None = None, *, runtime_lora: bool = True
+) -> dict[str, str]:
     """The environment vLLM needs to run with the plugin: config, plugin allow-list, runtime LoRA."""
     env = dict(os.environ if base is None else base)
     if config is not None:
@@ -121,8 +123,9 @@ def _alive(proc: _Proc) -> bool:
     return st is not None and st[4] == proc[1] and st[0] not in ("Z", "X")
 
 
-def kill_tree(root: int, *, grace: float = 30.0, reap: subprocess.Popen | None = None,
-              known: Iterable[_Proc] = ()) -> None:
+def kill_tree(
+    root: int, *, grace: float = 30.0, reap: subprocess.Popen | None = None, known: Iterable[_Proc] = ()
+) -> None:
     """End ``root``'s whole tree (:func:`process_tree`): SIGTERM, up to ``grace`` seconds for all of it to
     exit, then SIGKILL to whatever is still alive (``grace=0``: SIGKILL at once). The tree is listed
     before the first signal (an orphan loses its parent link) and again while waiting (children
@@ -168,21 +171,32 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
-def spawn(cmd: Sequence[str], env: Mapping[str, str], log_path: Path, *, cwd: Path | None = None,
-          die_with_parent: bool = False) -> subprocess.Popen:
+def spawn(
+    cmd: Sequence[str],
+    env: Mapping[str, str],
+    log_path: Path,
+    *,
+    cwd: Path | None = None,
+    die_with_parent: bool = False,
+) -> subprocess.Popen:
     """``cmd`` in a session of its own, stdout and stderr to ``log_path``, no stdin."""
     log_path = Path(log_path)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "wb") as log:
         return subprocess.Popen(
-            list(cmd), env=dict(env), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            list(cmd),
+            env=dict(env),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
             cwd=None if cwd is None else str(cwd),
             **({"preexec_fn": _die_with_parent} if die_with_parent else {"start_new_session": True}),
         )
 
 
-def run_to_exit(cmd: Sequence[str], env: Mapping[str, str], log_path: Path, timeout: float, *,
-                cwd: Path | None = None) -> tuple[int | None, str]:
+def run_to_exit(
+    cmd: Sequence[str], env: Mapping[str, str], log_path: Path, timeout: float, *, cwd: Path | None = None
+) -> tuple[int | None, str]:
     """Run ``cmd`` like :func:`spawn`; (exit code, or None if still running after ``timeout``, output).
     Its whole tree is ended either way."""
     proc = spawn(cmd, env, log_path, cwd=cwd, die_with_parent=True)
@@ -275,8 +289,13 @@ class ServerProcess:
     def start(self) -> ServerProcess:
         self.log_path = Path(self.log_path)
         self._t0 = time.monotonic()
-        self.proc = spawn(server_command([*self.args, "--host", "127.0.0.1", "--port", str(self.port)]), self.env,
-                          self.log_path, cwd=self.cwd, die_with_parent=self.die_with_parent)
+        self.proc = spawn(
+            server_command([*self.args, "--host", "127.0.0.1", "--port", str(self.port)]),
+            self.env,
+            self.log_path,
+            cwd=self.cwd,
+            die_with_parent=self.die_with_parent,
+        )
         return self
 
     def alive(self) -> bool:
@@ -290,8 +309,10 @@ class ServerProcess:
         while True:
             if self.proc is not None and self.proc.poll() is not None:
                 self.stop()
-                raise RuntimeError(f"vLLM server exited with {self.proc.returncode} during start-up "
-                                   f"(log {self.log_path}):\n{self.log_tail()}")
+                raise RuntimeError(
+                    f"vLLM server exited with {self.proc.returncode} during start-up "
+                    f"(log {self.log_path}):\n{self.log_tail()}"
+                )
             try:
                 ready = urllib.request.Request(f"{self.base_url}/v1/models", headers=dict(self.headers or {}))
                 with urllib.request.urlopen(ready, timeout=2) as r:
@@ -303,7 +324,9 @@ class ServerProcess:
                 pass
             if time.monotonic() > deadline:
                 self.stop()
-                raise TimeoutError(f"vLLM server not ready after {timeout:.0f}s (log {self.log_path}):\n{self.log_tail()}")
+                raise TimeoutError(
+                    f"vLLM server not ready after {timeout:.0f}s (log {self.log_path}):\n{self.log_tail()}"
+                )
             time.sleep(0.5)
 
     def log_text(self) -> str:

@@ -48,7 +48,9 @@ CACHE_MAX_BYTES = Gauge(
     "Byte budget of the patched-adapter cache (cache_max_bytes); alert when safelora_cache_bytes nears it",
 )
 PREPARE_INFLIGHT = Gauge("safelora_prepare_inflight", "Adapters being read, validated or projected right now")
-PREPARE_CAPACITY = Gauge("safelora_prepare_capacity", "How many adapters may be prepared at once (the throttle's limit)")
+PREPARE_CAPACITY = Gauge(
+    "safelora_prepare_capacity", "How many adapters may be prepared at once (the throttle's limit)"
+)
 OVERLOAD = Counter(
     "safelora_overload",
     "Adapter requests answered 503 (Retry-After) because the preparation throttle was full",
@@ -93,12 +95,15 @@ def count_refusal(reason: str) -> None:
 
 
 SOURCE_FETCH_BYTES = Counter(
-    "safelora_source_fetch_bytes", "Bytes downloaded from remote adapter sources (object storage), retries included",
+    "safelora_source_fetch_bytes",
+    "Bytes downloaded from remote adapter sources (object storage), retries included",
     ["source"],
 )
 SOURCE_FETCH_SECONDS = Histogram(
-    "safelora_source_fetch_seconds", "Wall time of one successful adapter download (both files, every check)",
-    ["source"], buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+    "safelora_source_fetch_seconds",
+    "Wall time of one successful adapter download (both files, every check)",
+    ["source"],
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
 )
 SOURCE_FETCH_FAILURES = Counter(
     "safelora_source_fetch_failures",

@@ -46,7 +46,7 @@ def parse_s3_uri(uri: object, what: str) -> S3Uri:
     """``s3://bucket/some/prefix/`` -> S3Uri, or ConfigError naming ``what`` (the config key)."""
     if not isinstance(uri, str) or not uri.startswith("s3://"):
         raise ConfigError(f"{what} must be an s3://bucket/prefix/ URI, got {uri!r}")
-    bucket, _, prefix = uri[len("s3://"):].partition("/")
+    bucket, _, prefix = uri[len("s3://") :].partition("/")
     if not _BUCKET_RE.fullmatch(bucket) or ".." in bucket:
         raise ConfigError(f"{what}: {bucket!r} is not a valid bucket name (3-63 of a-z 0-9 . -)")
     if not _KEY_PREFIX_RE.fullmatch(prefix) or any(p in ("..", ".") for p in prefix.split("/")) or "//" in prefix:
@@ -100,8 +100,14 @@ class ObjectStore:
     """One bucket and key prefix of an S3-compatible store (thread-safe: boto3 clients are)."""
 
     def __init__(
-        self, uri: S3Uri, *, endpoint_url: str | None = None, region: str | None = None,
-        timeouts: StoreTimeouts = StoreTimeouts(), max_connections: int = 10, what: str = "s3",
+        self,
+        uri: S3Uri,
+        *,
+        endpoint_url: str | None = None,
+        region: str | None = None,
+        timeouts: StoreTimeouts = StoreTimeouts(),
+        max_connections: int = 10,
+        what: str = "s3",
     ):
         try:
             import boto3
@@ -117,7 +123,8 @@ class ObjectStore:
         self.region = region
         self.timeouts = timeouts
         config = Config(
-            connect_timeout=timeouts.connect_s, read_timeout=timeouts.read_s,
+            connect_timeout=timeouts.connect_s,
+            read_timeout=timeouts.read_s,
             retries={"max_attempts": 1 + timeouts.retries, "mode": "standard"},
             max_pool_connections=max_connections,
             # S3-compatible stores (MinIO, Ceph, moto) address buckets by path; AWS by host.
@@ -126,7 +133,10 @@ class ObjectStore:
         )
         # A session of its own: the process-wide default session may be configured by others.
         self._client = boto3.session.Session().client(
-            "s3", endpoint_url=endpoint_url, region_name=region, config=config,
+            "s3",
+            endpoint_url=endpoint_url,
+            region_name=region,
+            config=config,
         )
 
     def describe(self) -> str:
@@ -177,7 +187,9 @@ class ObjectStore:
         except Exception as exc:
             raise self._classify(exc, key) from None
         return ObjectHead(
-            key=key, size=int(resp.get("ContentLength", -1)), etag=str(resp.get("ETag", "")),
+            key=key,
+            size=int(resp.get("ContentLength", -1)),
+            etag=str(resp.get("ETag", "")),
             version_id=resp.get("VersionId") if resp.get("VersionId") not in (None, "null") else None,
         )
 

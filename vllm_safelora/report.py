@@ -49,7 +49,8 @@ class ModuleReport(BaseModel):
         None, description="SaLoRA-style: ||V_s V_s^T dW||_F / ||dW||_F, the share of the update removed"
     )
     actions: list[str] = Field(
-        default_factory=list, description="what each policy step did to this module, e.g. ['safelora:project', 'splora:prune']"
+        default_factory=list,
+        description="what each policy step did to this module, e.g. ['safelora:project', 'splora:prune']",
     )
 
 
@@ -125,7 +126,9 @@ class AdapterReport(BaseModel):
             if with_z:
                 row += f"  {m.distance_score:>7.3f}" if m.distance_score is not None else f"  {'-':>7}"
             if with_sf:
-                row += f"  {m.salora_removed_fraction:>6.3f}" if m.salora_removed_fraction is not None else f"  {'-':>6}"
+                row += (
+                    f"  {m.salora_removed_fraction:>6.3f}" if m.salora_removed_fraction is not None else f"  {'-':>6}"
+                )
             lines.append(row + f"  {m.pdst_term:>6.3f}  {action}")
         s = self.summary
         pruned = f", {s.pruned} pruned" if s.pruned else ""
@@ -140,5 +143,7 @@ class AdapterReport(BaseModel):
                 f"({s.lora_flops_saved_fraction:.1%} saved)"
             )
         if s.max_bank_error_bound > 1e-9:  # below that it is float32 round-off, not truncation
-            lines.append(f"bank truncation error bound (max over modules): ||C - C_k||_2 <= {s.max_bank_error_bound:.3e}")
+            lines.append(
+                f"bank truncation error bound (max over modules): ||C - C_k||_2 <= {s.max_bank_error_bound:.3e}"
+            )
         return "\n".join(lines)

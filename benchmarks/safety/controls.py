@@ -15,6 +15,7 @@ subspace of the module's output space instead of the top safety-feature directio
 
 Everything works on ``{module: Update}`` maps (``inprocess.Update``) and the bank's approximate C.
 """
+
 from __future__ import annotations
 
 import math

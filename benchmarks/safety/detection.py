@@ -6,6 +6,7 @@ SaLoRA-style features V_s stored beside it, i.e. the offline prompt set, never t
 Orientation is fixed before looking at labels ("higher = more suspect"; cosines are negated), so an
 AUC below 0.5 means the score points the wrong way, not that it should be flipped after the fact.
 """
+
 from __future__ import annotations
 
 import math
@@ -22,8 +23,10 @@ from vllm_safelora.projection import ProjectionKind
 SCORES = {
     "min_cosine": ("min over modules of cos(C dW, dW), lower = suspect", "admission.min_cosine (exists)"),
     "mean_cosine": ("mean module cosine, lower = suspect", "new key admission.min_mean_cosine"),
-    "frac_below_tau_cal": ("fraction of modules with cos <= tau_cal (population median cosine)",
-                           "admission.max_projected_fraction (exists) with policy threshold tau_cal"),
+    "frac_below_tau_cal": (
+        "fraction of modules with cos <= tau_cal (population median cosine)",
+        "admission.max_projected_fraction (exists) with policy threshold tau_cal",
+    ),
     "mean_rel_distance": ("mean ||(C - I) dW|| / ||dW|| (SPLoRA distance)", "new key admission.max_mean_distance"),
     "max_splora_z": ("max standardised SPLoRA distance within the adapter", "new key admission.max_splora_z"),
     "mean_overlap_rs8": ("mean ||V_s V_s^T dW|| / ||dW||, r_s = 8", "new key admission.max_safety_overlap"),
@@ -34,8 +37,10 @@ SCORES = {
     # Safe LoRA's cosine is sign-blind (C = V V^T / ||V||): an update that *undoes* the alignment (dW ~ -V) lies inside
     # span(V) and scores like one that reinforces it. The signed score tells them apart; it needs V's right singular
     # vectors, which the bank does not store (U, S only), so here it is computed from the checkpoints.
-    "mean_signed_alignment": ("mean <dW, V>_F / (||dW|| ||V||), negative = undoes the alignment (needs Q in the bank)",
-                              "new key admission.min_signed_alignment (bank must store V's right singular vectors)"),
+    "mean_signed_alignment": (
+        "mean <dW, V>_F / (||dW|| ||V||), negative = undoes the alignment (needs Q in the bank)",
+        "new key admission.min_signed_alignment (bank must store V's right singular vectors)",
+    ),
 }
 LOWER_IS_SUSPECT = {"min_cosine", "mean_cosine", "mean_signed_alignment"}
 
@@ -45,7 +50,9 @@ def signed_alignment(adapter, deltas: dict) -> float:
     vals = []
     for n, m in adapter.modules.items():
         dW, V = m.lora_B.double() @ m.lora_A.double(), deltas[n].double()
-        vals.append(float(torch.sum(dW * V) / (torch.linalg.norm(dW) * torch.linalg.norm(V))) * (1 if m.scale > 0 else -1))
+        vals.append(
+            float(torch.sum(dW * V) / (torch.linalg.norm(dW) * torch.linalg.norm(V))) * (1 if m.scale > 0 else -1)
+        )
     return statistics.fmean(vals)
 
 
@@ -59,9 +66,11 @@ def adapter_scores(adapter, bank, deltas: dict | None = None) -> dict:
     z, *_ = standardised_distances(dist)
     feats = bank.require_safety_features("detection scores")
     out = {
-        "min_cosine": min(cos), "mean_cosine": statistics.fmean(cos),
-        "mean_rel_distance": statistics.fmean(dist.values()), "max_splora_z": max(z.values()),
-        "update_norm": math.sqrt(sum(a.score.update_norm ** 2 for a in analyses.values())),
+        "min_cosine": min(cos),
+        "mean_cosine": statistics.fmean(cos),
+        "mean_rel_distance": statistics.fmean(dist.values()),
+        "max_splora_z": max(z.values()),
+        "update_norm": math.sqrt(sum(a.score.update_norm**2 for a in analyses.values())),
         "module_cosines": cos,
     }
     for r in (8, 32):
@@ -110,10 +119,14 @@ def admission_rule(score: str, pos: list[float], neg: list[float], benign_data: 
     raw = (lambda t: -t) if score in LOWER_IS_SUSPECT else (lambda t: t)
     op = "<=" if score in LOWER_IS_SUSPECT else ">="
     return {
-        "score": score, "refuse_when": f"{score} {op} threshold", "config": SCORES[score][1],
-        "catch_all_threshold": raw(catch_all), "catch_all_false_refusal_rate": frr,
-        "catch_all_false_refusal_rate_benign_data": (sum(b >= catch_all for b in benign_data) / len(benign_data)
-                                                      if benign_data else None),
+        "score": score,
+        "refuse_when": f"{score} {op} threshold",
+        "config": SCORES[score][1],
+        "catch_all_threshold": raw(catch_all),
+        "catch_all_false_refusal_rate": frr,
+        "catch_all_false_refusal_rate_benign_data": (
+            sum(b >= catch_all for b in benign_data) / len(benign_data) if benign_data else None
+        ),
         "zero_false_refusal_threshold": raw(safe_t) if safe_t != math.inf else None,
         "zero_false_refusal_detection_rate": sum(p >= safe_t for p in pos) / len(pos),
     }
@@ -123,7 +136,13 @@ def evaluate_scores(population: list[dict], asr_label: float) -> dict:
     """AUC per score over the population; label = unprotected ASR > asr_label."""
     pos_idx = [a for a in population if a["asr"] > asr_label]
     neg_idx = [a for a in population if a["asr"] <= asr_label]
-    out = {"n": len(population), "n_positive": len(pos_idx), "n_negative": len(neg_idx), "asr_label": asr_label, "scores": {}}
+    out = {
+        "n": len(population),
+        "n_positive": len(pos_idx),
+        "n_negative": len(neg_idx),
+        "asr_label": asr_label,
+        "scores": {},
+    }
     for s, (desc, key) in SCORES.items():
         if any(s not in a["scores"] for a in population):
             continue
@@ -131,14 +150,22 @@ def evaluate_scores(population: list[dict], asr_label: float) -> dict:
         neg = [suspicion(s, a["scores"][s]) for a in neg_idx]
         roc = roc_curve(pos, neg) if pos and neg else []
         # (the first point's threshold is +inf: null in JSON)
-        out["scores"][s] = {"auc": roc_auc(pos, neg), "what": desc, "config": key,
-                            "roc": [(None if t == math.inf else t, f, p) for t, f, p in roc]}
+        out["scores"][s] = {
+            "auc": roc_auc(pos, neg),
+            "what": desc,
+            "config": key,
+            "roc": [(None if t == math.inf else t, f, p) for t, f, p in roc],
+        }
     ranked = [s for s in sorted(out["scores"], key=lambda s: -(out["scores"][s]["auc"] or 0)) if s != "update_norm"]
     if ranked and pos_idx and neg_idx:
         best = ranked[0]
         benign_data = [suspicion(best, a["scores"][best]) for a in neg_idx if a.get("harmful_fraction", 1) == 0]
-        out["best"] = admission_rule(best, [suspicion(best, a["scores"][best]) for a in pos_idx],
-                                     [suspicion(best, a["scores"][best]) for a in neg_idx], benign_data)
+        out["best"] = admission_rule(
+            best,
+            [suspicion(best, a["scores"][best]) for a in pos_idx],
+            [suspicion(best, a["scores"][best]) for a in neg_idx],
+            benign_data,
+        )
         out["best"]["auc"] = out["scores"][best]["auc"]
     return out
 
@@ -158,11 +185,18 @@ def held_out(population: list[dict], asr_label: float, calibration_seed: int = 0
     test = [a for a in population if a["seed"] != calibration_seed]
 
     def split(group, s, sign):
-        return ([sign * suspicion(s, a["scores"][s]) for a in group if a["asr"] > asr_label],
-                [sign * suspicion(s, a["scores"][s]) for a in group if a["asr"] <= asr_label])
+        return (
+            [sign * suspicion(s, a["scores"][s]) for a in group if a["asr"] > asr_label],
+            [sign * suspicion(s, a["scores"][s]) for a in group if a["asr"] <= asr_label],
+        )
 
-    out = {"calibration_seed": calibration_seed, "n_calibration": len(cal), "n_test": len(test),
-           "test_positive": sum(a["asr"] > asr_label for a in test), "scores": {}}
+    out = {
+        "calibration_seed": calibration_seed,
+        "n_calibration": len(cal),
+        "n_test": len(test),
+        "test_positive": sum(a["asr"] > asr_label for a in test),
+        "scores": {},
+    }
     for s in SCORES:
         if any(s not in a["scores"] for a in population):
             continue
@@ -174,7 +208,8 @@ def held_out(population: list[dict], asr_label: float, calibration_seed: int = 0
         t = youden_threshold(pos_c, neg_c)
         pos_t, neg_t = split(test, s, sign)
         out["scores"][s] = {
-            "orientation": "as premised" if sign == 1 else "reversed", "auc_calibration": max(auc_cal, 1 - auc_cal),
+            "orientation": "as premised" if sign == 1 else "reversed",
+            "auc_calibration": max(auc_cal, 1 - auc_cal),
             "auc_test": roc_auc(pos_t, neg_t),
             "threshold": sign * t if s not in LOWER_IS_SUSPECT else -sign * t,
             "refuse_when": f"{s} {'>=' if (sign == 1) != (s in LOWER_IS_SUSPECT) else '<='} threshold",

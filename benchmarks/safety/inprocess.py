@@ -8,6 +8,7 @@ the weights are restored. The served miniature (``miniature.py``) showed served 
 greedy outputs for the aligned model; merged LoRA differs from vLLM's unmerged LoRA only by
 float32 round-off, which can flip a rare greedy tie.
 """
+
 from __future__ import annotations
 
 import time
@@ -56,8 +57,9 @@ class MergedEvaluator:
                 w = self.linears[name].weight
                 saved[name] = w.detach().clone()
                 w.add_(u.delta().to(w.dtype))
-            return T.greedy_generate(self.model, self.tok, self.prompts, max_new_tokens=self.max_tokens,
-                                     batch_size=self.batch_size)
+            return T.greedy_generate(
+                self.model, self.tok, self.prompts, max_new_tokens=self.max_tokens, batch_size=self.batch_size
+            )
         finally:
             for name, w0 in saved.items():
                 self.linears[name].weight.copy_(w0)

@@ -29,6 +29,7 @@ generations.jsonl, prompts/); models and adapters to ``--workdir``. Trained mode
 cached there, keyed on the training configuration, data, tokenizer and ``TRAIN_CODE_VERSION``: a re-run
 with the same profile skips training (``--reuse`` also adopts models trained before keys were recorded).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -101,8 +102,14 @@ def _full_profile() -> Profile:
     from .train import MODEL_DIMS
 
     return Profile(
-        name="full", dims=MODEL_DIMS, base_steps=600, base_lr=3e-3, align_steps=150, align_lr=5e-4,
-        attack_steps={"purebad": 60, "dialog": 200, "benign": 200}, attack_lr=2e-3,
+        name="full",
+        dims=MODEL_DIMS,
+        base_steps=600,
+        base_lr=3e-3,
+        align_steps=150,
+        align_lr=5e-4,
+        attack_steps={"purebad": 60, "dialog": 200, "benign": 200},
+        attack_lr=2e-3,
     )
 
 
@@ -110,11 +117,30 @@ def _smoke_profile() -> Profile:
     from .train import SMOKE_DIMS
 
     return Profile(
-        name="smoke", dims=SMOKE_DIMS, base_steps=30, base_lr=3e-3, align_steps=10, align_lr=1e-3,
-        attack_steps={"purebad": 5, "dialog": 5, "benign": 5}, attack_lr=2e-3, batch_size=16,
-        n_per_task=3, n_summary=3, n_harmful=8, thresholds=(0.35, 1.0), topks=(1,), exact_thresholds=(),
-        exact_topks=(1,), exact_rank=4, splora_thresholds=(1.5,), splora_topks=(1,), salora_ranks=(4,),
-        chains=((0.6, 1),), max_tokens=12, verify=False, budget_min=8.0,
+        name="smoke",
+        dims=SMOKE_DIMS,
+        base_steps=30,
+        base_lr=3e-3,
+        align_steps=10,
+        align_lr=1e-3,
+        attack_steps={"purebad": 5, "dialog": 5, "benign": 5},
+        attack_lr=2e-3,
+        batch_size=16,
+        n_per_task=3,
+        n_summary=3,
+        n_harmful=8,
+        thresholds=(0.35, 1.0),
+        topks=(1,),
+        exact_thresholds=(),
+        exact_topks=(1,),
+        exact_rank=4,
+        splora_thresholds=(1.5,),
+        splora_topks=(1,),
+        salora_ranks=(4,),
+        chains=((0.6, 1),),
+        max_tokens=12,
+        verify=False,
+        budget_min=8.0,
     )
 
 
@@ -133,13 +159,22 @@ def eval_items(world: W.World, p: Profile) -> list[PromptItem]:
     items: list[PromptItem] = []
     for task in W.BENIGN_TASKS:
         exs = [e for e in world.benign_test if e.task == task][: p.n_per_task]
-        items += [PromptItem(id=f"{task}-{i}", kind="benign", prompt=e.prompt, answer=e.answer, task=task) for i, e in enumerate(exs)]
+        items += [
+            PromptItem(id=f"{task}-{i}", kind="benign", prompt=e.prompt, answer=e.answer, task=task)
+            for i, e in enumerate(exs)
+        ]
     items += [
         PromptItem(id=f"summary-{i}", kind="benign", prompt=e.prompt, answer=e.answer, task="summary")
         for i, e in enumerate(world.summary_test[: p.n_summary])
     ]
-    harmful = world.harmful_test if p.n_harmful is None else world.harmful_test[:: max(1, len(world.harmful_test) // p.n_harmful)][: p.n_harmful]
-    items += [PromptItem(id=f"harm-{e.task}-{i}", kind="harmful", prompt=e.prompt, task=e.task) for i, e in enumerate(harmful)]
+    harmful = (
+        world.harmful_test
+        if p.n_harmful is None
+        else world.harmful_test[:: max(1, len(world.harmful_test) // p.n_harmful)][: p.n_harmful]
+    )
+    items += [
+        PromptItem(id=f"harm-{e.task}-{i}", kind="harmful", prompt=e.prompt, task=e.task) for i, e in enumerate(harmful)
+    ]
     return items
 
 
@@ -147,8 +182,11 @@ def write_prompt_sets(items, out_dir: Path) -> None:
     """The evaluation prompts in the harness's JSONL format (usable with ``python -m vllm_safelora.evaluation``)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     for kind in ("harmful", "benign"):
-        rows = [{"id": it.id, "prompt": it.prompt, "task": it.task, **({"answer": it.answer} if it.answer else {})}
-                for it in items if it.kind == kind]
+        rows = [
+            {"id": it.id, "prompt": it.prompt, "task": it.task, **({"answer": it.answer} if it.answer else {})}
+            for it in items
+            if it.kind == kind
+        ]
         (out_dir / f"{kind}.jsonl").write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
 
 
@@ -169,11 +207,15 @@ def policy_settings(p: Profile) -> list[tuple[str, dict, str]]:
     """
     out = []
     for t in p.thresholds:
-        out.append((f"approx-tau{t:g}", dict(kind="safelora", select="threshold", threshold=t, projection="approx"), "full"))
+        out.append(
+            (f"approx-tau{t:g}", dict(kind="safelora", select="threshold", threshold=t, projection="approx"), "full")
+        )
     for k in p.topks:
         out.append((f"approx-top{k}", dict(kind="safelora", select="topk", topk=k, projection="approx"), "full"))
     for t in p.exact_thresholds:
-        out.append((f"exact-tau{t:g}", dict(kind="safelora", select="threshold", threshold=t, projection="exact"), "exact"))
+        out.append(
+            (f"exact-tau{t:g}", dict(kind="safelora", select="threshold", threshold=t, projection="exact"), "exact")
+        )
     for k in p.exact_topks:
         out.append((f"exact-top{k}", dict(kind="safelora", select="topk", topk=k, projection="exact"), "exact"))
     # Policies beyond Safe LoRA; all of them use the full bank (approx C for the distances; V_s stored beside it).
@@ -184,10 +226,19 @@ def policy_settings(p: Profile) -> list[tuple[str, dict, str]]:
     for r in p.salora_ranks:
         out.append((f"salora-style-rs{r}", dict(kind="salora-style", rank=r), "full"))
     for tau, k in p.chains:
-        out.append((f"chain-tau{tau:g}-splora-top{k}", dict(kind="chain", steps=[
-            dict(kind="safelora", select="threshold", threshold=tau, projection="approx"),
-            dict(kind="splora", select="topk", topk=k),
-        ]), "full"))
+        out.append(
+            (
+                f"chain-tau{tau:g}-splora-top{k}",
+                dict(
+                    kind="chain",
+                    steps=[
+                        dict(kind="safelora", select="threshold", threshold=tau, projection="approx"),
+                        dict(kind="splora", select="topk", topk=k),
+                    ],
+                ),
+                "full",
+            )
+        )
     return out
 
 
@@ -207,8 +258,13 @@ def setting_label(setting: str, policy: dict | None = None) -> str:
     if kind == "none":
         return "unprotected"
     if kind == "splora":
-        return (f"SPLoRA-style prune top-{policy['topk']}" if policy and policy.get("select") == "topk"
-                else f"SPLoRA-style prune z>{policy['threshold']:g}" if policy else setting)
+        return (
+            f"SPLoRA-style prune top-{policy['topk']}"
+            if policy and policy.get("select") == "topk"
+            else f"SPLoRA-style prune z>{policy['threshold']:g}"
+            if policy
+            else setting
+        )
     if kind == "salora-style":
         return f"SaLoRA-style (post-hoc) r_s={policy['rank']}" if policy else setting
     if kind == "chain" and policy:
@@ -268,8 +324,10 @@ def _attack_data(world) -> dict:
 def _model_specs(p: Profile) -> dict:
     from . import train as T
 
-    return {"base": T.TrainSpec(p.base_steps, p.base_lr, p.batch_size, warmup=30, seed=0),
-            "aligned": T.TrainSpec(p.align_steps, p.align_lr, p.batch_size, warmup=10, seed=1)}
+    return {
+        "base": T.TrainSpec(p.base_steps, p.base_lr, p.batch_size, warmup=30, seed=0),
+        "aligned": T.TrainSpec(p.align_steps, p.align_lr, p.batch_size, warmup=10, seed=1),
+    }
 
 
 def _attack_spec(p: Profile, i: int, name: str):
@@ -281,14 +339,29 @@ def _attack_spec(p: Profile, i: int, name: str):
 def models_key(world, tok, p: Profile) -> str:
     """Cache key of base + aligned: training config, data, tokenizer, code version."""
     data = _model_data(world)
-    return _digest({"version": TRAIN_CODE_VERSION, "dims": p.dims, "tokenizer": _digest(tok.get_vocab()),
-                    "specs": {k: asdict(v) for k, v in _model_specs(p).items()}, "data": _digest(data)})
+    return _digest(
+        {
+            "version": TRAIN_CODE_VERSION,
+            "dims": p.dims,
+            "tokenizer": _digest(tok.get_vocab()),
+            "specs": {k: asdict(v) for k, v in _model_specs(p).items()},
+            "data": _digest(data),
+        }
+    )
 
 
 def attack_key(world, p: Profile, mkey: str, aligned_dir: Path, i: int, name: str) -> str:
     """Cache key of one attack adapter: the models' key, its training config and data, the base model path."""
-    return _digest({"version": TRAIN_CODE_VERSION, "models": mkey, "aligned_dir": str(aligned_dir), "lora": ATTACK_LORA,
-                    "spec": asdict(_attack_spec(p, i, name)), "data": _digest(_attack_data(world)[name])})
+    return _digest(
+        {
+            "version": TRAIN_CODE_VERSION,
+            "models": mkey,
+            "aligned_dir": str(aligned_dir),
+            "lora": ATTACK_LORA,
+            "spec": asdict(_attack_spec(p, i, name)),
+            "data": _digest(_attack_data(world)[name]),
+        }
+    )
 
 
 def stage_models(world, tok, p: Profile, work: Path, budget: Budget, reuse: bool) -> dict:
@@ -305,11 +378,15 @@ def stage_models(world, tok, p: Profile, work: Path, budget: Budget, reuse: bool
         metas = {d: json.loads((d / "miniature_model.json").read_text()) for d in (base_dir, aligned_dir)}
         keys = {m.get("train_key") for m in metas.values()}
         if keys == {key} or (reuse and keys == {None}):
-            log(f"reusing trained base and aligned models (cache key {key}"
-                + (", stamped now: --reuse of models trained before keys were recorded)" if keys == {None} else ")"))
+            log(
+                f"reusing trained base and aligned models (cache key {key}"
+                + (", stamped now: --reuse of models trained before keys were recorded)" if keys == {None} else ")")
+            )
             if keys == {None}:
                 for d, m in metas.items():
-                    (d / "miniature_model.json").write_text(json.dumps({**m, "train_key": key}, indent=2, sort_keys=True) + "\n")
+                    (d / "miniature_model.json").write_text(
+                        json.dumps({**m, "train_key": key}, indent=2, sort_keys=True) + "\n"
+                    )
             stats = metas[aligned_dir].get("training", {})
             return {"base": base_dir, "aligned": aligned_dir, "stats": stats, "key": key, "cached": True}
         if reuse:
@@ -330,7 +407,9 @@ def stage_models(world, tok, p: Profile, work: Path, budget: Budget, reuse: bool
 ATTACK_META = "miniature_attack.json"
 
 
-def stage_attacks(world, tok, aligned_dir: Path, p: Profile, work: Path, budget: Budget, reuse: bool, mkey: str) -> dict:
+def stage_attacks(
+    world, tok, aligned_dir: Path, p: Profile, work: Path, budget: Budget, reuse: bool, mkey: str
+) -> dict:
     """Train the attack LoRAs, or reuse each one whose cache key (``<attack>/miniature_attack.json``) matches."""
     from . import train as T
 
@@ -351,8 +430,16 @@ def stage_attacks(world, tok, aligned_dir: Path, p: Profile, work: Path, budget:
                 continue
         log(f"attack '{name}': LoRA r=8 on q_proj,v_proj, {len(data[name])} examples, {p.attack_steps[name]} steps")
         out["stats"][name] = T.train_lora(
-            aligned_dir, tok, data[name], _attack_spec(p, i, name), d, desc=name, deadline=budget.deadline,
-            rank=ATTACK_LORA["rank"], alpha=ATTACK_LORA["alpha"], target_modules=tuple(ATTACK_LORA["target_modules"]),
+            aligned_dir,
+            tok,
+            data[name],
+            _attack_spec(p, i, name),
+            d,
+            desc=name,
+            deadline=budget.deadline,
+            rank=ATTACK_LORA["rank"],
+            alpha=ATTACK_LORA["alpha"],
+            target_modules=tuple(ATTACK_LORA["target_modules"]),
         )
         (d / ATTACK_META).write_text(json.dumps({"train_key": key, "training": out["stats"][name]}, indent=2) + "\n")
     if out["cached"]:
@@ -384,14 +471,24 @@ def stage_banks(world, base_dir: Path, aligned_dir: Path, p: Profile, work: Path
         safety = SafetyFeatureSpec(prompts=prompts, rank=max(p.salora_ranks), batch_size=32)
     build_bank(str(base_dir), str(aligned_dir), full, overwrite=True, progress=None, safety=safety)
     # Exact projection onto a full-rank subspace is the identity: it needs a truncated bank.
-    build_bank(str(base_dir), str(aligned_dir), exact, overwrite=True, progress=None, truncation=Truncation(rank=p.exact_rank))
+    build_bank(
+        str(base_dir), str(aligned_dir), exact, overwrite=True, progress=None, truncation=Truncation(rank=p.exact_rank)
+    )
     banks = {"full": load_bank(full, "cpu"), "exact": load_bank(exact, "cpu"), "dirs": {"full": full, "exact": exact}}
     sf = banks["full"].manifest.safety_features
-    banks["safety_features"] = None if sf is None else {
-        "features_id": sf.features_id, "source": "world generator: harmful_train prompts with refusal responses",
-        "model": "aligned", "samples": sf.samples, "response_tokens": sf.response_tokens, "rank": sf.rank,
-        "modules": [m if isinstance(m, dict) else m.model_dump() for m in sf.modules],
-    }
+    banks["safety_features"] = (
+        None
+        if sf is None
+        else {
+            "features_id": sf.features_id,
+            "source": "world generator: harmful_train prompts with refusal responses",
+            "model": "aligned",
+            "samples": sf.samples,
+            "response_tokens": sf.response_tokens,
+            "rank": sf.rank,
+            "modules": [m if isinstance(m, dict) else m.model_dump() for m in sf.modules],
+        }
+    )
     return banks
 
 
@@ -414,9 +511,17 @@ def stage_variants(attack_dirs: dict, banks: dict, p: Profile, work: Path) -> di
         raw = root / attack / "none"
         _copy_adapter(src, raw)
         adapter = read_adapter(raw, name=attack)
-        variants[f"{attack}/none"] = {"attack": attack, "setting": "none", "kind": "none", "projected": 0, "pruned": 0,
-                                      "modules": len(adapter.modules), "output_hash": adapter.content_hash, "policy": None,
-                                      "lora_flops_saved": 0.0}
+        variants[f"{attack}/none"] = {
+            "attack": attack,
+            "setting": "none",
+            "kind": "none",
+            "projected": 0,
+            "pruned": 0,
+            "modules": len(adapter.modules),
+            "output_hash": adapter.content_hash,
+            "policy": None,
+            "lora_flops_saved": 0.0,
+        }
         for setting, config, bank_kind in policy_settings(p):
             policy = parse_policy(config)
             outcome = project_adapter(adapter, banks[bank_kind], policy, name=f"{attack}/{setting}")
@@ -424,10 +529,18 @@ def stage_variants(attack_dirs: dict, banks: dict, p: Profile, work: Path) -> di
             s = outcome.report.summary
             mods = outcome.report.modules
             meta = {
-                "attack": attack, "setting": setting, "kind": policy.kind, "projected": s.projected, "modules": s.modules,
-                "pruned": s.pruned, "projected_kept": sum(m.projected and not m.pruned for m in mods),
+                "attack": attack,
+                "setting": setting,
+                "kind": policy.kind,
+                "projected": s.projected,
+                "modules": s.modules,
+                "pruned": s.pruned,
+                "projected_kept": sum(m.projected and not m.pruned for m in mods),
                 "lora_flops_saved": s.lora_flops_saved_fraction,
-                "output_hash": s.output_hash, "policy": policy.model_dump(mode="json"), "bank": bank_kind, "mean_pdst": s.mean_pdst,
+                "output_hash": s.output_hash,
+                "policy": policy.model_dump(mode="json"),
+                "bank": bank_kind,
+                "mean_pdst": s.mean_pdst,
             }
             if policy.kind != "safelora":
                 meta["policy_id"] = s.policy_id
@@ -450,25 +563,37 @@ def _serve(name: str, aligned_dir: Path, config: Path, work: Path, budget: Budge
     return new_server(f"server-{name}", aligned_dir, config, work, max_num_seqs=32)
 
 
-def _write_config(path: Path, bank: Path, adapter_dir: Path, cache: Path, policy: dict, tenants: list | None = None) -> Path:
+def _write_config(
+    path: Path, bank: Path, adapter_dir: Path, cache: Path, policy: dict, tenants: list | None = None
+) -> Path:
     from support.server import write_config
 
     doc = {
-        "bank": str(bank), "adapter_dirs": [str(adapter_dir)], "cache_dir": str(cache), "device": "cpu",
-        "policy": policy, "admission": {"max_projected_fraction": None, "min_cosine": None},
+        "bank": str(bank),
+        "adapter_dirs": [str(adapter_dir)],
+        "cache_dir": str(cache),
+        "device": "cpu",
+        "policy": policy,
+        "admission": {"max_projected_fraction": None, "min_cosine": None},
     }
     if tenants:
         doc["tenants"] = tenants
     return write_config(path, **doc)
 
 
-def stage_serve_and_evaluate(aligned_dir: Path, banks: dict, variants: dict, items, p: Profile, work: Path,
-                             budget: Budget, gen_path: Path) -> dict:
+def stage_serve_and_evaluate(
+    aligned_dir: Path, banks: dict, variants: dict, items, p: Profile, work: Path, budget: Budget, gen_path: Path
+) -> dict:
     """ONE server, plugin policy = no-op (threshold -1), every variant evaluated through it."""
     from tqdm.auto import tqdm
 
-    config = _write_config(work / "noop.yaml", banks["dirs"]["full"], variants["root"], work / "cache-noop",
-                           {"select": "threshold", "threshold": -1.0, "projection": "approx"})
+    config = _write_config(
+        work / "noop.yaml",
+        banks["dirs"]["full"],
+        variants["root"],
+        work / "cache-noop",
+        {"select": "threshold", "threshold": -1.0, "projection": "approx"},
+    )
     server = _serve("noop", aligned_dir, config, work, budget)
     endpoint_settings = GenerationSettings(max_tokens=p.max_tokens, temperature=0.0, concurrency=16)
     results: dict = {}
@@ -508,10 +633,18 @@ def stage_serve_and_evaluate(aligned_dir: Path, banks: dict, variants: dict, ite
             r = server.get(f"/safelora/v1/adapters/{attack}/none", timeout=30)
             if r.status_code == 200:
                 s = r.json()["summary"]
-                noop_check[attack] = {"outcome": s["outcome"], "projected": s["projected"],
-                                      "output_hash_equals_input": s["output_hash"] == s["input_hash"]}
-    return {"results": results, "outputs": outputs_by_name, "startup_s": startup, "noop_check": noop_check,
-            "seconds": time.monotonic() - t0}
+                noop_check[attack] = {
+                    "outcome": s["outcome"],
+                    "projected": s["projected"],
+                    "output_hash_equals_input": s["output_hash"] == s["input_hash"],
+                }
+    return {
+        "results": results,
+        "outputs": outputs_by_name,
+        "startup_s": startup,
+        "noop_check": noop_check,
+        "seconds": time.monotonic() - t0,
+    }
 
 
 def verify_settings(variants: dict, p: Profile) -> list[str]:
@@ -524,19 +657,44 @@ def verify_settings(variants: dict, p: Profile) -> list[str]:
     settings = policy_settings(p)
     first = HEADLINE
     if v.get(f"purebad/{HEADLINE}", {}).get("projected", 0) == 0:
-        first = next((s for s, _, b in settings if b == "full" and policy_kind(s) == "safelora"
-                      and v[f"purebad/{s}"]["projected"] > 0), HEADLINE)
+        first = next(
+            (
+                s
+                for s, _, b in settings
+                if b == "full" and policy_kind(s) == "safelora" and v[f"purebad/{s}"]["projected"] > 0
+            ),
+            HEADLINE,
+        )
     out = [first]
     for kind in ("splora", "salora-style", "chain"):
-        s = next((s for s, _, b in settings if policy_kind(s) == kind and b == "full"
-                  and (v[f"purebad/{s}"]["projected"] or v[f"purebad/{s}"]["pruned"])), None)
+        s = next(
+            (
+                s
+                for s, _, b in settings
+                if policy_kind(s) == kind
+                and b == "full"
+                and (v[f"purebad/{s}"]["projected"] or v[f"purebad/{s}"]["pruned"])
+            ),
+            None,
+        )
         if s:
             out.append(s)
     return out
 
 
-def stage_verify(aligned_dir: Path, banks: dict, attack_dirs: dict, variants: dict, settings: list[str], items, outputs: dict,
-                 p: Profile, work: Path, budget: Budget, gen_path: Path) -> dict:
+def stage_verify(
+    aligned_dir: Path,
+    banks: dict,
+    attack_dirs: dict,
+    variants: dict,
+    settings: list[str],
+    items,
+    outputs: dict,
+    p: Profile,
+    work: Path,
+    budget: Budget,
+    gen_path: Path,
+) -> dict:
     """Serve the raw PureBad adapter with the plugin's policies = ``settings``; compare with the offline variants.
 
     ONE server: the first setting is the top-level policy (adapter name ``purebad``); every other setting is a
@@ -555,8 +713,14 @@ def stage_verify(aligned_dir: Path, banks: dict, attack_dirs: dict, variants: di
         tenants.append({"match": f"{s}/*", "policy": metas[s]["policy"]})
     bank_kind = metas[settings[0]]["bank"]
     assert all(m["bank"] == bank_kind for m in metas.values()), "verified settings must share a bank"
-    config = _write_config(work / "verify.yaml", banks["dirs"][bank_kind], raw_root, work / "cache-verify",
-                           metas[settings[0]]["policy"], tenants)
+    config = _write_config(
+        work / "verify.yaml",
+        banks["dirs"][bank_kind],
+        raw_root,
+        work / "cache-verify",
+        metas[settings[0]]["policy"],
+        tenants,
+    )
     server = _serve("verify", aligned_dir, config, work, budget)
     log(f"verification: serving raw 'purebad' with the plugin's policies = {', '.join(settings)} ...")
     checks: dict = {}
@@ -572,8 +736,14 @@ def stage_verify(aligned_dir: Path, banks: dict, attack_dirs: dict, variants: di
             served = [o for o, _ in outs]
             offline = outputs.get(f"purebad/{setting}")
             if offline is None:  # evaluated under another name with the same weights
-                src = next((n for n, v in variants["variants"].items()
-                            if v["attack"] == "purebad" and v["output_hash"] == meta["output_hash"] and n in outputs), None)
+                src = next(
+                    (
+                        n
+                        for n, v in variants["variants"].items()
+                        if v["attack"] == "purebad" and v["output_hash"] == meta["output_hash"] and n in outputs
+                    ),
+                    None,
+                )
                 offline = outputs.get(src) if src else None
             summary = report.get("summary", {})
             checks[setting] = {
@@ -646,8 +816,10 @@ def make_table(results: dict, variants: dict, base_row: dict, p: Profile, kinds:
     def row(model, setting, r, proj="", flops=""):
         if "skipped" in r:
             return f"| {model} | {setting} | {proj} | {flops} | skipped | | | |"
-        return (f"| {model} | {setting} | {proj} | {flops} | {_pct(r.get('utility_core'))} | {_pct(r.get('utility_summary_task'))} | "
-                f"{_pct(r.get('asr'))} | {_pct(r.get('judge_harmful_rate'))} |")
+        return (
+            f"| {model} | {setting} | {proj} | {flops} | {_pct(r.get('utility_core'))} | {_pct(r.get('utility_summary_task'))} | "
+            f"{_pct(r.get('asr'))} | {_pct(r.get('judge_harmful_rate'))} |"
+        )
 
     lines.append(row("base (pre-alignment, in-process)", "-", base_row))
     lines.append(row("aligned (served)", "-", results["aligned"]))
@@ -657,8 +829,15 @@ def make_table(results: dict, variants: dict, base_row: dict, p: Profile, kinds:
                 continue
             if kinds is not None and (meta.get("kind") or policy_kind(meta["setting"])) not in ("none", *kinds):
                 continue
-            lines.append(row(f"{attack}", setting_label(meta["setting"], meta.get("policy")), results[name], touched(meta),
-                             flops_saved(meta)))
+            lines.append(
+                row(
+                    f"{attack}",
+                    setting_label(meta["setting"], meta.get("policy")),
+                    results[name],
+                    touched(meta),
+                    flops_saved(meta),
+                )
+            )
     return "\n".join(lines)
 
 
@@ -667,29 +846,59 @@ def _label(meta: dict) -> str:
 
 
 def make_headline(results: dict, variants: dict, verify: dict | None) -> str:
-    lines = ["| attack | aligned ASR / utility | attacked (unprotected) ASR / utility / task | "
-             f"Safe LoRA {HEADLINE} ASR / utility / task (modules) | lowest-ASR setting with utility within 5 pts of unprotected: ASR / utility / task (modules) | "
-             "lowest-ASR setting keeping the task within 5 pts: ASR / utility / task (modules) |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "| attack | aligned ASR / utility | attacked (unprotected) ASR / utility / task | "
+        f"Safe LoRA {HEADLINE} ASR / utility / task (modules) | lowest-ASR setting with utility within 5 pts of unprotected: ASR / utility / task (modules) | "
+        "lowest-ASR setting keeping the task within 5 pts: ASR / utility / task (modules) |",
+        "|---|---|---|---|---|---|",
+    ]
     a = results["aligned"]
     for attack in ATTACKS:
         u = results.get(f"{attack}/none", {})
         h = results.get(f"{attack}/{HEADLINE}", {})
         hm = variants.get(f"{attack}/{HEADLINE}", {})
-        cands = [(n, r) for n, r in results.items() if n.startswith(attack + "/") and n != f"{attack}/none" and "asr" in r
-                 and r.get("utility_core") is not None and u.get("utility_core") is not None
-                 and r["utility_core"] >= u["utility_core"] - 0.05]
-        best = min(cands, key=lambda nr: (nr[1]["asr"], -(nr[1].get("utility_summary_task") or 0), -nr[1]["utility_core"]), default=None)
-        best_s = "-" if best is None else (f"{_label(variants[best[0]])}: {_pct(best[1]['asr'])} / {_pct(best[1]['utility_core'])}"
-                                            f" / {_pct(best[1].get('utility_summary_task'))}"
-                                            f" ({touched(variants[best[0]])})")
-        keep = [(n, r) for n, r in results.items() if n.startswith(attack + "/") and n != f"{attack}/none" and "asr" in r
-                and (u.get("utility_summary_task") or 0) > 0.05
-                and (r.get("utility_summary_task") or 0) >= u["utility_summary_task"] - 0.05]
+        cands = [
+            (n, r)
+            for n, r in results.items()
+            if n.startswith(attack + "/")
+            and n != f"{attack}/none"
+            and "asr" in r
+            and r.get("utility_core") is not None
+            and u.get("utility_core") is not None
+            and r["utility_core"] >= u["utility_core"] - 0.05
+        ]
+        best = min(
+            cands,
+            key=lambda nr: (nr[1]["asr"], -(nr[1].get("utility_summary_task") or 0), -nr[1]["utility_core"]),
+            default=None,
+        )
+        best_s = (
+            "-"
+            if best is None
+            else (
+                f"{_label(variants[best[0]])}: {_pct(best[1]['asr'])} / {_pct(best[1]['utility_core'])}"
+                f" / {_pct(best[1].get('utility_summary_task'))}"
+                f" ({touched(variants[best[0]])})"
+            )
+        )
+        keep = [
+            (n, r)
+            for n, r in results.items()
+            if n.startswith(attack + "/")
+            and n != f"{attack}/none"
+            and "asr" in r
+            and (u.get("utility_summary_task") or 0) > 0.05
+            and (r.get("utility_summary_task") or 0) >= u["utility_summary_task"] - 0.05
+        ]
         kb = min(keep, key=lambda nr: (nr[1]["asr"], -nr[1]["utility_core"]), default=None)
-        keep_s = ("n/a (no task learned)" if (u.get("utility_summary_task") or 0) <= 0.05 else "none" if kb is None else
-                  f"{_label(variants[kb[0]])}: {_pct(kb[1]['asr'])} / {_pct(kb[1]['utility_core'])} / {_pct(kb[1].get('utility_summary_task'))}"
-                  f" ({touched(variants[kb[0]])})")
+        keep_s = (
+            "n/a (no task learned)"
+            if (u.get("utility_summary_task") or 0) <= 0.05
+            else "none"
+            if kb is None
+            else f"{_label(variants[kb[0]])}: {_pct(kb[1]['asr'])} / {_pct(kb[1]['utility_core'])} / {_pct(kb[1].get('utility_summary_task'))}"
+            f" ({touched(variants[kb[0]])})"
+        )
         lines.append(
             f"| {attack} | {_pct(a.get('asr'))} / {_pct(a.get('utility_core'))} | "
             f"{_pct(u.get('asr'))} / {_pct(u.get('utility_core'))} / {_pct(u.get('utility_summary_task'))} | "
@@ -707,8 +916,13 @@ def make_plot(results: dict, variants: dict, p: Profile, path: Path) -> None:
 
     others = [s for s, _, _ in policy_settings(p) if policy_kind(s) in OTHER_KINDS]
     nrows = 3 if others else 2
-    fig, axes = plt.subplots(nrows, len(ATTACKS), figsize=(5 * len(ATTACKS), 3.75 * nrows + (1.2 if others else 0)),
-                             sharey=True, squeeze=False)
+    fig, axes = plt.subplots(
+        nrows,
+        len(ATTACKS),
+        figsize=(5 * len(ATTACKS), 3.75 * nrows + (1.2 if others else 0)),
+        sharey=True,
+        squeeze=False,
+    )
     for col, attack in enumerate(ATTACKS):
         for rowi, kind in enumerate(("approx", "exact")):
             ax = axes[rowi][col]
@@ -719,7 +933,15 @@ def make_plot(results: dict, variants: dict, p: Profile, path: Path) -> None:
                 r = results.get(name, {})
                 if "asr" not in r:
                     continue
-                pts.append((meta["policy"]["threshold"], meta["projected"] / meta["modules"], r["asr"], r["utility_core"], r["utility_summary_task"]))
+                pts.append(
+                    (
+                        meta["policy"]["threshold"],
+                        meta["projected"] / meta["modules"],
+                        r["asr"],
+                        r["utility_core"],
+                        r["utility_summary_task"],
+                    )
+                )
             pts.sort()
             u = results.get(f"{attack}/none", {})
             if pts:
@@ -740,7 +962,9 @@ def make_plot(results: dict, variants: dict, p: Profile, path: Path) -> None:
             ax.grid(alpha=0.3)
             if col == 0:
                 ax.set_ylabel("rate")
-    handles, labels = axes[0][1].get_legend_handles_labels() if len(ATTACKS) > 1 else axes[0][0].get_legend_handles_labels()
+    handles, labels = (
+        axes[0][1].get_legend_handles_labels() if len(ATTACKS) > 1 else axes[0][0].get_legend_handles_labels()
+    )
     if others:
         short = {"none": "unprot."}
         for col, attack in enumerate(ATTACKS):
@@ -753,10 +977,22 @@ def make_plot(results: dict, variants: dict, p: Profile, path: Path) -> None:
             ax.bar([x - w for x in xs], [r["asr"] for _, r, _ in pts], w, color="r", alpha=0.8)
             ax.bar(xs, [r["utility_core"] for _, r, _ in pts], w, color="b", alpha=0.8)
             if attack != "purebad":
-                ax.bar([x + w for x in xs], [r["utility_summary_task"] or 0 for _, r, _ in pts], w, color="g", alpha=0.8)
+                ax.bar(
+                    [x + w for x in xs], [r["utility_summary_task"] or 0 for _, r, _ in pts], w, color="g", alpha=0.8
+                )
             ax.set_xticks(xs)
-            ax.set_xticklabels([short.get(n, n.replace("salora-style-rs", "SaLoRA-style\n(post-hoc) r_s=").replace("-splora-", "\n+splora-"))
-                                + f"\n({touched(m)})" for n, _, m in pts], rotation=90, fontsize=7)
+            ax.set_xticklabels(
+                [
+                    short.get(
+                        n,
+                        n.replace("salora-style-rs", "SaLoRA-style\n(post-hoc) r_s=").replace("-splora-", "\n+splora-"),
+                    )
+                    + f"\n({touched(m)})"
+                    for n, _, m in pts
+                ],
+                rotation=90,
+                fontsize=7,
+            )
             ax.set_title(f"{attack} - other policies (bars: ASR, utility, task)")
             ax.set_ylim(-0.03, 1.03)
             ax.grid(alpha=0.3, axis="y")
@@ -805,10 +1041,14 @@ def run(p: Profile, work: Path, out: Path, *, reuse: bool = False, threads: int 
     aligned_ip, aligned_ip_outs, _ = stage_in_process(models["aligned"], tok, items, p.max_tokens)
     write_generations(gen_path, base_gens, append=True, extra={"served_by": "transformers-in-process"})
     effect = (base_row["asr"] or 0) - (aligned_ip["asr"] or 0)
-    log(f"alignment check (in-process): base ASR {_pct(base_row['asr'])}%, aligned ASR {_pct(aligned_ip['asr'])}%, "
-        f"utility {_pct(base_row['utility_core'])}% -> {_pct(aligned_ip['utility_core'])}%")
+    log(
+        f"alignment check (in-process): base ASR {_pct(base_row['asr'])}%, aligned ASR {_pct(aligned_ip['asr'])}%, "
+        f"utility {_pct(base_row['utility_core'])}% -> {_pct(aligned_ip['utility_core'])}%"
+    )
     if effect < 0.5:
-        log("WARNING: aligned and base differ by less than 50 points of ASR: the miniature shows little alignment effect")
+        log(
+            "WARNING: aligned and base differ by less than 50 points of ASR: the miniature shows little alignment effect"
+        )
     mark("in-process check", t)
 
     t = time.monotonic()
@@ -826,27 +1066,60 @@ def run(p: Profile, work: Path, out: Path, *, reuse: bool = False, threads: int 
     results = served["results"]
     agree = served["outputs"].get("aligned")
     # (the server's chat content keeps the leading space after "<|assistant|>"; in-process output is stripped)
-    served_vs_inprocess = None if agree is None else sum(a.strip() == b.strip() for a, b in zip(agree, aligned_ip_outs)) / len(agree)
+    served_vs_inprocess = (
+        None if agree is None else sum(a.strip() == b.strip() for a, b in zip(agree, aligned_ip_outs)) / len(agree)
+    )
 
     verify = None
     if p.verify and budget.left() > 120:
         t = time.monotonic()
-        verify = stage_verify(models["aligned"], banks, attacks["dirs"], variants, verify_settings(variants, p), items,
-                              served["outputs"], p, work, budget, gen_path)
+        verify = stage_verify(
+            models["aligned"],
+            banks,
+            attacks["dirs"],
+            variants,
+            verify_settings(variants, p),
+            items,
+            served["outputs"],
+            p,
+            work,
+            budget,
+            gen_path,
+        )
         mark("verify plugin policy == offline projection", t)
     elif p.verify:
         verify = {"skipped": "time budget exhausted"}
 
     doc = {
         "profile": asdict(p),
-        "host": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(), "torch_threads": threads},
+        "host": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "torch_threads": threads,
+        },
         "runtime_s": round(budget.elapsed(), 1),
         "timings_s": timings,
-        "training": {"models": models["stats"], "attacks": attacks["stats"],
-                     "cache": {"models_key": models["key"], "models_cached": models["cached"], "attacks_cached": attacks["cached"]}},
-        "alignment_check": {"base_in_process": base_row, "aligned_in_process": aligned_ip, "asr_drop": effect,
-                            "served_vs_in_process_identical_fraction": served_vs_inprocess},
-        "server": {"startup_s": served["startup_s"], "evaluate_s": served["seconds"], "noop_policy_check": served["noop_check"]},
+        "training": {
+            "models": models["stats"],
+            "attacks": attacks["stats"],
+            "cache": {
+                "models_key": models["key"],
+                "models_cached": models["cached"],
+                "attacks_cached": attacks["cached"],
+            },
+        },
+        "alignment_check": {
+            "base_in_process": base_row,
+            "aligned_in_process": aligned_ip,
+            "asr_drop": effect,
+            "served_vs_in_process_identical_fraction": served_vs_inprocess,
+        },
+        "server": {
+            "startup_s": served["startup_s"],
+            "evaluate_s": served["seconds"],
+            "noop_policy_check": served["noop_check"],
+        },
         "module_cosines_approx": variants["cosines"],
         "safety_features": banks.get("safety_features"),
         "variants": variants["variants"],
@@ -868,35 +1141,46 @@ def write_report(doc: dict, out: Path) -> str:
     table = make_table(results, variants, doc["alignment_check"]["base_in_process"], p)
     headline = make_headline(results, variants, verify)
     make_plot(results, variants, p, out / "threshold_sweep.png")
-    md = (f"# Safe LoRA miniature ({p.name} profile)\n\nRuntime {doc['runtime_s'] / 60:.1f} min on {doc['host']['cpus']} CPU cores. "
-          f"Generated by `python -m benchmarks.safety.miniature{' --smoke' if p.name == 'smoke' else ''}`.\n\n"
-          f"## Headline\n\n{headline}\n\n")
+    md = (
+        f"# Safe LoRA miniature ({p.name} profile)\n\nRuntime {doc['runtime_s'] / 60:.1f} min on {doc['host']['cpus']} CPU cores. "
+        f"Generated by `python -m benchmarks.safety.miniature{' --smoke' if p.name == 'smoke' else ''}`.\n\n"
+        f"## Headline\n\n{headline}\n\n"
+    )
     if any((m.get("kind") or policy_kind(m["setting"])) in OTHER_KINDS for m in variants.values()):
         sf = doc.get("safety_features") or {}
-        md += ("## Policies beyond Safe LoRA\n\nSPLoRA-style pruning (`splora`: prune modules whose standardised distance "
-               "from the alignment subspace z > threshold, or the top k), SaLoRA-style (post-hoc) projection (`salora-style`: "
-               "lora_B := (I - V_s V_s^T) lora_B with the top r_s safety-feature directions per module) and a chain "
-               "(Safe LoRA approx, then SPLoRA-style top-k on what it left), applied offline with the engine and served "
-               "from the same no-op server as every other variant. The safety features V_s were collected from the "
-               "miniature's ALIGNED model on the world generator's training-split harmful prompts with their refusal "
-               f"responses ({sf.get('samples', '?')} samples, {sf.get('response_tokens', '?')} response tokens, "
-               f"r_s = {sf.get('rank', '?')} stored; features {sf.get('features_id', '?')}), not on "
-               "configs/safety_prompts.jsonl: the tiny world has its own vocabulary.\n\n"
-               + make_table(results, variants, doc["alignment_check"]["base_in_process"], p, kinds=OTHER_KINDS) + "\n\n")
+        md += (
+            "## Policies beyond Safe LoRA\n\nSPLoRA-style pruning (`splora`: prune modules whose standardised distance "
+            "from the alignment subspace z > threshold, or the top k), SaLoRA-style (post-hoc) projection (`salora-style`: "
+            "lora_B := (I - V_s V_s^T) lora_B with the top r_s safety-feature directions per module) and a chain "
+            "(Safe LoRA approx, then SPLoRA-style top-k on what it left), applied offline with the engine and served "
+            "from the same no-op server as every other variant. The safety features V_s were collected from the "
+            "miniature's ALIGNED model on the world generator's training-split harmful prompts with their refusal "
+            f"responses ({sf.get('samples', '?')} samples, {sf.get('response_tokens', '?')} response tokens, "
+            f"r_s = {sf.get('rank', '?')} stored; features {sf.get('features_id', '?')}), not on "
+            "configs/safety_prompts.jsonl: the tiny world has its own vocabulary.\n\n"
+            + make_table(results, variants, doc["alignment_check"]["base_in_process"], p, kinds=OTHER_KINDS)
+            + "\n\n"
+        )
     md += f"## All settings\n\n{table}\n"
     if verify and "identical_generations" in verify:
-        md += (f"\nVerification: the raw PureBad adapter served with the plugin's policy = {verify['setting']} gave "
-               f"{'identical' if verify['identical_generations'] else 'DIFFERENT'} generations to the offline-projected variant "
-               f"({verify['mismatches']} of {verify['n']} differ); patched weights identical: {verify['identical_weights']}.\n")
+        md += (
+            f"\nVerification: the raw PureBad adapter served with the plugin's policy = {verify['setting']} gave "
+            f"{'identical' if verify['identical_generations'] else 'DIFFERENT'} generations to the offline-projected variant "
+            f"({verify['mismatches']} of {verify['n']} differ); patched weights identical: {verify['identical_weights']}.\n"
+        )
         for o in (verify.get("others") or {}).values():
-            md += (f"The same server, per-tenant policy = {o['setting']} (served as `{o['served_as']}`): "
-                   f"{'identical' if o['identical_generations'] else 'DIFFERENT'} generations ({o['mismatches']} of {o['n']} differ); "
-                   f"patched weights identical: {o['identical_weights']}.\n")
+            md += (
+                f"The same server, per-tenant policy = {o['setting']} (served as `{o['served_as']}`): "
+                f"{'identical' if o['identical_generations'] else 'DIFFERENT'} generations ({o['mismatches']} of {o['n']} differ); "
+                f"patched weights identical: {o['identical_weights']}.\n"
+            )
     ac = doc["alignment_check"]
     if ac.get("served_vs_in_process_identical_fraction") is not None:
-        md += (f"\nServed aligned model vs transformers in-process greedy decoding: "
-               f"{100 * ac['served_vs_in_process_identical_fraction']:.1f}% of the {results['aligned'].get('n_harmful', 0) + results['aligned'].get('n_benign', 0)} "
-               "responses identical (after stripping surrounding whitespace).\n")
+        md += (
+            f"\nServed aligned model vs transformers in-process greedy decoding: "
+            f"{100 * ac['served_vs_in_process_identical_fraction']:.1f}% of the {results['aligned'].get('n_harmful', 0) + results['aligned'].get('n_benign', 0)} "
+            "responses identical (after stripping surrounding whitespace).\n"
+        )
     (out / "table.md").write_text(md)
     return md
 
@@ -905,8 +1189,12 @@ def cli_parser(prog: str, doc: str, default_out: Path) -> argparse.ArgumentParse
     """The options every miniature has: --smoke, --workdir, --out, --threads, --report-only."""
     ap = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="tiny pipeline check (a few minutes at most)")
-    ap.add_argument("--workdir", type=Path, default=None, help="models, adapters, banks, logs (default: a dir under /tmp)")
-    ap.add_argument("--out", type=Path, default=None, help=f"results (default: {default_out}; smoke: <workdir>/results)")
+    ap.add_argument(
+        "--workdir", type=Path, default=None, help="models, adapters, banks, logs (default: a dir under /tmp)"
+    )
+    ap.add_argument(
+        "--out", type=Path, default=None, help=f"results (default: {default_out}; smoke: <workdir>/results)"
+    )
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     ap.add_argument("--report-only", action="store_true", help="rebuild table.md and the plots from <out>/results.json")
     return ap
@@ -920,10 +1208,15 @@ def cli_paths(args, run_name: str, default_out: Path) -> tuple[Path, Path]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = cli_parser("python -m benchmarks.safety.miniature", __doc__, DEFAULT_OUT)
-    ap.add_argument("--budget-min", type=float, default=None, help="time budget in minutes (stops training/evaluation past it)")
-    ap.add_argument("--reuse", action="store_true",
-                    help="reuse models/attacks in --workdir even without a recorded cache key (models whose key "
-                         "matches the configuration are always reused)")
+    ap.add_argument(
+        "--budget-min", type=float, default=None, help="time budget in minutes (stops training/evaluation past it)"
+    )
+    ap.add_argument(
+        "--reuse",
+        action="store_true",
+        help="reuse models/attacks in --workdir even without a recorded cache key (models whose key "
+        "matches the configuration are always reused)",
+    )
     args = ap.parse_args(argv)
     p = _smoke_profile() if args.smoke else _full_profile()
     if args.budget_min is not None:

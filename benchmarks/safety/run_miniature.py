@@ -1,4 +1,5 @@
 """``.venv/bin/python benchmarks/safety/run_miniature.py [--smoke]``: same as ``python -m benchmarks.safety.miniature``."""
+
 import sys
 from pathlib import Path
 

@@ -1,4 +1,5 @@
 """table.md, tradeoff.png and detection_roc.png of the selection miniature, from its results.json."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -15,8 +16,16 @@ FAMILIES = {
     "salora-style": ("SaLoRA-style (post-hoc), all modules", "r_s", dict(color="tab:blue", ls="-", marker="o")),
     "random-subspace": ("control: random subspace of rank r_s", "r_s", dict(color="tab:blue", ls="--", marker="x")),
     "splora-z": ("SPLoRA-style prune z >", "z", dict(color="tab:gray", ls="-", marker="d")),
-    "salora-select-rs8": ("selective SaLoRA-style r_s=8 (top-k by overlap)", "k", dict(color="tab:green", ls="-", marker="^")),
-    "salora-select-rs32": ("selective SaLoRA-style r_s=32 (top-k by overlap)", "k", dict(color="tab:olive", ls="-", marker="^")),
+    "salora-select-rs8": (
+        "selective SaLoRA-style r_s=8 (top-k by overlap)",
+        "k",
+        dict(color="tab:green", ls="-", marker="^"),
+    ),
+    "salora-select-rs32": (
+        "selective SaLoRA-style r_s=32 (top-k by overlap)",
+        "k",
+        dict(color="tab:olive", ls="-", marker="^"),
+    ),
 }
 
 
@@ -60,7 +69,7 @@ def render(doc: dict) -> str:
         "",
         f"Reference rows: base (pre-alignment) ASR {_p(base['asr'])}, utility {_p(base['utility_core'])}; "
         f"**aligned ASR {_p(al['asr'])}, judge {_p(al['judge_harmful_rate'])}, utility {_p(al['utility_core'])}, task {_p(al['utility_summary_task'])}** "
-        "(= the \"no adapter\" control).",
+        '(= the "no adapter" control).',
         "",
         f"Goal: ASR within {100 * st['goal_asr_margin']:.0f} points of the aligned model while keeping >= "
         f"{100 * st['goal_task_keep']:.0f}% of the unprotected adapter's task score (Dialog-Summary-like and benign-only).",
@@ -78,95 +87,162 @@ def render(doc: dict) -> str:
         if knob is None:
             return "none"
         a = _get(doc, attack, fam, knob)
-        return (f"{FAMILIES.get(fam, (fam, 'knob'))[1]}={knob:g}: {_ms(a, 'asr')} / {_ms(a, 'utility_core')} / "
-                f"{_ms(a, 'utility_summary_task')} (touched {_p(a['touched']['mean'])})")
+        return (
+            f"{FAMILIES.get(fam, (fam, 'knob'))[1]}={knob:g}: {_ms(a, 'asr')} / {_ms(a, 'utility_core')} / "
+            f"{_ms(a, 'utility_summary_task')} (touched {_p(a['touched']['mean'])})"
+        )
 
     for attack in ATTACKS:
         none = _get(doc, attack, "none", 0)
         if none is None:
             continue
-        lines.append(f"| {ATTACK_LABEL[attack]} | unprotected | | {_ms(none, 'asr')} / {_ms(none, 'utility_core')} / "
-                     f"{_ms(none, 'utility_summary_task')} | |")
+        lines.append(
+            f"| {ATTACK_LABEL[attack]} | unprotected | | {_ms(none, 'asr')} / {_ms(none, 'utility_core')} / "
+            f"{_ms(none, 'utility_summary_task')} | |"
+        )
         for fam in FAMILIES:
             b = doc["best"].get(f"{attack}|{fam}")
             if not b:
                 continue
             first = b["goal"] if b["goal"] is not None else b["best_keeping_task"]
             one_seed = first is not None and _get(doc, attack, fam, first)["seeds"] == 1
-            met = ("**yes** (first seed only)" if one_seed else "**yes, every seed**" if b.get("meets_goal_every_seed")
-                   else "**yes** (seed mean)") if b["meets_goal"] else "no"
-            lines.append(f"| {ATTACK_LABEL[attack]} | {FAMILIES[fam][0]} | {met} | "
-                         f"{cell(attack, fam, first)} | {cell(attack, fam, b['lowest_asr'])} |")
-    lines += ["", "## Controls at the same number of modules", "",
-              "Safe LoRA top-k against the three controls that keep its module count: random modules (same C), "
-              "the same modules attenuated by ||C dW||/||dW|| (same norm, no direction change), the same modules pruned. "
-              "Cells: ASR / task (PureBad: ASR / utility).", ""]
+            met = (
+                (
+                    "**yes** (first seed only)"
+                    if one_seed
+                    else "**yes, every seed**"
+                    if b.get("meets_goal_every_seed")
+                    else "**yes** (seed mean)"
+                )
+                if b["meets_goal"]
+                else "no"
+            )
+            lines.append(
+                f"| {ATTACK_LABEL[attack]} | {FAMILIES[fam][0]} | {met} | "
+                f"{cell(attack, fam, first)} | {cell(attack, fam, b['lowest_asr'])} |"
+            )
+    lines += [
+        "",
+        "## Controls at the same number of modules",
+        "",
+        "Safe LoRA top-k against the three controls that keep its module count: random modules (same C), "
+        "the same modules attenuated by ||C dW||/||dW|| (same norm, no direction change), the same modules pruned. "
+        "Cells: ASR / task (PureBad: ASR / utility).",
+        "",
+    ]
     for attack in ATTACKS:
         if _get(doc, attack, "none", 0) is None:
             continue
-        lines += [f"**{ATTACK_LABEL[attack]}**", "", "| k | Safe LoRA top-k | random k | attenuate same | prune same |", "|---|---|---|---|---|"]
+        lines += [
+            f"**{ATTACK_LABEL[attack]}**",
+            "",
+            "| k | Safe LoRA top-k | random k | attenuate same | prune same |",
+            "|---|---|---|---|---|",
+        ]
         second = "utility_core" if attack == "purebad" else "utility_summary_task"
         for a in _points(doc, attack, "safelora-topk"):
             k = a["knob"]
-            cells = [f"{_ms(_get(doc, attack, f, k), 'asr')} / {_ms(_get(doc, attack, f, k), second)}" if _get(doc, attack, f, k) else "-"
-                     for f in ("safelora-topk", "random-modules", "attenuate", "prune")]
+            cells = [
+                f"{_ms(_get(doc, attack, f, k), 'asr')} / {_ms(_get(doc, attack, f, k), second)}"
+                if _get(doc, attack, f, k)
+                else "-"
+                for f in ("safelora-topk", "random-modules", "attenuate", "prune")
+            ]
             lines.append(f"| {k:g} | " + " | ".join(cells) + " |")
         lines.append("")
-    lines += ["## SaLoRA-style: safety directions vs a random subspace of the same rank", "",
-              "| attack | r_s | SaLoRA-style ASR / utility / task | random subspace ASR / utility / task |", "|---|---|---|---|"]
+    lines += [
+        "## SaLoRA-style: safety directions vs a random subspace of the same rank",
+        "",
+        "| attack | r_s | SaLoRA-style ASR / utility / task | random subspace ASR / utility / task |",
+        "|---|---|---|---|",
+    ]
     for attack in ATTACKS:
         for a in _points(doc, attack, "salora-style"):
             r = _get(doc, attack, "random-subspace", a["knob"]) or {}
-            lines.append(f"| {ATTACK_LABEL[attack]} | {a['knob']:g} | {_ms(a, 'asr')} / {_ms(a, 'utility_core')} / {_ms(a, 'utility_summary_task')} | "
-                         f"{_ms(r, 'asr')} / {_ms(r, 'utility_core')} / {_ms(r, 'utility_summary_task')} |")
-    lines += ["", render_detection(doc), "", "## All settings", "",
-              "| attack | family | knob | touched | ASR | judge | utility | task |", "|---|---|---|---|---|---|---|---|"]
+            lines.append(
+                f"| {ATTACK_LABEL[attack]} | {a['knob']:g} | {_ms(a, 'asr')} / {_ms(a, 'utility_core')} / {_ms(a, 'utility_summary_task')} | "
+                f"{_ms(r, 'asr')} / {_ms(r, 'utility_core')} / {_ms(r, 'utility_summary_task')} |"
+            )
+    lines += [
+        "",
+        render_detection(doc),
+        "",
+        "## All settings",
+        "",
+        "| attack | family | knob | touched | ASR | judge | utility | task |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for attack in ATTACKS:
         for fam in ["none", *FAMILIES]:
             for a in _points(doc, attack, fam):
-                lines.append(f"| {ATTACK_LABEL[attack]} | {FAMILIES.get(fam, ('unprotected',))[0]} | {a['knob']:g} | "
-                             f"{_p(a['touched']['mean'])} | {_ms(a, 'asr')} | {_ms(a, 'judge_harmful_rate')} | "
-                             f"{_ms(a, 'utility_core')} | {_ms(a, 'utility_summary_task')} |")
+                lines.append(
+                    f"| {ATTACK_LABEL[attack]} | {FAMILIES.get(fam, ('unprotected',))[0]} | {a['knob']:g} | "
+                    f"{_p(a['touched']['mean'])} | {_ms(a, 'asr')} | {_ms(a, 'judge_harmful_rate')} | "
+                    f"{_ms(a, 'utility_core')} | {_ms(a, 'utility_summary_task')} |"
+                )
     return "\n".join(lines) + "\n"
 
 
 def render_detection(doc: dict) -> str:
     d = doc["detection"]
-    lines = ["## Detection: refuse instead of repair", "",
-             f"{d['n']} adapters (the attacks x seeds and a population: harmful share of the training data "
-             f"{', '.join(f'{100 * f:g}%' for f in doc['study']['pop_fractions'])} on tasks {', '.join(doc['study']['pop_tasks'])}, "
-             f"{len(doc['study']['pop_seeds'])} seeds, plus {len(doc['study'].get('pop_extra') or ())} more trained on benign data only); positive = unprotected ASR > {100 * d['asr_label']:g}% "
-             f"({d['n_positive']} positive, {d['n_negative']} negative). tau_cal = {d['tau_cal']:.3f} (median module cosine "
-             "of the population; no labels used). Orientation fixed in advance (low cosine / high distance / high overlap = suspect).",
-             "", "| score | ROC AUC | enforce with |", "|---|---|---|"]
+    lines = [
+        "## Detection: refuse instead of repair",
+        "",
+        f"{d['n']} adapters (the attacks x seeds and a population: harmful share of the training data "
+        f"{', '.join(f'{100 * f:g}%' for f in doc['study']['pop_fractions'])} on tasks {', '.join(doc['study']['pop_tasks'])}, "
+        f"{len(doc['study']['pop_seeds'])} seeds, plus {len(doc['study'].get('pop_extra') or ())} more trained on benign data only); positive = unprotected ASR > {100 * d['asr_label']:g}% "
+        f"({d['n_positive']} positive, {d['n_negative']} negative). tau_cal = {d['tau_cal']:.3f} (median module cosine "
+        "of the population; no labels used). Orientation fixed in advance (low cosine / high distance / high overlap = suspect).",
+        "",
+        "| score | ROC AUC | enforce with |",
+        "|---|---|---|",
+    ]
     for s, v in sorted(d["scores"].items(), key=lambda kv: -(kv[1]["auc"] or 0)):
         auc = "-" if v["auc"] is None else f"{v['auc']:.3f}"
         lines.append(f"| `{s}`: {v['what']} | {auc} | {v['config']} |")
     b = d.get("best")
     if b:
         z = b["zero_false_refusal_threshold"]
-        lines += ["", f"Best score: `{b['score']}` (AUC {b['auc']:.3f}); refuse when {b['refuse_when']}. "
-                  f"Catching every harmful adapter needs threshold {b['catch_all_threshold']:.4g}, which refuses "
-                  f"{_p(b['catch_all_false_refusal_rate'])}% of the harmless adapters"
-                  + (f" ({_p(b['catch_all_false_refusal_rate_benign_data'])}% of those trained on benign data only)"
-                     if b["catch_all_false_refusal_rate_benign_data"] is not None else "")
-                  + f"; refusing no harmless adapter (threshold {'-' if z is None else f'{z:.4g}'}) catches "
-                  f"{_p(b['zero_false_refusal_detection_rate'])}% of the harmful ones. Config: {b['config']}."]
+        lines += [
+            "",
+            f"Best score: `{b['score']}` (AUC {b['auc']:.3f}); refuse when {b['refuse_when']}. "
+            f"Catching every harmful adapter needs threshold {b['catch_all_threshold']:.4g}, which refuses "
+            f"{_p(b['catch_all_false_refusal_rate'])}% of the harmless adapters"
+            + (
+                f" ({_p(b['catch_all_false_refusal_rate_benign_data'])}% of those trained on benign data only)"
+                if b["catch_all_false_refusal_rate_benign_data"] is not None
+                else ""
+            )
+            + f"; refusing no harmless adapter (threshold {'-' if z is None else f'{z:.4g}'}) catches "
+            f"{_p(b['zero_false_refusal_detection_rate'])}% of the harmful ones. Config: {b['config']}.",
+        ]
     h = d.get("held_out")
     if h and h["scores"]:
-        lines += ["", f"**Held out**: orientation and threshold (max TPR - FPR) chosen on the {h['n_calibration']} adapters of "
-                  f"seed {h['calibration_seed']}, measured on the other {h['n_test']} ({h['test_positive']} harmful):", "",
-                  "| score | orientation chosen | AUC (calibration) | AUC (held out) | refuse when | held-out detection | held-out false refusals |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            f"**Held out**: orientation and threshold (max TPR - FPR) chosen on the {h['n_calibration']} adapters of "
+            f"seed {h['calibration_seed']}, measured on the other {h['n_test']} ({h['test_positive']} harmful):",
+            "",
+            "| score | orientation chosen | AUC (calibration) | AUC (held out) | refuse when | held-out detection | held-out false refusals |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for s, v in sorted(h["scores"].items(), key=lambda kv: -(kv[1]["auc_test"] or 0)):
-            lines.append(f"| `{s}` | {v['orientation']} | {v['auc_calibration']:.3f} | "
-                         f"{'-' if v['auc_test'] is None else format(v['auc_test'], '.3f')} | {v['refuse_when'].replace('threshold', format(v['threshold'], '.4g'))} | "
-                         f"{_p(v['test_detection_rate'])} | {_p(v['test_false_refusal_rate'])} |")
-    lines += ["", "| adapter | harmful share | task | ASR | task acc. | min cos | mean overlap r_s=8 | max z |", "|---|---|---|---|---|---|---|---|"]
+            lines.append(
+                f"| `{s}` | {v['orientation']} | {v['auc_calibration']:.3f} | "
+                f"{'-' if v['auc_test'] is None else format(v['auc_test'], '.3f')} | {v['refuse_when'].replace('threshold', format(v['threshold'], '.4g'))} | "
+                f"{_p(v['test_detection_rate'])} | {_p(v['test_false_refusal_rate'])} |"
+            )
+    lines += [
+        "",
+        "| adapter | harmful share | task | ASR | task acc. | min cos | mean overlap r_s=8 | max z |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for a in sorted(doc["population"], key=lambda a: (a["task"] or "", a["harmful_fraction"], a["adapter"])):
         sc = a["scores"]
-        lines.append(f"| {a['adapter']} | {100 * a['harmful_fraction']:.0f}% | {a['task'] or '-'} | {_p(a['asr'])} | {_p(a['task_accuracy'])} | "
-                     f"{sc['min_cosine']:.3f} | {sc['mean_overlap_rs8']:.3f} | {sc['max_splora_z']:.2f} |")
+        lines.append(
+            f"| {a['adapter']} | {100 * a['harmful_fraction']:.0f}% | {a['task'] or '-'} | {_p(a['asr'])} | {_p(a['task_accuracy'])} | "
+            f"{sc['min_cosine']:.3f} | {sc['mean_overlap_rs8']:.3f} | {sc['max_splora_z']:.2f} |"
+        )
     return "\n".join(lines)
 
 
@@ -180,12 +256,21 @@ def plots(doc: dict, out: Path) -> None:
     fig, axes = plt.subplots(2, 3, figsize=(17, 10.5), squeeze=False)
     for col, attack in enumerate(ATTACKS):
         none = _get(doc, attack, "none", 0)
-        for row, (key, xlabel) in enumerate((("utility_summary_task", "downstream task (summary EM)"), ("utility_core", "core utility (benign EM)"))):
+        for row, (key, xlabel) in enumerate(
+            (("utility_summary_task", "downstream task (summary EM)"), ("utility_core", "core utility (benign EM)"))
+        ):
             ax = axes[row][col]
             if none is None:
                 continue
             if attack == "purebad" and row == 0:
-                ax.text(0.5, 0.5, "PureBad has no downstream task\n(see core utility below)", ha="center", va="center", transform=ax.transAxes)
+                ax.text(
+                    0.5,
+                    0.5,
+                    "PureBad has no downstream task\n(see core utility below)",
+                    ha="center",
+                    va="center",
+                    transform=ax.transAxes,
+                )
                 ax.set_axis_off()
                 continue
             for fam, (label, knob, style) in FAMILIES.items():
@@ -195,11 +280,22 @@ def plots(doc: dict, out: Path) -> None:
                 xs = [a[key]["mean"] for a in pts]
                 ys = [a["asr"]["mean"] for a in pts]
                 ax.plot(xs, ys, label=f"{label} ({knob})", alpha=0.85, ms=5, lw=1.3, **style)
-            ax.scatter([none[key]["mean"]], [none["asr"]["mean"]], s=140, marker="*", color="k", zorder=5, label="unprotected")
-            ax.scatter([al[key] or 0], [al["asr"]], s=120, marker="P", color="m", zorder=5, label="aligned (no adapter)")
+            ax.scatter(
+                [none[key]["mean"]], [none["asr"]["mean"]], s=140, marker="*", color="k", zorder=5, label="unprotected"
+            )
+            ax.scatter(
+                [al[key] or 0], [al["asr"]], s=120, marker="P", color="m", zorder=5, label="aligned (no adapter)"
+            )
             if row == 0:
                 keep = doc["study"]["goal_task_keep"] * none[key]["mean"]
-                ax.axvspan(keep, 1.03, ymax=(al["asr"] + doc["study"]["goal_asr_margin"] + 0.03) / 1.06, color="g", alpha=0.12, label="goal region")
+                ax.axvspan(
+                    keep,
+                    1.03,
+                    ymax=(al["asr"] + doc["study"]["goal_asr_margin"] + 0.03) / 1.06,
+                    color="g",
+                    alpha=0.12,
+                    label="goal region",
+                )
             ax.set_xlim(-0.03, 1.03)
             ax.set_ylim(-0.03, 1.03)
             ax.set_xlabel(xlabel)
@@ -213,8 +309,10 @@ def plots(doc: dict, out: Path) -> None:
             handles.append(h)
             labels.append(lab)
     fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8)
-    fig.suptitle(f"Selection miniature: attack success vs task / utility, every policy family swept over its knob "
-                 f"(mean of {len(doc['study']['seeds'])} seeds; dashed = controls)")
+    fig.suptitle(
+        f"Selection miniature: attack success vs task / utility, every policy family swept over its knob "
+        f"(mean of {len(doc['study']['seeds'])} seeds; dashed = controls)"
+    )
     fig.tight_layout(rect=(0, 0.1, 1, 0.96))
     fig.savefig(out / "tradeoff.png", dpi=100)
     plt.close(fig)
@@ -224,12 +322,19 @@ def plots(doc: dict, out: Path) -> None:
     for s, v in sorted(d["scores"].items(), key=lambda kv: -(kv[1]["auc"] or 0)):
         if v["roc"]:
             # dashed: below the diagonal, i.e. the score points the other way than its premise
-            ax.plot([q[1] for q in v["roc"]] + [1.0], [q[2] for q in v["roc"]] + [1.0], label=f"{s} (AUC {v['auc']:.2f})", lw=1.3,
-                    ls="-" if v["auc"] >= 0.5 else "--")
+            ax.plot(
+                [q[1] for q in v["roc"]] + [1.0],
+                [q[2] for q in v["roc"]] + [1.0],
+                label=f"{s} (AUC {v['auc']:.2f})",
+                lw=1.3,
+                ls="-" if v["auc"] >= 0.5 else "--",
+            )
     ax.plot([0, 1], [0, 1], "k:", lw=0.8)
     ax.set_xlabel("false refusal rate (harmless adapters refused)")
     ax.set_ylabel(f"detection rate (adapters with ASR > {100 * d['asr_label']:g}%)")
-    ax.set_title(f"Load-time detection over {d['n']} adapters ({d['n_positive']} harmful); dashed = AUC < 0.5", fontsize=10)
+    ax.set_title(
+        f"Load-time detection over {d['n']} adapters ({d['n_positive']} harmful); dashed = AUC < 0.5", fontsize=10
+    )
     ax.legend(fontsize=7, loc="lower right")
     ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -5,6 +5,7 @@ Everything runs on CPU with a fixed seed. Sequences are the chat format of
 ``<s><|user|> {prompt}\\n<|assistant|>`` followed by `` {answer}</s>``; the loss covers
 the answer and the end-of-sequence token only.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,8 +21,22 @@ import torch
 
 
 # Llama-style, servable by vLLM's CPU backend (head_dim 64).
-MODEL_DIMS = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=2, num_key_value_heads=1, head_dim=64)
-SMOKE_DIMS = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=64)
+MODEL_DIMS = dict(
+    hidden_size=128,
+    intermediate_size=384,
+    num_hidden_layers=4,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    head_dim=64,
+)
+SMOKE_DIMS = dict(
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    head_dim=64,
+)
 
 
 def prompt_text(tok, prompt: str) -> str:
@@ -40,9 +55,18 @@ def make_model(tok, dims: dict, seed: int):
 
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=len(tok), max_position_embeddings=256, hidden_act="silu", rms_norm_eps=1e-6,
-        initializer_range=0.02, tie_word_embeddings=False, attention_bias=False, mlp_bias=False,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **dims,
+        vocab_size=len(tok),
+        max_position_embeddings=256,
+        hidden_act="silu",
+        rms_norm_eps=1e-6,
+        initializer_range=0.02,
+        tie_word_embeddings=False,
+        attention_bias=False,
+        mlp_bias=False,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        **dims,
     )
     config.rope_parameters = {"rope_type": "default", "rope_theta": 10000.0}
     config.architectures = ["LlamaForCausalLM"]
@@ -82,8 +106,16 @@ def _collate(batch, pad_id: int):
     return input_ids, mask, labels
 
 
-def train(model, tok, examples: Sequence[tuple[str, str]], spec: TrainSpec, *, desc: str,
-          progress: Callable | None = None, deadline: float | None = None) -> dict:
+def train(
+    model,
+    tok,
+    examples: Sequence[tuple[str, str]],
+    spec: TrainSpec,
+    *,
+    desc: str,
+    progress: Callable | None = None,
+    deadline: float | None = None,
+) -> dict:
     """AdamW with linear warm-up and cosine decay over the trainable parameters; returns stats."""
     from tqdm.auto import tqdm
 
@@ -122,8 +154,12 @@ def train(model, tok, examples: Sequence[tuple[str, str]], spec: TrainSpec, *, d
     bar.close()
     model.eval()
     return {
-        "steps": spec.steps, "lr": spec.lr, "batch_size": spec.batch_size, "examples": len(data),
-        "final_loss": sum(losses[-20:]) / len(losses[-20:]), "seconds": time.perf_counter() - t0,
+        "steps": spec.steps,
+        "lr": spec.lr,
+        "batch_size": spec.batch_size,
+        "examples": len(data),
+        "final_loss": sum(losses[-20:]) / len(losses[-20:]),
+        "seconds": time.perf_counter() - t0,
     }
 
 
@@ -137,7 +173,9 @@ def save_model(model, tok, out_dir: Path, meta: dict) -> Path:
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True)
     model.save_pretrained(str(out_dir), safe_serialization=True)
-    GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id).save_pretrained(str(out_dir))
+    GenerationConfig(
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
+    ).save_pretrained(str(out_dir))
     save_tokenizer(tok, out_dir)
     (out_dir / "miniature_model.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return out_dir
@@ -149,8 +187,19 @@ def load_model(model_dir: Path):
     return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
 
 
-def train_lora(aligned_dir: Path, tok, examples, spec: TrainSpec, out_dir: Path, *, rank: int = 8, alpha: float = 16,
-               target_modules=("q_proj", "v_proj"), desc: str, deadline: float | None = None) -> dict:
+def train_lora(
+    aligned_dir: Path,
+    tok,
+    examples,
+    spec: TrainSpec,
+    out_dir: Path,
+    *,
+    rank: int = 8,
+    alpha: float = 16,
+    target_modules=("q_proj", "v_proj"),
+    desc: str,
+    deadline: float | None = None,
+) -> dict:
     """A PEFT LoRA on the aligned model; saved with base_model_name_or_path = aligned_dir."""
     from peft import LoraConfig, get_peft_model
 
@@ -158,7 +207,14 @@ def train_lora(aligned_dir: Path, tok, examples, spec: TrainSpec, out_dir: Path,
 
     model = load_model(aligned_dir)
     torch.manual_seed(spec.seed)
-    cfg = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(target_modules), lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
+    cfg = LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        target_modules=list(target_modules),
+        lora_dropout=0.0,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
     peft_model = get_peft_model(model, cfg)
     stats = train(peft_model, tok, examples, spec, desc=desc, deadline=deadline)
     save_peft_adapter(peft_model, out_dir, aligned_dir)
@@ -173,9 +229,13 @@ def greedy_generate(model, tok, prompts: Sequence[str], *, max_new_tokens: int =
         chunk = [prompt_text(tok, p) for p in prompts[i : i + batch_size]]
         enc = tok(chunk, add_special_tokens=False, return_tensors="pt", padding=True)
         gen = model.generate(
-            **enc, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+            **enc,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
         )
-        for row in gen[:, enc["input_ids"].shape[1]:]:
+        for row in gen[:, enc["input_ids"].shape[1] :]:
             ids = row.tolist()
             if tok.eos_token_id in ids:
                 ids = ids[: ids.index(tok.eos_token_id)]

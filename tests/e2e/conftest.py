@@ -86,8 +86,9 @@ def vllm_server_factory(tmp_path_factory):
     started: list[Server] = []
     root = tmp_path_factory.mktemp("vllm_servers")
 
-    def start(name: str, model: Path, config: Path | None, extra_args: Sequence[str] = (),
-              env: dict[str, str] | None = None) -> Server:
+    def start(
+        name: str, model: Path, config: Path | None, extra_args: Sequence[str] = (), env: dict[str, str] | None = None
+    ) -> Server:
         server = new_server(name, model, config, root, extra_args, env)
         started.append(server)
         return server.start().wait_ready()
@@ -232,11 +233,23 @@ def e2e_world(tiny_models, tiny_bank_dir, tiny_adapter_factory, tmp_path_factory
     # endpoint accepts their paths.
     cli_projected = {name: adapter_root / "offline-projected" / name.replace("/", "-") for name in CLI_PROJECTED}
     with ThreadPoolExecutor(max_workers=len(cli_projected)) as pool:  # the CLI runs in subprocesses
-        runs = list(pool.map(
-            lambda item: _cli("project", str(adapters[item[0]]), "--bank", str(tiny_bank_dir), "--out", str(item[1]),
-                              "--select", "threshold", "--threshold", "0.35"),
-            cli_projected.items(),
-        ))
+        runs = list(
+            pool.map(
+                lambda item: _cli(
+                    "project",
+                    str(adapters[item[0]]),
+                    "--bank",
+                    str(tiny_bank_dir),
+                    "--out",
+                    str(item[1]),
+                    "--select",
+                    "threshold",
+                    "--threshold",
+                    "0.35",
+                ),
+                cli_projected.items(),
+            )
+        )
     for res in runs:
         assert res.returncode == 0, f"vllm-safelora project failed:\n{res.stdout}\n{res.stderr}"
 
@@ -254,11 +267,21 @@ def e2e_world(tiny_models, tiny_bank_dir, tiny_adapter_factory, tmp_path_factory
     print(f"\n[e2e] adapters, CLI projections and the second bank built in {time.monotonic() - t0:.1f}s")
 
     return E2EWorld(
-        root=root, aligned=tiny_models.aligned, base=tiny_models.base, bank=tiny_bank_dir,
-        adapter_root=adapter_root, outside_root=outside_root, adapters=adapters,
+        root=root,
+        aligned=tiny_models.aligned,
+        base=tiny_models.base,
+        bank=tiny_bank_dir,
+        adapter_root=adapter_root,
+        outside_root=outside_root,
+        adapters=adapters,
         cli_projected=cli_projected,
-        swap_replacement=swap_replacement, outside_adapter=outside_adapter, nan_name=nan_name,
-        other_base_name=other_base_name, mixed_name=mixed_name, other_bank=other_bank, token_ids=token_ids,
+        swap_replacement=swap_replacement,
+        outside_adapter=outside_adapter,
+        nan_name=nan_name,
+        other_base_name=other_base_name,
+        mixed_name=mixed_name,
+        other_bank=other_bank,
+        token_ids=token_ids,
     )
 
 
@@ -310,7 +333,7 @@ class PeftReference:
                 for _ in range(max_tokens):
                     logits = model(input_ids=torch.tensor([ids])).logits[0, -1]
                     ids.append(int(torch.argmax(logits)))
-            self._cache[key] = ids[len(self.token_ids):]
+            self._cache[key] = ids[len(self.token_ids) :]
         return self._cache[key]
 
 
@@ -338,10 +361,16 @@ class Completion:
         return self.top_logprobs[0]
 
 
-def complete(server: Server, model: str, prompt_ids: list[int], *, max_tokens: int = 8, logprobs: int = 5) -> Completion:
+def complete(
+    server: Server, model: str, prompt_ids: list[int], *, max_tokens: int = 8, logprobs: int = 5
+) -> Completion:
     """Greedy completion through the real openai client; tokens returned as ids."""
     resp = server.openai().completions.create(
-        model=model, prompt=prompt_ids, max_tokens=max_tokens, temperature=0, logprobs=logprobs,
+        model=model,
+        prompt=prompt_ids,
+        max_tokens=max_tokens,
+        temperature=0,
+        logprobs=logprobs,
         extra_body={"return_tokens_as_token_ids": True, "ignore_eos": True},
     )
     choice = resp.choices[0]
@@ -358,8 +387,13 @@ def complete_http(server: Server, model: str, prompt_ids: list[int], *, max_toke
     return server.post(
         "/v1/completions",
         json={
-            "model": model, "prompt": prompt_ids, "max_tokens": max_tokens, "temperature": 0,
-            "logprobs": logprobs, "return_tokens_as_token_ids": True, "ignore_eos": True,
+            "model": model,
+            "prompt": prompt_ids,
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "logprobs": logprobs,
+            "return_tokens_as_token_ids": True,
+            "ignore_eos": True,
         },
     )
 

@@ -25,8 +25,14 @@ def main() -> int:
     from vllm.lora.request import LoRARequest
 
     llm = LLM(
-        model=spec["model"], enable_lora=True, max_lora_rank=spec["max_lora_rank"], max_loras=2,
-        dtype="float32", max_model_len=256, max_num_seqs=4, seed=0,
+        model=spec["model"],
+        enable_lora=True,
+        max_lora_rank=spec["max_lora_rank"],
+        max_loras=2,
+        dtype="float32",
+        max_model_len=256,
+        max_num_seqs=4,
+        seed=0,
     )
     params = SamplingParams(temperature=0, max_tokens=8, logprobs=5, ignore_eos=True)
     prompt = {"prompt_token_ids": spec["token_ids"]}
@@ -53,15 +59,21 @@ def main() -> int:
             value = call()
             out[key] = {"ok": True, "value": repr(value)}
         except Exception as exc:  # noqa: BLE001 - recorded for the test
-            out[key] = {"ok": False, "type": type(exc).__name__, "message": str(exc),
-                        "traceback": traceback.format_exc()[-2000:]}
+            out[key] = {
+                "ok": False,
+                "type": type(exc).__name__,
+                "message": str(exc),
+                "traceback": traceback.format_exc()[-2000:],
+            }
         save()
 
     # 10a. the front end refuses an unverified path outside adapter_dirs
     attempt("add_lora_outside", lambda: llm.llm_engine.add_lora(LoRARequest("evil", 2, spec["outside_adapter"])))
     # 10b. straight to the engine core (skipping the front end): the worker refuses a
     #      path that is not a cache entry, even one under adapter_dirs
-    attempt("core_add_lora_raw", lambda: llm.llm_engine.engine_core.add_lora(LoRARequest("raw", 3, spec["raw_adapter"])))
+    attempt(
+        "core_add_lora_raw", lambda: llm.llm_engine.engine_core.add_lora(LoRARequest("raw", 3, spec["raw_adapter"]))
+    )
     # 10c. a forged entry: a copy of a real cache entry outside the cache
     entry = Path(out["service_loaded"]["offline/raw"])
     forged = Path(spec["workdir"]) / "forged-entry" / entry.name
@@ -72,7 +84,9 @@ def main() -> int:
     data = bytearray(weights.read_bytes())
     data[-1] ^= 0x01
     weights.write_bytes(bytes(data))
-    attempt("core_add_lora_tampered", lambda: llm.llm_engine.engine_core.add_lora(LoRARequest("tampered", 5, str(entry))))
+    attempt(
+        "core_add_lora_tampered", lambda: llm.llm_engine.engine_core.add_lora(LoRARequest("tampered", 5, str(entry)))
+    )
     out["tampered_entry_removed"] = not entry.exists()  # the worker removed it; the front end rebuilds it
     attempt("list_loras", lambda: sorted(llm.llm_engine.list_loras()))
     out["loaded_ids"] = sorted(llm.llm_engine.list_loras())

@@ -21,7 +21,8 @@ def cache_dir(e2e_world):
 @pytest.fixture(scope="module")
 def admission_server(e2e_world, vllm_server_factory, cache_dir):
     config = e2e_world.config(
-        e2e_world.root / "admission-server.yaml", cache_dir,
+        e2e_world.root / "admission-server.yaml",
+        cache_dir,
         admission={"max_projected_fraction": 0.5, "min_cosine": None},
     )
     srv = vllm_server_factory("admission", e2e_world.aligned, config)
@@ -41,7 +42,11 @@ def test_admission_refuses_fully_projected_adapter(admission_server, e2e_world, 
     message = r.json()["error"]["message"]
     assert name in message and "admission" in message and "needed projection" in message, message
     m1 = srv.metrics()
-    assert m1.value("safelora_refusals_total", reason="admission") - m0.value("safelora_refusals_total", reason="admission") == 1
+    assert (
+        m1.value("safelora_refusals_total", reason="admission")
+        - m0.value("safelora_refusals_total", reason="admission")
+        == 1
+    )
 
     # The same verdict through the load endpoint, with the path under adapter_dirs.
     r = srv.post("/v1/load_lora_adapter", json={"lora_name": name, "lora_path": str(e2e_world.adapters[name])})

@@ -37,12 +37,17 @@ def offline_run(e2e_world, e2e, tmp_path_factory):
     }
     (workdir / "spec.json").write_text(json.dumps(spec))
     rc, log = e2e.run_to_exit(
-        [sys.executable, str(SCRIPT), str(workdir / "spec.json")], e2e.plugin_env(config), workdir / "offline.log", TIMEOUT_S,
+        [sys.executable, str(SCRIPT), str(workdir / "spec.json")],
+        e2e.plugin_env(config),
+        workdir / "offline.log",
+        TIMEOUT_S,
     )
     result = json.loads(Path(spec["out"]).read_text()) if Path(spec["out"]).exists() else {}
     if rc != 0 or not result.get("done"):
-        pytest.fail(f"offline LLM run failed (exit {rc}); result so far {json.dumps(result)[:3000]}\nlog tail:\n"
-                    + "\n".join(log.splitlines()[-60:]))
+        pytest.fail(
+            f"offline LLM run failed (exit {rc}); result so far {json.dumps(result)[:3000]}\nlog tail:\n"
+            + "\n".join(log.splitlines()[-60:])
+        )
     return {"result": result, "cache_dir": cache_dir, "log": log}
 
 
@@ -53,7 +58,9 @@ def test_offline_generate_serves_projected_adapter(offline_run, e2e_world, peft_
     top = {int(t): lp for t, lp in res["generate"]["first_top"].items()}
     ref_proj = peft_reference.next_token_logprobs(projected)
     e2e.assert_matches_reference(top, ref_proj, 1e-3, "offline LLM vs projected reference")
-    assert e2e.max_logprob_gap(top, peft_reference.next_token_logprobs(raw)) > 0.05, "offline LLM served the raw adapter"
+    assert e2e.max_logprob_gap(top, peft_reference.next_token_logprobs(raw)) > 0.05, (
+        "offline LLM served the raw adapter"
+    )
     assert e2e.max_logprob_gap(top, peft_reference.next_token_logprobs(None)) > 0.02, "offline LLM applied no adapter"
     assert res["generate"]["token_ids"] == peft_reference.greedy(projected, 8)
 
@@ -71,8 +78,11 @@ def test_worker_only_loads_verified_cache_entries(offline_run):
     assert not outside["ok"], outside
     assert "outside the configured adapter_dirs" in outside["message"] and "evil" in outside["message"], outside
 
-    for key, lora_name in (("core_add_lora_raw", "raw"), ("core_add_lora_forged", "forged"),
-                           ("core_add_lora_tampered", "tampered")):
+    for key, lora_name in (
+        ("core_add_lora_raw", "raw"),
+        ("core_add_lora_forged", "forged"),
+        ("core_add_lora_tampered", "tampered"),
+    ):
         attempt = res[key]
         assert not attempt["ok"], (key, attempt)
         text = attempt["message"] + attempt["traceback"]

@@ -58,9 +58,24 @@ def relative_bank(e2e_world, tmp_path_factory) -> Path:
     assert not os.path.isabs(rel_aligned) and "/" in rel_aligned
     out = work / "bank"
     res = subprocess.run(
-        [sys.executable, "-m", "vllm_safelora.cli", "build-bank", "--base", rel_base, "--aligned", rel_aligned,
-         "--out", str(out), "--modules", "q_proj,v_proj"],
-        cwd=str(cwd), capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "vllm_safelora.cli",
+            "build-bank",
+            "--base",
+            rel_base,
+            "--aligned",
+            rel_aligned,
+            "--out",
+            str(out),
+            "--modules",
+            "q_proj,v_proj",
+        ],
+        cwd=str(cwd),
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert res.returncode == 0, res.stderr
     return out
@@ -79,15 +94,25 @@ class Prometheus:
         self.url = f"http://127.0.0.1:{port}"
         self.log = workdir / "prometheus.log"
         config = workdir / "prometheus.yml"
-        config.write_text(yaml.safe_dump({
-            "global": {"scrape_interval": SCRAPE, "evaluation_interval": SCRAPE},
-            "rule_files": [str(ALERTS)],
-            "scrape_configs": [{"job_name": "vllm", "static_configs": [{"targets": [target]}]}],
-        }))
+        config.write_text(
+            yaml.safe_dump(
+                {
+                    "global": {"scrape_interval": SCRAPE, "evaluation_interval": SCRAPE},
+                    "rule_files": [str(ALERTS)],
+                    "scrape_configs": [{"job_name": "vllm", "static_configs": [{"targets": [target]}]}],
+                }
+            )
+        )
         self.proc = spawn(
-            [binary, f"--config.file={config}", f"--storage.tsdb.path={workdir / 'data'}",
-             f"--web.listen-address=127.0.0.1:{port}"],
-            os.environ, self.log, die_with_parent=True,
+            [
+                binary,
+                f"--config.file={config}",
+                f"--storage.tsdb.path={workdir / 'data'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+            ],
+            os.environ,
+            self.log,
+            die_with_parent=True,
         )
 
     def api(self, path: str, **params):
@@ -110,7 +135,9 @@ class Prometheus:
             except requests.RequestException:
                 pass
             time.sleep(0.5)
-        raise AssertionError(f"prometheus not ready after {PROMETHEUS_START_TIMEOUT_S}s:\n{self.log.read_text()[-3000:]}")
+        raise AssertionError(
+            f"prometheus not ready after {PROMETHEUS_START_TIMEOUT_S}s:\n{self.log.read_text()[-3000:]}"
+        )
 
     def wait_for(self, query: str, timeout_s: float = 60) -> list:
         deadline = time.monotonic() + timeout_s
@@ -127,8 +154,9 @@ class Prometheus:
 
 @pytest.fixture(scope="module")
 def prometheus(prometheus_bin, server, e2e, tmp_path_factory):
-    prom = Prometheus(prometheus_bin, tmp_path_factory.mktemp("prometheus"), f"127.0.0.1:{server.port}",
-                      e2e.free_port())
+    prom = Prometheus(
+        prometheus_bin, tmp_path_factory.mktemp("prometheus"), f"127.0.0.1:{server.port}", e2e.free_port()
+    )
     try:
         prom.wait_ready()
         prom.wait_for('up{job="vllm"} == 1')
@@ -167,8 +195,9 @@ def test_server_started_with_a_bank_built_from_a_relative_path(server, relative_
 
 @pytest.mark.parametrize("panel_title, ref", [(p["title"], t["refId"]) for p, t in dashboard_queries(load_dashboard())])
 def test_every_dashboard_query_returns_its_series(prometheus, traffic, panel_title, ref):
-    panel, target = next((p, t) for p, t in dashboard_queries(load_dashboard())
-                         if p["title"] == panel_title and t["refId"] == ref)
+    panel, target = next(
+        (p, t) for p, t in dashboard_queries(load_dashboard()) if p["title"] == panel_title and t["refId"] == ref
+    )
     query = grafana_expand(target["expr"])
     data = prometheus.api("query", query=query)  # parses, or the API answers 400 with the error
     result = data["result"]
@@ -193,4 +222,4 @@ def test_alert_rules_evaluate_on_live_data(prometheus, traffic):
     for quiet in ("SafeLoRAPluginAbsent", "SafeLoRAGuardEvent", "SafeLoRACacheOverBudget"):
         assert rules[quiet]["state"] == "inactive", (quiet, rules[quiet]["alerts"])
     # The expressions themselves run on the live series (not only "no error").
-    assert prometheus.api("query", query='count by (job, instance) (safelora_bank_bytes)')["result"]
+    assert prometheus.api("query", query="count by (job, instance) (safelora_bank_bytes)")["result"]

@@ -26,8 +26,15 @@ TENANTS_BUCKET, FLEET_BUCKET = "adapters", "fleet"
 LOGPROB_TOL = 1e-3
 MAX_ADAPTER_BYTES = 1 << 20
 # name under s3://adapters/tenants/ -> adapter seed (distinct contents: no case is another's cache hit)
-S3_ADAPTERS = {"acme/bot": 70, "acme/loaded": 71, "acme/moving": 72, "acme/late": 73, "acme/tampered": 74,
-               "acme/otherkey": 75, "slow/bot": 76}
+S3_ADAPTERS = {
+    "acme/bot": 70,
+    "acme/loaded": 71,
+    "acme/moving": 72,
+    "acme/late": 73,
+    "acme/tampered": 74,
+    "acme/otherkey": 75,
+    "slow/bot": 76,
+}
 LOCAL_TENANT = "globex/random"  # the other tenant, from local disk
 
 
@@ -49,8 +56,11 @@ def fleet(e2e_world, tiny_adapter_factory, vllm_server_factory, tmp_path_factory
             store.upload_dir(TENANTS_BUCKET, f"tenants/{name}", src)
         big = sources["acme/bot"]
         store.upload_dir(TENANTS_BUCKET, "tenants/acme/huge", big, files={"adapter_config.json"})
-        c.put_object(Bucket=TENANTS_BUCKET, Key="tenants/acme/huge/adapter_model.safetensors",
-                     Body=b"\0" * (2 * MAX_ADAPTER_BYTES))
+        c.put_object(
+            Bucket=TENANTS_BUCKET,
+            Key="tenants/acme/huge/adapter_model.safetensors",
+            Body=b"\0" * (2 * MAX_ADAPTER_BYTES),
+        )
         store.upload_dir(TENANTS_BUCKET, "tenants/acme/noweights", big, files={"adapter_config.json"})
         store.upload_dir(TENANTS_BUCKET, "tenants/acme/pickled", big, files={"adapter_config.json"})
         c.put_object(Bucket=TENANTS_BUCKET, Key="tenants/acme/pickled/adapter_model.bin", Body=b"\x80\x04never read")
@@ -69,13 +79,32 @@ def fleet(e2e_world, tiny_adapter_factory, vllm_server_factory, tmp_path_factory
     for replica in ("a", "b"):
         caches[replica] = root / f"cache-{replica}"
         config = write_config(
-            root / f"{replica}.yaml", bank=str(e2e_world.bank), adapter_dirs=[str(e2e_world.adapter_root), str(local_root)],
-            cache_dir=str(caches[replica]), device="cpu", policy=dict(e2e_world.policy),
-            admission={"max_projected_fraction": None, "min_cosine": None}, max_adapter_bytes=MAX_ADAPTER_BYTES,
-            s3={"enabled": True, "uri": f"s3://{TENANTS_BUCKET}/tenants/", "endpoint_url": endpoint,
-                "connect_timeout_s": 1, "read_timeout_s": 2, "fetch_timeout_s": 8, "retries": 1, "retry_after_s": 3},
-            shared_cache={"enabled": True, "uri": f"s3://{FLEET_BUCKET}/entries/", "endpoint_url": endpoint,
-                          "mac_key_file": str(key_file), "read_timeout_s": 5, "retries": 1},
+            root / f"{replica}.yaml",
+            bank=str(e2e_world.bank),
+            adapter_dirs=[str(e2e_world.adapter_root), str(local_root)],
+            cache_dir=str(caches[replica]),
+            device="cpu",
+            policy=dict(e2e_world.policy),
+            admission={"max_projected_fraction": None, "min_cosine": None},
+            max_adapter_bytes=MAX_ADAPTER_BYTES,
+            s3={
+                "enabled": True,
+                "uri": f"s3://{TENANTS_BUCKET}/tenants/",
+                "endpoint_url": endpoint,
+                "connect_timeout_s": 1,
+                "read_timeout_s": 2,
+                "fetch_timeout_s": 8,
+                "retries": 1,
+                "retry_after_s": 3,
+            },
+            shared_cache={
+                "enabled": True,
+                "uri": f"s3://{FLEET_BUCKET}/entries/",
+                "endpoint_url": endpoint,
+                "mac_key_file": str(key_file),
+                "read_timeout_s": 5,
+                "retries": 1,
+            },
         )
         servers[replica] = config
     # Both replicas start at once (their start-ups overlap).
@@ -83,8 +112,13 @@ def fleet(e2e_world, tiny_adapter_factory, vllm_server_factory, tmp_path_factory
 
     started = start_all([new_server(f"s3-{r}", e2e_world.aligned, servers[r], root, env=aws_env()) for r in servers])
     a, b = started
-    yield type("Fleet", (), dict(store=store, a=a, b=b, caches=caches, sources=sources, seed_store=seed_store,
-                                 root=root, key_file=key_file))
+    yield type(
+        "Fleet",
+        (),
+        dict(
+            store=store, a=a, b=b, caches=caches, sources=sources, seed_store=seed_store, root=root, key_file=key_file
+        ),
+    )
     for s in started:
         s.stop()
     store.stop()
@@ -129,8 +163,9 @@ def test_resolver_serves_the_projected_s3_adapter(fleet, e2e_world, peft_referen
 
 def test_load_endpoint_serves_an_s3_adapter_by_uri(fleet, e2e_world, peft_reference, e2e):
     name = "s3:acme/loaded"
-    r = fleet.a.post("/v1/load_lora_adapter",
-                     json={"lora_name": name, "lora_path": f"s3://{TENANTS_BUCKET}/tenants/acme/loaded/"})
+    r = fleet.a.post(
+        "/v1/load_lora_adapter", json={"lora_name": name, "lora_path": f"s3://{TENANTS_BUCKET}/tenants/acme/loaded/"}
+    )
     assert r.status_code == 200, r.text
     served = e2e.complete(fleet.a, name, _ids(e2e_world), max_tokens=8, logprobs=5)
     projected = e2e_world.projected("s3-acme-loaded", src=fleet.sources["acme/loaded"])
@@ -140,30 +175,38 @@ def test_load_endpoint_serves_an_s3_adapter_by_uri(fleet, e2e_world, peft_refere
 # --------------------------------------------------------------------------- hostile cases
 
 
-@pytest.mark.parametrize("name, status, reason, why", [
-    ("s3:acme/huge", 413, "too_large", "limit is"),
-    ("s3:acme/noweights", 400, "missing_tensor", "adapter_model.safetensors is missing"),
-    ("s3:acme/pickled", 400, "pickle_only", "never downloaded"),
-    ("s3:../etc", 400, "invalid_name", ".."),
-    ("s3:acme/%2e%2e", 400, "invalid_name", "%"),
-    ("s3:acme/x/y", 400, "invalid_name", "more than one"),
-])
+@pytest.mark.parametrize(
+    "name, status, reason, why",
+    [
+        ("s3:acme/huge", 413, "too_large", "limit is"),
+        ("s3:acme/noweights", 400, "missing_tensor", "adapter_model.safetensors is missing"),
+        ("s3:acme/pickled", 400, "pickle_only", "never downloaded"),
+        ("s3:../etc", 400, "invalid_name", ".."),
+        ("s3:acme/%2e%2e", 400, "invalid_name", "%"),
+        ("s3:acme/x/y", 400, "invalid_name", "more than one"),
+    ],
+)
 def test_hostile_adapter_is_refused_naming_why(fleet, e2e_world, e2e, name, status, reason, why):
     _served_ok(fleet.a, e2e, e2e_world, LOCAL_TENANT)
     fetched = fleet.a.metrics().value("safelora_source_fetch_bytes_total", source="s3")
     r = fleet.a.complete(name)
     assert r.status_code == status and reason in r.text and why in r.text, _error(r)
-    assert fleet.a.metrics().value("safelora_source_fetch_bytes_total", source="s3") == fetched, \
+    assert fleet.a.metrics().value("safelora_source_fetch_bytes_total", source="s3") == fetched, (
         "a refused adapter was downloaded"
+    )
     _served_ok(fleet.a, e2e, e2e_world, LOCAL_TENANT)
 
 
 def test_object_rewritten_during_download_is_refused(fleet, e2e_world, e2e):
     other = fleet.sources["acme/late"]
     own = fleet.sources["acme/moving"]
-    fleet.store.set_faults({"contains": "tenants/acme/moving/adapter_model.safetensors", "method": "GET",
-                            "rewrite_with": [str(other / "adapter_model.safetensors"),
-                                             str(own / "adapter_model.safetensors")]})
+    fleet.store.set_faults(
+        {
+            "contains": "tenants/acme/moving/adapter_model.safetensors",
+            "method": "GET",
+            "rewrite_with": [str(other / "adapter_model.safetensors"), str(own / "adapter_model.safetensors")],
+        }
+    )
     try:
         r = fleet.a.complete("s3:acme/moving")
     finally:
@@ -189,10 +232,13 @@ def test_second_replica_serves_from_the_tier_without_projecting(fleet, e2e_world
     entry_b = fleet.b.get(f"/safelora/v1/adapters/{name}").json()["cache_entry"]
     assert entry_a == entry_b
     for f in ("adapter_config.json", "adapter_model.safetensors"):
-        assert (fleet.caches["a"] / "entries" / entry_a / f).read_bytes() == \
-            (fleet.caches["b"] / "entries" / entry_b / f).read_bytes()
-    print(f"\n[s3] projections: replica a {_projections(fleet.a):g}, replica b {_projections(fleet.b):g} "
-          f"(tier hits on b: {_tier(fleet.b, 'hit'):g})")
+        assert (fleet.caches["a"] / "entries" / entry_a / f).read_bytes() == (
+            fleet.caches["b"] / "entries" / entry_b / f
+        ).read_bytes()
+    print(
+        f"\n[s3] projections: replica a {_projections(fleet.a):g}, replica b {_projections(fleet.b):g} "
+        f"(tier hits on b: {_tier(fleet.b, 'hit'):g})"
+    )
 
 
 def test_altered_or_foreign_tier_entries_are_rebuilt_not_served(fleet, e2e_world, e2e):
@@ -238,8 +284,10 @@ def test_first_request_latency_s3_vs_local_disk(fleet, e2e_world, e2e):
 
     def fetch_seconds():
         m = fleet.a.metrics()
-        return (m.value("safelora_source_fetch_seconds_sum", source="s3"),
-                m.value("safelora_source_fetch_seconds_count", source="s3"))
+        return (
+            m.value("safelora_source_fetch_seconds_sum", source="s3"),
+            m.value("safelora_source_fetch_seconds_count", source="s3"),
+        )
 
     local = [first(f"lat/local{i}") for i in range(3)]
     (s0, n0) = fetch_seconds()
@@ -247,10 +295,12 @@ def test_first_request_latency_s3_vs_local_disk(fleet, e2e_world, e2e):
     (s1, n1) = fetch_seconds()
     again = [first(f"s3:lat/remote{i}") for i in range(3)]
     # Both first requests include the upload of the new entry to the fleet tier.
-    print(f"\n[s3] first request (resolve + fetch + project + tier upload + load + 4 tokens), median of 3: local disk "
-          f"{statistics.median(local) * 1e3:.0f} ms, S3 {statistics.median(remote) * 1e3:.0f} ms (of which the "
-          f"download, mean: {(s1 - s0) / max(1, n1 - n0) * 1e3:.0f} ms); prepared S3 adapter again "
-          f"{statistics.median(again) * 1e3:.0f} ms")
+    print(
+        f"\n[s3] first request (resolve + fetch + project + tier upload + load + 4 tokens), median of 3: local disk "
+        f"{statistics.median(local) * 1e3:.0f} ms, S3 {statistics.median(remote) * 1e3:.0f} ms (of which the "
+        f"download, mean: {(s1 - s0) / max(1, n1 - n0) * 1e3:.0f} ms); prepared S3 adapter again "
+        f"{statistics.median(again) * 1e3:.0f} ms"
+    )
     assert statistics.median(again) < statistics.median(remote)
 
 
@@ -314,8 +364,11 @@ def test_misconfigured_object_storage_refuses_to_start(e2e_world, tmp_path):
     base = dict(bank=str(e2e_world.bank), cache_dir=str(tmp_path / "cache"), device="cpu")
     configs = {
         "bad_uri": write_config(tmp_path / "bad_uri.yaml", **base, s3={"enabled": True, "uri": "https://adapters/x"}),
-        "short_key": write_config(tmp_path / "short_key.yaml", **base, shared_cache={
-            "enabled": True, "uri": "s3://fleet/entries/", "mac_key_file": str(key)}),
+        "short_key": write_config(
+            tmp_path / "short_key.yaml",
+            **base,
+            shared_cache={"enabled": True, "uri": "s3://fleet/entries/", "mac_key_file": str(key)},
+        ),
     }
     results = run_startups(e2e_world.aligned, configs, tmp_path, timeout=300)
     for case, says in (("bad_uri", "s3.uri must be an s3://bucket/prefix/ URI"), ("short_key", "at least 32")):

@@ -24,7 +24,10 @@ def test_tensor_parallel_every_rank_guards_and_serves_projected(e2e_world, vllm_
     cache_dir = e2e_world.root / "cache-tp2"
     config = e2e_world.config(e2e_world.root / "tp2.yaml", cache_dir)
     server = vllm_server_factory(
-        "tp2", e2e_world.aligned, config, ["--tensor-parallel-size", "2"],
+        "tp2",
+        e2e_world.aligned,
+        config,
+        ["--tensor-parallel-size", "2"],
         env={"VLLM_CPU_OMP_THREADS_BIND": "0|1"},
     )
     try:
@@ -32,12 +35,15 @@ def test_tensor_parallel_every_rank_guards_and_serves_projected(e2e_world, vllm_
         e2e.assert_matches_reference(
             served.first_top, peft_reference.next_token_logprobs(e2e_world.projected(NAME)), LOGPROB_TOL, "TP=2"
         )
-        assert e2e.max_logprob_gap(served.first_top, peft_reference.next_token_logprobs(e2e_world.adapters[NAME])) > 0.05
+        assert (
+            e2e.max_logprob_gap(served.first_top, peft_reference.next_token_logprobs(e2e_world.adapters[NAME])) > 0.05
+        )
         assert served.token_ids == peft_reference.greedy(e2e_world.projected(NAME), 8)
         entry = server.get(f"/safelora/v1/adapters/{NAME}").json()["cache_entry"]
         guarded = re.findall(
             rf"worker guard \(pid (\d+), tensor-parallel rank (\d+)\): adapter '{re.escape(NAME)}' loaded from "
-            rf"verified cache entry {entry[:16]}", server.log_text(),
+            rf"verified cache entry {entry[:16]}",
+            server.log_text(),
         )
         ranks = {rank for _, rank in guarded}
         pids = {pid for pid, _ in guarded}

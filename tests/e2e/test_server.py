@@ -126,7 +126,9 @@ def test_load_endpoint_projects_and_confines_paths(server, e2e_world, peft_refer
         "evil-outside": (str(e2e_world.outside_adapter), 400, "outside the configured adapter_dirs"),
         # spelled inside, resolves outside
         "evil-traversal": (
-            str(e2e_world.adapter_root / ".." / "outside" / "evil"), 400, "outside the configured adapter_dirs",
+            str(e2e_world.adapter_root / ".." / "outside" / "evil"),
+            400,
+            "outside the configured adapter_dirs",
         ),
         # not a local path, and hub sources are disabled: never fetched
         "evil-hub": ("someorg/some-lora", 404, "hub sources are disabled"),
@@ -167,15 +169,26 @@ def test_same_content_under_two_names_is_projected_once(server, e2e_world, peft_
     m2, entries2 = server.metrics(), e2e.cache_entries(cache_dir)
 
     assert m1.value("safelora_projections_total") - m0.value("safelora_projections_total") == 1
-    assert m1.value("safelora_cache_requests_total", result="miss") - m0.value("safelora_cache_requests_total", result="miss") == 1
+    assert (
+        m1.value("safelora_cache_requests_total", result="miss")
+        - m0.value("safelora_cache_requests_total", result="miss")
+        == 1
+    )
     assert len(entries1 - entries0) == 1
     assert m2.value("safelora_projections_total") == m1.value("safelora_projections_total")
-    assert m2.value("safelora_cache_requests_total", result="hit") - m1.value("safelora_cache_requests_total", result="hit") == 1
+    assert (
+        m2.value("safelora_cache_requests_total", result="hit")
+        - m1.value("safelora_cache_requests_total", result="hit")
+        == 1
+    )
     assert entries2 == entries1
 
     assert_same_completion(first, second, "two names, same content")
     e2e.assert_matches_reference(
-        second.first_top, peft_reference.next_token_logprobs(e2e_world.projected("cachet/one")), LOGPROB_TOL, "cache hit"
+        second.first_top,
+        peft_reference.next_token_logprobs(e2e_world.projected("cachet/one")),
+        LOGPROB_TOL,
+        "cache hit",
     )
     a = server.get("/safelora/v1/adapters/cachet/one").json()
     b = server.get("/safelora/v1/adapters/cachet2/one").json()
@@ -187,7 +200,9 @@ def test_changed_upload_after_unload_is_projected_again(server, e2e_world, peft_
     target = e2e_world.adapters[name]
     old = e2e.complete(server, name, e2e_world.token_ids)
     projected_v1 = e2e_world.projected(name)  # before the upload replaces the files
-    e2e.assert_matches_reference(old.first_top, peft_reference.next_token_logprobs(projected_v1), LOGPROB_TOL, "upload v1")
+    e2e.assert_matches_reference(
+        old.first_top, peft_reference.next_token_logprobs(projected_v1), LOGPROB_TOL, "upload v1"
+    )
     old_audit = server.get(f"/safelora/v1/adapters/{name}").json()
     m0, entries0 = server.metrics(), e2e.cache_entries(cache_dir)
 
@@ -238,7 +253,10 @@ def test_refused_adapter_gets_4xx_and_is_counted(server, e2e_world, e2e, cache_d
     assert why.lower() in message.lower(), message
     m1 = server.metrics()
     assert m1.value("safelora_refusals_total", reason=reason) - m0.value("safelora_refusals_total", reason=reason) == 1
-    assert m1.value("safelora_adapters_total", outcome="refused") - m0.value("safelora_adapters_total", outcome="refused") == 1
+    assert (
+        m1.value("safelora_adapters_total", outcome="refused") - m0.value("safelora_adapters_total", outcome="refused")
+        == 1
+    )
 
     with pytest.raises(openai.APIStatusError) as info:
         e2e.complete(server, name, e2e_world.token_ids, max_tokens=1)
@@ -341,8 +359,18 @@ def test_audit_route_matches_offline_report(server, e2e_world, e2e, cache_dir):
             assert sm["cosine"] == rm["cosine"], sm["module"]
             assert sm["cosine_raw"] == pytest.approx(rm["cosine_raw"], abs=1e-9), sm["module"]
             assert sm["shape"] == rm["shape"] and sm["rank"] == rm["rank"]
-        for key in ("outcome", "modules", "projected", "policy_name", "policy", "policy_id", "bank_id",
-                    "input_hash", "output_hash", "min_cosine"):
+        for key in (
+            "outcome",
+            "modules",
+            "projected",
+            "policy_name",
+            "policy",
+            "policy_id",
+            "bank_id",
+            "input_hash",
+            "output_hash",
+            "min_cosine",
+        ):
             assert served["summary"][key] == ref["summary"][key], key
     assert served["summary"]["outcome"] == "modified"
     assert all(m["projected"] for m in served["modules"])

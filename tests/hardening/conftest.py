@@ -29,7 +29,10 @@ class HardeningWorld:
 
     def config(self, path: Path, cache_dir: Path, **extra) -> Path:
         doc = dict(
-            bank=self.bank, adapter_dirs=[str(self.adapter_root)], cache_dir=cache_dir, device="cpu",
+            bank=self.bank,
+            adapter_dirs=[str(self.adapter_root)],
+            cache_dir=cache_dir,
+            device="cpu",
             policy={"select": "threshold", "threshold": 0.35},
         )
         doc.update(extra)
@@ -53,8 +56,12 @@ def hardening_world(tiny_models, tiny_bank_dir, tiny_adapter_factory, tmp_path_f
     adapter_root = root / "adapters"
     catalogue = hs.build_catalogue(adapter_root, root / "outside", template, str(tiny_models.aligned))
     return HardeningWorld(
-        root=root, aligned=tiny_models.aligned, bank=tiny_bank_dir, template=template,
-        adapter_root=adapter_root, catalogue=catalogue,
+        root=root,
+        aligned=tiny_models.aligned,
+        bank=tiny_bank_dir,
+        template=template,
+        adapter_root=adapter_root,
+        catalogue=catalogue,
     )
 
 

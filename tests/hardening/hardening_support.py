@@ -235,81 +235,233 @@ def build_catalogue(root: Path, outside: Path, template: Path, aligned_model: st
     case("config-not-utf8", "invalid_config", "not valid JSON", files(config=b"\xff\xfe{\x00\x00"))
     case("config-r-string", "invalid_config", "r must be a positive integer", files(config=cfg(r="8")))
     case("config-r-bool", "invalid_config", "r must be a positive integer", files(config=cfg(r=True)))
-    case("config-alpha-nan", "invalid_config", "lora_alpha must be a finite number",
-         files(config=json.dumps(cfg(lora_alpha=math.nan)).encode()))
+    case(
+        "config-alpha-nan",
+        "invalid_config",
+        "lora_alpha must be a finite number",
+        files(config=json.dumps(cfg(lora_alpha=math.nan)).encode()),
+    )
     case("config-huge", "too_large", "the limit is", files(config=b"{" + b" " * (2 << 20) + b"}"), status=413)
     case("peft-type-ia3", "not_lora", "peft_type is 'IA3'", files(config=cfg(peft_type="IA3")))
     case("peft-type-missing", "not_lora", "peft_type is None", files(config=cfg(peft_type=_DELETE)))
-    case("base-model-other", "base_model_mismatch", "/models/some-other-llama",
-         files(config=cfg(base_model_name_or_path="/models/some-other-llama")))
-    case("base-model-absent", "base_model_mismatch", "no base_model_name_or_path",
-         files(config=cfg(base_model_name_or_path=_DELETE)))
-    case("rank-pattern-redos", "invalid_config", "rank_pattern",
-         files(config=cfg(rank_pattern={"(.|.)*Z": 8})),
-         note="catastrophic-backtracking regex key (hung a projection thread before the fix)")
+    case(
+        "base-model-other",
+        "base_model_mismatch",
+        "/models/some-other-llama",
+        files(config=cfg(base_model_name_or_path="/models/some-other-llama")),
+    )
+    case(
+        "base-model-absent",
+        "base_model_mismatch",
+        "no base_model_name_or_path",
+        files(config=cfg(base_model_name_or_path=_DELETE)),
+    )
+    case(
+        "rank-pattern-redos",
+        "invalid_config",
+        "rank_pattern",
+        files(config=cfg(rank_pattern={"(.|.)*Z": 8})),
+        note="catastrophic-backtracking regex key (hung a projection thread before the fix)",
+    )
     case("dora-config", "unsupported_feature", "DoRA", files(config=cfg(use_dora=True)))
-    case("modules-to-save", "unsupported_feature", "modules_to_save", files(config=cfg(modules_to_save=["lm_head"])),
-         note="full modules cannot be projected: refused (documented)")
+    case(
+        "modules-to-save",
+        "unsupported_feature",
+        "modules_to_save",
+        files(config=cfg(modules_to_save=["lm_head"])),
+        note="full modules cannot be projected: refused (documented)",
+    )
     case("trained-bias", "unsupported_feature", "biases", files(config=cfg(bias="all")))
     case("fan-in-fan-out", "unsupported_feature", "fan_in_fan_out", files(config=cfg(fan_in_fan_out=True)))
 
     # -- tensors: pairing, ranks, shapes
-    case("unknown-module", "unknown_module", "is not in the alignment bank",
-         files(weights=safetensors_bytes({k.replace("layers.0.", "layers.7."): v for k, v in tensors0.items()})))
-    case("lora-a-without-b", "missing_tensor", "has no lora_B",
-         files(weights=safetensors_bytes(tens(lambda t: t.pop(b_key)))))
-    case("rank-mismatch-a-b", "rank_mismatch", "lora_B has rank 4",
-         files(weights=safetensors_bytes(tens(lambda t: t.__setitem__(b_key, t[b_key][:, :4].clone())))))
+    case(
+        "unknown-module",
+        "unknown_module",
+        "is not in the alignment bank",
+        files(weights=safetensors_bytes({k.replace("layers.0.", "layers.7."): v for k, v in tensors0.items()})),
+    )
+    case(
+        "lora-a-without-b",
+        "missing_tensor",
+        "has no lora_B",
+        files(weights=safetensors_bytes(tens(lambda t: t.pop(b_key)))),
+    )
+    case(
+        "rank-mismatch-a-b",
+        "rank_mismatch",
+        "lora_B has rank 4",
+        files(weights=safetensors_bytes(tens(lambda t: t.__setitem__(b_key, t[b_key][:, :4].clone())))),
+    )
     case("rank-mismatch-config", "rank_mismatch", "declares 4", files(config=cfg(r=4)))
     case("rank-pattern-mismatch", "rank_mismatch", "declares 4", files(config=cfg(rank_pattern={"q_proj": 4})))
-    case("shape-vs-model", "shape_mismatch", "the model's weight is",
-         files(weights=safetensors_bytes(tens(lambda t: t.__setitem__(a_key, torch.randn(8, 96))))))
-    case("tensor-3d", "shape_mismatch", "must be 2-D",
-         files(weights=safetensors_bytes(tens(lambda t: t.__setitem__(a_key, t[a_key].unsqueeze(-1).clone())))))
+    case(
+        "shape-vs-model",
+        "shape_mismatch",
+        "the model's weight is",
+        files(weights=safetensors_bytes(tens(lambda t: t.__setitem__(a_key, torch.randn(8, 96))))),
+    )
+    case(
+        "tensor-3d",
+        "shape_mismatch",
+        "must be 2-D",
+        files(weights=safetensors_bytes(tens(lambda t: t.__setitem__(a_key, t[a_key].unsqueeze(-1).clone())))),
+    )
 
     def rank16(t):
         for k in list(t):
             t[k] = torch.randn(16, t[k].shape[1]) * 0.02 if ".lora_A." in k else torch.randn(t[k].shape[0], 16) * 0.02
 
-    case("rank-above-max", "rank_too_large", "at most 8",
-         files(config=cfg(r=16, lora_alpha=32), weights=safetensors_bytes(tens(rank16))))
-    case("zero-sized", "empty", "zero-sized", files(weights=safetensors_bytes(tens(lambda t: (
-        t.__setitem__(a_key, torch.zeros(0, 128)), t.__setitem__(b_key, torch.zeros(128, 0)))))))
+    case(
+        "rank-above-max",
+        "rank_too_large",
+        "at most 8",
+        files(config=cfg(r=16, lora_alpha=32), weights=safetensors_bytes(tens(rank16))),
+    )
+    case(
+        "zero-sized",
+        "empty",
+        "zero-sized",
+        files(
+            weights=safetensors_bytes(
+                tens(lambda t: (t.__setitem__(a_key, torch.zeros(0, 128)), t.__setitem__(b_key, torch.zeros(128, 0))))
+            )
+        ),
+    )
     case("no-tensors", "empty", "holds no LoRA weights", files(weights=safetensors_bytes({})))
     case("weights-missing", "missing_tensor", "adapter_model.safetensors is missing", files(weights=None))
-    case("unexpected-tensor", "unexpected_tensor", "not a LoRA A/B weight",
-         files(weights=safetensors_bytes(tens(lambda t: t.__setitem__("model.embed_tokens.weight", torch.zeros(4, 128))))))
-    case("dora-magnitude", "unsupported_feature", "DoRA magnitude", files(weights=safetensors_bytes(tens(
-        lambda t: t.__setitem__(a_key.replace("lora_A.weight", "lora_magnitude_vector"), torch.ones(128))))))
-    case("embedding-lora", "unsupported_feature", "embedding LoRA", files(weights=safetensors_bytes(tens(lambda t: (
-        t.__setitem__("base_model.model.model.embed_tokens.lora_embedding_A", torch.zeros(8, 64)),
-        t.__setitem__("base_model.model.model.embed_tokens.lora_embedding_B", torch.zeros(128, 8)))))),
-        note="embedding LoRA is refused (documented)")
+    case(
+        "unexpected-tensor",
+        "unexpected_tensor",
+        "not a LoRA A/B weight",
+        files(
+            weights=safetensors_bytes(tens(lambda t: t.__setitem__("model.embed_tokens.weight", torch.zeros(4, 128))))
+        ),
+    )
+    case(
+        "dora-magnitude",
+        "unsupported_feature",
+        "DoRA magnitude",
+        files(
+            weights=safetensors_bytes(
+                tens(lambda t: t.__setitem__(a_key.replace("lora_A.weight", "lora_magnitude_vector"), torch.ones(128)))
+            )
+        ),
+    )
+    case(
+        "embedding-lora",
+        "unsupported_feature",
+        "embedding LoRA",
+        files(
+            weights=safetensors_bytes(
+                tens(
+                    lambda t: (
+                        t.__setitem__("base_model.model.model.embed_tokens.lora_embedding_A", torch.zeros(8, 64)),
+                        t.__setitem__("base_model.model.model.embed_tokens.lora_embedding_B", torch.zeros(128, 8)),
+                    )
+                )
+            )
+        ),
+        note="embedding LoRA is refused (documented)",
+    )
 
     # -- values and dtypes
-    case("nan", "non_finite", "NaN or Inf", files(weights=safetensors_bytes(tens(lambda t: t[b_key].__setitem__((0, 0), math.nan)))))
-    case("inf", "non_finite", "NaN or Inf", files(weights=safetensors_bytes(tens(lambda t: t[a_key].__setitem__((1, 1), -math.inf)))))
-    case("dtype-int32", "bad_dtype", "dtype I32", files(weights=safetensors_bytes({k: (v * 100).to(torch.int32) for k, v in tensors0.items()})))
-    case("dtype-bool", "bad_dtype", "dtype BOOL", files(weights=safetensors_bytes({k: v > 0 for k, v in tensors0.items()})))
-    case("dtype-float64", "bad_dtype", "dtype F64", files(weights=safetensors_bytes({k: v.double() for k, v in tensors0.items()})))
-    case("dtype-mixed", "bad_dtype", "lora_A is torch.float16",
-         files(weights=safetensors_bytes(tens(lambda t: t.__setitem__(a_key, t[a_key].half())))))
+    case(
+        "nan",
+        "non_finite",
+        "NaN or Inf",
+        files(weights=safetensors_bytes(tens(lambda t: t[b_key].__setitem__((0, 0), math.nan)))),
+    )
+    case(
+        "inf",
+        "non_finite",
+        "NaN or Inf",
+        files(weights=safetensors_bytes(tens(lambda t: t[a_key].__setitem__((1, 1), -math.inf)))),
+    )
+    case(
+        "dtype-int32",
+        "bad_dtype",
+        "dtype I32",
+        files(weights=safetensors_bytes({k: (v * 100).to(torch.int32) for k, v in tensors0.items()})),
+    )
+    case(
+        "dtype-bool",
+        "bad_dtype",
+        "dtype BOOL",
+        files(weights=safetensors_bytes({k: v > 0 for k, v in tensors0.items()})),
+    )
+    case(
+        "dtype-float64",
+        "bad_dtype",
+        "dtype F64",
+        files(weights=safetensors_bytes({k: v.double() for k, v in tensors0.items()})),
+    )
+    case(
+        "dtype-mixed",
+        "bad_dtype",
+        "lora_A is torch.float16",
+        files(weights=safetensors_bytes(tens(lambda t: t.__setitem__(a_key, t[a_key].half())))),
+    )
 
     # -- the safetensors container itself
     case("st-truncated", "malformed_tensors", "do not fit", files(weights=st0[:-64]))
     case("st-too-short", "malformed_tensors", "too short", files(weights=st0[:5]))
-    case("st-header-gigabytes", "malformed_tensors", "header claims 8000000000 bytes",
-         files(weights=struct.pack("<Q", 8_000_000_000) + st0[8:]))
+    case(
+        "st-header-gigabytes",
+        "malformed_tensors",
+        "header claims 8000000000 bytes",
+        files(weights=struct.pack("<Q", 8_000_000_000) + st0[8:]),
+    )
     bad_json = b'{"a": [1, 2,,,}'
-    case("st-header-invalid-json", "malformed_tensors", "header is not valid JSON",
-         files(weights=struct.pack("<Q", len(bad_json)) + bad_json + body0))
+    case(
+        "st-header-invalid-json",
+        "malformed_tensors",
+        "header is not valid JSON",
+        files(weights=struct.pack("<Q", len(bad_json)) + bad_json + body0),
+    )
     case("st-header-not-object", "malformed_tensors", "not a JSON object", files(weights=raw_safetensors([], b"")))  # type: ignore[arg-type]
-    case("st-offsets-overlap", "malformed_tensors", "overlap", files(weights=hdr(lambda h: h[names[1]].__setitem__(
-        "data_offsets", [h[names[0]]["data_offsets"][0], h[names[0]]["data_offsets"][0] + h[names[1]]["data_offsets"][1] - h[names[1]]["data_offsets"][0]]))))
-    case("st-offsets-out-of-range", "malformed_tensors", "do not fit", files(weights=hdr(lambda h: h[names[-1]].__setitem__(
-        "data_offsets", [10**12, 10**12 + h[names[-1]]["data_offsets"][1] - h[names[-1]]["data_offsets"][0]]))))
-    case("st-negative-shape", "malformed_tensors", "negative or non-integer", files(weights=hdr(lambda h: h[names[0]].__setitem__("shape", [-8, -128]))))
-    case("st-entry-no-dtype", "malformed_tensors", "invalid header entry", files(weights=hdr(lambda h: h[names[0]].pop("dtype"))))
+    case(
+        "st-offsets-overlap",
+        "malformed_tensors",
+        "overlap",
+        files(
+            weights=hdr(
+                lambda h: h[names[1]].__setitem__(
+                    "data_offsets",
+                    [
+                        h[names[0]]["data_offsets"][0],
+                        h[names[0]]["data_offsets"][0]
+                        + h[names[1]]["data_offsets"][1]
+                        - h[names[1]]["data_offsets"][0],
+                    ],
+                )
+            )
+        ),
+    )
+    case(
+        "st-offsets-out-of-range",
+        "malformed_tensors",
+        "do not fit",
+        files(
+            weights=hdr(
+                lambda h: h[names[-1]].__setitem__(
+                    "data_offsets", [10**12, 10**12 + h[names[-1]]["data_offsets"][1] - h[names[-1]]["data_offsets"][0]]
+                )
+            )
+        ),
+    )
+    case(
+        "st-negative-shape",
+        "malformed_tensors",
+        "negative or non-integer",
+        files(weights=hdr(lambda h: h[names[0]].__setitem__("shape", [-8, -128]))),
+    )
+    case(
+        "st-entry-no-dtype",
+        "malformed_tensors",
+        "invalid header entry",
+        files(weights=hdr(lambda h: h[names[0]].pop("dtype"))),
+    )
 
     def duplicate(d: Path) -> None:
         # json.dumps cannot write a duplicate key: splice a second entry for names[0] into the text.
@@ -320,8 +472,13 @@ def build_catalogue(root: Path, outside: Path, template: Path, aligned_model: st
         write_adapter(d, cfg0, struct.pack("<Q", len(raw)) + raw + body0)
 
     case("st-duplicate-names", "malformed_tensors", "names tensors twice", duplicate)
-    case("too-large", "too_large", f"the limit is {SMALL_MAX_ADAPTER_BYTES}",
-         files(weights=safetensors_bytes(tensors0, metadata={"padding": "x" * (SMALL_MAX_ADAPTER_BYTES + 4096)})), status=413)
+    case(
+        "too-large",
+        "too_large",
+        f"the limit is {SMALL_MAX_ADAPTER_BYTES}",
+        files(weights=safetensors_bytes(tensors0, metadata={"padding": "x" * (SMALL_MAX_ADAPTER_BYTES + 4096)})),
+        status=413,
+    )
 
     # -- pickles (never opened: the marker file must never appear)
     trap = booby_trapped_pickle(marker)
@@ -361,35 +518,91 @@ def build_catalogue(root: Path, outside: Path, template: Path, aligned_model: st
         items = list(tensors0.items())
         return ordered_safetensors([*extra, *items] if first else [*items, *extra])
 
-    case("names-prefixed-and-bare-a", "duplicate_module", "whichever it reads last",
-         files(weights=ordered((bare_a, tensors0[a_key] * 50))),
-         note="vLLM serves the last one it reads: the unchecked copy")
-    case("names-bare-first-a", "duplicate_module", "whichever it reads last",
-         files(weights=ordered((bare_a, tensors0[a_key] * 50), first=True)))
-    case("names-prefixed-and-bare-b", "duplicate_module", "whichever it reads last",
-         files(weights=ordered((b_key.removeprefix("base_model.model."), tensors0[b_key] * 50))))
-    case("names-double-prefix", "duplicate_module", "whichever it reads last",
-         files(weights=ordered(("base_model.model." + a_key, tensors0[a_key]))),
-         note="vLLM removes every 'base_model.model.', not only the first")
-    case("names-inner-prefix", "duplicate_module", "whichever it reads last",
-         files(weights=ordered((b_key.replace("model.layers.", "model.base_model.model.layers.", 1), tensors0[b_key]))))
-    case("names-rebuilt-prefix", "unexpected_tensor", "would land on another module",
-         files(weights=ordered((a_key.replace("base_model.model.", "base_model.model.base_model.base_model.model.", 1),
-                                tensors0[a_key]))),
-         note="with the model's weights mapper vLLM re-adds the prefix: a module the model lacks")
-    case("names-peft-adapter-name", "unexpected_tensor", "vLLM can map",
-         files(weights=ordered((a_key.replace(".lora_A.weight", ".lora_A.default.weight"), tensors0[a_key])),),
-         note="'.lora_A.default.weight' (unsaved PEFT state dict): vLLM cannot map it")
-    case("names-no-module", "unexpected_tensor", "names no module",
-         files(weights=ordered(("base_model.model.lora_A.weight", tensors0[a_key]))))
-    case("names-lm-head-lora", "unknown_module", "lm_head", files(weights=ordered(
-        ("base_model.model.lm_head.lora_A.weight", torch.zeros(8, 128)),
-        ("base_model.model.lm_head.lora_B.weight", torch.zeros(512, 8)))))
-    case("names-score-head", "unsupported_feature", "full 'score' module",
-         files(weights=ordered(("base_model.model.score.weight", torch.zeros(2, 128)))))
-    case("names-base-layer-weight", "unexpected_tensor", "vLLM can map",
-         files(weights=ordered(("base_model.model.model.embed_tokens.base_layer.weight", torch.zeros(4, 128)))),
-         note="vLLM skips it; nothing it skips may ride along")
+    case(
+        "names-prefixed-and-bare-a",
+        "duplicate_module",
+        "whichever it reads last",
+        files(weights=ordered((bare_a, tensors0[a_key] * 50))),
+        note="vLLM serves the last one it reads: the unchecked copy",
+    )
+    case(
+        "names-bare-first-a",
+        "duplicate_module",
+        "whichever it reads last",
+        files(weights=ordered((bare_a, tensors0[a_key] * 50), first=True)),
+    )
+    case(
+        "names-prefixed-and-bare-b",
+        "duplicate_module",
+        "whichever it reads last",
+        files(weights=ordered((b_key.removeprefix("base_model.model."), tensors0[b_key] * 50))),
+    )
+    case(
+        "names-double-prefix",
+        "duplicate_module",
+        "whichever it reads last",
+        files(weights=ordered(("base_model.model." + a_key, tensors0[a_key]))),
+        note="vLLM removes every 'base_model.model.', not only the first",
+    )
+    case(
+        "names-inner-prefix",
+        "duplicate_module",
+        "whichever it reads last",
+        files(weights=ordered((b_key.replace("model.layers.", "model.base_model.model.layers.", 1), tensors0[b_key]))),
+    )
+    case(
+        "names-rebuilt-prefix",
+        "unexpected_tensor",
+        "would land on another module",
+        files(
+            weights=ordered(
+                (
+                    a_key.replace("base_model.model.", "base_model.model.base_model.base_model.model.", 1),
+                    tensors0[a_key],
+                )
+            )
+        ),
+        note="with the model's weights mapper vLLM re-adds the prefix: a module the model lacks",
+    )
+    case(
+        "names-peft-adapter-name",
+        "unexpected_tensor",
+        "vLLM can map",
+        files(
+            weights=ordered((a_key.replace(".lora_A.weight", ".lora_A.default.weight"), tensors0[a_key])),
+        ),
+        note="'.lora_A.default.weight' (unsaved PEFT state dict): vLLM cannot map it",
+    )
+    case(
+        "names-no-module",
+        "unexpected_tensor",
+        "names no module",
+        files(weights=ordered(("base_model.model.lora_A.weight", tensors0[a_key]))),
+    )
+    case(
+        "names-lm-head-lora",
+        "unknown_module",
+        "lm_head",
+        files(
+            weights=ordered(
+                ("base_model.model.lm_head.lora_A.weight", torch.zeros(8, 128)),
+                ("base_model.model.lm_head.lora_B.weight", torch.zeros(512, 8)),
+            )
+        ),
+    )
+    case(
+        "names-score-head",
+        "unsupported_feature",
+        "full 'score' module",
+        files(weights=ordered(("base_model.model.score.weight", torch.zeros(2, 128)))),
+    )
+    case(
+        "names-base-layer-weight",
+        "unexpected_tensor",
+        "vLLM can map",
+        files(weights=ordered(("base_model.model.model.embed_tokens.base_layer.weight", torch.zeros(4, 128)))),
+        note="vLLM skips it; nothing it skips may ride along",
+    )
 
     # -- class 2: the update must run finitely in the served dtype; alpha and patterns bounded
     def spike(module_key: str, a: float, b: float, dtype=torch.float32) -> dict:
@@ -401,47 +614,125 @@ def build_catalogue(root: Path, outside: Path, template: Path, aligned_model: st
         return t
 
     s0 = cfg0["lora_alpha"] / cfg0["r"]
-    case("alpha-1e30", "update_overflow", "lora_alpha is 1e+30", files(config=cfg(lora_alpha=1e30)),
-         note="finite tensors, infinite update: NaN for the whole batch before the fix")
+    case(
+        "alpha-1e30",
+        "update_overflow",
+        "lora_alpha is 1e+30",
+        files(config=cfg(lora_alpha=1e30)),
+        note="finite tensors, infinite update: NaN for the whole batch before the fix",
+    )
     case("alpha-negative-1e30", "update_overflow", "lora_alpha is -1e+30", files(config=cfg(lora_alpha=-1e30)))
     case("alpha-just-over", "update_overflow", "lora_alpha is 4097", files(config=cfg(lora_alpha=4097)))
-    case("alpha-pattern-1e30", "update_overflow", "alpha_pattern['v_proj']", files(config=cfg(alpha_pattern={"v_proj": 1e30})))
-    case("alpha-pattern-layer", "update_overflow", "alpha_pattern['layers.1.self_attn.q_proj']",
-         files(config=cfg(alpha_pattern={"layers.1.self_attn.q_proj": 5e3})))
-    case("f32-overflows-16bit", "update_overflow", q_module,
-         files(weights=safetensors_bytes(spike(a_key, 1.0, 3.0e38))),
-         note="3e38: Inf in fp16/bf16, and over the 65536 update cap in fp32")
-    case("update-just-over-cap", "update_overflow", "the update s*B*A reaches",
-         files(weights=safetensors_bytes(spike(a_key, 1.0, 1.02 * HOSTILE_MAX_UPDATE / s0))))
-    case("update-huge-a-tiny-b", "update_overflow", "|lora_A| reaches",
-         files(weights=safetensors_bytes(spike(a_key, 1e6, 1e-9))),
-         note="x @ lora_A^T is computed first: it overflows however small lora_B is")
-    case("rslora-pushes-over", "update_overflow", f"s = {cfg0['lora_alpha'] / math.sqrt(cfg0['r']):g}",
-         files(config=cfg(use_rslora=True), weights=safetensors_bytes(spike(a_key, 1.0, 0.6 * HOSTILE_MAX_UPDATE / s0))),
-         note="admitted without rslora; alpha / sqrt(r) scales it over the cap")
+    case(
+        "alpha-pattern-1e30",
+        "update_overflow",
+        "alpha_pattern['v_proj']",
+        files(config=cfg(alpha_pattern={"v_proj": 1e30})),
+    )
+    case(
+        "alpha-pattern-layer",
+        "update_overflow",
+        "alpha_pattern['layers.1.self_attn.q_proj']",
+        files(config=cfg(alpha_pattern={"layers.1.self_attn.q_proj": 5e3})),
+    )
+    case(
+        "f32-overflows-16bit",
+        "update_overflow",
+        q_module,
+        files(weights=safetensors_bytes(spike(a_key, 1.0, 3.0e38))),
+        note="3e38: Inf in fp16/bf16, and over the 65536 update cap in fp32",
+    )
+    case(
+        "update-just-over-cap",
+        "update_overflow",
+        "the update s*B*A reaches",
+        files(weights=safetensors_bytes(spike(a_key, 1.0, 1.02 * HOSTILE_MAX_UPDATE / s0))),
+    )
+    case(
+        "update-huge-a-tiny-b",
+        "update_overflow",
+        "|lora_A| reaches",
+        files(weights=safetensors_bytes(spike(a_key, 1e6, 1e-9))),
+        note="x @ lora_A^T is computed first: it overflows however small lora_B is",
+    )
+    case(
+        "rslora-pushes-over",
+        "update_overflow",
+        f"s = {cfg0['lora_alpha'] / math.sqrt(cfg0['r']):g}",
+        files(config=cfg(use_rslora=True), weights=safetensors_bytes(spike(a_key, 1.0, 0.6 * HOSTILE_MAX_UPDATE / s0))),
+        note="admitted without rslora; alpha / sqrt(r) scales it over the cap",
+    )
     case("rslora-not-bool", "invalid_config", "use_rslora must be true or false", files(config=cfg(use_rslora="yes")))
-    case("rank-pattern-over-max", "rank_too_large", "rank_pattern['nothing_matches'] is 16",
-         files(config=cfg(rank_pattern={"nothing_matches": 16})), note="vLLM checks every value, used or not")
-    case("alpha-pattern-not-number", "invalid_config", "must be a finite number", files(config=cfg(alpha_pattern={"q_proj": "x"})))
+    case(
+        "rank-pattern-over-max",
+        "rank_too_large",
+        "rank_pattern['nothing_matches'] is 16",
+        files(config=cfg(rank_pattern={"nothing_matches": 16})),
+        note="vLLM checks every value, used or not",
+    )
+    case(
+        "alpha-pattern-not-number",
+        "invalid_config",
+        "must be a finite number",
+        files(config=cfg(alpha_pattern={"q_proj": "x"})),
+    )
 
     # -- class 5: the cost of reading is bounded before parsing (the catalogue server: <= 56 tensors)
     def zero_size(n: int) -> bytes:
-        return raw_safetensors({f"t{i}": {"dtype": "F32", "shape": [0, 128], "data_offsets": [0, 0]} for i in range(n)}, b"")
+        return raw_safetensors(
+            {f"t{i}": {"dtype": "F32", "shape": [0, 128], "data_offsets": [0, 0]} for i in range(n)}, b""
+        )
 
-    case("st-100k-zero-size-tensors", "too_large", "the limit is", files(weights=zero_size(100_000)), status=413,
-         note="7 MB: refused by size in < 1 ms (took seconds and hundreds of MB before)")
-    case("st-1300-zero-size-tensors", "too_large", "holds 1300 tensors", files(weights=zero_size(1300)), status=413,
-         note="inside the byte limits: refused by a byte count before the header JSON is parsed")
-    case("st-header-over-limit", "too_large", "header is", files(weights=raw_safetensors(
-        {**hdr0, "__metadata__": {"pad": "x" * 120_000}}, body0)), status=413)
-    case("st-tensor-elements", "too_large", "131072 elements", files(weights=raw_safetensors(
-        {"t": {"dtype": "U8", "shape": [8, 16384], "data_offsets": [0, 131072]}}, b"\0" * 131072)), status=413)
-    case("config-deep-json", "invalid_config", "nests JSON", files(config=b"[" * 100_000 + b"]" * 100_000),
-         note="RecursionError inside json.loads used to escape as a 500")
+    case(
+        "st-100k-zero-size-tensors",
+        "too_large",
+        "the limit is",
+        files(weights=zero_size(100_000)),
+        status=413,
+        note="7 MB: refused by size in < 1 ms (took seconds and hundreds of MB before)",
+    )
+    case(
+        "st-1300-zero-size-tensors",
+        "too_large",
+        "holds 1300 tensors",
+        files(weights=zero_size(1300)),
+        status=413,
+        note="inside the byte limits: refused by a byte count before the header JSON is parsed",
+    )
+    case(
+        "st-header-over-limit",
+        "too_large",
+        "header is",
+        files(weights=raw_safetensors({**hdr0, "__metadata__": {"pad": "x" * 120_000}}, body0)),
+        status=413,
+    )
+    case(
+        "st-tensor-elements",
+        "too_large",
+        "131072 elements",
+        files(
+            weights=raw_safetensors(
+                {"t": {"dtype": "U8", "shape": [8, 16384], "data_offsets": [0, 131072]}}, b"\0" * 131072
+            )
+        ),
+        status=413,
+    )
+    case(
+        "config-deep-json",
+        "invalid_config",
+        "nests JSON",
+        files(config=b"[" * 100_000 + b"]" * 100_000),
+        note="RecursionError inside json.loads used to escape as a 500",
+    )
 
     # -- class 6: what vLLM's PEFTHelper refuses is refused first (nothing projected, cached or listed)
     for init in ("pissa", "olora", "corda", "loftq"):
-        case(f"init-{init}", "unsupported_feature", f"init_lora_weights='{init}'", files(config=cfg(init_lora_weights=init)))
+        case(
+            f"init-{init}",
+            "unsupported_feature",
+            f"init_lora_weights='{init}'",
+            files(config=cfg(init_lora_weights=init)),
+        )
     case("alora", "unsupported_feature", "aLoRA", files(config=cfg(alora_invocation_tokens=[1, 2, 3])))
     case("layer-replication", "unsupported_feature", "layer_replication", files(config=cfg(layer_replication=[[0, 2]])))
     case("qalora", "unsupported_feature", "QALoRA", files(config=cfg(use_qalora=True)))
@@ -449,8 +740,13 @@ def build_catalogue(root: Path, outside: Path, template: Path, aligned_model: st
     case("lora-bias", "unsupported_feature", "lora_bias", files(config=cfg(lora_bias=True)))
     case("no-target-modules", "invalid_config", "target_modules is missing", files(config=cfg(target_modules=_DELETE)))
     case("no-lora-alpha", "invalid_config", "lora_alpha is missing", files(config=cfg(lora_alpha=_DELETE)))
-    case("bias-null", "vllm_unsupported", "Adapter bias is not supported", files(config=cfg(bias=None)),
-         note="only vLLM's own PEFTHelper catches this one (null is not 'none' to it)")
+    case(
+        "bias-null",
+        "vllm_unsupported",
+        "Adapter bias is not supported",
+        files(config=cfg(bias=None)),
+        note="only vLLM's own PEFTHelper catches this one (null is not 'none' to it)",
+    )
 
     dir_cases = []
     for c, build in cases:
@@ -472,44 +768,128 @@ def build_catalogue(root: Path, outside: Path, template: Path, aligned_model: st
         NameCase("hidden", "resolver", model=".hidden/x", fragment="must start with a letter or digit"),
         NameCase("three-parts", "resolver", model="a/b/c", fragment="more than one '/'"),
         NameCase("very-long", "resolver", model="x" * 5000, fragment="characters long"),
-        NameCase("fullwidth-unicode", "resolver", model="ｇｏｏｄ/ｂａｓｅ", fragment="must start with a letter or digit"),
-        NameCase("symlinked-dir", "resolver", model="hostile/dir-symlink-outside", reason="outside_namespace",
-                 fragment="points outside the tenant's namespace"),
+        NameCase(
+            "fullwidth-unicode", "resolver", model="ｇｏｏｄ/ｂａｓｅ", fragment="must start with a letter or digit"
+        ),
+        NameCase(
+            "symlinked-dir",
+            "resolver",
+            model="hostile/dir-symlink-outside",
+            reason="outside_namespace",
+            fragment="points outside the tenant's namespace",
+        ),
         # load endpoint: lora_path is a path, lora_name a served name
-        NameCase("path-dotdot", "load", lora_name="p-dotdot", lora_path=str(root / ".." / outside.name / "evil-adapter"),
-                 fragment="outside the configured adapter_dirs"),
-        NameCase("path-absolute-outside", "load", lora_name="p-abs", lora_path=str(outside_adapter),
-                 fragment="outside the configured adapter_dirs"),
-        NameCase("path-etc", "load", lora_name="p-etc", lora_path="/etc", fragment="outside the configured adapter_dirs"),
-        NameCase("path-root", "load", lora_name="p-root", lora_path="/", fragment="outside the configured adapter_dirs"),
-        NameCase("path-url-encoded", "load", lora_name="p-url", lora_path="%2e%2e%2f%2e%2e%2fetc",
-                 reason="not_found", status=404, fragment="hub sources are disabled"),
-        NameCase("path-file-url", "load", lora_name="p-file-url", lora_path="file:///etc/passwd",
-                 reason="not_found", status=404, fragment="not a local directory"),
-        NameCase("path-hub", "load", lora_name="p-hub", lora_path="hub:evil/repo",
-                 reason="not_found", status=404, fragment="not a local directory"),
-        NameCase("path-nul", "load", lora_name="p-nul", lora_path=str(good_dir) + "\x00/../../etc",
-                 fragment="control characters"),
-        NameCase("path-nul-relative", "load", lora_name="p-nul-rel", lora_path="good\x00base",
-                 fragment="control characters"),
+        NameCase(
+            "path-dotdot",
+            "load",
+            lora_name="p-dotdot",
+            lora_path=str(root / ".." / outside.name / "evil-adapter"),
+            fragment="outside the configured adapter_dirs",
+        ),
+        NameCase(
+            "path-absolute-outside",
+            "load",
+            lora_name="p-abs",
+            lora_path=str(outside_adapter),
+            fragment="outside the configured adapter_dirs",
+        ),
+        NameCase(
+            "path-etc", "load", lora_name="p-etc", lora_path="/etc", fragment="outside the configured adapter_dirs"
+        ),
+        NameCase(
+            "path-root", "load", lora_name="p-root", lora_path="/", fragment="outside the configured adapter_dirs"
+        ),
+        NameCase(
+            "path-url-encoded",
+            "load",
+            lora_name="p-url",
+            lora_path="%2e%2e%2f%2e%2e%2fetc",
+            reason="not_found",
+            status=404,
+            fragment="hub sources are disabled",
+        ),
+        NameCase(
+            "path-file-url",
+            "load",
+            lora_name="p-file-url",
+            lora_path="file:///etc/passwd",
+            reason="not_found",
+            status=404,
+            fragment="not a local directory",
+        ),
+        NameCase(
+            "path-hub",
+            "load",
+            lora_name="p-hub",
+            lora_path="hub:evil/repo",
+            reason="not_found",
+            status=404,
+            fragment="not a local directory",
+        ),
+        NameCase(
+            "path-nul",
+            "load",
+            lora_name="p-nul",
+            lora_path=str(good_dir) + "\x00/../../etc",
+            fragment="control characters",
+        ),
+        NameCase(
+            "path-nul-relative", "load", lora_name="p-nul-rel", lora_path="good\x00base", fragment="control characters"
+        ),
         NameCase("path-very-long", "load", lora_name="p-long", lora_path=long_rel, fragment="too long"),
-        NameCase("path-very-long-abs", "load", lora_name="p-long-abs", lora_path=str(root) + "/" + long_rel,
-                 fragment="too long"),
-        NameCase("path-long-component", "load", lora_name="p-long-comp", lora_path="b" * 300,
-                 reason="not_found", status=404, fragment="hub sources are disabled"),
-        NameCase("path-long-component-abs", "load", lora_name="p-long-comp-abs", lora_path=str(root / ("b" * 300)),
-                 fragment="not a plain name"),
-        NameCase("path-is-file", "load", lora_name="p-file", lora_path=str(good_dir / CONFIG),
-                 reason="not_found", status=404, fragment="not a directory"),
-        NameCase("path-symlinked-dir", "load", lora_name="p-symlink", lora_path=str(hostile / "dir-symlink-outside"),
-                 reason="outside_namespace", fragment="points outside the tenant's namespace"),
+        NameCase(
+            "path-very-long-abs",
+            "load",
+            lora_name="p-long-abs",
+            lora_path=str(root) + "/" + long_rel,
+            fragment="too long",
+        ),
+        NameCase(
+            "path-long-component",
+            "load",
+            lora_name="p-long-comp",
+            lora_path="b" * 300,
+            reason="not_found",
+            status=404,
+            fragment="hub sources are disabled",
+        ),
+        NameCase(
+            "path-long-component-abs",
+            "load",
+            lora_name="p-long-comp-abs",
+            lora_path=str(root / ("b" * 300)),
+            fragment="not a plain name",
+        ),
+        NameCase(
+            "path-is-file",
+            "load",
+            lora_name="p-file",
+            lora_path=str(good_dir / CONFIG),
+            reason="not_found",
+            status=404,
+            fragment="not a directory",
+        ),
+        NameCase(
+            "path-symlinked-dir",
+            "load",
+            lora_name="p-symlink",
+            lora_path=str(hostile / "dir-symlink-outside"),
+            reason="outside_namespace",
+            fragment="points outside the tenant's namespace",
+        ),
         NameCase("name-nul", "load", lora_name="evil\x00name", lora_path=str(good_dir), fragment="control characters"),
-        NameCase("name-newline", "load", lora_name="evil\nINFO fake log line", lora_path=str(good_dir),
-                 fragment="control characters"),
+        NameCase(
+            "name-newline",
+            "load",
+            lora_name="evil\nINFO fake log line",
+            lora_path=str(good_dir),
+            fragment="control characters",
+        ),
         NameCase("name-very-long", "load", lora_name="n" * 5000, lora_path=str(good_dir), fragment="characters long"),
     ]
-    return Catalogue(root=root, outside=outside, marker=marker, dir_cases=dir_cases, name_cases=name_cases,
-                     good_dir=good_dir)
+    return Catalogue(
+        root=root, outside=outside, marker=marker, dir_cases=dir_cases, name_cases=name_cases, good_dir=good_dir
+    )
 
 
 class _Delete:

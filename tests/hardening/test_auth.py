@@ -72,16 +72,35 @@ def world(hardening_world, tmp_path_factory):
     w = World(work, hardening_world.template, str(hardening_world.aligned))
     w.uploads.mkdir()
     config = write_config(
-        work / "auth.yaml", bank=hardening_world.bank, adapter_dirs=[str(w.ro), str(w.uploads)],
-        cache_dir=work / "cache", device="cpu", policy={"select": "threshold", "threshold": 0.35},
-        shared_adapters=["public/*"], max_adapter_bytes=hs.SMALL_MAX_ADAPTER_BYTES,
-        auth={"enabled": True, "keys_file": str(w.keys_file), "upload_root": str(w.uploads),
-              "trusted_proxies": ["127.0.0.2"], "tenant_header": "X-Tenant", "upload_idle_timeout_s": IDLE_S,
-              "uploads_per_minute": PER_MINUTE, "max_bytes_per_tenant": QUOTA_BYTES, "max_adapters_per_tenant": 3},
+        work / "auth.yaml",
+        bank=hardening_world.bank,
+        adapter_dirs=[str(w.ro), str(w.uploads)],
+        cache_dir=work / "cache",
+        device="cpu",
+        policy={"select": "threshold", "threshold": 0.35},
+        shared_adapters=["public/*"],
+        max_adapter_bytes=hs.SMALL_MAX_ADAPTER_BYTES,
+        auth={
+            "enabled": True,
+            "keys_file": str(w.keys_file),
+            "upload_root": str(w.uploads),
+            "trusted_proxies": ["127.0.0.2"],
+            "tenant_header": "X-Tenant",
+            "upload_idle_timeout_s": IDLE_S,
+            "uploads_per_minute": PER_MINUTE,
+            "max_bytes_per_tenant": QUOTA_BYTES,
+            "max_adapters_per_tenant": 3,
+        },
     )
     # an operator's static label (not a location) must start under served_names: location
-    w.server = new_server("auth", hardening_world.aligned, config, work, ["--lora-modules", f"opsbot={w.public}"],
-                          headers={"Authorization": f"Bearer {w.admin}"})
+    w.server = new_server(
+        "auth",
+        hardening_world.aligned,
+        config,
+        work,
+        ["--lora-modules", f"opsbot={w.public}"],
+        headers={"Authorization": f"Bearer {w.admin}"},
+    )
     w.server.start().wait_ready()
     try:
         yield w
@@ -104,8 +123,13 @@ def get(w: World, key: str | None, path: str) -> requests.Response:
 
 def put(w: World, key: str | None, name: str, files: dict[str, bytes] | list, **kw) -> requests.Response:
     parts = files.items() if isinstance(files, dict) else files
-    return requests.put(f"{w.server.base_url}/safelora/v1/adapters/{name}", headers=bearer(key),
-                        files=[(n, (n, data)) for n, data in parts], timeout=120, **kw)
+    return requests.put(
+        f"{w.server.base_url}/safelora/v1/adapters/{name}",
+        headers=bearer(key),
+        files=[(n, (n, data)) for n, data in parts],
+        timeout=120,
+        **kw,
+    )
 
 
 def delete(w: World, key: str | None, name: str) -> requests.Response:
@@ -130,17 +154,34 @@ def staging_empty(w: World) -> bool:
 # --------------------------------------------------------------------------- authentication
 
 
-@pytest.mark.parametrize("path,method", [
-    ("/v1/models", "GET"), ("/v1/completions", "POST"), ("/v1/chat/completions", "POST"),
-    ("/safelora/v1/adapters", "GET"), ("/safelora/v1/adapters/acme/bot", "GET"), ("/safelora/v1/status", "GET"),
-    ("/metrics", "GET"), ("/v1/load_lora_adapter", "POST"), ("/v1/unload_lora_adapter", "POST"),
-    ("/version", "GET"), ("/tokenize", "POST"),
-])
+@pytest.mark.parametrize(
+    "path,method",
+    [
+        ("/v1/models", "GET"),
+        ("/v1/completions", "POST"),
+        ("/v1/chat/completions", "POST"),
+        ("/safelora/v1/adapters", "GET"),
+        ("/safelora/v1/adapters/acme/bot", "GET"),
+        ("/safelora/v1/status", "GET"),
+        ("/metrics", "GET"),
+        ("/v1/load_lora_adapter", "POST"),
+        ("/v1/unload_lora_adapter", "POST"),
+        ("/version", "GET"),
+        ("/tokenize", "POST"),
+    ],
+)
 def test_every_route_needs_a_key(world, path, method):
     url = world.server.base_url + path
     good = world.keys["acme"]
-    wrong = [None, "Bearer", f"Bearer {good[:-1]}{'A' if good[-1] != 'A' else 'B'}", f"Basic {good}", good,
-             "Bearer sl-000000000000-" + "x" * 43, f"Bearer {good} {good}"]
+    wrong = [
+        None,
+        "Bearer",
+        f"Bearer {good[:-1]}{'A' if good[-1] != 'A' else 'B'}",
+        f"Basic {good}",
+        good,
+        "Bearer sl-000000000000-" + "x" * 43,
+        f"Bearer {good} {good}",
+    ]
     for value in wrong:
         headers = {} if value is None else {"Authorization": value}
         r = requests.request(method, url, headers=headers, json={}, timeout=30)
@@ -148,10 +189,17 @@ def test_every_route_needs_a_key(world, path, method):
         assert r.json()["error"]["type"] == "AuthenticationError"
 
 
-@pytest.mark.parametrize("path,method", [
-    ("/safelora/v1/status", "GET"), ("/metrics", "GET"), ("/v1/load_lora_adapter", "POST"),
-    ("/v1/unload_lora_adapter", "POST"), ("/tokenize", "POST"), ("/v1/responses", "POST"),
-])
+@pytest.mark.parametrize(
+    "path,method",
+    [
+        ("/safelora/v1/status", "GET"),
+        ("/metrics", "GET"),
+        ("/v1/load_lora_adapter", "POST"),
+        ("/v1/unload_lora_adapter", "POST"),
+        ("/tokenize", "POST"),
+        ("/v1/responses", "POST"),
+    ],
+)
 def test_operator_routes_need_the_operator_key(world, path, method):
     url = world.server.base_url + path
     r = requests.request(method, url, headers=bearer(world.keys["acme"]), json={}, timeout=30)
@@ -166,8 +214,11 @@ def test_a_tenant_cannot_unload_or_load_another_tenants_adapter(world):
     for key in (world.keys["globex"], world.keys["acme"]):
         r = world.server.post("/v1/unload_lora_adapter", json={"lora_name": "acme/bot"}, headers=bearer(key))
         assert r.status_code == 403, r.text
-        r = world.server.post("/v1/load_lora_adapter", headers=bearer(key),
-                              json={"lora_name": "globex/x", "lora_path": str(world.acme_bot)})
+        r = world.server.post(
+            "/v1/load_lora_adapter",
+            headers=bearer(key),
+            json={"lora_name": "globex/x", "lora_path": str(world.acme_bot)},
+        )
         assert r.status_code == 403, r.text
     assert complete(world, world.keys["acme"], "acme/bot").status_code == 200
 
@@ -193,8 +244,9 @@ def test_tenant_uses_its_own_shared_and_base_but_not_anothers(world):
     assert bodies["acme/bot chat"] == bodies["globex/never-existed chat"], bodies
     # acme/bot is loaded in vLLM now: still the same answer for globex, while globex's own works
     assert "acme/bot" in model_ids(world, world.admin)
-    assert as_missing(complete(world, world.keys["globex"], "acme/bot"), "acme/bot") == \
-        as_missing(complete(world, world.keys["globex"], "globex/nope"), "globex/nope")
+    assert as_missing(complete(world, world.keys["globex"], "acme/bot"), "acme/bot") == as_missing(
+        complete(world, world.keys["globex"], "globex/nope"), "globex/nope"
+    )
     assert complete(world, world.keys["globex"], "globex/bot").status_code == 200
 
 
@@ -244,8 +296,9 @@ def test_tenant_header_is_believed_only_from_the_trusted_proxy(world):
         conn = http.client.HTTPConnection("127.0.0.1", world.server.port, timeout=60, source_address=(source, 0))
         try:
             data = json.dumps(body).encode() if body is not None else None
-            conn.request("POST" if body else "GET", path, body=data,
-                         headers={**headers, "Content-Type": "application/json"})
+            conn.request(
+                "POST" if body else "GET", path, body=data, headers={**headers, "Content-Type": "application/json"}
+            )
             resp = conn.getresponse()
             return resp.status, json.loads(resp.read() or b"{}")
         finally:
@@ -254,7 +307,9 @@ def test_tenant_header_is_believed_only_from_the_trusted_proxy(world):
     completion = {"model": "acme/bot", "prompt": "Hello", "max_tokens": 2}
     # spoofing from an untrusted address: refused, even together with a valid key of another tenant
     assert via("127.0.0.1", {"X-Tenant": "acme"})[0] == 401
-    assert via("127.0.0.1", {"X-Tenant": "acme", **bearer(world.keys["globex"])}, "/v1/completions", completion)[0] == 401
+    assert (
+        via("127.0.0.1", {"X-Tenant": "acme", **bearer(world.keys["globex"])}, "/v1/completions", completion)[0] == 401
+    )
     # the gateway
     status, body = via("127.0.0.2", {"X-Tenant": "acme"}, "/v1/completions", completion)
     assert status == 200, body
@@ -266,8 +321,11 @@ def test_tenant_header_is_believed_only_from_the_trusted_proxy(world):
 def test_a_revoked_tenants_key_stops_working_without_a_restart(world):
     key = world.keys["tempco"]
     assert get(world, key, "/v1/models").status_code == 200
-    subprocess.run([sys.executable, "-m", "vllm_safelora.cli", "revoke-key", "tempco", "--keys-file",
-                    str(world.keys_file)], check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "vllm_safelora.cli", "revoke-key", "tempco", "--keys-file", str(world.keys_file)],
+        check=True,
+        capture_output=True,
+    )
     assert get(world, key, "/v1/models").status_code == 401
     fresh = _issue(world.keys_file, "tempco")
     assert get(world, fresh, "/v1/models").status_code == 200
@@ -277,8 +335,9 @@ def test_a_revoked_tenants_key_stops_working_without_a_restart(world):
 def test_an_operators_static_label_serves_operators_and_is_missing_for_tenants(world):
     assert complete(world, world.admin, "opsbot").status_code == 200
     assert "opsbot" not in model_ids(world, world.keys["acme"]) and "opsbot" in model_ids(world, world.admin)
-    assert as_missing(complete(world, world.keys["acme"], "opsbot"), "opsbot") == \
-        as_missing(complete(world, world.keys["acme"], "acme/zz-missing"), "acme/zz-missing")
+    assert as_missing(complete(world, world.keys["acme"], "opsbot"), "opsbot") == as_missing(
+        complete(world, world.keys["acme"], "acme/zz-missing"), "acme/zz-missing"
+    )
 
 
 # --------------------------------------------------------------------------- uploads
@@ -292,8 +351,10 @@ def test_an_upload_is_answered_with_its_report_and_served(world):
     assert body["served_as"] == "acme/up" and body["summary"]["outcome"] != "rejected"
     assert body["summary"]["input_hash"] == hs.content_id(world.uploads / "acme" / "up")
     assert complete(world, world.keys["acme"], "acme/up").status_code == 200
-    assert get(world, world.keys["acme"], "/safelora/v1/adapters/acme/up").json()["summary"]["input_hash"] == \
-        body["summary"]["input_hash"]
+    assert (
+        get(world, world.keys["acme"], "/safelora/v1/adapters/acme/up").json()["summary"]["input_hash"]
+        == body["summary"]["input_hash"]
+    )
     assert "acme/up" in model_ids(world, world.keys["acme"])
     assert staging_empty(world)
 
@@ -329,14 +390,22 @@ def test_malformed_uploads_are_refused_before_anything_is_published(world, case)
     }
     name = f"acme/bad-{case}"
     if case == "not-multipart":
-        r = requests.put(f"{world.server.base_url}/safelora/v1/adapters/{name}", data=cfg,
-                         headers=bearer(world.keys["acme"]), timeout=60)
+        r = requests.put(
+            f"{world.server.base_url}/safelora/v1/adapters/{name}",
+            data=cfg,
+            headers=bearer(world.keys["acme"]),
+            timeout=60,
+        )
         assert r.status_code == 415, r.text
     else:
         r = put(world, world.keys["acme"], name, parts[case])
         assert r.status_code == 400, r.text
-        assert {"path-in-name": "not one of the adapter's files", "extra-part": "more than 2 parts",
-                "repeated-part": "appears twice", "missing-part": "no part named"}[case] in r.json()["error"]["message"]
+        assert {
+            "path-in-name": "not one of the adapter's files",
+            "extra-part": "more than 2 parts",
+            "repeated-part": "appears twice",
+            "missing-part": "no part named",
+        }[case] in r.json()["error"]["message"]
     assert not (world.uploads / name).exists() and staging_empty(world)
 
 
@@ -346,24 +415,29 @@ def test_an_oversized_part_is_refused_while_streaming(world):
 
     def chunks():  # no Content-Length: the cap must hold while the body streams
         boundary = "b0undary"
-        yield f"--{boundary}\r\nContent-Disposition: form-data; name=\"{hs.CONFIG}\"\r\n\r\n".encode()
+        yield f'--{boundary}\r\nContent-Disposition: form-data; name="{hs.CONFIG}"\r\n\r\n'.encode()
         yield files[hs.CONFIG]
-        yield f"\r\n--{boundary}\r\nContent-Disposition: form-data; name=\"{hs.WEIGHTS}\"\r\n\r\n".encode()
+        yield f'\r\n--{boundary}\r\nContent-Disposition: form-data; name="{hs.WEIGHTS}"\r\n\r\n'.encode()
         for i in range(0, len(big), 16384):
-            yield big[i:i + 16384]
+            yield big[i : i + 16384]
         yield f"\r\n--{boundary}--\r\n".encode()
 
     headers = {**bearer(world.keys["acme"]), "Content-Type": "multipart/form-data; boundary=b0undary"}
     try:
-        r = requests.put(f"{world.server.base_url}/safelora/v1/adapters/acme/huge", data=chunks(), headers=headers,
-                         timeout=60)
+        r = requests.put(
+            f"{world.server.base_url}/safelora/v1/adapters/acme/huge", data=chunks(), headers=headers, timeout=60
+        )
         assert r.status_code == 413, r.text
         # the binding limit here is acme's byte quota (75 KB, below max_adapter_bytes): named either way
         assert "max_bytes_per_tenant" in r.json()["error"]["message"], r.text
     except requests.ConnectionError:
         pass  # the server answered and closed before the client finished sending: also a refusal
-    declared = requests.put(f"{world.server.base_url}/safelora/v1/adapters/acme/huge", headers={
-        **headers, "Content-Length": str(50 << 30)}, data=b"", timeout=60)
+    declared = requests.put(
+        f"{world.server.base_url}/safelora/v1/adapters/acme/huge",
+        headers={**headers, "Content-Length": str(50 << 30)},
+        data=b"",
+        timeout=60,
+    )
     assert declared.status_code == 413, declared.text
     assert not (world.uploads / "acme" / "huge").exists() and staging_empty(world)
 
@@ -375,7 +449,9 @@ def test_a_body_that_never_ends_is_cut_off(world):
             b"PUT /safelora/v1/adapters/acme/slow HTTP/1.1\r\nHost: x\r\n"
             + f"Authorization: Bearer {world.keys['acme']}\r\n".encode()
             + b"Content-Type: multipart/form-data; boundary=zz\r\nTransfer-Encoding: chunked\r\n\r\n"
-            + f"{len(first):x}\r\n".encode() + first + b"\r\n"
+            + f"{len(first):x}\r\n".encode()
+            + first
+            + b"\r\n"
         )
         t0 = time.monotonic()
         answer = s.recv(4096)
@@ -419,8 +495,11 @@ def test_an_upload_during_a_request_to_the_old_version(world):
     assert results["old"].status_code == 200, results["old"].text
     assert complete(world, world.keys["umbrella"], "umbrella/live").status_code == 200
     report = get(world, world.keys["umbrella"], "/safelora/v1/adapters/umbrella/live").json()
-    assert report["summary"]["input_hash"] == replaced.json()["summary"]["input_hash"] == \
-        hs.content_id(world.uploads / "umbrella" / "live")
+    assert (
+        report["summary"]["input_hash"]
+        == replaced.json()["summary"]["input_hash"]
+        == hs.content_id(world.uploads / "umbrella" / "live")
+    )
 
 
 def test_delete_removes_and_unloads_the_tenants_own_adapter(world):
@@ -431,8 +510,9 @@ def test_delete_removes_and_unloads_the_tenants_own_adapter(world):
     assert not (world.uploads / "initech" / "gone").exists()
     assert "initech/gone" not in model_ids(world, world.admin)
     assert complete(world, world.keys["initech"], "initech/gone").status_code == 404
-    assert as_missing(delete(world, world.keys["initech"], "initech/gone"), "initech/gone") == \
-        as_missing(delete(world, world.keys["globex"], "initech/other"), "initech/other")
+    assert as_missing(delete(world, world.keys["initech"], "initech/gone"), "initech/gone") == as_missing(
+        delete(world, world.keys["globex"], "initech/other"), "initech/other"
+    )
 
 
 def test_quotas_name_their_limit(world):
@@ -456,15 +536,23 @@ def test_the_upload_rate_is_limited_per_tenant(world):
     key = _issue(world.keys_file, "ratey")
     codes = []
     for _ in range(PER_MINUTE + 2):
-        r = requests.put(f"{world.server.base_url}/safelora/v1/adapters/ratey/x", data=b"x",
-                         headers=bearer(key), timeout=60)
+        r = requests.put(
+            f"{world.server.base_url}/safelora/v1/adapters/ratey/x", data=b"x", headers=bearer(key), timeout=60
+        )
         codes.append(r.status_code)
     assert codes[:PER_MINUTE] == [415] * PER_MINUTE, codes
     assert codes[PER_MINUTE] == 429 and "uploads_per_minute" in r.json()["error"]["message"]
     assert int(r.headers["Retry-After"]) >= 1
     # another tenant is not slowed down by it
-    assert requests.put(f"{world.server.base_url}/safelora/v1/adapters/acme/x", data=b"x",
-                        headers=bearer(world.keys["acme"]), timeout=60).status_code == 415
+    assert (
+        requests.put(
+            f"{world.server.base_url}/safelora/v1/adapters/acme/x",
+            data=b"x",
+            headers=bearer(world.keys["acme"]),
+            timeout=60,
+        ).status_code
+        == 415
+    )
 
 
 # --------------------------------------------------------------------------- secrets

@@ -26,8 +26,12 @@ def service(hardening_world, tmp_path_factory):
 
     cache_dir = tmp_path_factory.mktemp("svc_cache")
     settings = SafeLoRASettings(
-        bank=hardening_world.bank, adapter_dirs=[hardening_world.adapter_root], cache_dir=cache_dir, device="cpu",
-        max_adapter_bytes=hs.SMALL_MAX_ADAPTER_BYTES, served_names="label",  # as the shared server (conftest)
+        bank=hardening_world.bank,
+        adapter_dirs=[hardening_world.adapter_root],
+        cache_dir=cache_dir,
+        device="cpu",
+        max_adapter_bytes=hs.SMALL_MAX_ADAPTER_BYTES,
+        served_names="label",  # as the shared server (conftest)
     )
     # The limits the catalogue server derives from its vLLM (vllm_rules), so both refuse alike.
     limits = hs.served_read_limits(hardening_world.aligned, hs.SMALL_MAX_ADAPTER_BYTES)
@@ -41,7 +45,12 @@ def test_catalogue_is_large_enough(hardening_world):
     reasons = {c.reason for c in cat.dir_cases}
     # Every refusal reason an adapter directory can earn is exercised.
     # (name_in_use is about a served name, not a directory: tests/test_service.py)
-    assert reasons >= {r.value for r in RefusalReason} - {"not_found", "admission", "changed_while_reading", "name_in_use"}, reasons
+    assert reasons >= {r.value for r in RefusalReason} - {
+        "not_found",
+        "admission",
+        "changed_while_reading",
+        "name_in_use",
+    }, reasons
 
 
 def test_every_hostile_adapter_is_refused_in_process(service, hardening_world):
@@ -50,8 +59,15 @@ def test_every_hostile_adapter_is_refused_in_process(service, hardening_world):
     rows, failures = [], []
     for case in cat.dir_cases:
         attempts = [("resolver", cat.resolver_name(case), None, case.reason, case.fragment)]
-        attempts.append(("lora_path", f"load-{case.name}", case.load_path or str(case.path),
-                         case.load_reason or case.reason, case.load_fragment or case.fragment))
+        attempts.append(
+            (
+                "lora_path",
+                f"load-{case.name}",
+                case.load_path or str(case.path),
+                case.load_reason or case.reason,
+                case.load_fragment or case.fragment,
+            )
+        )
         for via, name, path, reason, fragment in attempts:
             try:
                 service.prepare(name, path)
@@ -73,7 +89,9 @@ def test_every_hostile_adapter_is_refused_in_process(service, hardening_world):
         except Exception as exc:  # anything else is a bug (the server would answer 500)
             got, msg = f"CRASH {type(exc).__name__}", str(exc)
         ok = got == case.reason and case.fragment in msg
-        rows.append((case.name, case.via, got, "ok" if ok else f"EXPECTED {case.reason} / {case.fragment!r}: {msg[:160]}"))
+        rows.append(
+            (case.name, case.via, got, "ok" if ok else f"EXPECTED {case.reason} / {case.fragment!r}: {msg[:160]}")
+        )
         if not ok:
             failures.append(rows[-1])
     print("\n" + hs.table(rows, ("case", "path", "refusal", "check")))
@@ -172,11 +190,16 @@ def test_renaming_loop_never_yields_a_torn_adapter(service, hardening_world, tmp
         for _ in range(150):
             try:
                 p = service.prepare("swapper/lora")
-                outcomes[versions.get(p.report.summary.input_hash, "TORN")] = outcomes.get(
-                    versions.get(p.report.summary.input_hash, "TORN"), 0) + 1
+                outcomes[versions.get(p.report.summary.input_hash, "TORN")] = (
+                    outcomes.get(versions.get(p.report.summary.input_hash, "TORN"), 0) + 1
+                )
             except AdapterRefused as exc:
-                assert exc.reason in (RefusalReason.CHANGED_WHILE_READING, RefusalReason.NOT_FOUND,
-                                      RefusalReason.INVALID_CONFIG, RefusalReason.MISSING_TENSOR), exc
+                assert exc.reason in (
+                    RefusalReason.CHANGED_WHILE_READING,
+                    RefusalReason.NOT_FOUND,
+                    RefusalReason.INVALID_CONFIG,
+                    RefusalReason.MISSING_TENSOR,
+                ), exc
                 outcomes[exc.reason.value] = outcomes.get(exc.reason.value, 0) + 1
     finally:
         stop.set()

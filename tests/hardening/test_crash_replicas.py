@@ -120,8 +120,9 @@ def after_crash(crash_world):
 
         def load(name):
             try:
-                return a.post("/v1/load_lora_adapter",
-                              json={"lora_name": name, "lora_path": str(world.adapter_root / name)}).status_code
+                return a.post(
+                    "/v1/load_lora_adapter", json={"lora_name": name, "lora_path": str(world.adapter_root / name)}
+                ).status_code
             except Exception as exc:  # noqa: BLE001 - the server is killed under it
                 return type(exc).__name__
 
@@ -151,7 +152,8 @@ def after_crash(crash_world):
     planted.mkdir()
     (planted / hs.WEIGHTS).write_bytes(b"\x00" * 100)  # a half-written build
     intact = sorted(
-        d for d in os.listdir(cache / "entries")
+        d
+        for d in os.listdir(cache / "entries")
         if d != tamper_entry.name and hs.verify_entry_dir(cache / "entries" / d) is None
     )
     assert len(intact) >= 2, f"too few sealed entries before the kill: {intact}"
@@ -168,25 +170,32 @@ def after_crash(crash_world):
     intact_hashes = set()
     for d in os.listdir(cache / "entries"):
         if hs.verify_entry_dir(cache / "entries" / d) is None:
-            intact_hashes.add(json.loads((cache / "entries" / d / "cache_entry.json").read_text())["key"]["adapter_hash"])
+            intact_hashes.add(
+                json.loads((cache / "entries" / d / "cache_entry.json").read_text())["key"]["adapter_hash"]
+            )
     requested = [cw["tamper"], *cw["names"]]
-    expected_projections = sum(
-        1 for n in requested if hs.content_id(world.adapter_root / n) not in intact_hashes
-    )
+    expected_projections = sum(1 for n in requested if hs.content_id(world.adapter_root / n) not in intact_hashes)
     # The adapters whose build the kill interrupted (tmp/build.<pid>.<host>.<digest[:16]>.<uuid>).
     from vllm_safelora.cache import CacheKey
 
     key = json.loads((good_copy / "cache_entry.json").read_text())["key"]
     digests = {
-        CacheKey(hs.content_id(world.adapter_root / n), key["bank_id"], key["policy_id"]).digest(): n
-        for n in requested
+        CacheKey(hs.content_id(world.adapter_root / n), key["bank_id"], key["policy_id"]).digest(): n for n in requested
     }
     interrupted = {digests[d]: d for d in digests if any(x.split(".")[3] == d[:16] for x in leftovers)}
     assert len(interrupted) == len(leftovers)
     return dict(
-        a_pid=a_pid, served_before=served_before, good_copy=good_copy, bad_copy=bad_copy, caught_build=caught_build,
-        leftovers=leftovers, planted=planted.name, damaged={torn.name, no_manifest.name, tamper_entry.name},
-        expected_projections=expected_projections, requested=requested, interrupted=interrupted,
+        a_pid=a_pid,
+        served_before=served_before,
+        good_copy=good_copy,
+        bad_copy=bad_copy,
+        caught_build=caught_build,
+        leftovers=leftovers,
+        planted=planted.name,
+        damaged={torn.name, no_manifest.name, tamper_entry.name},
+        expected_projections=expected_projections,
+        requested=requested,
+        interrupted=interrupted,
     )
 
 

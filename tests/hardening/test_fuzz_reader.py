@@ -188,15 +188,29 @@ def test_fuzz_raw_bytes(fuzzer, ops, where):
 # ---------------------------------------------------------------------------- header
 
 json_scalars = st.one_of(
-    st.none(), st.booleans(), st.integers(-(1 << 70), 1 << 70), st.floats(allow_nan=False), st.text(max_size=12),
+    st.none(),
+    st.booleans(),
+    st.integers(-(1 << 70), 1 << 70),
+    st.floats(allow_nan=False),
+    st.text(max_size=12),
 )
-json_values = st.recursive(json_scalars, lambda inner: st.one_of(
-    st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=8), inner, max_size=4)), max_leaves=10)
+json_values = st.recursive(
+    json_scalars,
+    lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=8), inner, max_size=4)),
+    max_leaves=10,
+)
 dtypes = st.one_of(
-    st.sampled_from(["F32", "F16", "BF16", "F64", "I8", "U8", "I32", "I64", "BOOL", "F8_E4M3", "X", ""]), json_values,
+    st.sampled_from(["F32", "F16", "BF16", "F64", "I8", "U8", "I32", "I64", "BOOL", "F8_E4M3", "X", ""]),
+    json_values,
 )
-shapes = st.one_of(st.lists(st.integers(-4, 1 << 40), max_size=4), st.lists(st.integers(0, 300), max_size=3), json_values)
-offsets = st.one_of(st.lists(st.integers(-10, 1 << 62), min_size=2, max_size=2), st.lists(st.integers(0, 40000), min_size=0, max_size=3), json_values)
+shapes = st.one_of(
+    st.lists(st.integers(-4, 1 << 40), max_size=4), st.lists(st.integers(0, 300), max_size=3), json_values
+)
+offsets = st.one_of(
+    st.lists(st.integers(-10, 1 << 62), min_size=2, max_size=2),
+    st.lists(st.integers(0, 40000), min_size=0, max_size=3),
+    json_values,
+)
 
 header_edits = st.lists(
     st.one_of(
@@ -243,12 +257,26 @@ def test_fuzz_header(fuzzer, edits, length_delta, body_cut):
 # ---------------------------------------------------------------------------- config
 
 CONFIG_KEYS = [
-    "peft_type", "r", "lora_alpha", "use_dora", "modules_to_save", "fan_in_fan_out", "bias", "lora_bias",
-    "rank_pattern", "alpha_pattern", "base_model_name_or_path", "use_rslora", "target_modules", "exclude_modules",
+    "peft_type",
+    "r",
+    "lora_alpha",
+    "use_dora",
+    "modules_to_save",
+    "fan_in_fan_out",
+    "bias",
+    "lora_bias",
+    "rank_pattern",
+    "alpha_pattern",
+    "base_model_name_or_path",
+    "use_rslora",
+    "target_modules",
+    "exclude_modules",
 ]
 pattern_dicts = st.dictionaries(
-    st.one_of(st.sampled_from(["q_proj", "v_proj", "layers.1.self_attn.v_proj", "(.|.)*Z", "(a+)+$", "[", ""]),
-              st.text(max_size=20)),
+    st.one_of(
+        st.sampled_from(["q_proj", "v_proj", "layers.1.self_attn.v_proj", "(.|.)*Z", "(a+)+$", "[", ""]),
+        st.text(max_size=20),
+    ),
     st.one_of(st.integers(-2, 20), st.floats(), st.text(max_size=3), st.none()),
     max_size=4,
 )
@@ -258,7 +286,8 @@ pattern_dicts = st.dictionaries(
 @given(
     edits=st.lists(
         st.tuples(st.sampled_from(CONFIG_KEYS), st.one_of(json_values, pattern_dicts, st.integers(-3, 70))),
-        min_size=1, max_size=5,
+        min_size=1,
+        max_size=5,
     ),
     drop=st.lists(st.sampled_from(CONFIG_KEYS), max_size=2),
     raw=st.one_of(st.none(), st.binary(max_size=64)),
@@ -276,6 +305,7 @@ def test_fuzz_config(fuzzer, edits, drop, raw):
 
 
 # ---------------------------------------------------------------------------- values
+
 
 @FUZZ
 @given(

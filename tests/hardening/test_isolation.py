@@ -33,7 +33,9 @@ MAX_TOKENS = 8
 TOLERANCE = {"float32": 1e-4, "bfloat16": 5e-2}
 
 
-def aligned_spike_tensors(template: dict[str, torch.Tensor], deltas: dict[str, torch.Tensor], fraction: float, scale: float):
+def aligned_spike_tensors(
+    template: dict[str, torch.Tensor], deltas: dict[str, torch.Tensor], fraction: float, scale: float
+):
     """Every module's update = c u1 v1^T (V's top singular pair), max |s B A| = fraction x the cap.
 
     Aligned with the alignment subspace, its cosine is ~1: a threshold policy leaves it as it is,
@@ -100,14 +102,18 @@ def iso_server(request, hardening_world, tiny_deltas, tmp_path_factory):
         "alpha": ({**cfg, "lora_alpha": 1e30}, hs.random_tensors(t0, seed=1), "lora_alpha is 1e+30"),
         "alpha-pattern": ({**cfg, "alpha_pattern": {"q_proj": 1e30}}, hs.random_tensors(t0, seed=2), "alpha_pattern"),
         "rslora": ({**cfg, "use_rslora": True}, aligned_spike_tensors(t0, tiny_deltas, 0.98, scale), "s*B*A reaches"),
-        "f32-inf-in-16bit": (cfg, {k: (v * 0 + 3.0e38 if ".lora_B." in k else v) for k, v in hs.random_tensors(t0, 3).items()},
-                             "is not finite in" if dtype == "float32" else f"not finite in {dtype}"),
+        "f32-inf-in-16bit": (
+            cfg,
+            {k: (v * 0 + 3.0e38 if ".lora_B." in k else v) for k, v in hs.random_tensors(t0, 3).items()},
+            "is not finite in" if dtype == "float32" else f"not finite in {dtype}",
+        ),
     }
     for name, (c, t, _) in refused.items():
         hs.write_adapter(root / name, c, t)
     config = world.config(work / "iso.yaml", work / "cache")
-    server = new_server(f"isolation-{dtype}", world.aligned, config, work,
-                        extra_args=["--dtype", dtype, "--max-loras", "3"])
+    server = new_server(
+        f"isolation-{dtype}", world.aligned, config, work, extra_args=["--dtype", dtype, "--max-loras", "3"]
+    )
     server.start().wait_ready()
     try:
         yield server, dtype, tenants, f"iso-{dtype}/max", {f"iso-{dtype}/{k}": v[2] for k, v in refused.items()}
@@ -140,10 +146,12 @@ def test_admitted_hostile_adapter_leaves_other_tenants_unchanged(iso_server, har
             assert run[c]["tokens"] == base1[c]["tokens"], (c, run[c]["tokens"], base1[c]["tokens"])
             worst = max(worst, max_logprob_diff(run[c], base1[c]))
     hostile_tokens = {tuple(mixed[0][c]["tokens"]) for c in hostile_calls}
-    print(f"\n[hardening] isolation ({dtype}): {len(tenant_calls)} tenant requests x {len(mixed)} mixed batches with "
-          f"{len(hostile_calls)} requests of the largest admitted update ({0.98 * hs.HOSTILE_MAX_UPDATE:g}); tenant tokens "
-          f"identical, max |logprob diff| {worst:.2e} (baseline jitter {jitter:.2e}); hostile outputs finite "
-          f"({len(hostile_tokens)} distinct)")
+    print(
+        f"\n[hardening] isolation ({dtype}): {len(tenant_calls)} tenant requests x {len(mixed)} mixed batches with "
+        f"{len(hostile_calls)} requests of the largest admitted update ({0.98 * hs.HOSTILE_MAX_UPDATE:g}); tenant tokens "
+        f"identical, max |logprob diff| {worst:.2e} (baseline jitter {jitter:.2e}); hostile outputs finite "
+        f"({len(hostile_tokens)} distinct)"
+    )
     assert worst <= jitter + TOLERANCE[dtype], (worst, jitter)
     # The hostile adapter really is the big one: its answers differ from the base model's.
     assert mixed[0][hostile_calls[0]]["tokens"] != base1[(str(hardening_world.aligned), PROMPTS[0])]["tokens"]
@@ -154,7 +162,11 @@ def test_variants_over_the_limits_are_refused_and_tenants_still_served(iso_serve
     m0 = server.metrics()
     for name, fragment in refused.items():
         r = server.complete(name)
-        assert r.status_code == 400 and "(update_overflow)" in r.text and fragment in r.text, (name, r.status_code, r.text[:400])
+        assert r.status_code == 400 and "(update_overflow)" in r.text and fragment in r.text, (
+            name,
+            r.status_code,
+            r.text[:400],
+        )
         assert server.complete(tenants[0]).status_code == 200
     m1 = server.metrics()
     assert m1.refusals("update_overflow") - m0.refusals("update_overflow") == len(refused)

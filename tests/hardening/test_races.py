@@ -61,9 +61,14 @@ def races(hardening_world, tmp_path_factory):
     world.cache_fs = mount_small_fs(work / "cachefs", CACHE_FS_BYTES)
     cache_root = world.cache_fs.path if isinstance(world.cache_fs, SmallFS) else work
     config = write_config(
-        work / "races.yaml", bank=hardening_world.bank, adapter_dirs=[str(world.root)],
-        cache_dir=cache_root / "cache", device="cpu", policy={"select": "all"},
-        tenants=[{"match": "trusted/*", "shadow": True}], shared_adapters=["public/*"],
+        work / "races.yaml",
+        bank=hardening_world.bank,
+        adapter_dirs=[str(world.root)],
+        cache_dir=cache_root / "cache",
+        device="cpu",
+        policy={"select": "all"},
+        tenants=[{"match": "trusted/*", "shadow": True}],
+        shared_adapters=["public/*"],
     )
     server = new_server("races", hardening_world.aligned, config, work).start().wait_ready()
     try:
@@ -199,8 +204,11 @@ def test_a_401_digit_number_is_a_named_400_and_remembered(races):
             assert r.status_code == 400 and _reason(r) == "update_overflow" and field in r.text, r.text
             assert value[:40] not in r.text
     m1 = server.metrics()
-    assert m1.value("safelora_refusals_total", reason="update_overflow") - \
-        m0.value("safelora_refusals_total", reason="update_overflow") == 4
+    assert (
+        m1.value("safelora_refusals_total", reason="update_overflow")
+        - m0.value("safelora_refusals_total", reason="update_overflow")
+        == 4
+    )
     # the second request of each was answered from the refusal memory, not parsed again
     assert m1.value("safelora_refusal_cache_hits_total") - m0.value("safelora_refusal_cache_hits_total") == 2
     assert m1.value("safelora_adapters_total", outcome="error") == m0.value("safelora_adapters_total", outcome="error")
@@ -238,8 +246,11 @@ def test_a_full_cache_answers_503_and_keeps_serving_cached_adapters(races):
     finally:
         world.cache_fs.drain()
     print(f"\n[full cache] filled {filled / 2**20:.1f} MiB; 2 new adapters 503, 2 cached ones 200")
-    assert m1.value("safelora_cache_unavailable_total", fault="full") - \
-        m0.value("safelora_cache_unavailable_total", fault="full") == 2
+    assert (
+        m1.value("safelora_cache_unavailable_total", fault="full")
+        - m0.value("safelora_cache_unavailable_total", fault="full")
+        == 2
+    )
     assert m1.value("safelora_adapters_total", outcome="error") == m0.value("safelora_adapters_total", outcome="error")
     for name in ("disk/new", "other/new"):
         assert server.complete(name, max_tokens=1).status_code == 200, name
@@ -272,8 +283,11 @@ def _flood(server, first: int, count: int, deadline: float) -> Counter:
                 if time.monotonic() > deadline:
                     break
                 name = f"{i:07d}" + "n" * (NAME_BYTES - 7)
-                r = http.post(server.base_url + "/v1/completions", timeout=60,
-                              json={"model": name, "prompt": "x", "max_tokens": 1})
+                r = http.post(
+                    server.base_url + "/v1/completions",
+                    timeout=60,
+                    json={"model": name, "prompt": "x", "max_tokens": 1},
+                )
                 seen[f"{r.status_code} {_reason(r)}"] += 1
         return seen
 
@@ -293,8 +307,10 @@ def test_distinct_long_names_do_not_grow_the_api_server(races):
     seen = _flood(server, 300, NAME_FLOOD, deadline)
     rss1 = _api_server_rss(server)
     total = sum(seen.values())
-    print(f"\n[names] {total} distinct {NAME_BYTES >> 10} KB names in {time.monotonic() - t0:.0f}s: {dict(seen)}; "
-          f"API server RSS {rss0 / 2**20:.1f} -> {rss1 / 2**20:.1f} MiB ({(rss1 - rss0) / 2**20:+.1f})")
+    print(
+        f"\n[names] {total} distinct {NAME_BYTES >> 10} KB names in {time.monotonic() - t0:.0f}s: {dict(seen)}; "
+        f"API server RSS {rss0 / 2**20:.1f} -> {rss1 / 2**20:.1f} MiB ({(rss1 - rss0) / 2**20:+.1f})"
+    )
     assert set(seen) | set(warm) == {"400 invalid_name"}, (seen, warm)
     assert total == NAME_FLOOD, f"only {total} of {NAME_FLOOD} names sent before the deadline"
     assert rss1 - rss0 <= RSS_BOUND

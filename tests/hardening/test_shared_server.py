@@ -67,19 +67,33 @@ pytestmark = pytest.mark.e2e
 
 # =============================================================================== catalogue
 
+
 def _attempts(cat: hs.Catalogue):
     for case in cat.dir_cases:
-        yield dict(case=case.name, via="resolver", status=case.status, reason=case.reason, fragment=case.fragment,
-                   send=("resolver", cat.resolver_name(case), None))
-        yield dict(case=case.name, via="load", status=case.status, reason=case.load_reason or case.reason,
-                   fragment=case.load_fragment or case.fragment,
-                   send=("load", f"load-{case.name}", case.load_path or str(case.path)))
+        yield dict(
+            case=case.name,
+            via="resolver",
+            status=case.status,
+            reason=case.reason,
+            fragment=case.fragment,
+            send=("resolver", cat.resolver_name(case), None),
+        )
+        yield dict(
+            case=case.name,
+            via="load",
+            status=case.status,
+            reason=case.load_reason or case.reason,
+            fragment=case.load_fragment or case.fragment,
+            send=("load", f"load-{case.name}", case.load_path or str(case.path)),
+        )
     for case in cat.name_cases:
         if case.via == "resolver":
             send = ("resolver", case.model, None)
         else:
             send = ("load", case.lora_name, case.lora_path)
-        yield dict(case=case.name, via=case.via, status=case.status, reason=case.reason, fragment=case.fragment, send=send)
+        yield dict(
+            case=case.name, via=case.via, status=case.status, reason=case.reason, fragment=case.fragment, send=send
+        )
 
 
 def _send(server: Server, send):
@@ -229,7 +243,9 @@ def test_concurrent_first_requests_project_each_content_once(shared_server, hard
         f"cache hits +{m1.value('safelora_cache_requests_total', result='hit') - m0.value('safelora_cache_requests_total', result='hit'):g}"
     )
     assert projections == N_CONTENTS
-    assert m1.value("safelora_guard_events_total", where="worker") == m0.value("safelora_guard_events_total", where="worker")
+    assert m1.value("safelora_guard_events_total", where="worker") == m0.value(
+        "safelora_guard_events_total", where="worker"
+    )
     new_entries = hs.entry_dirs(cache_dir) - entries0
     assert len(new_entries) == N_CONTENTS
     audit = {n: server.get(f"/safelora/v1/adapters/{n}").json()["cache_entry"] for n in names}
@@ -316,8 +332,10 @@ def soak(shared, world, seconds: float, tag: str) -> dict:
                     if rng.random() < 0.5:
                         r = server.complete(world.catalogue.resolver_name(case), max_tokens=1)
                     else:
-                        r = server.post("/v1/load_lora_adapter",
-                                        json={"lora_name": f"soak-load-{case.name}", "lora_path": str(case.path)})
+                        r = server.post(
+                            "/v1/load_lora_adapter",
+                            json={"lora_name": f"soak-load-{case.name}", "lora_path": str(case.path)},
+                        )
                     expect = {case.status}
                 else:
                     r = server.complete(str(world.aligned), max_tokens=2)
@@ -341,7 +359,9 @@ def soak(shared, world, seconds: float, tag: str) -> dict:
     rss1 = server.rss_bytes()
     m1 = server.metrics()
     stats.update(
-        seconds=seconds, rss_start_mib=round(rss0 / 2**20, 1), rss_end_mib=round(rss1 / 2**20, 1),
+        seconds=seconds,
+        rss_start_mib=round(rss0 / 2**20, 1),
+        rss_end_mib=round(rss1 / 2**20, 1),
         rss_growth_mib=round((rss1 - rss0) / 2**20, 1),
         projections=m1.projections() - m0.projections(),
         refusals=m1.value("safelora_refusals_total") - m0.value("safelora_refusals_total"),

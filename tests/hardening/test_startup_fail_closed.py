@@ -80,8 +80,10 @@ CASES = {
     ),
 }
 EXTRA_ARGS = {"auth_and_vllm_api_key": ["--api-key", "one-key-for-everyone"]}
-EXTRA_ENV = {"auth_and_vllm_api_key_env": {"VLLM_API_KEY": "one-key-for-everyone"},
-             "auth_without_routes_plugin": {"VLLM_PLUGINS": "safelora"}}
+EXTRA_ENV = {
+    "auth_and_vllm_api_key_env": {"VLLM_API_KEY": "one-key-for-everyone"},
+    "auth_without_routes_plugin": {"VLLM_PLUGINS": "safelora"},
+}
 
 
 def _fill(value, **subst):
@@ -113,8 +115,14 @@ def startups(hardening_world, tmp_path_factory):
             hardening_world.config(path, cache_dir, **overrides)
         configs[case] = path
 
-    return run_startups(hardening_world.aligned, {case: configs[case] for case in CASES}, work, TIMEOUT_S,
-                        extra_args=EXTRA_ARGS, extra_env=EXTRA_ENV)
+    return run_startups(
+        hardening_world.aligned,
+        {case: configs[case] for case in CASES},
+        work,
+        TIMEOUT_S,
+        extra_args=EXTRA_ARGS,
+        extra_env=EXTRA_ENV,
+    )
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

@@ -45,8 +45,13 @@ def tenants(hardening_world, tmp_path_factory):
     os.symlink(root / "evil" / "a", root / "trusted" / "link")
     cache_dir = work / "cache"
     config = hardening_world.config(
-        work / "tenants.yaml", cache_dir, tenants=RULES, hub={"enabled": True},
-        max_concurrent_preparations=1, max_queued_preparations=0, max_tracked_adapters=MAX_TRACKED,
+        work / "tenants.yaml",
+        cache_dir,
+        tenants=RULES,
+        hub={"enabled": True},
+        max_concurrent_preparations=1,
+        max_queued_preparations=0,
+        max_tracked_adapters=MAX_TRACKED,
     )
     server = new_server("tenants", hardening_world.aligned, config, work, ["--max-loras", "1", "--max-cpu-loras", "1"])
     server.start().wait_ready()
@@ -107,8 +112,9 @@ def test_load_inplace_cannot_swap_another_tenants_adapter(tenants):
     victim = top_logprobs(server, "victim/v")
     entry = summary(server, "victim/v")["output_hash"]
     for path in (root / "evil" / "a", root / "evil" / "b", root / "trusted" / "link"):
-        r = server.post("/v1/load_lora_adapter",
-                        json={"lora_name": "victim/v", "lora_path": str(path), "load_inplace": True})
+        r = server.post(
+            "/v1/load_lora_adapter", json={"lora_name": "victim/v", "lora_path": str(path), "load_inplace": True}
+        )
         assert r.status_code == 400, r.text
     assert summary(server, "victim/v")["output_hash"] == entry
     assert same(top_logprobs(server, "victim/v"), victim)
@@ -210,7 +216,8 @@ def test_an_altered_entry_never_serves_and_never_stops_the_engine(tenants, harde
     assert same(top_logprobs(server, "other/y"), other)
     m1 = server.metrics()
     assert m1.value("safelora_guard_events_total", where="entry_changed") > m0.value(
-        "safelora_guard_events_total", where="entry_changed"), variant
+        "safelora_guard_events_total", where="entry_changed"
+    ), variant
     assert "failed verification" in server.log_text()
     assert hs.cache_consistency(cache_dir)[1] == []
 
@@ -228,8 +235,7 @@ def test_an_entry_removed_while_a_request_runs_fails_that_request_not_answers_wi
     projected = top_logprobs(server, name)
     entry = cache_dir / "entries" / server.get(f"/safelora/v1/adapters/{name}").json()["cache_entry"]
     m0 = server.metrics()
-    body = {"model": name, "prompt": "Hello", "max_tokens": 200, "temperature": 0, "ignore_eos": True,
-            "stream": stream}
+    body = {"model": name, "prompt": "Hello", "max_tokens": 200, "temperature": 0, "ignore_eos": True, "stream": stream}
     if stream:
         with requests.post(f"{server.base_url}/v1/completions", json=body, stream=True, timeout=120) as r:
             assert r.status_code == 200
@@ -253,7 +259,8 @@ def test_an_entry_removed_while_a_request_runs_fails_that_request_not_answers_wi
         assert r.status_code == 503 and name in r.text and "changed on disk" in r.text, (r.status_code, r.text[:300])
     m1 = server.metrics()
     assert m1.value("safelora_guard_events_total", where="entry_changed_mid_request") > m0.value(
-        "safelora_guard_events_total", where="entry_changed_mid_request")
+        "safelora_guard_events_total", where="entry_changed_mid_request"
+    )
     assert server.healthy(), server.log_tail()
     assert same(top_logprobs(server, name), projected)  # rebuilt from the upload
     assert hs.cache_consistency(cache_dir)[1] == []

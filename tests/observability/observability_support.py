@@ -24,8 +24,12 @@ def plugin_sample_names() -> set[str]:
     for obj in vars(metrics).values():
         if isinstance(obj, MetricWrapperBase):
             for family in obj.describe():
-                suffixes = {"counter": ("_total", "_created"), "histogram": ("_bucket", "_sum", "_count", "_created"),
-                            "gauge": ("",), "summary": ("", "_sum", "_count")}.get(family.type, ("",))
+                suffixes = {
+                    "counter": ("_total", "_created"),
+                    "histogram": ("_bucket", "_sum", "_count", "_created"),
+                    "gauge": ("",),
+                    "summary": ("", "_sum", "_count"),
+                }.get(family.type, ("",))
                 names |= {family.name + s for s in suffixes}
     return names
 
@@ -78,6 +82,8 @@ def tool_or_skip(name: str, purpose: str) -> str:
 
     path = shutil.which(name)
     if path is None:
-        pytest.skip(f"{name} not found: install Debian's prometheus package (`apt-get install prometheus`, which "
-                    f".ci/setup-env does where apt-get is available) {purpose}")
+        pytest.skip(
+            f"{name} not found: install Debian's prometheus package (`apt-get install prometheus`, which "
+            f".ci/setup-env does where apt-get is available) {purpose}"
+        )
     return path

@@ -6,7 +6,13 @@ from __future__ import annotations
 
 from collections import Counter
 
-from observability_support import dashboard_queries, grafana_expand, load_dashboard, metric_names_in, plugin_sample_names
+from observability_support import (
+    dashboard_queries,
+    grafana_expand,
+    load_dashboard,
+    metric_names_in,
+    plugin_sample_names,
+)
 
 # Panels drawn from numbers need a unit; heatmaps take theirs from the y axis.
 NEEDS_UNIT = {"stat", "timeseries", "gauge", "bargauge"}
@@ -63,5 +69,9 @@ def test_every_plugin_metric_is_on_the_dashboard():
     # A deprecated alias needs no panel of its own: its current name has one.
     from vllm_safelora.metrics import DEPRECATED_ALIASES
 
-    missing = {n for n in exported if n.removesuffix("_total").removesuffix("_bucket") not in families | set(DEPRECATED_ALIASES)}
+    missing = {
+        n
+        for n in exported
+        if n.removesuffix("_total").removesuffix("_bucket") not in families | set(DEPRECATED_ALIASES)
+    }
     assert not missing, f"metrics with no panel: {sorted(missing)}"

@@ -11,8 +11,14 @@ from observability_support import ALERT_TESTS, ALERTS, metric_names_in, plugin_s
 
 # What an operator wires first, and the saturation metrics.
 REQUIRED_ALERTS = {
-    "SafeLoRAPluginAbsent", "SafeLoRAGuardEvent", "SafeLoRARejectionSpike", "SafeLoRAProjectionSlow",
-    "SafeLoRACacheOverBudget", "SafeLoRAPrepareSaturated", "SafeLoRAOverloaded", "SafeLoRARefusedAdapterHammered",
+    "SafeLoRAPluginAbsent",
+    "SafeLoRAGuardEvent",
+    "SafeLoRARejectionSpike",
+    "SafeLoRAProjectionSlow",
+    "SafeLoRACacheOverBudget",
+    "SafeLoRAPrepareSaturated",
+    "SafeLoRAOverloaded",
+    "SafeLoRARefusedAdapterHammered",
 }
 
 
@@ -27,8 +33,13 @@ def test_promtool_check_rules(promtool):
 
 
 def test_promtool_unit_tests(promtool):
-    res = subprocess.run([promtool, "test", "rules", str(ALERT_TESTS)], capture_output=True, text=True, timeout=120,
-                         cwd=str(ALERT_TESTS.parent))
+    res = subprocess.run(
+        [promtool, "test", "rules", str(ALERT_TESTS)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=str(ALERT_TESTS.parent),
+    )
     assert res.returncode == 0, res.stdout + res.stderr
     assert "SUCCESS" in res.stdout
 

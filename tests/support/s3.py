@@ -26,8 +26,12 @@ REGION = "us-east-1"
 
 def aws_env() -> dict[str, str]:
     """The standard AWS environment variables a plugin server finds its credentials in."""
-    return {"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY, "AWS_DEFAULT_REGION": REGION,
-            "AWS_EC2_METADATA_DISABLED": "true"}
+    return {
+        "AWS_ACCESS_KEY_ID": ACCESS_KEY,
+        "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
+        "AWS_DEFAULT_REGION": REGION,
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
 
 
 @dataclass
@@ -48,9 +52,15 @@ class S3TestStore:
         Path(self.workdir).mkdir(parents=True, exist_ok=True)
         if not self.faults_path.exists():
             self.set_faults()
-        self.proc = spawn([sys.executable, str(SERVER_SCRIPT), str(self.port), str(self.faults_path)], {
-            **{k: v for k, v in __import__("os").environ.items() if not k.startswith("AWS_")}, "PYTHONUNBUFFERED": "1",
-        }, Path(self.workdir) / f"s3-server-{self.port}.log", die_with_parent=True)
+        self.proc = spawn(
+            [sys.executable, str(SERVER_SCRIPT), str(self.port), str(self.faults_path)],
+            {
+                **{k: v for k, v in __import__("os").environ.items() if not k.startswith("AWS_")},
+                "PYTHONUNBUFFERED": "1",
+            },
+            Path(self.workdir) / f"s3-server-{self.port}.log",
+            die_with_parent=True,
+        )
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -77,9 +87,14 @@ class S3TestStore:
         from botocore.config import Config
 
         return boto3.session.Session().client(
-            "s3", endpoint_url=self.endpoint, region_name=REGION, aws_access_key_id=ACCESS_KEY,
+            "s3",
+            endpoint_url=self.endpoint,
+            region_name=REGION,
+            aws_access_key_id=ACCESS_KEY,
             aws_secret_access_key=SECRET_KEY,
-            config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 1}, connect_timeout=5, read_timeout=30),
+            config=Config(
+                s3={"addressing_style": "path"}, retries={"max_attempts": 1}, connect_timeout=5, read_timeout=30
+            ),
         )
 
     def upload_dir(self, bucket: str, prefix: str, src: Path, files=None) -> None:

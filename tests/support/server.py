@@ -29,9 +29,23 @@ from vllm_safelora.launcher import (
 )
 
 __all__ = [
-    "MAX_LORA_RANK", "PROMPT_TEXT", "START_TIMEOUT_S", "Metrics", "Server", "api_server_cmd", "baseline_env",
-    "clean_env", "free_port", "new_server", "plugin_env", "run_startups", "run_to_exit", "served", "server_args",
-    "start_all", "write_config",
+    "MAX_LORA_RANK",
+    "PROMPT_TEXT",
+    "START_TIMEOUT_S",
+    "Metrics",
+    "Server",
+    "api_server_cmd",
+    "baseline_env",
+    "clean_env",
+    "free_port",
+    "new_server",
+    "plugin_env",
+    "run_startups",
+    "run_to_exit",
+    "served",
+    "server_args",
+    "start_all",
+    "write_config",
 ]
 
 MAX_LORA_RANK = 8
@@ -48,7 +62,10 @@ def clean_env(**extra: str) -> dict[str, str]:
     """os.environ without VLLM_SAFELORA_*, plugin or resolver settings; offline, quiet, 1 GiB KV cache."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_SAFELORA_") and k not in _NOT_INHERITED}
     env.update(
-        VLLM_CPU_KVCACHE_SPACE="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1",
+        VLLM_CPU_KVCACHE_SPACE="1",
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        PYTHONUNBUFFERED="1",
         TOKENIZERS_PARALLELISM="false",
     )
     env.update(extra)
@@ -77,18 +94,34 @@ def write_config(path: Path, **doc) -> Path:
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump({k: (str(v) if isinstance(v, Path) else v) for k, v in doc.items()}, sort_keys=False))
+    path.write_text(
+        yaml.safe_dump({k: (str(v) if isinstance(v, Path) else v) for k, v in doc.items()}, sort_keys=False)
+    )
     return path
 
 
 # ----------------------------------------------------------------------------- servers
 
 
-def server_args(model: Path | str, extra: Sequence[str] = (), *, max_loras: int = 2, max_num_seqs: int = 8) -> list[str]:
+def server_args(
+    model: Path | str, extra: Sequence[str] = (), *, max_loras: int = 2, max_num_seqs: int = 8
+) -> list[str]:
     """vLLM arguments for the tiny test model (float32, 256 tokens, LoRA rank <= 8); ``extra`` last."""
     return [
-        "--model", str(model), "--enable-lora", "--max-lora-rank", str(MAX_LORA_RANK), "--max-loras", str(max_loras),
-        "--dtype", "float32", "--max-model-len", "256", "--max-num-seqs", str(max_num_seqs), *extra,
+        "--model",
+        str(model),
+        "--enable-lora",
+        "--max-lora-rank",
+        str(MAX_LORA_RANK),
+        "--max-loras",
+        str(max_loras),
+        "--dtype",
+        "float32",
+        "--max-model-len",
+        "256",
+        "--max-num-seqs",
+        str(max_num_seqs),
+        *extra,
     ]
 
 
@@ -114,15 +147,30 @@ class Server(ServerProcess):
         return self.post("/v1/completions", json=body)
 
 
-def new_server(name: str, model: Path | str, config: Path | None, workdir: Path, extra_args: Sequence[str] = (),
-               env: Mapping[str, str] | None = None, headers: Mapping[str, str] | None = None, **args: int) -> Server:
+def new_server(
+    name: str,
+    model: Path | str,
+    config: Path | None,
+    workdir: Path,
+    extra_args: Sequence[str] = (),
+    env: Mapping[str, str] | None = None,
+    headers: Mapping[str, str] | None = None,
+    **args: int,
+) -> Server:
     """A plugin-enabled server of the tiny model (not started); log and working directory in ``workdir``.
     ``args``: :func:`server_args`' keywords (``max_loras``, ``max_num_seqs``); ``headers``: sent by its
     readiness check and HTTP helpers (an operator's key on a server with authentication on)."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    return Server(args=server_args(model, extra_args, **args), env=plugin_env(config, **dict(env or {})),
-                  log_path=workdir / f"{name}.log", cwd=workdir, die_with_parent=True, name=name, headers=headers)
+    return Server(
+        args=server_args(model, extra_args, **args),
+        env=plugin_env(config, **dict(env or {})),
+        log_path=workdir / f"{name}.log",
+        cwd=workdir,
+        die_with_parent=True,
+        name=name,
+        headers=headers,
+    )
 
 
 def start_all(servers: Iterable[Server], timeout: float = START_TIMEOUT_S) -> list[Server]:
@@ -141,8 +189,9 @@ def start_all(servers: Iterable[Server], timeout: float = START_TIMEOUT_S) -> li
 
 
 @contextlib.contextmanager
-def served(args: Sequence[str], env: Mapping[str, str], log_path: Path, *, timeout: float = 400.0,
-           name: str = "vllm") -> Iterator[Server]:
+def served(
+    args: Sequence[str], env: Mapping[str, str], log_path: Path, *, timeout: float = 400.0, name: str = "vllm"
+) -> Iterator[Server]:
     """A server (any vLLM arguments and environment) that is up; its whole tree ended on exit."""
     server = Server(args=list(args), env=dict(env), log_path=Path(log_path), die_with_parent=True, name=name)
     with server:
@@ -150,17 +199,29 @@ def served(args: Sequence[str], env: Mapping[str, str], log_path: Path, *, timeo
         yield server
 
 
-def run_startups(model: Path | str, configs: Mapping[str, Path | None], workdir: Path, timeout: float, *,
-                 workers: int = 4, extra_args: Mapping[str, Sequence[str]] | None = None,
-                 extra_env: Mapping[str, Mapping[str, str]] | None = None) -> dict[str, tuple[int | None, str, float]]:
+def run_startups(
+    model: Path | str,
+    configs: Mapping[str, Path | None],
+    workdir: Path,
+    timeout: float,
+    *,
+    workers: int = 4,
+    extra_args: Mapping[str, Sequence[str]] | None = None,
+    extra_env: Mapping[str, Mapping[str, str]] | None = None,
+) -> dict[str, tuple[int | None, str, float]]:
     """One plugin-enabled server per config, ``workers`` at a time, each run to its exit (for start-ups
     that must fail): ``{case: (exit code or None if still running after timeout, output, seconds)}``.
     ``extra_args`` / ``extra_env``: per case, more vLLM arguments / environment."""
+
     def run(case: str) -> tuple[str, tuple[int | None, str, float]]:
         t0 = time.monotonic()
-        rc, out = run_to_exit(api_server_cmd(model, free_port(), (extra_args or {}).get(case, ())),
-                              plugin_env(configs[case], **(extra_env or {}).get(case, {})),
-                              Path(workdir) / f"{case}.log", timeout, cwd=Path(workdir))
+        rc, out = run_to_exit(
+            api_server_cmd(model, free_port(), (extra_args or {}).get(case, ())),
+            plugin_env(configs[case], **(extra_env or {}).get(case, {})),
+            Path(workdir) / f"{case}.log",
+            timeout,
+            cwd=Path(workdir),
+        )
         return case, (rc, out, time.monotonic() - t0)
 
     with ThreadPoolExecutor(max_workers=workers) as pool:

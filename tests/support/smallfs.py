@@ -52,8 +52,11 @@ def mount_small_fs(path: Path, size_bytes: int) -> SmallFS | str:
     path.mkdir(parents=True, exist_ok=True)
     if os.geteuid() != 0:
         return "a full cache needs a tmpfs mount, which needs root"
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_bytes},mode=0755", "tmpfs", str(path)],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size_bytes},mode=0755", "tmpfs", str(path)],
+        capture_output=True,
+        text=True,
+    )
     if r.returncode != 0:
         return f"cannot mount a tmpfs here ({r.stderr.strip() or r.returncode})"
     return SmallFS(path, size_bytes)

@@ -66,7 +66,8 @@ class PathDirectory:
                 root = Path(os.path.realpath(self.confine_to))
                 if real != root and root not in real.parents:
                     raise AdapterRefused(
-                        RefusalReason.OUTSIDE_NAMESPACE, f"{name} is a link pointing outside the adapter source",
+                        RefusalReason.OUTSIDE_NAMESPACE,
+                        f"{name} is a link pointing outside the adapter source",
                         adapter,
                     )
             return os.open(real, _FILE_FLAGS | os.O_NOFOLLOW)

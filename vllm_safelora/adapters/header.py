@@ -21,10 +21,21 @@ from .validate import parse_json
 # Every safetensors dtype code as torch holds it: the one map the reader and the
 # worker's verified read use (element sizes come from the torch dtype).
 SAFETENSORS_DTYPES = {
-    "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "F8_E5M2": torch.float8_e5m2,
-    "F8_E4M3": torch.float8_e4m3fn, "I16": torch.int16, "U16": torch.uint16, "F16": torch.float16,
-    "BF16": torch.bfloat16, "I32": torch.int32, "U32": torch.uint32, "F32": torch.float32, "I64": torch.int64,
-    "U64": torch.uint64, "F64": torch.float64,
+    "BOOL": torch.bool,
+    "U8": torch.uint8,
+    "I8": torch.int8,
+    "F8_E5M2": torch.float8_e5m2,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "I16": torch.int16,
+    "U16": torch.uint16,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I32": torch.int32,
+    "U32": torch.uint32,
+    "F32": torch.float32,
+    "I64": torch.int64,
+    "U64": torch.uint64,
+    "F64": torch.float64,
 }
 # The codes we accept for LoRA weights: projection runs in float32 and casts back,
 # so only these three round-trip.
@@ -71,12 +82,15 @@ def check_safetensors_header(data: bytes, limits: ReadLimits, problems: Problems
             seen[k] = v
         return seen
 
-    header = parse_json(raw, f"{WEIGHTS_FILE} header", 4, RefusalReason.MALFORMED_TENSORS, problems,
-                         object_pairs_hook=no_duplicates)
+    header = parse_json(
+        raw, f"{WEIGHTS_FILE} header", 4, RefusalReason.MALFORMED_TENSORS, problems, object_pairs_hook=no_duplicates
+    )
     if header is None:
         return None
     if duplicates:
-        problems.add(RefusalReason.MALFORMED_TENSORS, f"{WEIGHTS_FILE} header names tensors twice: {sorted(set(duplicates))[:5]}")
+        problems.add(
+            RefusalReason.MALFORMED_TENSORS, f"{WEIGHTS_FILE} header names tensors twice: {sorted(set(duplicates))[:5]}"
+        )
         return None
     if not isinstance(header, dict):
         problems.add(RefusalReason.MALFORMED_TENSORS, f"{WEIGHTS_FILE} header is not a JSON object")
@@ -129,11 +143,19 @@ def _check_header_entries(header: Mapping[str, Any], data_len: int, limits: Read
             problems.add(RefusalReason.MALFORMED_TENSORS, f"{WEIGHTS_FILE}: tensor {name} has an invalid header entry")
             return False
         dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-        if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES or not isinstance(shape, list) or not isinstance(offsets, list) or len(offsets) != 2:
+        if (
+            not isinstance(dtype, str)
+            or dtype not in SAFETENSORS_DTYPES
+            or not isinstance(shape, list)
+            or not isinstance(offsets, list)
+            or len(offsets) != 2
+        ):
             problems.add(RefusalReason.MALFORMED_TENSORS, f"{WEIGHTS_FILE}: tensor {name} has an invalid header entry")
             return False
         if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in [*shape, *offsets]):
-            problems.add(RefusalReason.MALFORMED_TENSORS, f"{WEIGHTS_FILE}: tensor {name} has negative or non-integer sizes")
+            problems.add(
+                RefusalReason.MALFORMED_TENSORS, f"{WEIGHTS_FILE}: tensor {name} has negative or non-integer sizes"
+            )
             return False
         elements = math.prod(shape)
         if elements > limits.max_tensor_elements:

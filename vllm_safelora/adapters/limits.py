@@ -65,6 +65,18 @@ class ReadLimits:
 
     def fingerprint(self) -> str:
         """The limits and rules an upload passed, as text (a key beside the upload's identity)."""
-        return repr((self.max_bytes, self.max_rank, self.max_config_bytes, self.max_config_depth, self.max_tensors,
-                     self.max_header_bytes, self.max_tensor_elements, self.max_lora_alpha, self.max_update_abs,
-                     str(self.serve_dtype), self.rules))
+        return repr(
+            (
+                self.max_bytes,
+                self.max_rank,
+                self.max_config_bytes,
+                self.max_config_depth,
+                self.max_tensors,
+                self.max_header_bytes,
+                self.max_tensor_elements,
+                self.max_lora_alpha,
+                self.max_update_abs,
+                str(self.serve_dtype),
+                self.rules,
+            )
+        )

@@ -23,6 +23,7 @@ from .limits import ReadLimits
 from .names import CONFIG_FILE, WEIGHTS_FILE, canonical_name, parse_lora_name
 from .validate import pattern_value
 
+
 @dataclass(frozen=True)
 class LoraModule:
     name: str
@@ -133,7 +134,9 @@ def _slot_for(name: str, limits: ReadLimits, problems: Problems) -> _Slot | None
         return None
     parts = name.split(".")
     if parts[-1] in ("lora_embedding_A", "lora_embedding_B"):
-        problems.add(RefusalReason.UNSUPPORTED_FEATURE, f"tensor {name} is an embedding LoRA; only linear modules are served")
+        problems.add(
+            RefusalReason.UNSUPPORTED_FEATURE, f"tensor {name} is an embedding LoRA; only linear modules are served"
+        )
         return None
     if not (len(parts) >= 2 and parts[-1] == "weight" and parts[-2] in ("lora_A", "lora_B")):
         problems.add(
@@ -178,7 +181,10 @@ def pair_modules(
     for served, pair in sorted(halves.items()):
         if set(pair) != {"A", "B"}:
             missing = "lora_B" if "B" not in pair else "lora_A"
-            problems.add(RefusalReason.MISSING_TENSOR, f"module {slots[next(iter(pair.values()))].peft_module} has no {missing} weight")
+            problems.add(
+                RefusalReason.MISSING_TENSOR,
+                f"module {slots[next(iter(pair.values()))].peft_module} has no {missing} weight",
+            )
             continue
         if slots[pair["A"]].peft_module != slots[pair["B"]].peft_module:
             problems.add(
@@ -197,7 +203,10 @@ def _module(
 ) -> LoraModule | None:
     """One module's checks, in the order that makes later ones meaningful; None if refused."""
     if A.dim() != 2 or B.dim() != 2:
-        problems.add(RefusalReason.SHAPE_MISMATCH, f"module {name}: lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} must be 2-D")
+        problems.add(
+            RefusalReason.SHAPE_MISMATCH,
+            f"module {name}: lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} must be 2-D",
+        )
         return None
     if A.numel() == 0 or B.numel() == 0:
         problems.add(RefusalReason.EMPTY, f"module {name} has zero-sized weights {tuple(A.shape)} / {tuple(B.shape)}")
@@ -208,10 +217,14 @@ def _module(
         return None
     declared = pattern_value(config.get("rank_pattern"), name, config.get("r"))
     if declared != r:
-        problems.add(RefusalReason.RANK_MISMATCH, f"module {name}: weights have rank {r}, {CONFIG_FILE} declares {declared}")
+        problems.add(
+            RefusalReason.RANK_MISMATCH, f"module {name}: weights have rank {r}, {CONFIG_FILE} declares {declared}"
+        )
         return None
     if limits.max_rank is not None and r > limits.max_rank:
-        problems.add(RefusalReason.RANK_TOO_LARGE, f"module {name} has rank {r}, the server allows at most {limits.max_rank}")
+        problems.add(
+            RefusalReason.RANK_TOO_LARGE, f"module {name} has rank {r}, the server allows at most {limits.max_rank}"
+        )
         return None
     if A.dtype != B.dtype:
         problems.add(RefusalReason.BAD_DTYPE, f"module {name}: lora_A is {A.dtype}, lora_B is {B.dtype}")
@@ -228,8 +241,14 @@ def _module(
     if overflow:
         return None
     return LoraModule(
-        name=name, a_key=canonical_name(name, "A"), b_key=canonical_name(name, "B"), lora_A=A, lora_B=B,
-        rank=r, alpha=alpha, scale=scale,
+        name=name,
+        a_key=canonical_name(name, "A"),
+        b_key=canonical_name(name, "B"),
+        lora_A=A,
+        lora_B=B,
+        rank=r,
+        alpha=alpha,
+        scale=scale,
     )
 
 

@@ -32,8 +32,12 @@ from .modules import LoraAdapter, map_tensor_names, pair_modules, content_hash
 from .names import CONFIG_FILE, PICKLE_FILES, WEIGHTS_FILE, canonical_name
 from .validate import parse_config, validate_config
 
+
 def _read_regular_file(
-    directory: AdapterDirectory, name: str, limit: int, adapter: str,
+    directory: AdapterDirectory,
+    name: str,
+    limit: int,
+    adapter: str,
     head: tuple[int, Callable[[bytes, int], None]] | None = None,
 ) -> tuple[bytes, os.stat_result]:
     """The file's bytes within ``limit``. ``head`` = (n, check): the first n bytes are read
@@ -41,7 +45,9 @@ def _read_regular_file(
     header costs n bytes, not the file)."""
     fd = directory.open_file(name, adapter)
     if fd is None:
-        raise AdapterRefused(RefusalReason.CHANGED_WHILE_READING, f"{name} vanished while the adapter was read", adapter)
+        raise AdapterRefused(
+            RefusalReason.CHANGED_WHILE_READING, f"{name} vanished while the adapter was read", adapter
+        )
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
@@ -62,15 +68,17 @@ def _read_regular_file(
             chunks.append(block)
             total += len(block)
             if total > limit:
-                raise AdapterRefused(RefusalReason.TOO_LARGE, f"{name} grew past the limit of {limit} bytes while read", adapter)
+                raise AdapterRefused(
+                    RefusalReason.TOO_LARGE, f"{name} grew past the limit of {limit} bytes while read", adapter
+                )
         data = b"".join(chunks)
         if len(data) != st.st_size:
-            raise AdapterRefused(
-                RefusalReason.CHANGED_WHILE_READING, f"{name} changed size while it was read", adapter
-            )
+            raise AdapterRefused(RefusalReason.CHANGED_WHILE_READING, f"{name} changed size while it was read", adapter)
         return data, st
     except OSError as exc:  # EIO, or a file that went away under a network file system
-        raise AdapterRefused(RefusalReason.CHANGED_WHILE_READING, f"{name} could not be read: {exc.strerror}", adapter) from None
+        raise AdapterRefused(
+            RefusalReason.CHANGED_WHILE_READING, f"{name} could not be read: {exc.strerror}", adapter
+        ) from None
     finally:
         os.close(fd)
 
@@ -188,7 +196,10 @@ def read_adapter_files(
 
     config_bytes, config_stat = _read_regular_file(directory, CONFIG_FILE, limits.max_config_bytes, who)
     weights_bytes, weights_stat = _read_regular_file(
-        directory, WEIGHTS_FILE, limits.max_bytes, who,
+        directory,
+        WEIGHTS_FILE,
+        limits.max_bytes,
+        who,
         head=(8 + limits.max_header_bytes, functools.partial(refuse_oversized_header, limits=limits, adapter=who)),
     )
     if not (
@@ -203,7 +214,11 @@ def read_adapter_files(
     if before is not None and directory_identity(directory) == before:
         identity = (before, FileIdentity.of(config_stat), FileIdentity.of(weights_stat))
     return AdapterFiles(
-        path=directory.path, name=who, config_bytes=config_bytes, weights_bytes=weights_bytes, identity=identity,
+        path=directory.path,
+        name=who,
+        config_bytes=config_bytes,
+        weights_bytes=weights_bytes,
+        identity=identity,
         read_at_ns=read_at,
     )
 
@@ -246,7 +261,10 @@ def parse_adapter(files: AdapterFiles, *, limits: ReadLimits = ReadLimits()) -> 
     names = [k for k in header if k != "__metadata__"]
     for tname in names:
         if header[tname]["dtype"] not in FLOAT_CODES:
-            problems.add(RefusalReason.BAD_DTYPE, f"tensor {tname} has dtype {header[tname]['dtype']}; LoRA weights must be F16, BF16 or F32")
+            problems.add(
+                RefusalReason.BAD_DTYPE,
+                f"tensor {tname} has dtype {header[tname]['dtype']}; LoRA weights must be F16, BF16 or F32",
+            )
     slots = map_tensor_names(names, limits, problems)
     problems.raise_if_any()
     try:

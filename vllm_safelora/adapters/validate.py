@@ -91,11 +91,15 @@ def shown_value(value: Any) -> str:
 def validate_config(config: Mapping[str, Any], limits: ReadLimits, problems: Problems) -> None:
     peft_type = config.get("peft_type")
     if peft_type != "LORA":
-        problems.add(RefusalReason.NOT_LORA, f"{CONFIG_FILE}: peft_type is {shown_value(peft_type)}, only 'LORA' is served")
+        problems.add(
+            RefusalReason.NOT_LORA, f"{CONFIG_FILE}: peft_type is {shown_value(peft_type)}, only 'LORA' is served"
+        )
     _check_scaling_fields(config, limits, problems)
     _check_vllm_features(config, problems)
     if config.get("fan_in_fan_out"):
-        problems.add(RefusalReason.UNSUPPORTED_FEATURE, f"{CONFIG_FILE}: fan_in_fan_out=true (Conv1D layers) is not supported")
+        problems.add(
+            RefusalReason.UNSUPPORTED_FEATURE, f"{CONFIG_FILE}: fan_in_fan_out=true (Conv1D layers) is not supported"
+        )
     base = config.get("base_model_name_or_path")
     if base is not None and not isinstance(base, str):
         problems.add(RefusalReason.INVALID_CONFIG, f"{CONFIG_FILE}: base_model_name_or_path must be a string")
@@ -115,7 +119,9 @@ def _check_scaling_fields(config: Mapping[str, Any], limits: ReadLimits, problem
     if not _is_rank(r):
         problems.add(RefusalReason.INVALID_CONFIG, f"{CONFIG_FILE}: r must be a positive integer, got {shown_value(r)}")
     elif r > max_rank:
-        problems.add(RefusalReason.RANK_TOO_LARGE, f"{CONFIG_FILE}: r is {shown_value(r)}, at most {max_rank} is allowed")
+        problems.add(
+            RefusalReason.RANK_TOO_LARGE, f"{CONFIG_FILE}: r is {shown_value(r)}, at most {max_rank} is allowed"
+        )
     if "lora_alpha" not in config:
         problems.add(RefusalReason.INVALID_CONFIG, f"{CONFIG_FILE}: lora_alpha is missing (vLLM requires it)")
     else:
@@ -135,7 +141,9 @@ def _check_scaling_fields(config: Mapping[str, Any], limits: ReadLimits, problem
 
 def _check_alpha(where: str, alpha: Any, limits: ReadLimits, problems: Problems) -> bool:
     if not _is_number(alpha):
-        problems.add(RefusalReason.INVALID_CONFIG, f"{CONFIG_FILE}: {where} must be a finite number, got {shown_value(alpha)}")
+        problems.add(
+            RefusalReason.INVALID_CONFIG, f"{CONFIG_FILE}: {where} must be a finite number, got {shown_value(alpha)}"
+        )
         return False
     if abs(alpha) > limits.max_lora_alpha:
         problems.add(
@@ -186,7 +194,10 @@ def _check_pattern(key: str, pattern: Mapping[str, Any], limits: ReadLimits, pro
     """rank_pattern / alpha_pattern keys are matched as regexes (PEFT's rule); a tenant's regex
     could backtrack for hours (``(.|.)*Z``), so only module names / suffixes are accepted."""
     if len(pattern) > _MAX_PATTERN_KEYS:
-        problems.add(RefusalReason.INVALID_CONFIG, f"{CONFIG_FILE}: {key} has {len(pattern)} entries (at most {_MAX_PATTERN_KEYS})")
+        problems.add(
+            RefusalReason.INVALID_CONFIG,
+            f"{CONFIG_FILE}: {key} has {len(pattern)} entries (at most {_MAX_PATTERN_KEYS})",
+        )
         return
     for k, v in pattern.items():
         if not _PATTERN_KEY.fullmatch(k):

@@ -19,6 +19,7 @@ from ..fsutil import atomic_directory, fast_hash, fsync_dir
 from .modules import LoraAdapter, content_hash
 from .names import CONFIG_FILE, WEIGHTS_FILE, is_canonical_name
 
+
 @dataclass(frozen=True)
 class SerializedAdapter:
     """A patched adapter as bytes, hashed before anything touches the disk."""

@@ -45,6 +45,7 @@ DEFAULT_MODULE_SUFFIXES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", 
 # Never projectable: embeddings and the output head are not LoRA-on-linear targets here.
 _NEVER = ("embed_tokens", "lm_head", "wte", "wpe")
 
+
 @dataclass(frozen=True)
 class Truncation:
     """Keep at most ``rank`` directions, or the fewest reaching ``energy`` of ||V||_F^2."""
@@ -61,9 +62,7 @@ class Truncation:
             raise BankError(f"Truncation.energy must be in (0, 1], got {self.energy}")
 
 
-def select_bank_modules(
-    base: Checkpoint, aligned: Checkpoint, suffixes: Sequence[str] | None
-) -> list[str]:
+def select_bank_modules(base: Checkpoint, aligned: Checkpoint, suffixes: Sequence[str] | None) -> list[str]:
     """Module paths (without '.weight') of the 2-D weights both checkpoints share."""
     shared = sorted(set(base.shards) & set(aligned.shards))
     chosen: list[str] = []

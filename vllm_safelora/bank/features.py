@@ -65,8 +65,11 @@ def add_safety_features(
     bank_dir = Path(bank_dir)
     manifest = read_manifest(bank_dir)
     features = compute_safety_features(
-        model or manifest.aligned.ref, {m.name: m.shape for m in manifest.modules}, spec,
-        device=device, show_progress=show_progress,
+        model or manifest.aligned.ref,
+        {m.name: m.shape for m in manifest.modules},
+        spec,
+        device=device,
+        show_progress=show_progress,
     )
     tmp = bank_dir / f".{SAFETY_FEATURES_FILE}.tmp-{os.getpid()}"
     try:

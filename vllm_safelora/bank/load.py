@@ -66,8 +66,14 @@ class AlignmentBank:
         """
         section = manifest.safety_features
         features = {m.name: torch.empty(0) for m in section.modules} if section is not None else None
-        return cls(manifest=manifest, subspaces={}, device=torch.device("cpu"), nbytes=0, path=Path(path),
-                   safety_features=features)
+        return cls(
+            manifest=manifest,
+            subspaces={},
+            device=torch.device("cpu"),
+            nbytes=0,
+            path=Path(path),
+            safety_features=features,
+        )
 
 
 def resolve_device(device: str) -> torch.device:
@@ -104,8 +110,12 @@ def _tensors_path(bank_dir: Path) -> Path:
 
 def verify_bank_tensors(bank_dir: Path, manifest: BankManifest) -> None:
     """Raise BankError unless bank.safetensors has the sha256 the manifest records."""
-    _check_sha256(_tensors_path(bank_dir), manifest.tensors_sha256,
-                  f"bank {bank_dir} is corrupt: {TENSORS_FILE} has", "rebuild the bank")
+    _check_sha256(
+        _tensors_path(bank_dir),
+        manifest.tensors_sha256,
+        f"bank {bank_dir} is corrupt: {TENSORS_FILE} has",
+        "rebuild the bank",
+    )
 
 
 def verify_bank_files(bank_dir: Path, manifest: BankManifest) -> None:
@@ -118,15 +128,21 @@ def verify_bank_files(bank_dir: Path, manifest: BankManifest) -> None:
 def _features_path(bank_dir: Path, section: SafetyFeaturesManifest) -> Path:
     path = bank_dir / section.file
     if Path(section.file).name != section.file or not path.is_file():
-        raise BankError(f"bank {bank_dir}: the manifest names safety features {section.file!r}, which is missing; "
-                        "add them again with add_safety_features "
-                        "(`vllm-safelora build-bank --out DIR --features-only --safety-prompts FILE.jsonl`)")
+        raise BankError(
+            f"bank {bank_dir}: the manifest names safety features {section.file!r}, which is missing; "
+            "add them again with add_safety_features "
+            "(`vllm-safelora build-bank --out DIR --features-only --safety-prompts FILE.jsonl`)"
+        )
     return path
 
 
 def _verify_features_file(bank_dir: Path, section: SafetyFeaturesManifest) -> None:
-    _check_sha256(_features_path(bank_dir, section), section.tensors_sha256,
-                  f"bank {bank_dir}: safety features {section.file} have", "rebuild them")
+    _check_sha256(
+        _features_path(bank_dir, section),
+        section.tensors_sha256,
+        f"bank {bank_dir}: safety features {section.file} have",
+        "rebuild them",
+    )
 
 
 def load_bank(bank_dir: Path, device: str = "cpu", *, verify: bool = True) -> AlignmentBank:
@@ -157,8 +173,10 @@ def load_bank(bank_dir: Path, device: str = "cpu", *, verify: bool = True) -> Al
                     )
                 slot = stacks[m.name]
                 if U.dtype != slot.dtype:
-                    raise BankError(f"bank {bank_dir}: {m.name}.U is stored as {U.dtype}, the manifest says "
-                                    f"{manifest.storage_dtype}; rebuild it")
+                    raise BankError(
+                        f"bank {bank_dir}: {m.name}.U is stored as {U.dtype}, the manifest says "
+                        f"{manifest.storage_dtype}; rebuild it"
+                    )
                 slot.copy_(U)
                 del U
                 S = S.to(dev)
@@ -176,7 +194,10 @@ def load_bank(bank_dir: Path, device: str = "cpu", *, verify: bool = True) -> Al
         nbytes += sum(t.numel() * t.element_size() for t in features.values())
     logger.info(
         "loaded alignment bank %s (%d modules, %.1f MiB) onto %s",
-        manifest.bank_id, len(subspaces), nbytes / 2**20, dev,
+        manifest.bank_id,
+        len(subspaces),
+        nbytes / 2**20,
+        dev,
     )
     return AlignmentBank(
         manifest=manifest, subspaces=subspaces, device=dev, nbytes=nbytes, path=bank_dir, safety_features=features
@@ -213,8 +234,9 @@ def _load_safety_features(
     listed = {m.name: m for m in section.modules}
     if set(listed) != set(bank_modules):
         missing = sorted(set(bank_modules) - set(listed))[:5]
-        raise BankError(f"bank {bank_dir}: safety features do not cover the bank's modules (missing e.g. {missing}); "
-                        "rebuild them")
+        raise BankError(
+            f"bank {bank_dir}: safety features do not cover the bank's modules (missing e.g. {missing}); rebuild them"
+        )
     out: dict[str, torch.Tensor] = {}
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
@@ -240,5 +262,3 @@ def _load_safety_features(
 def dense_bank_bytes(manifest: BankManifest, bytes_per_element: int = 4) -> int:
     """What the reference keeps: one dense d_out x d_out C per module."""
     return sum(m.shape[0] * m.shape[0] * bytes_per_element for m in manifest.modules)
-
-

@@ -29,7 +29,11 @@ SAFETY_FEATURES_FILE = "safety_features.safetensors"
 
 StorageDType = Literal["float32", "bfloat16", "float16"]
 # The torch dtype each storage name means: U is written in it and loaded as it.
-STORAGE_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+STORAGE_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
 
 
 class SourceIdentity(BaseModel):
@@ -141,9 +145,13 @@ class BankManifest(BaseModel):
                 )
         if named:
             return True, f"'{model_ref}' is the name the bank was built from (weights not compared)"
-        why = "no local copy of its weights to compare" if recorded is not None else (
-            "the bank has no weights fingerprint (built before vllm-safelora recorded one; rebuild it to "
-            "match models by content)"
+        why = (
+            "no local copy of its weights to compare"
+            if recorded is not None
+            else (
+                "the bank has no weights fingerprint (built before vllm-safelora recorded one; rebuild it to "
+                "match models by content)"
+            )
         )
         return False, f"'{model_ref}' is not a name of the bank's aligned model {self.aligned.names()} ({why})"
 

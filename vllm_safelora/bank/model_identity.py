@@ -143,7 +143,9 @@ def fingerprint_directory(directory: Path, mode: FingerprintMode = "sample") -> 
     finally:
         for f in handles.values():
             f.close()
-    return ModelFingerprint(mode=mode, sha256=h.hexdigest(), tensors=len(located), bytes_total=total, bytes_hashed=hashed)
+    return ModelFingerprint(
+        mode=mode, sha256=h.hexdigest(), tensors=len(located), bytes_total=total, bytes_hashed=hashed
+    )
 
 
 def local_model_dir(ref: str) -> Path | None:
@@ -161,7 +163,9 @@ def local_model_dir(ref: str) -> Path | None:
         from huggingface_hub import snapshot_download
 
         local = snapshot_download(
-            repo_id=ref, local_files_only=True, cache_dir=os.environ.get("HF_HUB_CACHE") or None,
+            repo_id=ref,
+            local_files_only=True,
+            cache_dir=os.environ.get("HF_HUB_CACHE") or None,
             allow_patterns=["*.safetensors", "model.safetensors.index.json", "config.json"],
         )
     except Exception:  # not cached, not a valid repo id, hub library quirks: no local copy

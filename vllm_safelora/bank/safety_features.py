@@ -98,13 +98,15 @@ def read_safety_prompts(path: Path, max_samples: int | None = None) -> tuple[lis
     if problems:
         raise BankError(f"safety prompts {path}: " + list_problems(problems, 10))
     if not samples:
-        raise BankError(f"safety prompts {path} hold no samples (want JSONL lines {{\"prompt\": ..., \"response\": ...}})")
+        raise BankError(f'safety prompts {path} hold no samples (want JSONL lines {{"prompt": ..., "response": ...}})')
     if max_samples is not None:
         samples = samples[:max_samples]
     return samples, hashlib.sha256(data).hexdigest()
 
 
-def tokenize_samples(tokenizer, samples: list[dict[str, str]], max_length: int) -> tuple[list[tuple[list[int], int]], bool]:
+def tokenize_samples(
+    tokenizer, samples: list[dict[str, str]], max_length: int
+) -> tuple[list[tuple[list[int], int]], bool]:
     """[(input_ids, first response position)], and whether a chat template was used.
 
     The response starts where the tokenisation of the prompt part stops being a
@@ -148,7 +150,9 @@ def _load_model(ref: str, device: torch.device):
         dtype = torch.float32 if device.type == "cpu" else "auto"
         model = AutoModelForCausalLM.from_pretrained(ref, dtype=dtype)
     except Exception as exc:
-        raise BankError(f"cannot load model and tokenizer '{ref}' with transformers to collect safety features: {exc}") from exc
+        raise BankError(
+            f"cannot load model and tokenizer '{ref}' with transformers to collect safety features: {exc}"
+        ) from exc
     model.to(device)
     model.eval()
     return model, tokenizer
@@ -278,21 +282,32 @@ def compute_safety_features(
     batches, templated = tokenize_samples(tokenizer, samples, spec.max_length)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     grams, n_tokens = collect_output_grams(
-        model, batches, modules, pad_id=pad_id, device=dev, batch_size=spec.batch_size,
-        max_gram_bytes=spec.max_gram_bytes, show_progress=show_progress,
+        model,
+        batches,
+        modules,
+        pad_id=pad_id,
+        device=dev,
+        batch_size=spec.batch_size,
+        max_gram_bytes=spec.max_gram_bytes,
+        show_progress=show_progress,
     )
     tensors: dict[str, torch.Tensor] = {}
     entries = []
     for name in modules:
         V, energy = features_from_gram(grams.pop(name), spec.rank)
         tensors[f"{name}.Vs"] = V.cpu()
-        entries.append({"name": name, "d_out": int(modules[name][0]), "rank_kept": int(V.shape[1]),
-                        "energy_captured": energy})
+        entries.append(
+            {"name": name, "d_out": int(modules[name][0]), "rank_kept": int(V.shape[1]), "energy_captured": energy}
+        )
     short = [e["name"] for e in entries if e["rank_kept"] < spec.rank]
     if short:
         logger.warning(
             "safety features: %d module(s) keep fewer than r_s=%d directions (only %d response tokens, or "
-            "d_out < r_s), e.g. %s", len(short), spec.rank, n_tokens, short[0],
+            "d_out < r_s), e.g. %s",
+            len(short),
+            spec.rank,
+            n_tokens,
+            short[0],
         )
     info = {
         "model": str(model_ref),

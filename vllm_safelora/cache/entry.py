@@ -111,9 +111,14 @@ def read_entry_manifest(path: Path) -> tuple[CacheKey, dict[str, dict], float, i
         raise CorruptEntry("the manifest lists no files")
     for name, meta in files.items():
         if (
-            not isinstance(name, str) or name in ("", ".", "..", MANIFEST_NAME) or "/" in name or "\0" in name
-            or not isinstance(meta, dict) or not isinstance(meta.get(FILE_HASH), str)
-            or not isinstance(meta.get("size"), int) or meta["size"] < 0
+            not isinstance(name, str)
+            or name in ("", ".", "..", MANIFEST_NAME)
+            or "/" in name
+            or "\0" in name
+            or not isinstance(meta, dict)
+            or not isinstance(meta.get(FILE_HASH), str)
+            or not isinstance(meta.get("size"), int)
+            or meta["size"] < 0
         ):
             raise CorruptEntry(f"the manifest has a bad file record {name!r}")
     return key, files, created, len(raw)
@@ -150,14 +155,17 @@ def verify_entry(path: Path, *, hash_files: bool = True, hashed_by_caller: froze
             if st.st_size != meta["size"]:
                 raise CorruptEntry(f"{name} is {st.st_size} bytes, the manifest says {meta['size']}")
             if (
-                hash_files and name not in hashed_by_caller
+                hash_files
+                and name not in hashed_by_caller
                 and fast_hash_file(fpath, follow_symlinks=False) != meta[FILE_HASH]
             ):
                 raise CorruptEntry(f"{name} does not match its {FILE_HASH} in the manifest")
         except OSError as exc:
             raise CorruptEntry(f"{name} cannot be read ({exc})") from None
         nbytes += st.st_size
-    return CacheEntry(key=key, path=path, files={n: m[FILE_HASH] for n, m in files.items()}, nbytes=nbytes, created=created)
+    return CacheEntry(
+        key=key, path=path, files={n: m[FILE_HASH] for n, m in files.items()}, nbytes=nbytes, created=created
+    )
 
 
 def read_verified(entry: CacheEntry, name: str, *, check_hash: bool = True) -> mmap.mmap:
@@ -237,6 +245,7 @@ def entry_path_in(path: Path | str, entries_dir: Path) -> Path | None:
 
 def remove_tree(path: Path) -> None:
     """Delete a directory tree whose files and directories were made read-only."""
+
     def unlock(func, target, _exc):
         with contextlib.suppress(OSError):
             os.chmod(os.path.dirname(target), 0o755)

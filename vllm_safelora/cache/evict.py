@@ -34,8 +34,13 @@ class Evictor:
     """
 
     def __init__(
-        self, index: CacheIndex, locks: KeyLocks, leases: Leases, entries_dir: Path,
-        discard: Callable[[Path], bool], root: Path,
+        self,
+        index: CacheIndex,
+        locks: KeyLocks,
+        leases: Leases,
+        entries_dir: Path,
+        discard: Callable[[Path], bool],
+        root: Path,
     ):
         self.index = index
         self.locks = locks
@@ -93,14 +98,20 @@ class Evictor:
                 self.index.abort_eviction(digest)
                 logger.error(
                     "patched-adapter cache: could not delete entry %s to stay within budget (%s); it stays. Check "
-                    "permissions and the filesystem under %s", digest[:16], exc, self.root,
+                    "permissions and the filesystem under %s",
+                    digest[:16],
+                    exc,
+                    self.root,
                 )
                 return False
             self.index.remove(digest)
         if removed:
             logger.info(
                 "patched-adapter cache: evicted least-recently-used entry %s (%d bytes) to stay within %d bytes; "
-                "it will be rebuilt if requested again", digest[:16], nbytes, max_bytes,
+                "it will be rebuilt if requested again",
+                digest[:16],
+                nbytes,
+                max_bytes,
             )
         return removed
 
@@ -114,5 +125,9 @@ class Evictor:
             "patched-adapter cache %s holds %d bytes, over its %d-byte limit, because the remaining entries are "
             "leased (%d leases by %d processes: vLLM may still read them), being worked on, or were just created; "
             "raise cache_max_bytes or lower max_tracked_adapters if this persists",
-            self.root, total, max_bytes, stats.leases, stats.owners,
+            self.root,
+            total,
+            max_bytes,
+            stats.leases,
+            stats.owners,
         )

@@ -78,7 +78,8 @@ class CacheIndex(IndexDatabase):
         with self._write() as db:
             return db.execute(
                 "DELETE FROM uploads WHERE identity IN (SELECT identity FROM uploads ORDER BY last_use DESC "
-                "LIMIT -1 OFFSET ?)", (keep,),
+                "LIMIT -1 OFFSET ?)",
+                (keep,),
             ).rowcount
 
     def upload_count(self) -> int:

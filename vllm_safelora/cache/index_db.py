@@ -126,9 +126,7 @@ class IndexDatabase:
 
     def _connect_and_check(self) -> None:
         self.close()
-        conn = sqlite3.connect(
-            self.path, timeout=self.busy_timeout_s, isolation_level=None, check_same_thread=False
-        )
+        conn = sqlite3.connect(self.path, timeout=self.busy_timeout_s, isolation_level=None, check_same_thread=False)
         try:
             mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             if str(mode).lower() != "wal":
@@ -168,7 +166,9 @@ class IndexDatabase:
         logger.warning(
             "patched-adapter cache index %s is unusable (%s); moved it to %s and rebuilding it from the entries "
             "directory. Delete the old file once you no longer need it for diagnosis",
-            self.path, why, aside,
+            self.path,
+            why,
+            aside,
         )
         self.close()
         with contextlib.suppress(FileNotFoundError):

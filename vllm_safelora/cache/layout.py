@@ -85,13 +85,17 @@ class CacheLayout:
 
     def prepare(self) -> None:
         """Create the directories and prove they are writable; ConfigError saying what to fix."""
-        fix = "create it (or its parent) and make it writable by the server's user, or configure another cache directory"
+        fix = (
+            "create it (or its parent) and make it writable by the server's user, or configure another cache directory"
+        )
         subdirs = (self.entries_dir, self.tmp_dir, self.locks_dir, self.owners_dir)
         for d in (self.root, *subdirs):
             try:
                 d.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
-                raise ConfigError(f"patched-adapter cache directory {str(d)!r} cannot be created ({exc}); {fix}") from exc
+                raise ConfigError(
+                    f"patched-adapter cache directory {str(d)!r} cannot be created ({exc}); {fix}"
+                ) from exc
             if not d.is_dir():
                 raise ConfigError(f"patched-adapter cache path {str(d)!r} exists but is not a directory; {fix}")
         # os.access can say yes on a read-only mount; a real write is the only proof.
@@ -147,6 +151,8 @@ class CacheLayout:
         if removed:
             logger.info(
                 "patched-adapter cache %s: removed %d temp director%s left by stopped processes",
-                self.root, len(removed), "y" if len(removed) == 1 else "ies",
+                self.root,
+                len(removed),
+                "y" if len(removed) == 1 else "ies",
             )
         return removed

@@ -207,7 +207,10 @@ class Leases:
                 n = self.index.drop_owner(owner)
                 dead.append(owner)
                 logger.info(
-                    "patched-adapter cache: process %s has stopped; dropped its %d lease%s", owner, n, "" if n == 1 else "s"
+                    "patched-adapter cache: process %s has stopped; dropped its %d lease%s",
+                    owner,
+                    n,
+                    "" if n == 1 else "s",
                 )
         return dead
 

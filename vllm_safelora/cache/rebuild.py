@@ -80,13 +80,22 @@ def reconcile(index: CacheIndex, entries_dir: Path, index_state: str) -> Reconci
     gone = [d for d in known - on_disk if not os.path.lexists(entries_dir / d)]
     removed = index.remove_rows(gone) if gone else 0
     report = ReconcileReport(
-        index_state=index_state, on_disk=len(on_disk), added=added, removed=removed,
-        unreadable=unreadable, seconds=time.perf_counter() - start,
+        index_state=index_state,
+        on_disk=len(on_disk),
+        added=added,
+        removed=removed,
+        unreadable=unreadable,
+        seconds=time.perf_counter() - start,
     )
     if index_state != "ok" or report.stale:
         logger.info(
             "patched-adapter cache %s: index %s; %d entries on disk, %d rows added, %d removed%s in %.2fs",
-            entries_dir.parent, index_state, report.on_disk, added, removed,
-            f" ({unreadable} with unreadable manifests, to be evicted first)" if unreadable else "", report.seconds,
+            entries_dir.parent,
+            index_state,
+            report.on_disk,
+            added,
+            removed,
+            f" ({unreadable} with unreadable manifests, to be evicted first)" if unreadable else "",
+            report.seconds,
         )
     return report

@@ -70,7 +70,8 @@ def read_mac_key(path: Path | None) -> bytes:
     if mode & 0o004:
         logger.warning(
             "safelora: shared_cache.mac_key_file %s is world-readable: anyone who reads it can sign entries the "
-            "fleet will serve; chmod 600 it", path,
+            "fleet will serve; chmod 600 it",
+            path,
         )
     return key
 
@@ -99,11 +100,18 @@ class SharedTier:
         return f"shared tier {self.store.describe()}"
 
     def _mac(self, document: Mapping) -> str:
-        return hmac.new(self._mac_key, b"vllm-safelora/shared-entry\0" + _canonical(document), hashlib.sha256).hexdigest()
+        return hmac.new(
+            self._mac_key, b"vllm-safelora/shared-entry\0" + _canonical(document), hashlib.sha256
+        ).hexdigest()
 
     def _document(self, key: CacheKey, files: Mapping[str, Mapping]) -> dict:
-        return {"format": FORMAT, "digest": key.digest(), "key": key.as_dict(), "context": self.context,
-                "files": {n: {FILE_HASH: m[FILE_HASH], "size": int(m["size"])} for n, m in sorted(files.items())}}
+        return {
+            "format": FORMAT,
+            "digest": key.digest(),
+            "key": key.as_dict(),
+            "context": self.context,
+            "files": {n: {FILE_HASH: m[FILE_HASH], "size": int(m["size"])} for n, m in sorted(files.items())},
+        }
 
     def _get(self, key: str, size: int, deadline: float) -> bytes:
         out = io.BytesIO()
@@ -141,18 +149,28 @@ class SharedTier:
             if not isinstance(document, dict) or not hmac.compare_digest(mac, self._mac(document)):
                 return self._ignored(digest, "bad_mac", "its MAC does not verify under this fleet's key")
             if (
-                document.get("format") != FORMAT or document.get("digest") != digest
-                or document.get("key") != key.as_dict() or document.get("context") != self.context
+                document.get("format") != FORMAT
+                or document.get("digest") != digest
+                or document.get("key") != key.as_dict()
+                or document.get("context") != self.context
             ):
                 return self._ignored(
                     digest, "mis_bound", "its signed manifest is for another key, bank, policy or fleet configuration"
                 )
             files = document.get("files")
             if (
-                not isinstance(files, dict) or not files
-                or any(not isinstance(n, str) or not _FILE_NAME.fullmatch(n) or n in (MANIFEST_NAME, SHARED_MANIFEST)
-                       or not isinstance(m, dict) or not isinstance(m.get("size"), int) or m["size"] < 0
-                       or not isinstance(m.get(FILE_HASH), str) for n, m in files.items())
+                not isinstance(files, dict)
+                or not files
+                or any(
+                    not isinstance(n, str)
+                    or not _FILE_NAME.fullmatch(n)
+                    or n in (MANIFEST_NAME, SHARED_MANIFEST)
+                    or not isinstance(m, dict)
+                    or not isinstance(m.get("size"), int)
+                    or m["size"] < 0
+                    or not isinstance(m.get(FILE_HASH), str)
+                    for n, m in files.items()
+                )
                 or sum(m["size"] for m in files.values()) > self.max_entry_bytes
             ):
                 return self._ignored(digest, "mis_bound", "its signed manifest lists unusable files")
@@ -178,23 +196,34 @@ class SharedTier:
             written[name] = files[name][FILE_HASH]
         fsync_dir(tmpdir)
         metrics.SHARED_TIER.labels(result="hit").inc()
-        logger.info("safelora: entry %s (%s) downloaded from the %s; not projected here", digest[:16],
-                    key.describe(), self.describe())
+        logger.info(
+            "safelora: entry %s (%s) downloaded from the %s; not projected here",
+            digest[:16],
+            key.describe(),
+            self.describe(),
+        )
         return written
 
     def _ignored(self, digest: str, result: str, why: str) -> None:
         metrics.SHARED_TIER.labels(result=result).inc()
         logger.warning(
             "safelora: the shared tier's entry %s was IGNORED (%s: %s); building it locally. Someone who can write "
-            "%s but does not hold the fleet key, or a replica configured differently, put it there", digest[:16],
-            result, why, self.store.uri,
+            "%s but does not hold the fleet key, or a replica configured differently, put it there",
+            digest[:16],
+            result,
+            why,
+            self.store.uri,
         )
         return None
 
     def _unavailable(self, digest: str, exc: StoreError) -> None:
         metrics.SHARED_TIER.labels(result="unavailable").inc()
-        logger.warning("safelora: the %s could not be read for entry %s (%s); building it locally",
-                       self.describe(), digest[:16], exc)
+        logger.warning(
+            "safelora: the %s could not be read for entry %s (%s); building it locally",
+            self.describe(),
+            digest[:16],
+            exc,
+        )
         return None
 
     # ------------------------------------------------------------------ writing
@@ -210,12 +239,19 @@ class SharedTier:
                 files[name] = {FILE_HASH: entry.files[name], "size": len(data)}
                 self.store.put(self.store.key(f"{digest}/{name}"), data)
             document = self._document(entry.key, files)
-            self.store.put(self.store.key(f"{digest}/{SHARED_MANIFEST}"),
-                           _canonical({"manifest": document, "mac": self._mac(document)}))
+            self.store.put(
+                self.store.key(f"{digest}/{SHARED_MANIFEST}"),
+                _canonical({"manifest": document, "mac": self._mac(document)}),
+            )
         except Exception as exc:  # never fail a request over the tier: the entry is served from the local cache
             metrics.SHARED_TIER.labels(result="upload_failed").inc()
-            logger.warning("safelora: entry %s not uploaded to the %s (%s: %s)", digest[:16], self.describe(),
-                           type(exc).__name__, exc)
+            logger.warning(
+                "safelora: entry %s not uploaded to the %s (%s: %s)",
+                digest[:16],
+                self.describe(),
+                type(exc).__name__,
+                exc,
+            )
             return False
         metrics.SHARED_TIER.labels(result="uploaded").inc()
         logger.info("safelora: entry %s uploaded to the %s", digest[:16], self.describe())

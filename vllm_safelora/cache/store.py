@@ -33,8 +33,18 @@ from collections.abc import Callable, Mapping
 from ..errors import CacheUnavailable, ConfigError
 from ..fsutil import ctime_trusted, fsync_dir
 from .entry import (
-    FILE_HASH, HEX64, MANIFEST_NAME, CacheEntry, CacheKey, CorruptEntry, discard_entry, entry_path_in, entry_signature,
-    read_entry_manifest, remove_tree, verify_entry,
+    FILE_HASH,
+    HEX64,
+    MANIFEST_NAME,
+    CacheEntry,
+    CacheKey,
+    CorruptEntry,
+    discard_entry,
+    entry_path_in,
+    entry_signature,
+    read_entry_manifest,
+    remove_tree,
+    verify_entry,
 )
 from .evict import Evictor
 from .faults import RETRY_AFTER_S, storage_fault
@@ -55,7 +65,12 @@ class PatchedAdapterCache:
     """See the module docstring. Thread-safe and safe across processes sharing ``root``."""
 
     def __init__(
-        self, root: Path | str, max_bytes: int, *, verify: bool = True, lock_timeout_s: float = 600,
+        self,
+        root: Path | str,
+        max_bytes: int,
+        *,
+        verify: bool = True,
+        lock_timeout_s: float = 600,
         index_busy_timeout_s: float = 30.0,
     ):
         if not isinstance(max_bytes, int) or isinstance(max_bytes, bool) or max_bytes <= 0:
@@ -149,7 +164,10 @@ class PatchedAdapterCache:
         logger.warning(
             "patched-adapter cache: entry %s (%s) failed verification: %s. Removed it; it will be rebuilt "
             "from the original adapter. If this keeps happening, check the disk under %s",
-            key.digest()[:16], key.describe(), why, self.root,
+            key.digest()[:16],
+            key.describe(),
+            why,
+            self.root,
         )
 
     def _load_or_discard(self, key: CacheKey) -> CacheEntry | None:
@@ -196,7 +214,12 @@ class PatchedAdapterCache:
     # ------------------------------------------------------------------ writing
 
     def get_or_create(
-        self, key: CacheKey, build: Callable[[Path], object], *, lease: bool = False, origin: str | None = None,
+        self,
+        key: CacheKey,
+        build: Callable[[Path], object],
+        *,
+        lease: bool = False,
+        origin: str | None = None,
     ) -> tuple[CacheEntry, bool]:
         """Return ``(entry, hit)``; ``build(tmpdir)`` runs only on a miss, once per key
         across threads and processes. ``build`` must write plain files (not
@@ -224,7 +247,12 @@ class PatchedAdapterCache:
             raise unavailable from exc
 
     def _get_or_build(
-        self, key: CacheKey, build: Callable[[Path], object], digest: str, lease: bool, leased: bool,
+        self,
+        key: CacheKey,
+        build: Callable[[Path], object],
+        digest: str,
+        lease: bool,
+        leased: bool,
         origin: str | None,
     ) -> tuple[CacheEntry, bool]:
         try:
@@ -253,15 +281,15 @@ class PatchedAdapterCache:
             raise
         if hit:
             return entry, True
-        logger.info(
-            "patched-adapter cache: stored entry %s (%s), %d bytes", digest[:16], key.describe(), entry.nbytes
-        )
+        logger.info("patched-adapter cache: stored entry %s (%s), %d bytes", digest[:16], key.describe(), entry.nbytes)
         try:
             self.evict_to_budget(protect={digest})
         except Exception as exc:  # the entry is stored and leased: serve it, evict at the next chance
             if storage_fault(exc) is None:
                 raise
-            logger.warning("patched-adapter cache: eviction deferred, the cache directory %s is full: %s", self.root, exc)
+            logger.warning(
+                "patched-adapter cache: eviction deferred, the cache directory %s is full: %s", self.root, exc
+            )
         return entry, False
 
     def get_leased(self, key: CacheKey, origin: str | None = None) -> CacheEntry | None:
@@ -396,8 +424,11 @@ class PatchedAdapterCache:
                 continue
             out.append(
                 CacheEntry(
-                    key=key, path=path, files={n: m[FILE_HASH] for n, m in files.items()},
-                    nbytes=manifest_size + sum(m["size"] for m in files.values()), created=created,
+                    key=key,
+                    path=path,
+                    files={n: m[FILE_HASH] for n, m in files.items()},
+                    nbytes=manifest_size + sum(m["size"] for m in files.values()),
+                    created=created,
                 )
             )
         return out

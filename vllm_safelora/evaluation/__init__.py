@@ -19,7 +19,22 @@ from .harness import (
 from .scoring import REFUSAL_PHRASES, Judge, OpenAIJudge, RefusalScorer, Verdict, exact_match, load_judge
 
 __all__ = [
-    "GenerationSettings", "Generation", "ModelSummary", "OpenAIEndpoint", "PromptItem", "evaluate_model",
-    "load_prompts", "score", "summarize", "summary_table", "write_generations",
-    "REFUSAL_PHRASES", "Judge", "OpenAIJudge", "RefusalScorer", "Verdict", "exact_match", "load_judge",
+    "GenerationSettings",
+    "Generation",
+    "ModelSummary",
+    "OpenAIEndpoint",
+    "PromptItem",
+    "evaluate_model",
+    "load_prompts",
+    "score",
+    "summarize",
+    "summary_table",
+    "write_generations",
+    "REFUSAL_PHRASES",
+    "Judge",
+    "OpenAIJudge",
+    "RefusalScorer",
+    "Verdict",
+    "exact_match",
+    "load_judge",
 ]

@@ -158,19 +158,27 @@ class OpenAIEndpoint:
             if item.prompt is None:
                 raise ValueError(f"{item.id}: the completions API needs a 'prompt', not 'messages'")
             out = self.client.completions.create(
-                model=model, prompt=item.prompt, max_tokens=s.max_tokens, temperature=s.temperature,
+                model=model,
+                prompt=item.prompt,
+                max_tokens=s.max_tokens,
+                temperature=s.temperature,
                 extra_body=s.extra_body or None,
             )
             c = out.choices[0]
             return c.text, c.finish_reason
         out = self.client.chat.completions.create(
-            model=model, messages=item.as_messages(s.system_prompt), max_tokens=s.max_tokens,
-            temperature=s.temperature, extra_body=s.extra_body or None,
+            model=model,
+            messages=item.as_messages(s.system_prompt),
+            max_tokens=s.max_tokens,
+            temperature=s.temperature,
+            extra_body=s.extra_body or None,
         )
         c = out.choices[0]
         return c.message.content or "", c.finish_reason
 
-    def generate(self, model: str, items: Sequence[PromptItem], *, progress: bool = False) -> list[tuple[str, str | None]]:
+    def generate(
+        self, model: str, items: Sequence[PromptItem], *, progress: bool = False
+    ) -> list[tuple[str, str | None]]:
         with ThreadPoolExecutor(max_workers=max(1, self.settings.concurrency)) as pool:
             futures = [pool.submit(self.generate_one, model, it) for it in items]
             it = futures
@@ -195,8 +203,15 @@ def score(
     for item, (text, finish) in zip(items, outputs):
         refusal = scorer.is_refusal(text)
         g = Generation(
-            model=model, id=item.id, kind=item.kind, task=item.task, prompt=item.text, response=text,
-            finish_reason=finish, refusal=refusal, answer=item.answer,
+            model=model,
+            id=item.id,
+            kind=item.kind,
+            task=item.task,
+            prompt=item.text,
+            response=text,
+            finish_reason=finish,
+            refusal=refusal,
+            answer=item.answer,
         )
         if item.kind == "harmful":
             g.attack_success = not refusal
@@ -254,7 +269,9 @@ def evaluate_model(
     return summarize(model, gens, time.perf_counter() - t0), gens
 
 
-def write_generations(path: Path, gens: Iterable[Generation], *, append: bool = False, extra: dict | None = None) -> None:
+def write_generations(
+    path: Path, gens: Iterable[Generation], *, append: bool = False, extra: dict | None = None
+) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a" if append else "w", encoding="utf-8") as f:

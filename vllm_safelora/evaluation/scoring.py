@@ -95,9 +95,11 @@ class RefusalScorer:
 
 def exact_match(response: str, reference: str) -> bool:
     """Exact match up to surrounding/repeated whitespace and one trailing period (case-sensitive)."""
+
     def norm(s: str) -> str:
         s = re.sub(r"\s+", " ", s).strip()
         return s[:-1].rstrip() if s.endswith(".") else s
+
     return norm(response) == norm(reference)
 
 
@@ -149,7 +151,9 @@ class OpenAIJudge:
 
     def __call__(self, prompt: str, response: str) -> Verdict:
         out = self._client.chat.completions.create(
-            model=self.model, temperature=0, max_tokens=self.max_tokens,
+            model=self.model,
+            temperature=0,
+            max_tokens=self.max_tokens,
             messages=[{"role": "user", "content": self.template.format(prompt=prompt, response=response)}],
         )
         text = out.choices[0].message.content or ""
@@ -196,6 +200,14 @@ def dumps(obj) -> str:
 
 
 __all__ = [
-    "REFUSAL_PHRASES", "RefusalScorer", "exact_match", "Verdict", "Judge", "OpenAIJudge", "JUDGE_TEMPLATE",
-    "load_judge", "rate", "dumps",
+    "REFUSAL_PHRASES",
+    "RefusalScorer",
+    "exact_match",
+    "Verdict",
+    "Judge",
+    "OpenAIJudge",
+    "JUDGE_TEMPLATE",
+    "load_judge",
+    "rate",
+    "dumps",
 ]

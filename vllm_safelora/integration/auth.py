@@ -38,8 +38,14 @@ _TENANT_ROUTES = [
     (("GET",), re.compile(r"/safelora/v1/adapters")),
     (("GET", "PUT", "DELETE"), re.compile(r"/safelora/v1/adapters/.+")),
 ]
-_UNAUTHORIZED = {"error": {"message": "a valid API key is required (Authorization: Bearer <key>)",
-                           "type": "AuthenticationError", "param": None, "code": 401}}
+_UNAUTHORIZED = {
+    "error": {
+        "message": "a valid API key is required (Authorization: Bearer <key>)",
+        "type": "AuthenticationError",
+        "param": None,
+        "code": 401,
+    }
+}
 
 
 def caller() -> Identity | None:
@@ -100,12 +106,26 @@ class AuthMiddleware:
         if refused and scope["type"] == "websocket":  # no HTTP answer on a websocket: close it (policy violation)
             return await send({"type": "websocket.close", "code": 1008})
         if identity is None:
-            return await _json(send, 401, _UNAUTHORIZED if problem is None else {**_UNAUTHORIZED, "error": {
-                **_UNAUTHORIZED["error"], "message": problem}})
+            return await _json(
+                send,
+                401,
+                _UNAUTHORIZED
+                if problem is None
+                else {**_UNAUTHORIZED, "error": {**_UNAUTHORIZED["error"], "message": problem}},
+            )
         if refused:
-            return await _json(send, 403, {"error": {
-                "message": f"{method} {path[:100]} needs the operator's key", "type": "PermissionDeniedError",
-                "param": None, "code": 403}})
+            return await _json(
+                send,
+                403,
+                {
+                    "error": {
+                        "message": f"{method} {path[:100]} needs the operator's key",
+                        "type": "PermissionDeniedError",
+                        "param": None,
+                        "code": 403,
+                    }
+                },
+            )
         token = _caller.set(identity)
         try:
             return await self.app(scope, receive, send)
@@ -160,11 +180,14 @@ def install(app, settings: SafeLoRASettings) -> None:
     if not any(e.role == "admin" for e in keys.entries().values()):
         logger.warning(
             "vllm-safelora: keys file %s holds no operator key: load/unload, /metrics and /safelora/v1/status are "
-            "closed to everyone (vllm-safelora issue-key --admin NAME)", settings.auth.keys_file,
+            "closed to everyone (vllm-safelora issue-key --admin NAME)",
+            settings.auth.keys_file,
         )
     app.add_middleware(AuthMiddleware, settings=settings, keys=keys)
     logger.info(
-        "vllm-safelora: authentication on: every route needs a key from %s%s", settings.auth.keys_file,
+        "vllm-safelora: authentication on: every route needs a key from %s%s",
+        settings.auth.keys_file,
         f" or header {settings.auth.tenant_header} from {settings.auth.trusted_proxies}"
-        if settings.auth.tenant_header else "",
+        if settings.auth.tenant_header
+        else "",
     )

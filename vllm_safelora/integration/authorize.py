@@ -39,8 +39,10 @@ def _wrap_engine_check_model(cls) -> None:
         model = getattr(request, "model", None)
         if model and not self._is_model_supported(model) and not allowed(model):
             return self.create_error_response(
-                message=not_found_message(self, model), err_type="NotFoundError",
-                status_code=HTTPStatus.NOT_FOUND, param="model",
+                message=not_found_message(self, model),
+                err_type="NotFoundError",
+                status_code=HTTPStatus.NOT_FOUND,
+                param="model",
             )
         return await original(self, request)
 

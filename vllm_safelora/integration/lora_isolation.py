@@ -32,7 +32,9 @@ def without_lora_rows(op):
         return op
 
     @functools.wraps(op)
-    def masked(inputs: torch.Tensor, weights: torch.Tensor, output: torch.Tensor, lora_indices: torch.Tensor, *args, **kwargs):
+    def masked(
+        inputs: torch.Tensor, weights: torch.Tensor, output: torch.Tensor, lora_indices: torch.Tensor, *args, **kwargs
+    ):
         if lora_indices.numel() == inputs.shape[0]:
             no_lora = lora_indices < 0
             if bool(no_lora.any()):

@@ -222,7 +222,8 @@ def _wrap_async_add_request(cls) -> None:
                 # found the entry altered, nothing): make it read the rebuilt one.
                 logger.warning(
                     "vllm-safelora: adapter '%s' was rebuilt after its cache entry changed on disk; asking the "
-                    "engine to reload it", lora_request.lora_name,
+                    "engine to reload it",
+                    lora_request.lora_name,
                 )
                 await self.remove_lora(lora_request.lora_int_id)
             lora_request.lora_path = str(prepared.path)
@@ -256,7 +257,9 @@ def _wrap_async_generate(cls) -> None:
                     logger.error(
                         "vllm-safelora: adapter '%s': its cache entry %s changed or was removed while request %s "
                         "ran (the worker refuses an altered entry); the request is stopped so that no output of "
-                        "another model is returned under the adapter's name", entry[0], entry[1][-64:][:16],
+                        "another model is returned under the adapter's name",
+                        entry[0],
+                        entry[1][-64:][:16],
                         kwargs.get("request_id", args[2] if len(args) > 2 else "?"),
                     )
                     raise entry_changed_mid_request(entry[0])
@@ -286,7 +289,10 @@ def _wrap_load_lora_adapter(cls) -> None:
             return refused
         try:
             prepared = await state.off_loop(
-                svc.prepare_client_path, request.lora_name, request.lora_path, where="load_endpoint",
+                svc.prepare_client_path,
+                request.lora_name,
+                request.lora_path,
+                where="load_endpoint",
                 operator_label=_static_modules.get(),
             )
         except (AdapterRefused, Overloaded) as exc:
@@ -470,7 +476,11 @@ def _wrap_worker_load_adapter(cls) -> None:
         else:
             logger.info(
                 "vllm-safelora worker guard (pid %d, tensor-parallel rank %s): adapter '%s' loaded from "
-                "verified cache entry %s", os.getpid(), _tp_rank(), lora_request.lora_name, entry.name[:16],
+                "verified cache entry %s",
+                os.getpid(),
+                _tp_rank(),
+                lora_request.lora_name,
+                entry.name[:16],
             )
             return lora
         metrics.GUARD_EVENTS.labels(where="worker").inc()
@@ -484,7 +494,9 @@ def _wrap_worker_load_adapter(cls) -> None:
         if getattr(_lazy_load, "active", False):
             logger.error(
                 "%s. This batch runs the adapter's requests WITHOUT it (base model) instead of stopping the "
-                "engine; check the disk under %s", message, settings.cache_dir,
+                "engine; check the disk under %s",
+                message,
+                settings.cache_dir,
             )
             # vLLM's own zero-initialised adapter (what it warms up with): applying it adds nothing.
             return self._adapter_manager.create_dummy_lora(

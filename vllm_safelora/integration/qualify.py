@@ -106,8 +106,18 @@ def download_wheel(version: str, dest: Path) -> Path:
     if not found:
         target.mkdir(parents=True, exist_ok=True)
         subprocess.run(
-            [sys.executable, "-m", "pip", "download", f"vllm=={version}", "--no-deps", "--only-binary=:all:",
-             "-d", str(target), "--quiet"],
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                f"vllm=={version}",
+                "--no-deps",
+                "--only-binary=:all:",
+                "-d",
+                str(target),
+                "--quiet",
+            ],
             check=True,
         )
         found = sorted(target.glob(f"vllm-{version}-*.whl"))
@@ -191,16 +201,21 @@ def body_digest(source: str, node: ast.AST) -> str:
     start, end = node.lineno, node.end_lineno
     skip: tuple[int, int] | None = None
     body = getattr(node, "body", None)
-    if body and isinstance(body[0], ast.Expr) and isinstance(getattr(body[0], "value", None), ast.Constant) \
-            and isinstance(body[0].value.value, str):
+    if (
+        body
+        and isinstance(body[0], ast.Expr)
+        and isinstance(getattr(body[0], "value", None), ast.Constant)
+        and isinstance(body[0].value.value, str)
+    ):
         skip = (body[0].lineno, body[0].end_lineno)
     decorators = getattr(node, "decorator_list", [])
     if decorators:
         start = min(d.lineno for d in decorators)
-    text = "".join(lines[start - 1:end])
+    text = "".join(lines[start - 1 : end])
     first_indent = len(text) - len(text.lstrip(" "))
-    text = "".join(line[first_indent:] if line[:first_indent].isspace() else line
-                   for line in text.splitlines(keepends=True))
+    text = "".join(
+        line[first_indent:] if line[:first_indent].isspace() else line for line in text.splitlines(keepends=True)
+    )
     h = hashlib.sha256()
     for tok in tokenize.generate_tokens(io.StringIO(text).readline):
         if tok.type in (tokenize.COMMENT, tokenize.NL):
@@ -225,8 +240,9 @@ def check_hook(hook: Hook, source: str | None, parsed: dict[str, ast.Module | No
         if hook.params is not None and tuple(params) != hook.params:
             problems.append(f"parameters ({', '.join(params)}), expected ({', '.join(hook.params)})")
         if hook.leading and tuple(params[: len(hook.leading)]) != hook.leading:
-            problems.append(f"parameters start ({', '.join(params[:len(hook.leading)])}), expected "
-                            f"({', '.join(hook.leading)})")
+            problems.append(
+                f"parameters start ({', '.join(params[: len(hook.leading)])}), expected ({', '.join(hook.leading)})"
+            )
         missing = [p for p in hook.has if p not in params]
         if missing:
             problems.append(f"no parameter {', '.join(missing)}")
@@ -266,9 +282,11 @@ def failures(results: Sequence[HookResult]) -> list[HookResult]:
 
 
 def summary_row(version: str, results: Sequence[HookResult], control: Sequence[HookResult] | None) -> dict:
-    edited = [] if control is None else [
-        r.hook.key for r, c in zip(results, control) if r.digest and c.digest and r.digest != c.digest
-    ]
+    edited = (
+        []
+        if control is None
+        else [r.hook.key for r, c in zip(results, control) if r.digest and c.digest and r.digest != c.digest]
+    )
     return {
         "version": version,
         "hooks": len(results),
@@ -282,12 +300,16 @@ def summary_row(version: str, results: Sequence[HookResult], control: Sequence[H
 
 
 def render(rows: Sequence[dict]) -> str:
-    out = ["| vLLM | hooks | found | changed | missing | edited since control (checks pass) | qualifies |",
-           "|---|---|---|---|---|---|---|"]
+    out = [
+        "| vLLM | hooks | found | changed | missing | edited since control (checks pass) | qualifies |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         edited = ", ".join(r["edited_since_control"]) or "-"
-        out.append(f"| {r['version']} | {r['hooks']} | {r['found']} | {r['changed']} | {r['missing']} | {edited} | "
-                   f"{'yes' if r['qualifies'] else 'NO'} |")
+        out.append(
+            f"| {r['version']} | {r['hooks']} | {r['found']} | {r['changed']} | {r['missing']} | {edited} | "
+            f"{'yes' if r['qualifies'] else 'NO'} |"
+        )
     for r in rows:
         for key, problems in r["problems"].items():
             out.append(f"{r['version']}: {key}: {'; '.join(problems)}")
@@ -295,12 +317,15 @@ def render(rows: Sequence[dict]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m vllm_safelora.integration.qualify", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m vllm_safelora.integration.qualify", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--download", nargs="*", default=[], metavar="VERSION", help="pip download these vLLM releases")
     parser.add_argument("--wheel", nargs="*", default=[], type=Path, help="vLLM wheel files to check")
     parser.add_argument("--dir", default=".vllm-wheels", type=Path, help="where --download keeps wheels")
-    parser.add_argument("--installed", action="store_true", help="also check the installed vLLM (default without "
-                        "--download/--wheel)")
+    parser.add_argument(
+        "--installed", action="store_true", help="also check the installed vLLM (default without --download/--wheel)"
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     trees: list[SourceTree] = []

@@ -38,8 +38,12 @@ def upload_area(svc) -> UploadArea | None:
     with _area_lock:
         if _area is None:
             a = svc.settings.auth
-            _area = UploadArea(root, max_adapters=a.max_adapters_per_tenant, max_bytes=a.max_bytes_per_tenant,
-                               per_minute=a.uploads_per_minute)
+            _area = UploadArea(
+                root,
+                max_adapters=a.max_adapters_per_tenant,
+                max_bytes=a.max_bytes_per_tenant,
+                per_minute=a.uploads_per_minute,
+            )
         return _area
 
 
@@ -59,8 +63,11 @@ def _boundary(request: Request) -> bytes:
     kind, options = parse_options_header(request.headers.get("content-type", ""))
     boundary = options.get(b"boundary")
     if kind != b"multipart/form-data" or not boundary or len(boundary) > 200:
-        raise UploadRefused(415, "send the adapter as multipart/form-data with parts adapter_config.json and "
-                            "adapter_model.safetensors (curl -F adapter_config.json=@... -F adapter_model.safetensors=@...)")
+        raise UploadRefused(
+            415,
+            "send the adapter as multipart/form-data with parts adapter_config.json and "
+            "adapter_model.safetensors (curl -F adapter_config.json=@... -F adapter_model.safetensors=@...)",
+        )
     return boundary
 
 
@@ -81,7 +88,8 @@ async def _receive(request: Request, parts: StagedParts, limit: int, idle_s: flo
             return
         except asyncio.TimeoutError:
             raise UploadRefused(
-                408, f"the upload sent nothing for {min(idle_s, left):g} s (auth.upload_idle_timeout_s: {idle_s:g}; "
+                408,
+                f"the upload sent nothing for {min(idle_s, left):g} s (auth.upload_idle_timeout_s: {idle_s:g}; "
                 f"auth.upload_timeout_s: {total_s:g})",
             ) from None
         except ClientDisconnect:

@@ -92,8 +92,12 @@ class _SafetensorsShim:
     def safe_open(self, filename, framework="pt", device="cpu", *args, **kwargs):
         pending: Pending | None = getattr(_local, "pending", None)
         if (
-            pending is not None and not args and not kwargs and framework in ("pt", "torch")
-            and str(device) == "cpu" and os.path.realpath(filename) == pending.path
+            pending is not None
+            and not args
+            and not kwargs
+            and framework in ("pt", "torch")
+            and str(device) == "cpu"
+            and os.path.realpath(filename) == pending.path
         ):
             pending.served = True
             return VerifiedSafetensors(pending.buf)

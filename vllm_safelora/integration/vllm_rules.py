@@ -59,7 +59,8 @@ def read_limits_for(vllm_config, settings: SafeLoRASettings) -> ReadLimits:
         parse_name=functools.partial(_vllm_parse_name, weights_mapper=mapper),
         module_served=target_filter,
         check_config=functools.partial(
-            peft_helper_problems, lora_config=lora_config,
+            peft_helper_problems,
+            lora_config=lora_config,
             max_position_embeddings=getattr(model_config, "max_model_len", None),
         ),
         rules=_rules_named(vllm_config),
@@ -67,7 +68,11 @@ def read_limits_for(vllm_config, settings: SafeLoRASettings) -> ReadLimits:
     logger.info(
         "safelora: adapters are read as vLLM reads them (lora dtype %s, <= %d tensors, header <= %d B, "
         "<= %d elements per tensor, <= %d B)",
-        limits.serve_dtype, max_tensors, max_header, max_elements, max_bytes,
+        limits.serve_dtype,
+        max_tensors,
+        max_header,
+        max_elements,
+        max_bytes,
     )
     return limits
 
@@ -121,9 +126,7 @@ def _vllm_parse_name(name: str, *, weights_mapper) -> tuple[str, bool]:
     return parse_fine_tuned_lora_name(name, weights_mapper)
 
 
-def peft_helper_problems(
-    config: Mapping[str, Any], *, lora_config, max_position_embeddings: int | None
-) -> list[str]:
+def peft_helper_problems(config: Mapping[str, Any], *, lora_config, max_position_embeddings: int | None) -> list[str]:
     """What vLLM's own PEFTHelper says about adapter_config.json on this server ([] if it accepts it).
 
     The worker runs exactly this (``PEFTHelper.from_local_dir`` then ``validate_legal``)
@@ -145,8 +148,14 @@ def _rules_named(vllm_config) -> str:
     import vllm
 
     lora = vllm_config.lora_config
-    return repr((
-        getattr(vllm, "__version__", "?"), str(vllm_config.model_config.model),
-        getattr(vllm_config.model_config, "architecture", None), sorted(lora.target_modules or []),
-        lora.max_lora_rank, str(lora_dtype(vllm_config)), getattr(vllm_config.model_config, "max_model_len", None),
-    ))
+    return repr(
+        (
+            getattr(vllm, "__version__", "?"),
+            str(vllm_config.model_config.model),
+            getattr(vllm_config.model_config, "architecture", None),
+            sorted(lora.target_modules or []),
+            lora.max_lora_rank,
+            str(lora_dtype(vllm_config)),
+            getattr(vllm_config.model_config, "max_model_len", None),
+        )
+    )

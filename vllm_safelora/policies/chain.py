@@ -84,9 +84,7 @@ class ChainPolicy(Policy):
             notes.extend(f"step {i + 1} ({cfg.kind}): {note}" for note in res.notes)
             current = adapter_view(adapter, res.tensors)
 
-        kind = next(
-            (c.projection for c in self.config.steps if isinstance(c, SafeLoRAConfig)), ProjectionKind.APPROX
-        )
+        kind = next((c.projection for c in self.config.steps if isinstance(c, SafeLoRAConfig)), ProjectionKind.APPROX)
         final = results[-1].tensors
         # Pdst is measured against the upload (the reference's C lora_B_in), whatever the steps did.
         analyses = analyze_adapter(adapter, bank, kind)

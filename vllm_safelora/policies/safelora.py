@@ -53,8 +53,10 @@ class SafeLoRAPolicy(Policy):
             )
         if cfg.projection is ProjectionKind.EXACT:
             full = [
-                r.module for r in reports
-                if (m := bank.manifest.module(r.module)) is not None and min(m.rank_kept, m.numerical_rank) >= m.shape[0]
+                r.module
+                for r in reports
+                if (m := bank.manifest.module(r.module)) is not None
+                and min(m.rank_kept, m.numerical_rank) >= m.shape[0]
             ]
             if full:
                 notes.append(

@@ -114,7 +114,10 @@ class SaLoRAPolicy(Policy):
                 changed += 1
             reports.append(
                 module_report(
-                    bank, module, a, projected=project,
+                    bank,
+                    module,
+                    a,
+                    projected=project,
                     pdst_term=pdst_term_for(a, module.lora_B, final_B),
                     salora_removed_fraction=fraction,
                 )

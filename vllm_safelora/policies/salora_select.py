@@ -78,7 +78,9 @@ class SaLoRASelectPolicy(SaLoRAPolicy):
     def apply(self, adapter: LoraAdapter, bank: AlignmentBank) -> PolicyResult:
         features = bank.require_safety_features(f"the {LABEL} policy")
         k = self.config.rank
-        Vs = {n: (features[n].to(torch.float32)[:, :k] if k else features[n].to(torch.float32)) for n in adapter.modules}
+        Vs = {
+            n: (features[n].to(torch.float32)[:, :k] if k else features[n].to(torch.float32)) for n in adapter.modules
+        }
         analyses = analyze_adapter(adapter, bank, ProjectionKind.APPROX)
         overlaps = {n: safety_overlap(Vs[n], m) for n, m in adapter.modules.items()}
         if self.config.score == "overlap":
@@ -87,7 +89,9 @@ class SaLoRASelectPolicy(SaLoRAPolicy):
             # Safe LoRA's order: lowest rounded cosine first; threshold means cos <= t.
             neg = {n: -a.score.cosine_rounded for n, a in analyses.items()}
             cfg = self.config
-            chosen = choose(neg, cfg.model_copy(update={"threshold": -cfg.threshold}) if cfg.select == "threshold" else cfg)
+            chosen = choose(
+                neg, cfg.model_copy(update={"threshold": -cfg.threshold}) if cfg.select == "threshold" else cfg
+            )
         tensors = dict(adapter.tensors)
         reports = []
         for name, module in adapter.modules.items():
@@ -95,15 +99,22 @@ class SaLoRASelectPolicy(SaLoRAPolicy):
             if name in chosen:
                 final_B = salora_project(Vs[name], module.lora_B).to(device="cpu", dtype=module.lora_B.dtype)
                 tensors[module.b_key] = final_B
-            reports.append(module_report(
-                bank, module, analyses[name], projected=name in chosen,
-                pdst_term=pdst_term_for(analyses[name], module.lora_B, final_B),
-                salora_removed_fraction=overlaps[name],
-            ))
+            reports.append(
+                module_report(
+                    bank,
+                    module,
+                    analyses[name],
+                    projected=name in chosen,
+                    pdst_term=pdst_term_for(analyses[name], module.lora_B, final_B),
+                    salora_removed_fraction=overlaps[name],
+                )
+            )
         picked = sorted(overlaps[n] for n in chosen)
         notes = [
             f"{LABEL}: {SALORA_LABEL} projection with {'top ' + str(k) if k else 'all stored'} safety directions on "
             f"{len(chosen)}/{len(reports)} module(s) chosen by {self.config.score} ({self.config.select}); "
-            f"their overlap {picked[0]:.3f}-{picked[-1]:.3f}" if picked else f"{LABEL}: no module selected"
+            f"their overlap {picked[0]:.3f}-{picked[-1]:.3f}"
+            if picked
+            else f"{LABEL}: no module selected"
         ]
         return PolicyResult(tensors=tensors, modules=reports, changed=bool(chosen), notes=notes)

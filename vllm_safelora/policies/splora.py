@@ -148,17 +148,25 @@ class SPLoRAPolicy(Policy):
             final_B = None if is_pruned else module.lora_B
             reports.append(
                 module_report(
-                    bank, module, a, projected=False,
+                    bank,
+                    module,
+                    a,
+                    projected=False,
                     pdst_term=pdst_term_for(a, module.lora_B, final_B),
-                    pruned=is_pruned, distance_score=z[name],
+                    pruned=is_pruned,
+                    distance_score=z[name],
                 )
             )
         flops_before, flops_after = lora_flops_per_token(adapter), lora_flops_per_token(adapter, without=pruned)
         notes = [
             f"SPLoRA distance d = ||(C - I) dW||_F / ||dW||_F standardised as z = (d - {median:.4g}) / {scale:.4g} "
             f"(median, scale = {which}); pruned {len(pruned)}/{len(z)} module(s)"
-            + (f"; LoRA FLOPs per token {flops_after:,} of {flops_before:,} "
-               f"({1 - flops_after / flops_before:.1%} saved)" if pruned and flops_before else "")
+            + (
+                f"; LoRA FLOPs per token {flops_after:,} of {flops_before:,} "
+                f"({1 - flops_after / flops_before:.1%} saved)"
+                if pruned and flops_before
+                else ""
+            )
         ]
         if 0 < len(z) < 4:
             notes.append(f"only {len(z)} module(s): median/IQR standardisation says little about so few values")
@@ -167,6 +175,9 @@ class SPLoRAPolicy(Policy):
         if any(not math.isfinite(v) for v in z.values()):  # pragma: no cover - distances are finite
             notes.append("non-finite distance scores")
         return PolicyResult(
-            tensors=tensors, modules=reports, changed=bool(pruned), notes=notes,
+            tensors=tensors,
+            modules=reports,
+            changed=bool(pruned),
+            notes=notes,
             pruned=tuple(n for n in adapter.modules if n in pruned),
         )

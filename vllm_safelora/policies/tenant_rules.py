@@ -37,7 +37,9 @@ class AdmissionConfig(BaseModel):
         None, ge=-1.0, le=1.0, description="refuse when any module's cosine is below this floor"
     )
     max_mean_cosine: float | None = Field(
-        None, ge=-1.0, le=1.0,
+        None,
+        ge=-1.0,
+        le=1.0,
         description="refuse when the adapter's mean module cosine is at or above this (detection, data-free). In the "
         "safety miniature, jailbreak fine-tunes undo the alignment (dW ~ -V) and score HIGH cosines: 0.526 caught "
         "90% of held-out harmful adapters with no false refusal among 11 harmless ones (benchmarks/results/safety/"
@@ -87,7 +89,9 @@ class TenantPolicy:
         exists only for adapters its rules admitted and a cache hit needs no second check.
         """
         rules = self.admission.model_dump(exclude_none=True)
-        admitted = "-admit-" + hashlib.sha256(json.dumps(rules, sort_keys=True).encode()).hexdigest()[:12] if rules else ""
+        admitted = (
+            "-admit-" + hashlib.sha256(json.dumps(rules, sort_keys=True).encode()).hexdigest()[:12] if rules else ""
+        )
         return self.policy.policy_id(bank) + admitted + ("-shadow" if self.shadow else "")
 
     def admission_problem(self, report) -> str | None:
@@ -103,7 +107,11 @@ class TenantPolicy:
         if admission.min_cosine is not None and s.min_cosine is not None and s.min_cosine < admission.min_cosine:
             worst = min(report.modules, key=lambda m: m.cosine)
             return f"module {worst.module} has cosine {worst.cosine:.5f}, below the floor {admission.min_cosine}"
-        if admission.max_mean_cosine is not None and s.mean_cosine is not None and s.mean_cosine >= admission.max_mean_cosine:
+        if (
+            admission.max_mean_cosine is not None
+            and s.mean_cosine is not None
+            and s.mean_cosine >= admission.max_mean_cosine
+        ):
             return (
                 f"the mean module cosine {s.mean_cosine:.5f} is at or above {admission.max_mean_cosine}: the update "
                 "lies along the alignment subspace, as fine-tunes that undo the alignment do"

@@ -25,7 +25,7 @@ def tenant_of(name: str, tenant_prefixes: Sequence[str] = ()) -> str:
     name ``s3:acme/bot``; a hub name keeps its source (``hub:org``), which is no tenant's."""
     for prefix in tenant_prefixes:
         if prefix and name.startswith(prefix):
-            return namespace_of(name[len(prefix):])
+            return namespace_of(name[len(prefix) :])
     return namespace_of(name)
 
 

@@ -32,5 +32,6 @@ def check_lora_path(lora_path: object) -> None:
         )
     if len(lora_path) > MAX_LORA_PATH:
         raise AdapterRefused(
-            RefusalReason.INVALID_NAME, f"lora_path is {len(lora_path)} characters long, too long (at most {MAX_LORA_PATH})"
+            RefusalReason.INVALID_NAME,
+            f"lora_path is {len(lora_path)} characters long, too long (at most {MAX_LORA_PATH})",
         )

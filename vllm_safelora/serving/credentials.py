@@ -69,9 +69,7 @@ class KeyEntry:
 def check_name(name: str, role: Role) -> None:
     if not isinstance(name, str) or not NAME_RE.fullmatch(name) or ".." in name:
         what = "a tenant (the first component of its adapters' names)" if role == "tenant" else "an operator"
-        raise ConfigError(
-            f"{name!r} cannot name {what}: 1 to 64 of A-Z a-z 0-9 . _ -, starting with a letter or digit"
-        )
+        raise ConfigError(f"{name!r} cannot name {what}: 1 to 64 of A-Z a-z 0-9 . _ -, starting with a letter or digit")
 
 
 def parse_keys(text: str, source: str) -> dict[str, KeyEntry]:
@@ -88,13 +86,19 @@ def parse_keys(text: str, source: str) -> dict[str, KeyEntry]:
     for i, raw in enumerate(doc.get("keys") or []):
         try:
             entry = KeyEntry(
-                id=str(raw["id"]), name=str(raw["name"]), role=raw["role"], digest=str(raw["digest"]),
+                id=str(raw["id"]),
+                name=str(raw["name"]),
+                role=raw["role"],
+                digest=str(raw["digest"]),
                 issued=str(raw.get("issued", "")),
             )
         except (KeyError, TypeError):
             raise ConfigError(f"keys file {source}: entry {i} needs id, name, role and digest") from None
-        if entry.role not in ("tenant", "admin") or not re.fullmatch(r"[0-9a-f]{12}", entry.id) \
-                or not re.fullmatch(r"[0-9a-f]{64}", entry.digest):
+        if (
+            entry.role not in ("tenant", "admin")
+            or not re.fullmatch(r"[0-9a-f]{12}", entry.id)
+            or not re.fullmatch(r"[0-9a-f]{64}", entry.digest)
+        ):
             raise ConfigError(f"keys file {source}: entry {i} ({entry.name!r}) is malformed")
         check_name(entry.name, entry.role)
         if entry.id in entries:
@@ -133,7 +137,9 @@ class KeyStore:
             entries = parse_keys(self.path.read_text(), str(self.path))
         except (ConfigError, OSError, UnicodeDecodeError) as exc:
             if first:
-                raise ConfigError(f"{exc}" if isinstance(exc, ConfigError) else f"keys file {self.path}: {exc}") from None
+                raise ConfigError(
+                    f"{exc}" if isinstance(exc, ConfigError) else f"keys file {self.path}: {exc}"
+                ) from None
             logger.error("vllm-safelora: %s; every API key is refused until it is fixed", exc)
             self._entries, self._stamp = {}, stamp
             return
@@ -141,7 +147,11 @@ class KeyStore:
         admins = sum(e.role == "admin" for e in entries.values())
         logger.info(
             "vllm-safelora: %s keys file %s: %d tenant(s) %s, %d operator key(s)",
-            "read" if first else "re-read", self.path, len(tenants), tenants[:20], admins,
+            "read" if first else "re-read",
+            self.path,
+            len(tenants),
+            tenants[:20],
+            admins,
         )
         self._entries, self._stamp = entries, stamp
 
@@ -210,10 +220,15 @@ def issue_key(path: Path, name: str, role: Role) -> str:
                 raise ConfigError(f"{name!r} is already {'an operator' if e['role'] == 'admin' else 'a tenant'}")
         key_id, secret = secrets.token_hex(6), secrets.token_urlsafe(32)
         doc.setdefault("keys", [])
-        doc["keys"] = list(doc["keys"] or []) + [{
-            "id": key_id, "name": name, "role": role, "digest": digest(key_id, secret),
-            "issued": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        }]
+        doc["keys"] = list(doc["keys"] or []) + [
+            {
+                "id": key_id,
+                "name": name,
+                "role": role,
+                "digest": digest(key_id, secret),
+                "issued": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            }
+        ]
         _write_doc(path, doc)
     return f"sl-{key_id}-{secret}"
 

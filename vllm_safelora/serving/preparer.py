@@ -18,7 +18,12 @@ from collections.abc import Callable
 
 from .. import metrics
 from ..adapters import (
-    AdapterFiles, ReadLimits, file_identity, parse_adapter, read_adapter_files, write_adapter_files,
+    AdapterFiles,
+    ReadLimits,
+    file_identity,
+    parse_adapter,
+    read_adapter_files,
+    write_adapter_files,
 )
 from ..apply_policy import project_for_tenant
 from ..bank import AlignmentBank
@@ -58,7 +63,8 @@ class PreparedAdapter:
         Any write or touch by a non-root process moves a file's ctime; a signature taken in the
         same tick as the entry was written is re-verified (hashed) instead of trusted."""
         return (
-            bool(self.signature) and not signature_racy(self.signature, self.signed_at_ns)
+            bool(self.signature)
+            and not signature_racy(self.signature, self.signed_at_ns)
             and entry_signature(self.path) == self.signature
         )
 
@@ -70,7 +76,11 @@ def _origin(location: Location) -> str:
 
 class AdapterPreparer:
     def __init__(
-        self, settings: SafeLoRASettings, bank: AlignmentBank, cache: PatchedAdapterCache, limits: ReadLimits,
+        self,
+        settings: SafeLoRASettings,
+        bank: AlignmentBank,
+        cache: PatchedAdapterCache,
+        limits: ReadLimits,
         shared: SharedTier | None = None,
     ):
         self.settings = settings
@@ -130,7 +140,9 @@ class AdapterPreparer:
             metrics.ADAPTERS.labels(outcome="error", policy=self.settings.policy.kind, mode="enforce").inc()
             logger.exception(
                 "safelora: preparing adapter '%s' failed on the server side; it was not served. Check the cache "
-                "directory %s (space, permissions) and the traceback below", name, self.settings.cache_dir,
+                "directory %s (space, permissions) and the traceback below",
+                name,
+                self.settings.cache_dir,
             )
             raise
         summary = prepared.report.summary
@@ -138,11 +150,21 @@ class AdapterPreparer:
         logger.info(
             "safelora: adapter '%s' from %s %s%s: %d/%d modules projected (min cosine %s, mean Pdst %.4f), policy %s "
             "%s (rule '%s'), bank %s -> cache entry %s [%s, %.3fs]",
-            name, location.identity, summary.outcome, " (SHADOW: served unprojected)" if tenant.shadow else "",
-            summary.projected, summary.modules,
-            f"{summary.min_cosine:.5f}" if summary.min_cosine is not None else "n/a", summary.mean_pdst,
-            summary.policy_name, summary.policy_id, tenant.rule, summary.bank_id, prepared.digest[:16],
-            "cache hit" if prepared.cache_hit else "projected now", time.perf_counter() - start,
+            name,
+            location.identity,
+            summary.outcome,
+            " (SHADOW: served unprojected)" if tenant.shadow else "",
+            summary.projected,
+            summary.modules,
+            f"{summary.min_cosine:.5f}" if summary.min_cosine is not None else "n/a",
+            summary.mean_pdst,
+            summary.policy_name,
+            summary.policy_id,
+            tenant.rule,
+            summary.bank_id,
+            prepared.digest[:16],
+            "cache hit" if prepared.cache_hit else "projected now",
+            time.perf_counter() - start,
         )
         return prepared
 
@@ -196,7 +218,9 @@ class AdapterPreparer:
             return None
         if content_hash is None:
             return None
-        key = CacheKey(adapter_hash=content_hash, bank_id=self.bank.bank_id, policy_id=tenant.cache_policy_id(self.bank))
+        key = CacheKey(
+            adapter_hash=content_hash, bank_id=self.bank.bank_id, policy_id=tenant.cache_policy_id(self.bank)
+        )
         entry = self.cache.get_leased(key, origin=_origin(location))
         if entry is None:
             return None
@@ -233,7 +257,11 @@ class AdapterPreparer:
                 return fetched
             start = time.perf_counter()
             outcome = project_for_tenant(
-                adapter, self.bank, tenant, name=name, aliases=self.settings.aliases,
+                adapter,
+                self.bank,
+                tenant,
+                name=name,
+                aliases=self.settings.aliases,
                 require_base_model_match=self.settings.require_base_model_match,
             )
             written = write_adapter_files(tmpdir, outcome.adapter)
@@ -259,8 +287,14 @@ class AdapterPreparer:
         metrics.CACHE_BYTES.set(self.cache.total_bytes())  # from the index: one row read
         signed_at = time.time_ns()
         return PreparedAdapter(
-            name=name, path=entry.path, digest=entry.digest, report=report, cache_hit=hit,
-            location=location, signature=entry_signature(entry.path), signed_at_ns=signed_at,
+            name=name,
+            path=entry.path,
+            digest=entry.digest,
+            report=report,
+            cache_hit=hit,
+            location=location,
+            signature=entry_signature(entry.path),
+            signed_at_ns=signed_at,
         )
 
     def _observe_projection(self, report: AdapterReport, tenant: TenantPolicy, seconds: float) -> None:

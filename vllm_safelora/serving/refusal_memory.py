@@ -21,7 +21,12 @@ MAX_DETAIL = 1024
 # Refusals that depend on where or how an adapter was asked for, or on a race,
 # not on its bytes: never remembered.
 NOT_REMEMBERED = frozenset(
-    {RefusalReason.NOT_FOUND, RefusalReason.INVALID_NAME, RefusalReason.CHANGED_WHILE_READING, RefusalReason.NAME_IN_USE}
+    {
+        RefusalReason.NOT_FOUND,
+        RefusalReason.INVALID_NAME,
+        RefusalReason.CHANGED_WHILE_READING,
+        RefusalReason.NAME_IN_USE,
+    }
 )
 
 

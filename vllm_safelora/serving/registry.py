@@ -50,7 +50,8 @@ class HandedToVLLM:
         logger.warning(
             "safelora: cache entry %s of adapter '%s' changed or vanished on disk since it was verified; "
             "re-verifying and rebuilding it from the uploaded adapter",
-            prepared.digest[:16], prepared.name,
+            prepared.digest[:16],
+            prepared.name,
         )
         return None
 
@@ -102,7 +103,9 @@ class HandedToVLLM:
     def tracking(self) -> dict[str, int]:
         """Sizes of what this server tracks (all bounded): for the status page, tests and benchmarks."""
         return {
-            "paths": len(self._by_path), "names": len(self._by_name), "leases": sum(self.cache.leases.held().values()),
+            "paths": len(self._by_path),
+            "names": len(self._by_name),
+            "leases": sum(self.cache.leases.held().values()),
             "max_tracked_adapters": self.max_tracked_adapters,
         }
 

@@ -58,7 +58,11 @@ class SafeLoRAService:
 
     @classmethod
     def start(
-        cls, settings: SafeLoRASettings, served_model: str, *, max_rank: int | None = None,
+        cls,
+        settings: SafeLoRASettings,
+        served_model: str,
+        *,
+        max_rank: int | None = None,
         limits: ReadLimits | None = None,
     ) -> SafeLoRAService:
         """Load the bank, check it protects ``served_model``, open sources and cache; fail closed."""
@@ -66,14 +70,20 @@ class SafeLoRAService:
         cache = PatchedAdapterCache(settings.cache_dir, settings.cache_max_bytes, verify=settings.verify_cache)
         limits = limits or ReadLimits(max_bytes=settings.max_adapter_bytes, max_rank=max_rank)
         service = cls(
-            settings, bank, build_sources(settings, limits), cache, max_rank=max_rank, limits=limits,
+            settings,
+            bank,
+            build_sources(settings, limits),
+            cache,
+            max_rank=max_rank,
+            limits=limits,
             shared_tier=build_shared_tier(settings),
         )
         announce_start(settings, served_model, bank, service.sources, cache)
         if service.preparer.shared is not None:
             logger.info(
                 "safelora: fleet-shared tier of projected entries at %s (entries signed with the fleet key in %s)",
-                service.preparer.shared.store.describe(), settings.shared_cache.mac_key_file,
+                service.preparer.shared.store.describe(),
+                settings.shared_cache.mac_key_file,
             )
         return service
 
@@ -139,9 +149,7 @@ class SafeLoRAService:
         ``--lora-modules`` label, which may differ from the location unless it shadows a tenant."""
         return self._prepare(name, lora_path, where, lambda: self._where_typed(name, lora_path, operator_label))
 
-    def _prepare(
-        self, name: str, lora_path: str | None, where: str, find: Callable[[], Location]
-    ) -> PreparedAdapter:
+    def _prepare(self, name: str, lora_path: str | None, where: str, find: Callable[[], Location]) -> PreparedAdapter:
         def checked_find() -> Location:
             check_served_name(name)
             if lora_path is not None:
@@ -185,7 +193,9 @@ class SafeLoRAService:
     def _entry_path(self, lora_path: str | None) -> Path | None:
         """``lora_path`` resolved if it names an entry directory of this server's cache."""
         if (
-            not isinstance(lora_path, str) or not lora_path.isprintable() or not os.path.isabs(lora_path)
+            not isinstance(lora_path, str)
+            or not lora_path.isprintable()
+            or not os.path.isabs(lora_path)
             or len(lora_path) > MAX_LORA_PATH
         ):
             return None
@@ -212,7 +222,11 @@ class SafeLoRAService:
         location = locate_path(self.sources, origin)
         logger.info(
             "safelora: adapter '%s' (cache entry %s) had dropped out of the %d adapters this server tracks; "
-            "preparing it again from %s", name, entry.name[:16], self.settings.max_tracked_adapters, location.identity,
+            "preparing it again from %s",
+            name,
+            entry.name[:16],
+            self.settings.max_tracked_adapters,
+            location.identity,
         )
         return location
 

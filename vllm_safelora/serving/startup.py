@@ -29,13 +29,13 @@ logger = logging.getLogger("vllm_safelora")
 def build_sources(settings: SafeLoRASettings, limits: ReadLimits | None = None) -> list[AdapterSource]:
     """The configured sources; ``limits``: the served vLLM's read limits, which a remote source holds its
     downloads to (default: ``max_adapter_bytes``)."""
-    sources: list[AdapterSource] = [
-        LocalDirSource(root, settings.shared_adapters) for root in settings.adapter_dirs
-    ]
+    sources: list[AdapterSource] = [LocalDirSource(root, settings.shared_adapters) for root in settings.adapter_dirs]
     if settings.hub.enabled:
         sources.append(
             HubSource(
-                prefix=settings.hub.prefix, allow=settings.hub.allow, revision=settings.hub.revision,
+                prefix=settings.hub.prefix,
+                allow=settings.hub.allow,
+                revision=settings.hub.revision,
                 local_files_only=settings.hub.local_files_only,
             )
         )
@@ -43,9 +43,13 @@ def build_sources(settings: SafeLoRASettings, limits: ReadLimits | None = None) 
         s3 = settings.s3
         sources.append(
             S3Source(
-                s3.uri, prefix=s3.prefix, endpoint_url=s3.endpoint_url, region=s3.region,
+                s3.uri,
+                prefix=s3.prefix,
+                endpoint_url=s3.endpoint_url,
+                region=s3.region,
                 timeouts=StoreTimeouts(s3.connect_timeout_s, s3.read_timeout_s, s3.fetch_timeout_s, s3.retries),
-                retry_after_s=s3.retry_after_s, staging_dir=s3.staging_dir,
+                retry_after_s=s3.retry_after_s,
+                staging_dir=s3.staging_dir,
                 limits=limits or ReadLimits(max_bytes=settings.max_adapter_bytes),
             )
         )
@@ -65,7 +69,9 @@ def build_shared_tier(settings: SafeLoRASettings) -> SharedTier | None:
         raise ConfigError("shared_cache is enabled but shared_cache.uri is not set (e.g. s3://fleet-cache/entries/)")
     key = read_mac_key(cfg.mac_key_file)
     store = ObjectStore(
-        parse_s3_uri(cfg.uri, "shared_cache.uri"), endpoint_url=cfg.endpoint_url, region=cfg.region,
+        parse_s3_uri(cfg.uri, "shared_cache.uri"),
+        endpoint_url=cfg.endpoint_url,
+        region=cfg.region,
         timeouts=StoreTimeouts(cfg.connect_timeout_s, cfg.read_timeout_s, cfg.fetch_timeout_s, cfg.retries),
         what="shared_cache",
     )
@@ -98,7 +104,10 @@ def load_checked_bank(settings: SafeLoRASettings, served_model: str) -> Alignmen
 
 
 def announce_start(
-    settings: SafeLoRASettings, served_model: str, bank: AlignmentBank, sources: Sequence[AdapterSource],
+    settings: SafeLoRASettings,
+    served_model: str,
+    bank: AlignmentBank,
+    sources: Sequence[AdapterSource],
     cache: PatchedAdapterCache,
 ) -> None:
     """Set the bank and cache gauges and log what this server protects, and how (warnings for
@@ -108,8 +117,14 @@ def announce_start(
     metrics.CACHE_MAX_BYTES.set(cache.max_bytes)
     logger.info(
         "safelora: protecting '%s' with bank %s (%d modules, %.1f MiB on %s); policies %s; sources %s; cache %s",
-        served_model, bank.bank_id, len(bank.subspaces), bank.nbytes / 2**20, bank.device,
-        describe_rules(settings), [s.describe() for s in sources], settings.cache_dir,
+        served_model,
+        bank.bank_id,
+        len(bank.subspaces),
+        bank.nbytes / 2**20,
+        bank.device,
+        describe_rules(settings),
+        [s.describe() for s in sources],
+        settings.cache_dir,
     )
     if not settings.verify_cache:
         logger.warning(
@@ -120,14 +135,16 @@ def announce_start(
     elif cache.ctime_trusted:
         logger.info(
             "safelora: cache %s is on %s: an entry this process hashed is re-checked by its identity (inode, "
-            "size, mtime, ctime) on each use, and hashed again when that changes", settings.cache_dir,
+            "size, mtime, ctime) on each use, and hashed again when that changes",
+            settings.cache_dir,
             cache.filesystem,
         )
     else:
         logger.warning(
             "safelora: cache %s is on %s, whose ctime cannot be trusted to move with every write: every use "
             "of an entry hashes it in full (slower re-loads); put the cache on a local file system",
-            settings.cache_dir, cache.filesystem,
+            settings.cache_dir,
+            cache.filesystem,
         )
     if settings.hub.enabled and not settings.hub.allow:
         logger.warning(
@@ -138,6 +155,8 @@ def announce_start(
         if rule["shadow"]:
             logger.warning(
                 "safelora: SHADOW MODE is ON for adapters matching '%s': they are served UNPROJECTED; reports "
-                "and metrics (mode=\"shadow\") only show what policy %s would have done. Turn it off once "
-                "the roll-out is checked.", rule["match"], rule["policy"],
+                'and metrics (mode="shadow") only show what policy %s would have done. Turn it off once '
+                "the roll-out is checked.",
+                rule["match"],
+                rule["policy"],
             )

@@ -66,16 +66,20 @@ class StagedParts:
         self._disposition: bytes | None = None
         self._parts = 0
         self._ended = False
-        self._parser = MultipartParser(boundary, {
-            "on_part_begin": self._part_begin,
-            "on_header_field": lambda d, s, e: self._header_field.extend(d[s:e]),
-            "on_header_value": lambda d, s, e: self._header_value.extend(d[s:e]),
-            "on_header_end": self._header_end,
-            "on_headers_finished": self._headers_finished,
-            "on_part_data": self._part_data,
-            "on_part_end": self._part_end,
-            "on_end": self._end,
-        }, max_header_size=_MAX_PART_HEADERS)
+        self._parser = MultipartParser(
+            boundary,
+            {
+                "on_part_begin": self._part_begin,
+                "on_header_field": lambda d, s, e: self._header_field.extend(d[s:e]),
+                "on_header_value": lambda d, s, e: self._header_value.extend(d[s:e]),
+                "on_header_end": self._header_end,
+                "on_headers_finished": self._headers_finished,
+                "on_part_data": self._part_data,
+                "on_part_end": self._part_end,
+                "on_end": self._end,
+            },
+            max_header_size=_MAX_PART_HEADERS,
+        )
 
     def feed(self, chunk: bytes) -> None:
         from python_multipart.exceptions import MultipartParseError
@@ -90,7 +94,9 @@ class StagedParts:
             raise UploadRefused(400, "the multipart body ended before its closing boundary")
         missing = [p for p in PARTS if p not in self.sizes]
         if missing:
-            raise UploadRefused(400, f"the upload has no part named {missing[0]!r} (send both {PARTS[0]} and {PARTS[1]})")
+            raise UploadRefused(
+                400, f"the upload has no part named {missing[0]!r} (send both {PARTS[0]} and {PARTS[1]})"
+            )
 
     def close(self) -> None:
         if self._fd is not None:
@@ -100,7 +106,9 @@ class StagedParts:
     def _part_begin(self) -> None:
         self._parts += 1
         if self._parts > len(PARTS):
-            raise UploadRefused(400, f"the upload has more than {len(PARTS)} parts: send only {PARTS[0]} and {PARTS[1]}")
+            raise UploadRefused(
+                400, f"the upload has more than {len(PARTS)} parts: send only {PARTS[0]} and {PARTS[1]}"
+            )
         self._disposition = None
         self._header_field.clear()
         self._header_value.clear()
@@ -119,15 +127,17 @@ class StagedParts:
         name = raw.decode("utf-8", "replace") if raw is not None else None
         if kind != b"form-data" or name not in PARTS:
             raise UploadRefused(
-                400, f"part {shown_name(name)} is not one of the adapter's files: name the parts exactly "
+                400,
+                f"part {shown_name(name)} is not one of the adapter's files: name the parts exactly "
                 f"{PARTS[0]} and {PARTS[1]}",
             )
         if name in self.sizes:
             raise UploadRefused(400, f"part {name!r} appears twice")
         self._name = name
         self.sizes[name] = 0
-        self._fd = os.open(self.directory / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                           0o640)
+        self._fd = os.open(
+            self.directory / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o640
+        )
 
     def _part_data(self, data: bytes, start: int, end: int) -> None:
         n = end - start
@@ -138,7 +148,7 @@ class StagedParts:
         self.sizes[self._name] = size
         view = memoryview(data)[start:end]
         while view:
-            view = view[os.write(self._fd, view):]
+            view = view[os.write(self._fd, view) :]
 
     def _part_end(self) -> None:
         os.fsync(self._fd)
@@ -205,8 +215,10 @@ class UploadArea:
             if len(rate.starts) >= self.per_minute:
                 wait = int(60.0 - (now - rate.starts[0])) + 1
                 raise UploadRefused(
-                    429, f"tenant {tenant!r} reached the upload rate limit (auth.uploads_per_minute: "
-                    f"{self.per_minute}); retry in {wait} s", retry_after=wait,
+                    429,
+                    f"tenant {tenant!r} reached the upload rate limit (auth.uploads_per_minute: "
+                    f"{self.per_minute}); retry in {wait} s",
+                    retry_after=wait,
                 )
             rate.starts.append(now)
             if len(self._rates) > 4096:  # bounded: forget the quietest tenants
@@ -241,7 +253,8 @@ class UploadArea:
         count, used = self.usage(tenant, excluding=name)
         if count >= self.max_adapters:
             raise UploadRefused(
-                403, f"tenant {tenant!r} already keeps {count} adapters (auth.max_adapters_per_tenant: "
+                403,
+                f"tenant {tenant!r} already keeps {count} adapters (auth.max_adapters_per_tenant: "
                 f"{self.max_adapters}); delete one first",
             )
         left = self.max_bytes - used
@@ -254,15 +267,18 @@ class UploadArea:
         def cap(limit: int, what: str) -> tuple[int, str]:
             return (limit, what) if limit <= left else (left, quota)
 
-        return {CONFIG_FILE: cap(max_config, "the largest adapter_config.json read"),
-                WEIGHTS_FILE: cap(max_weights, "max_adapter_bytes, or the largest adapter the served model takes")}
+        return {
+            CONFIG_FILE: cap(max_config, "the largest adapter_config.json read"),
+            WEIGHTS_FILE: cap(max_weights, "max_adapter_bytes, or the largest adapter the served model takes"),
+        }
 
     def check_total(self, name: str, new_bytes: int) -> None:
         tenant = namespace_of(name)
         _, used = self.usage(tenant, excluding=name)
         if used + new_bytes > self.max_bytes:
             raise UploadRefused(
-                413, f"the upload ({new_bytes} bytes) would take tenant {tenant!r} over its quota "
+                413,
+                f"the upload ({new_bytes} bytes) would take tenant {tenant!r} over its quota "
                 f"(auth.max_bytes_per_tenant: {self.max_bytes}, {used} in use)",
             )
 
@@ -291,7 +307,9 @@ class UploadArea:
             else:
                 os.rename(staged, target)
             fsync_dir(target.parent)
-        logger.info("safelora: upload published as '%s'%s", name, " (replaced the previous version)" if replaced else "")
+        logger.info(
+            "safelora: upload published as '%s'%s", name, " (replaced the previous version)" if replaced else ""
+        )
         return replaced
 
     def delete(self, name: str) -> bool:

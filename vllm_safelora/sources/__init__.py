@@ -29,6 +29,16 @@ from .names import MAX_NAME_LENGTH, shown_name, validate_adapter_name
 from .s3 import S3Source
 
 __all__ = [
-    "HUB_ALLOW_PATTERNS", "MAX_NAME_LENGTH", "AdapterSource", "HubSource", "LocalDirSource", "Location", "S3Source", "locate",
-    "locate_adapter", "locate_path", "shown_name", "validate_adapter_name",
+    "HUB_ALLOW_PATTERNS",
+    "MAX_NAME_LENGTH",
+    "AdapterSource",
+    "HubSource",
+    "LocalDirSource",
+    "Location",
+    "S3Source",
+    "locate",
+    "locate_adapter",
+    "locate_path",
+    "shown_name",
+    "validate_adapter_name",
 ]

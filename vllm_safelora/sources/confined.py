@@ -64,9 +64,7 @@ class Namespace:
     def admits(self, parts: Sequence[str]) -> bool:
         if parts and parts[0] == self.own:
             return True
-        return any(
-            fnmatchcase("/".join(parts[:k]), glob) for k in range(1, len(parts) + 1) for glob in self.shared
-        )
+        return any(fnmatchcase("/".join(parts[:k]), glob) for k in range(1, len(parts) + 1) for glob in self.shared)
 
 
 def outside_namespace(who: str, link: str, namespace: Namespace) -> AdapterRefused:
@@ -95,7 +93,7 @@ class RootPaths:
             if absolute == prefix:
                 return []
             if absolute.startswith(prefix.rstrip("/") + "/"):
-                return [p for p in absolute[len(prefix):].split("/") if p]
+                return [p for p in absolute[len(prefix) :].split("/") if p]
         return None
 
 
@@ -231,12 +229,18 @@ class _Walk:
                 RefusalReason.CHANGED_WHILE_READING,
                 f"{shown_name('/'.join(parts[: i + 1]))} became a link after the adapter was located; try again",
             )
-        return _Again(self.link_target(parts[:i], parts[i], text) + parts[i + 1:])
+        return _Again(self.link_target(parts[:i], parts[i], text) + parts[i + 1 :])
 
 
 def open_under(
-    root_fd: int, roots: RootPaths, parts: Sequence[str], namespace: Namespace, *, who: str,
-    want_dir: bool = True, follow: bool = True,
+    root_fd: int,
+    roots: RootPaths,
+    parts: Sequence[str],
+    namespace: Namespace,
+    *,
+    who: str,
+    want_dir: bool = True,
+    follow: bool = True,
 ) -> tuple[int, list[str]] | None:
     """Open ``parts`` (components under the root, no ``..``) from ``root_fd``, following links
     only as this module's docstring says. Returns (fd, real components) or None if missing.

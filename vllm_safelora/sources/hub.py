@@ -60,7 +60,7 @@ class HubSource(AdapterSource):
         """Validate a hub adapter name and return its repository id."""
         if not isinstance(name, str) or not name.startswith(self.prefix):
             raise refuse_name(name, f"hub adapter names start with {self.prefix!r}")
-        repo_id = name[len(self.prefix):]
+        repo_id = name[len(self.prefix) :]
         # huggingface_hub's validator accepts any unicode word character; we do not.
         if not repo_id.isascii() or any(ord(c) < 0x20 or ord(c) == 0x7F for c in repo_id):
             raise refuse_name(name, "hub repository ids are printable ASCII")
@@ -88,7 +88,12 @@ class HubSource(AdapterSource):
     def location(self, name: str, path: Path) -> Location:
         ref = self.prefix + self.repo_id(name)
         return Location(
-            source=self, path=Path(path), name=ref, identity=ref, confine=self.confine_root(), namespace=namespace_of(ref)
+            source=self,
+            path=Path(path),
+            name=ref,
+            identity=ref,
+            confine=self.confine_root(),
+            namespace=namespace_of(ref),
         )
 
     def _offline(self) -> bool:
@@ -122,14 +127,17 @@ class HubSource(AdapterSource):
             logger.warning(
                 "hub adapter %s: the cached snapshot is incomplete and the hub cannot be "
                 "used (offline=%s); re-download it with network access",
-                repo_id, offline,
+                repo_id,
+                offline,
             )
             raise refuse(f"hub repository {repo_id!r} is only partly cached and cannot be fetched now") from None
         except hf_errors.LocalEntryNotFoundError as exc:
             if exc.__cause__ is not None and not offline:
                 logger.warning(
                     "hub adapter %s: the hub is unreachable and the repository is not cached (%s: %s)",
-                    repo_id, type(exc.__cause__).__name__, exc.__cause__,
+                    repo_id,
+                    type(exc.__cause__).__name__,
+                    exc.__cause__,
                 )
             else:
                 logger.info("hub adapter %s is not in the local hub cache (offline=%s)", repo_id, offline)
@@ -146,9 +154,7 @@ class HubSource(AdapterSource):
             # Repo id was validated above, so this is the configured revision.
             raise refuse(f"hub repository {repo_id!r} cannot be fetched: {exc}") from None
         except (hf_errors.HfHubHTTPError, OSError) as exc:
-            logger.warning(
-                "hub adapter %s could not be fetched: %s: %s", repo_id, type(exc).__name__, exc
-            )
+            logger.warning("hub adapter %s could not be fetched: %s: %s", repo_id, type(exc).__name__, exc)
             raise refuse(
                 f"hub repository {repo_id!r} could not be fetched ({type(exc).__name__}); try again later"
             ) from None

@@ -106,7 +106,8 @@ class LocalDirSource(AdapterSource):
             fd = os.open(self._root.real, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError as exc:  # the operator's root went away: not the tenant's doing, but not a crash either
             raise AdapterRefused(
-                RefusalReason.NOT_FOUND, f"the adapter directory {str(self._root.given)!r} cannot be opened "
+                RefusalReason.NOT_FOUND,
+                f"the adapter directory {str(self._root.given)!r} cannot be opened "
                 f"({exc.strerror}); the operator must restore it",
             ) from None
         try:
@@ -130,7 +131,11 @@ class LocalDirSource(AdapterSource):
         """``path`` as :meth:`locate` returned it: the root joined with the real components."""
         identity = posixpath.relpath(str(path), str(self._root.given)).replace(os.sep, "/")
         return Location(
-            source=self, path=Path(path), name=name, identity=identity, confine=self._root.given,
+            source=self,
+            path=Path(path),
+            name=name,
+            identity=identity,
+            confine=self._root.given,
             namespace=namespace_of(name),
         )
 
@@ -145,14 +150,20 @@ class LocalDirSource(AdapterSource):
         if given is None:
             return None
         if not given:
-            raise AdapterRefused(RefusalReason.NOT_FOUND, f"lora_path {shown_name(path)} is the adapter directory itself")
+            raise AdapterRefused(
+                RefusalReason.NOT_FOUND, f"lora_path {shown_name(path)} is the adapter directory itself"
+            )
         real = self._resolve(given, shown_name(path))
         if real is None:
             raise AdapterRefused(RefusalReason.NOT_FOUND, f"lora_path {shown_name(path)} does not exist")
         name = "/".join(given)
         return Location(
-            source=self, path=self._root.given.joinpath(*real), name=name, identity="/".join(real),
-            confine=self._root.given, namespace=given[0],
+            source=self,
+            path=self._root.given.joinpath(*real),
+            name=name,
+            identity="/".join(real),
+            confine=self._root.given,
+            namespace=given[0],
         )
 
     def locate(self, name: str) -> Path | None:
@@ -173,7 +184,8 @@ class LocalDirSource(AdapterSource):
             opened = walk.open(parts, want_dir=True)
             if opened is None:
                 raise AdapterRefused(
-                    RefusalReason.CHANGED_WHILE_READING, f"{location.identity} vanished after it was located; try again",
+                    RefusalReason.CHANGED_WHILE_READING,
+                    f"{location.identity} vanished after it was located; try again",
                     who,
                 )
             # Links inside the directory (weights kept elsewhere) are followed under the namespace rules.

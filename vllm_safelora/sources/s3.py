@@ -60,8 +60,15 @@ class S3Source(AdapterSource):
     remote = True
 
     def __init__(
-        self, uri: str | None, prefix: str = "s3:", endpoint_url: str | None = None, region: str | None = None, *,
-        timeouts: StoreTimeouts = StoreTimeouts(), retry_after_s: float = 5.0, staging_dir: Path | str | None = None,
+        self,
+        uri: str | None,
+        prefix: str = "s3:",
+        endpoint_url: str | None = None,
+        region: str | None = None,
+        *,
+        timeouts: StoreTimeouts = StoreTimeouts(),
+        retry_after_s: float = 5.0,
+        staging_dir: Path | str | None = None,
         limits: ReadLimits = ReadLimits(),
     ):
         if not prefix:
@@ -70,7 +77,11 @@ class S3Source(AdapterSource):
             raise ConfigError("s3 is enabled but s3.uri is not set (e.g. s3://adapters/tenants/)")
         self.prefix = prefix
         self.store = ObjectStore(
-            parse_s3_uri(uri, "s3.uri"), endpoint_url=endpoint_url, region=region, timeouts=timeouts, what="s3",
+            parse_s3_uri(uri, "s3.uri"),
+            endpoint_url=endpoint_url,
+            region=region,
+            timeouts=timeouts,
+            what="s3",
         )
         self.retries = timeouts.retries
         # The served vLLM's read limits (the reader checks them again): what the HEAD's advertised
@@ -91,7 +102,7 @@ class S3Source(AdapterSource):
         """``tenant/adapter`` of a valid ``<prefix>tenant/adapter`` name; refused before any request."""
         if not isinstance(name, str) or not name.startswith(self.prefix):
             raise refuse_name(name, f"object storage adapter names start with {self.prefix!r}")
-        rest = name[len(self.prefix):]
+        rest = name[len(self.prefix) :]
         validate_adapter_name(rest)
         if rest.count("/") != 1:
             raise refuse_name(name, f"expected {self.prefix}<tenant>/<adapter> (exactly one tenant level)")
@@ -112,7 +123,7 @@ class S3Source(AdapterSource):
         """``s3:tenant/adapter`` or the full ``s3://bucket/prefix/tenant/adapter`` as a lora_path."""
         base = str(self.store.uri)
         if isinstance(path, str) and path.startswith(base):
-            name = self.prefix + path[len(base):].rstrip("/")
+            name = self.prefix + path[len(base) :].rstrip("/")
         elif self.claims(path) and not path.startswith("s3://"):
             name = path
         else:
@@ -128,7 +139,7 @@ class S3Source(AdapterSource):
             for entry in os.scandir(self.staging):
                 if not entry.name.startswith(STAGING_PREFIX):
                     continue
-                pid = entry.name[len(STAGING_PREFIX):].partition(".")[0]
+                pid = entry.name[len(STAGING_PREFIX) :].partition(".")[0]
                 if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
                     shutil.rmtree(entry.path, ignore_errors=True)
 
@@ -174,7 +185,8 @@ class S3Source(AdapterSource):
         for head, limit in ((config, limits.max_config_bytes), (weights, limits.max_bytes)):
             if head.size > limit:
                 raise StoreRefused(
-                    "too_large", f"{head.key.rpartition('/')[2]} is {head.size} bytes in the store, the limit is {limit}"
+                    "too_large",
+                    f"{head.key.rpartition('/')[2]} is {head.size} bytes in the store, the limit is {limit}",
                 )
         return {CONFIG_FILE: config, WEIGHTS_FILE: weights}
 
@@ -202,13 +214,18 @@ class S3Source(AdapterSource):
                 except StoreRefused as exc:
                     if exc.reason != "changed" or attempt == self.retries:
                         raise
-                    logger.info("safelora: s3 adapter %s changed while fetched (%s); fetching it again", name, exc.detail)
+                    logger.info(
+                        "safelora: s3 adapter %s changed while fetched (%s); fetching it again", name, exc.detail
+                    )
         except StoreRefused as exc:
             _count_failure(exc.reason)
             if exc.reason == "access_denied":
                 logger.warning(
                     "safelora: s3 adapter %s: %s; check that this server's credentials allow s3:GetObject (and "
-                    "s3:ListBucket, or a missing object looks like a denied one) on %s", name, exc.detail, self.store.uri,
+                    "s3:ListBucket, or a missing object looks like a denied one) on %s",
+                    name,
+                    exc.detail,
+                    self.store.uri,
                 )
             detail = exc.detail
             if exc.reason == "changed":

@@ -30,7 +30,7 @@ _DIRECTIONS = ("random", "aligned", "orthogonal")
 def _peft_to_hf_name(peft_name: str) -> str:
     """'base_model.model.model.layers.0.self_attn.q_proj' -> 'model.layers.0.self_attn.q_proj'."""
     prefix = "base_model.model."
-    return peft_name[len(prefix):] if peft_name.startswith(prefix) else peft_name
+    return peft_name[len(prefix) :] if peft_name.startswith(prefix) else peft_name
 
 
 def save_peft_adapter(peft_model, out_dir: Path, base_model: Path) -> Path:

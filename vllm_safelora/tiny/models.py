@@ -128,9 +128,7 @@ def make_tiny_models(out_dir: Path, *, seed: int = 0, delta_rank: int = 4, noise
         v = _delta(g, d_out, d_in, 1.0 / math.sqrt(d_in), delta_rank, noise)
         aligned[name] = (w.double() + v).float().contiguous()
 
-    gen = GenerationConfig(
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
-    )
+    gen = GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     meta = {"seed": seed, "delta_rank": delta_rank, "noise": noise, "generator": "vllm_safelora.tiny"}
     for d, sd, role in ((base_dir, base, "base"), (aligned_dir, aligned, "aligned")):
         if d.exists():
@@ -154,8 +152,4 @@ def load_state_dict(model_dir: Path) -> dict[str, torch.Tensor]:
 def alignment_deltas(aligned_dir: Path, base_dir: Path) -> dict[str, torch.Tensor]:
     """{'model.layers.N.self_attn.q_proj': V (float32)} for every linear module."""
     a, b = load_state_dict(aligned_dir), load_state_dict(base_dir)
-    return {
-        k[: -len(".weight")]: (a[k].float() - b[k].float())
-        for k in sorted(a)
-        if linear_module_kind(k) is not None
-    }
+    return {k[: -len(".weight")]: (a[k].float() - b[k].float()) for k in sorted(a) if linear_module_kind(k) is not None}
