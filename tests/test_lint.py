@@ -1,4 +1,4 @@
-"""The code lints clean: ``ruff check`` (rules in pyproject.toml's ``[tool.ruff]``) finds nothing.
+"""The code lints clean and is formatted: ``ruff check`` (rules in pyproject.toml's ``[tool.ruff]``) finds nothing and ``ruff format --check`` changes nothing.
 
 Covers every Python file of the package, the tests and the benchmarks. Ruff comes with
 the ``test`` extra; where it is not installed the test is skipped, saying so.
@@ -56,3 +56,15 @@ def test_code_and_tests_say_the_behaviour_not_an_issue_number():
                 if ISSUE_REFERENCE.search(line) and not FOREIGN_TRACKER.search(line):
                     found.append(f"{path.relative_to(REPO)}:{lineno}: {line.strip()[:120]}")
     assert found == [], "say the behaviour instead of citing an issue number:\n" + "\n".join(found)
+
+
+def test_ruff_format_has_nothing_to_change():
+    ruff = ruff_command()
+    if ruff is None:
+        pytest.skip("ruff is not installed (pip install -e '.[test]' installs it); the format check did not run")
+    result = subprocess.run(
+        [*ruff, "format", "--check", "--no-cache", *LINTED], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, (
+        f"ruff format would change files (run `ruff format {' '.join(LINTED)}`):\n{result.stdout}{result.stderr}"
+    )
