@@ -312,10 +312,10 @@ _static_modules = contextvars.ContextVar("safelora_static_modules", default=Fals
 
 
 def _wrap_init_static_loras(cls) -> None:
-    """vLLM: openai/models/serving.py:OpenAIServingModels.init_static_loras loads each
-    ``--lora-modules NAME=PATH`` through load_lora_adapter at start-up. Wrapped to mark those
-    loads as the operator's, whose labels may differ from the location (hooks.py key
-    entrypoints/openai/models/serving:OpenAIServingModels.init_static_loras)."""
+    """vLLM: init_static_loras loads each ``--lora-modules NAME=PATH`` through load_lora_adapter at start-up.
+    Why: those loads are the operator's, whose labels may differ from the location (unless they shadow a tenant).
+    Hook: ``entrypoints/openai/models/serving:OpenAIServingModels.init_static_loras`` (hooks.py).
+    """
     original = cls.init_static_loras
 
     @functools.wraps(original)
