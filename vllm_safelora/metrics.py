@@ -119,3 +119,11 @@ SHARED_TIER = Counter(
     "could not be used (the entry is built locally)",
     ["result"],
 )
+# Exported at 0 from start-up (as the cache faults above), so the dashboard's object-storage and
+# fleet-tier panels and any rate() alert have their series on every server, S3 configured or not.
+SOURCE_FETCH_BYTES.labels(source="s3")
+SOURCE_FETCH_SECONDS.labels(source="s3")
+for _reason in ("not_found", "too_large", "changed", "unreachable", "timeout"):
+    SOURCE_FETCH_FAILURES.labels(source="s3", reason=_reason)
+for _result in ("hit", "miss", "uploaded", "bad_mac"):
+    SHARED_TIER.labels(result=_result)
