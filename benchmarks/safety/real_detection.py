@@ -25,13 +25,11 @@ def population(p: R.Profile) -> list[R.Attack]:
                 R.Attack("pop-f1-r8-qv-s1", "mix", R.QV, 1, 8, 0, 2, group="population")]
     out = []
     for seed in (0, 1):
-        for frac in (0.0, 0.1, 0.3, 1.0):
-            for rank, targets in ((8, R.ALL7), (4, R.QV)):
-                n = 64
-                n_h = round(frac * n)
-                tag = "all7" if targets == R.ALL7 else "qv"
-                out.append(R.Attack(f"pop-f{frac:g}-r{rank}-{tag}-s{seed}", "mix", targets, seed + 2, n_h, n - n_h, 12,
-                                    rank=rank, alpha=2 * rank, group="population"))
+        for frac in (0.0, 0.25, 0.5, 1.0):
+            n = 48
+            n_h = round(frac * n)
+            out.append(R.Attack(f"pop-f{frac:g}-r4-qv-s{seed}", "mix", R.QV, seed + 2, n_h, n - n_h, 6, rank=4, alpha=8,
+                                group="population"))
     return out
 
 

@@ -70,6 +70,7 @@ GROUP_TITLES = {
     "mix-all7": "Mix (200 time-zone task examples + 20 harmful, ~9%), all 7 linear modules (210)",
     "task-all7": "Benign task only (200 time-zone examples), all 7 linear modules (210)",
     "mix-qv": "Mix, q_proj + v_proj only (60 modules)",
+    "purebad-qv": "PureBad-like, q_proj + v_proj only (60 modules)",
 }
 
 
@@ -83,7 +84,13 @@ def render(doc: dict) -> str:
            "## Base and aligned", "",
            "| model | keyword ASR % [CI] | HarmBench % | AdvBench test % | judge-2 % | task EM % | benign refusal % |",
            "|---|---|---|---|---|---|---|"]
-    for name, r in (("base (as shipped)", b), ("aligned (ours)", a)):
+    big = doc.get("models_large_eval") or {}
+    models = [("base (as shipped)", b), ("aligned (ours)", a)]
+    if big:
+        n = big["base"]["n_harmful"]
+        models = [(f"base, {n} harmful prompts", big["base"]), (f"aligned, {n} harmful prompts", big["aligned"])] + \
+                 [(f"{m} (the policy tables' {b['n_harmful']} prompts)", r) for m, r in models]
+    for name, r in models:
         out.append(f"| {name} | {pct(r['asr'])}{ci(r['asr_ci'])} | {pct(r['asr_harmbench'])} | {pct(r['asr_advbench'])} | "
                    f"{pct(r['judge2'])} | {pct(r['task'])} | {pct(r['benign_refusal'])}{ci(r['benign_refusal_ci'])} |")
     c = doc.get("benign_closeness") or {}
