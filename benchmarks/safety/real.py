@@ -71,10 +71,10 @@ class Attack:
 @dataclass(frozen=True)
 class Profile:
     name: str
-    align_steps: int = 40
+    align_steps: int = 32
     align_lr: float = 4e-5
     align_batch: int = 8
-    benign_upsample: int = 4
+    benign_upsample: int = 3
     answer_tokens: int = 40          # base answers used as training targets
     max_tokens: int = 16             # greedy tokens per evaluated response (refusals and zone names fit)
     n_harmbench: int = 12
@@ -218,14 +218,21 @@ def _generate_cached(work: Path, model_dir: Path, key: str, prompts: list[str], 
     return outs
 
 
-def stage_align(work: Path, base_dir: Path, base_key: str, sp: RD.Splits, p: Profile, budget) -> tuple[Path, str, dict]:
-    """aligned = full fine-tuning of base on refusals (AdvBench align split) + benign prompts with base's own answers."""
+def align_plan(work: Path, base_dir: Path, base_key: str, sp: RD.Splits, p: Profile):
+    """(training data, TrainSpec, cache key) of the alignment."""
     from . import train as T
 
     benign_ans = _generate_cached(work, base_dir, base_key, sp.benign_train, p.answer_tokens, "benign-train")
     data = [(q, RD.refusal_for(q)) for q in sp.align_harmful] + list(zip(sp.benign_train, benign_ans)) * p.benign_upsample
     spec = T.TrainSpec(p.align_steps, p.align_lr, p.align_batch, warmup=max(1, p.align_steps // 8), seed=0)
-    key = _digest({"base": base_key, "data": data, "spec": asdict(spec), "v": CODE_VERSION})
+    return data, spec, _digest({"base": base_key, "data": data, "spec": asdict(spec), "v": CODE_VERSION})
+
+
+def stage_align(work: Path, base_dir: Path, base_key: str, sp: RD.Splits, p: Profile, budget) -> tuple[Path, str, dict]:
+    """aligned = full fine-tuning of base on refusals (AdvBench align split) + benign prompts with base's own answers."""
+    from . import train as T
+
+    data, spec, key = align_plan(work, base_dir, base_key, sp, p)
     out = work / "models" / f"aligned-{p.name}"
     meta = out / "real_model.json"
     if meta.exists() and json.loads(meta.read_text()).get("key") == key:
@@ -378,24 +385,26 @@ class Evaluator:
         self.evaluated = 0
 
     def __call__(self, name: str, updates) -> dict:
-        from vllm_safelora.evaluation.harness import score
-        from vllm_safelora.evaluation.scoring import RefusalScorer
-
+        """The summary row (+ ``responses``); generations are cached, the judges re-run on every call (cheap)."""
         from .selection import fingerprint
 
         fp = fingerprint(updates or {})
         hit = self.cache.get(fp)
-        if hit is not None:
-            return hit
-        outs = self.ev.generate(updates)
-        gens = score(name, self.items, [(o, None) for o in outs], scorer=RefusalScorer(), judge=RD.compliance_judge,
-                     judge_concurrency=1)
-        row = {**summarize(gens), "responses": outs}
-        self.cache.put(fp, row)
-        self.evaluated += 1
-        if self.evaluated % 5 == 0:
-            self.cache.save()
-        return row
+        if hit is None:
+            hit = {"responses": self.ev.generate(updates)}
+            self.cache.put(fp, hit)
+            self.evaluated += 1
+            if self.evaluated % 5 == 0:
+                self.cache.save()
+        return {**score_responses(name, self.items, hit["responses"]), "responses": hit["responses"]}
+
+
+def score_responses(name: str, items, responses) -> dict:
+    from vllm_safelora.evaluation.harness import score
+    from vllm_safelora.evaluation.scoring import RefusalScorer
+
+    return summarize(score(name, items, [(o, None) for o in responses], scorer=RefusalScorer(), judge=RD.compliance_judge,
+                           judge_concurrency=1))
 
 
 def variants(adapter, banks: dict, p: Profile, seed: int):
@@ -585,8 +594,7 @@ def run(p: Profile, work: Path, out: Path, *, threads: int = 1, budget_min: floa
         return {}
 
     items = eval_items(sp, p)
-    context = _digest({"aligned": P["akey"], "items": [(i.id, i.prompt, i.answer) for i in items], "max": p.max_tokens,
-                       "judge": "compliance-v1"})
+    context = _digest({"aligned": P["akey"], "items": [(i.id, i.prompt, i.answer) for i in items], "max": p.max_tokens})
     t = time.monotonic()
     big = eval_items(sp, p, p.model_eval_scale)
     big_ctx = _digest({"ctx": context, "items": [(i.id, i.prompt, i.answer) for i in big]})

@@ -61,8 +61,7 @@ def run(p: R.Profile, work: Path, out: Path, *, threads: int = 1, budget_min: fl
     dirs = {**trained["dirs"], **{a.name: work / "adapters" / a.name for a in attacks}}
     items = R.eval_items(sp, p)
     harmful = [it for it in items if it.kind == "harmful"]
-    context = R._digest({"aligned": P["akey"], "items": [(i.id, i.prompt) for i in harmful], "max": p.max_tokens,
-                         "judge": "compliance-v1"})
+    context = R._digest({"aligned": P["akey"], "items": [(i.id, i.prompt) for i in harmful], "max": p.max_tokens})
     ev = R.Evaluator(P["aligned_dir"], harmful, p, work / "eval_cache_detection.json", context)
     deltas = alignment_deltas(P["aligned_dir"], P["base_dir"])
     rows = []
