@@ -155,3 +155,34 @@ def plots(doc: dict, out: Path) -> None:
     fig.tight_layout()
     fig.savefig(out / "tradeoff.png", dpi=110)
     plt.close(fig)
+
+
+EVIDENCE_COLUMNS = (("none", 0.0, "unprotected"), ("safelora-tau", 0.35, "Safe LoRA tau=0.35 (shipped default)"),
+                    ("safelora-topk", 0.25, "Safe LoRA top-25%"), ("safelora-all", 1.0, "Safe LoRA all"),
+                    ("random-modules", 0.25, "random 25% projected (control)"),
+                    ("salora-style", 64.0, "SaLoRA-style r_s=64"), ("random-subspace", 64.0, "random subspace r_s=64 (control)"),
+                    ("splora-z", 1.0, "SPLoRA-style z>1"))
+
+
+def evidence_table(doc: dict) -> str:
+    """The short table for the top-level README: keyword ASR % / task EM % per attack and setting (seed means)."""
+    groups = [g for g in GROUP_TITLES if any(a["group"] == g for a in doc["aggregate"].values())]
+    head = "| attack (seeds) | " + " | ".join(c[2] for c in EVIDENCE_COLUMNS) + " |"
+    lines = [f"Aligned model: keyword ASR {pct(doc['aligned']['asr'])}% on these prompts "
+             f"({pct(doc['models_large_eval']['aligned']['asr'])}% on {doc['models_large_eval']['aligned']['n_harmful']} "
+             f"held-out HarmBench + AdvBench prompts), benign refusal {pct(doc['models_large_eval']['aligned']['benign_refusal'])}%. "
+             "Cells: keyword ASR % / task exact match % (PureBad: ASR only), mean over seeds.", "",
+             head, "|" + "---|" * (len(EVIDENCE_COLUMNS) + 1)]
+    for g in groups:
+        cells = []
+        n_seeds = len(doc["aggregate"].get(f"{g}|none|0", {}).get("seeds", []))
+        for fam, knob, _ in EVIDENCE_COLUMNS:
+            a = doc["aggregate"].get(f"{g}|{fam}|{knob:g}")
+            if a is None:
+                cells.append("-")
+            elif g.startswith("purebad"):
+                cells.append(f"{pct(mean(a, 'asr'))}")
+            else:
+                cells.append(f"{pct(mean(a, 'asr'))} / {pct(mean(a, 'task'))}")
+        lines.append(f"| {g} ({n_seeds}) | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
