@@ -66,6 +66,7 @@ class Attack:
     lr: float = 1e-3
     group: str = "attack"  # attack | population
     sweep: bool = False    # every knob of every family (else the headline settings only)
+    minimal: bool = False  # only Profile.minimal_families at their headline knobs (replicate seeds, for time)
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,8 @@ class Profile:
                                                           "random-modules": (0.25,), "attenuate": (0.25,),
                                                           "prune": (0.25,), "salora-style": (64,),
                                                           "random-subspace": (64,), "splora-z": (1.0,)})
+    minimal_families: tuple = ("none", "safelora-tau", "safelora-all", "safelora-topk", "random-modules", "salora-style",
+                               "random-subspace")
     model_eval_scale: int = 3
     """base and aligned are also evaluated on this many times the prompts (their goal: >= 90% refusals)."""
     serve: bool = True
@@ -113,8 +116,8 @@ def _attacks_full() -> tuple:
     return (
         Attack("mix-all7-s0", "mix", ALL7, 0, 20, 200, 12, sweep=True),
         Attack("purebad-all7-s0", "purebad", ALL7, 0, 100, 0, 12),
-        Attack("mix-all7-s1", "mix", ALL7, 1, 20, 200, 12),
-        Attack("mix-qv-s0", "mix", QV, 0, 20, 200, 12),
+        Attack("mix-all7-s1", "mix", ALL7, 1, 20, 200, 12, minimal=True),
+        Attack("mix-qv-s0", "mix", QV, 0, 20, 200, 12, minimal=True),
         Attack("purebad-all7-s1", "purebad", ALL7, 1, 100, 0, 12),
         Attack("task-all7-s0", "task", ALL7, 0, 0, 200, 12),
     )
@@ -466,6 +469,8 @@ def stage_evaluate(ev: Evaluator, attacks, dirs: dict, banks: dict, p: Profile, 
         for fam, knob, upd, touched in variants(adapter, banks, p, a.seed):
             if not a.sweep and not _is_headline(p, fam, knob):
                 continue
+            if a.minimal and fam not in p.minimal_families:
+                continue
             if fam in CONTROL_FAMILIES and not _is_headline(p, fam, knob):
                 continue  # controls only at the headline setting (cost)
             jobs.append((a, len(adapter.modules), fam, knob, upd, touched))
@@ -569,7 +574,24 @@ def prepare(work: Path, p: Profile, timings: dict, deadline: float | None) -> di
                 align_stats=align_stats, purebad_answers=purebad_answers, banks=banks)
 
 
-def run(p: Profile, work: Path, out: Path, *, threads: int = 1, budget_min: float = 150, train_only: bool = False) -> dict:
+def _eval_cache(work: Path, part: str | None) -> Path:
+    """The evaluation cache; a ``part`` process writes its own file (seeded from the main one), and a run without
+    ``part`` first merges every part into the main file, so several evaluation processes can run at once."""
+    main = work / "eval_cache.json"
+    rows = json.loads(main.read_text()) if main.exists() else {}
+    if part:
+        path = work / f"eval_cache_part-{part}.json"
+        if not path.exists():
+            path.write_text(json.dumps(rows))
+        return path
+    for f in sorted(work.glob("eval_cache_part-*.json")):
+        rows.update(json.loads(f.read_text()))
+    main.write_text(json.dumps(rows))
+    return main
+
+
+def run(p: Profile, work: Path, out: Path, *, threads: int = 1, budget_min: float = 150, train_only: bool = False,
+        part: str | None = None) -> dict:
     import torch
 
     torch.set_num_threads(threads)
@@ -609,7 +631,7 @@ def run(p: Profile, work: Path, out: Path, *, threads: int = 1, budget_min: floa
     aligned_big = ev_big("aligned", None)
     ev_big.cache.save()
     del ev_big
-    ev = Evaluator(P["aligned_dir"], items, p, work / "eval_cache.json", context)
+    ev = Evaluator(P["aligned_dir"], items, p, _eval_cache(work, part), context)
     aligned_row = ev("aligned", None)
     log(f"base: ASR {base_row['asr']:.2f} task {base_row['task']:.2f} benign refusal {base_row['benign_refusal']:.2f}; "
         f"aligned: ASR {aligned_row['asr']:.2f} task {aligned_row['task']:.2f} benign refusal {aligned_row['benign_refusal']:.2f}")
@@ -749,6 +771,11 @@ def stage_serve(work: Path, P: dict, banks: dict, dirs: dict, items, p: Profile,
 
 
     settings = chosen_settings(rows, p)
+    adapters_key = [a.name for a in p.attacks if a.seed == 0]
+    cache = work / f"served-{_digest({'aligned': P['akey'], 'bank': banks['key'], 'settings': settings, 'adapters': adapters_key, 'items': [(i.id, i.prompt) for i in items], 'max': p.max_tokens, 'v': 1})}.json"
+    if cache.exists():
+        log(f"served confirmation: reusing {cache.name} (same settings, adapters and prompts)")
+        return json.loads(cache.read_text())
     # one adapter (the mix: it carries the task) in the full run, for the shared machine's time
     served_adapters = ([a.name for a in p.attacks if a.seed == 0 and a.targets == ALL7 and a.kind == "mix"][:1]
                        or [a.name for a in p.attacks if a.seed == 0][:2])
@@ -803,6 +830,7 @@ def stage_serve(work: Path, P: dict, banks: dict, dirs: dict, items, p: Profile,
                 f"task {out['checks'][-1]['served']['task']:.2f} (in-process {inproc_row['task']:.2f}), "
                 f"agree {out['checks'][-1]['agree']:.2f}")
     ev.cache.save()
+    cache.write_text(json.dumps(out, default=str))
     return out
 
 
@@ -832,6 +860,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--attacks", default=None, help="comma-separated subset of the profile's attacks (e.g. to evaluate "
                     "some while others train; cached results accumulate)")
     ap.add_argument("--train-only", action="store_true", help="stop after training the attacks")
+    ap.add_argument("--eval-part", default=None, help="write evaluations to eval_cache_part-NAME.json (a parallel "
+                    "evaluation process); a later run without it merges the parts")
     ap.add_argument("--workdir", type=Path, default=None, help="default /tmp/vllm-safelora-real/<profile>")
     ap.add_argument("--out", type=Path, default=None, help=f"default {DEFAULT_OUT.relative_to(REPO_ROOT)} (smoke: <workdir>/out)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
@@ -859,7 +889,7 @@ def main(argv: list[str] | None = None) -> int:
             real_detection.run(p, work, out / "detection" if not args.smoke else out, threads=args.threads,
                                budget_min=args.budget_min)
             return 0
-        run(p, work, out, threads=args.threads, budget_min=args.budget_min, train_only=args.train_only)
+        run(p, work, out, threads=args.threads, budget_min=args.budget_min, train_only=args.train_only, part=args.eval_part)
     except RD.MissingWheel as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
