@@ -297,6 +297,15 @@ def attack_data(a: Attack, sp: RD.Splits, purebad_answers: list[str], pool=None)
     return data
 
 
+TRAINING_FIELDS = ("name", "kind", "targets", "seed", "n_harmful", "n_task", "steps", "rank", "alpha", "lr")
+
+
+def attack_key(akey: str, a: Attack, data, spec) -> str:
+    """Cache key of one adapter: what decides its weights (not which settings are evaluated on it)."""
+    return _digest({"aligned": akey, "a": {k: getattr(a, k) for k in TRAINING_FIELDS}, "data": data,
+                    "spec": asdict(spec), "v": CODE_VERSION})
+
+
 def stage_attacks(work: Path, aligned_dir: Path, akey: str, attacks, sp: RD.Splits, purebad_answers, p: Profile,
                   budget, pool=None) -> dict:
     from tqdm.auto import tqdm
@@ -308,7 +317,7 @@ def stage_attacks(work: Path, aligned_dir: Path, akey: str, attacks, sp: RD.Spli
     for a in tqdm(attacks, desc="LoRA adapters", unit="lora"):
         data = attack_data(a, sp, purebad_answers, pool)
         spec = T.TrainSpec(a.steps, a.lr, p.attack_batch, warmup=max(1, a.steps // 6), seed=10 + a.seed)
-        key = _digest({"aligned": akey, "a": asdict(a), "data": data, "spec": asdict(spec), "v": CODE_VERSION})
+        key = attack_key(akey, a, data, spec)
         d = work / "adapters" / a.name
         meta = d / "real_attack.json"
         if meta.exists() and json.loads(meta.read_text()).get("key") == key:
@@ -739,9 +748,10 @@ def policy_for(family: str, knob: float, n_modules: int) -> dict | None:
 
 def chosen_settings(rows: list[dict], p: Profile) -> list[tuple[str, float]]:
     """What the served run confirms: no policy, the shipped default (Safe LoRA tau 0.35), and the policy setting
-    with the lowest mean ASR over the task-carrying attacks among those keeping >= 90% of the task (by rule)."""
+    with the lowest mean ASR on the swept task-carrying attacks among those keeping >= 90% of the task (by rule)."""
     agg = aggregate(rows)
-    groups = sorted({a["group"] for a in agg.values() if not a["group"].startswith("purebad")})
+    swept = {f"{a.kind}-{'all7' if a.targets == ALL7 else 'qv'}" for a in p.attacks if a.sweep and a.kind != "purebad"}
+    groups = sorted(g for g in {a["group"] for a in agg.values()} if g in swept)
     best, best_key = None, None
     for fam in ("safelora-tau", "safelora-topk", "safelora-all", "salora-style", "splora-z"):
         for knob in sorted({a["knob"] for a in agg.values() if a["family"] == fam}):
@@ -771,14 +781,13 @@ def stage_serve(work: Path, P: dict, banks: dict, dirs: dict, items, p: Profile,
 
 
     settings = chosen_settings(rows, p)
-    adapters_key = [a.name for a in p.attacks if a.seed == 0]
-    cache = work / f"served-{_digest({'aligned': P['akey'], 'bank': banks['key'], 'settings': settings, 'adapters': adapters_key, 'items': [(i.id, i.prompt) for i in items], 'max': p.max_tokens, 'v': 1})}.json"
-    if cache.exists():
-        log(f"served confirmation: reusing {cache.name} (same settings, adapters and prompts)")
-        return json.loads(cache.read_text())
     # one adapter (the mix: it carries the task) in the full run, for the shared machine's time
     served_adapters = ([a.name for a in p.attacks if a.seed == 0 and a.targets == ALL7 and a.kind == "mix"][:1]
                        or [a.name for a in p.attacks if a.seed == 0][:2])
+    cache = work / f"served-{_digest({'aligned': P['akey'], 'bank': banks['key'], 'settings': settings, 'adapters': served_adapters, 'items': [(i.id, i.prompt) for i in items], 'max': p.max_tokens, 'v': 1})}.json"
+    if cache.exists():
+        log(f"served confirmation: reusing {cache.name} (same settings, adapters and prompts)")
+        return json.loads(cache.read_text())
     root = work / "served-adapters"
     if root.exists():
         shutil.rmtree(root)
