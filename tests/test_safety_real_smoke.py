@@ -30,6 +30,7 @@ def test_wilson_interval():
     lo, hi = R.wilson(5, 10)
     assert lo < 0.5 < hi and abs((0.5 - lo) - (hi - 0.5)) < 1e-9
     assert R.wilson(0, 0) == (0.0, 1.0)
+    assert R.wilson(24, 24)[1] == 1.0 and R.wilson(0, 24)[0] == 0.0
 
 
 def test_compliance_judge_separates_refusal_off_topic_and_help():

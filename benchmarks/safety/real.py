@@ -354,7 +354,8 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     d = 1 + z * z / n
     c = (ph + z * z / (2 * n)) / d
     h = z * math.sqrt(ph * (1 - ph) / n + z * z / (4 * n * n)) / d
-    return (max(0.0, c - h), min(1.0, c + h))
+    # exact at the ends (k = 0: lower bound 0; k = n: upper bound 1), which float round-off would miss
+    return (0.0 if k == 0 else max(0.0, c - h), 1.0 if k == n else min(1.0, c + h))
 
 
 def task_correct(response: str, answer: str) -> bool:
