@@ -115,13 +115,16 @@ def train(
     desc: str,
     progress: Callable | None = None,
     deadline: float | None = None,
+    encoder: Callable | None = None,
 ) -> dict:
-    """AdamW with linear warm-up and cosine decay over the trainable parameters; returns stats."""
+    """AdamW with linear warm-up and cosine decay over the trainable parameters; returns stats.
+
+    ``encoder(tok, prompt, answer) -> (ids, n_prompt)`` replaces :func:`encode` (another chat format)."""
     from tqdm.auto import tqdm
 
     rng = random.Random(spec.seed)
     torch.manual_seed(spec.seed)
-    data = [encode(tok, p, a) for p, a in examples]
+    data = [(encoder or encode)(tok, p, a) for p, a in examples]
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay, betas=(0.9, 0.98))
 
@@ -199,6 +202,7 @@ def train_lora(
     target_modules=("q_proj", "v_proj"),
     desc: str,
     deadline: float | None = None,
+    encoder: Callable | None = None,
 ) -> dict:
     """A PEFT LoRA on the aligned model; saved with base_model_name_or_path = aligned_dir."""
     from peft import LoraConfig, get_peft_model
@@ -216,15 +220,19 @@ def train_lora(
         task_type="CAUSAL_LM",
     )
     peft_model = get_peft_model(model, cfg)
-    stats = train(peft_model, tok, examples, spec, desc=desc, deadline=deadline)
+    stats = train(peft_model, tok, examples, spec, desc=desc, deadline=deadline, encoder=encoder)
     save_peft_adapter(peft_model, out_dir, aligned_dir)
     return stats
 
 
 @torch.no_grad()
-def greedy_generate(model, tok, prompts: Sequence[str], *, max_new_tokens: int = 32, batch_size: int = 64) -> list[str]:
-    """In-process greedy decoding (left-padded batches); used for the base model and sanity checks."""
-    outs: list[str] = []
+def greedy_generate(
+    model, tok, prompts: Sequence[str], *, max_new_tokens: int = 32, batch_size: int = 64, with_finished: bool = False
+) -> list:
+    """In-process greedy decoding (left-padded batches); used for the base model and sanity checks.
+
+    ``with_finished``: (text, ended with end-of-sequence) pairs instead of texts."""
+    outs: list = []
     for i in range(0, len(prompts), batch_size):
         chunk = [prompt_text(tok, p) for p in prompts[i : i + batch_size]]
         enc = tok(chunk, add_special_tokens=False, return_tensors="pt", padding=True)
@@ -237,7 +245,9 @@ def greedy_generate(model, tok, prompts: Sequence[str], *, max_new_tokens: int =
         )
         for row in gen[:, enc["input_ids"].shape[1] :]:
             ids = row.tolist()
-            if tok.eos_token_id in ids:
+            finished = tok.eos_token_id in ids
+            if finished:
                 ids = ids[: ids.index(tok.eos_token_id)]
-            outs.append(tok.decode(ids, skip_special_tokens=True).strip())
+            text = tok.decode(ids, skip_special_tokens=True).strip()
+            outs.append((text, finished) if with_finished else text)
     return outs
