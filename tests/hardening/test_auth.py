@@ -24,8 +24,11 @@ from pathlib import Path
 import openai
 import pytest
 import requests
+import yaml
 
 import hardening_support as hs
+from support import kubernetes as k8s
+from support.keys import issue_key
 from support.server import new_server, write_config
 
 pytestmark = pytest.mark.e2e
@@ -34,14 +37,6 @@ TENANTS = ("acme", "globex", "umbrella", "initech", "tempco")
 IDLE_S = 2.0
 PER_MINUTE = 25
 QUOTA_BYTES = 75_000  # two of the ~30 KB test adapters
-
-
-def _issue(keys_file: Path, name: str, admin: bool = False) -> str:
-    cmd = [sys.executable, "-m", "vllm_safelora.cli", "issue-key", name, "--keys-file", str(keys_file)]
-    if admin:
-        cmd.insert(4, "--admin")
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True)
-    return out.stdout.strip()
 
 
 class World:
@@ -56,8 +51,8 @@ class World:
         self.globex_bot = hs.make_valid_adapter(self.ro / "globex" / "bot", template, seed=22003)
         self.src = root / "sources"
         self.keys_file = root / "keys.yaml"
-        self.keys = {t: _issue(self.keys_file, t) for t in TENANTS}
-        self.admin = _issue(self.keys_file, "ops", admin=True)
+        self.keys = {t: issue_key(self.keys_file, t) for t in TENANTS}
+        self.admin = issue_key(self.keys_file, "ops", admin=True)
 
     def files(self, seed: int, **edit) -> dict[str, bytes]:
         d = hs.make_valid_adapter(self.src / f"s{seed}", self.template, seed=seed)
@@ -327,9 +322,33 @@ def test_a_revoked_tenants_key_stops_working_without_a_restart(world):
         capture_output=True,
     )
     assert get(world, key, "/v1/models").status_code == 401
-    fresh = _issue(world.keys_file, "tempco")
+    fresh = issue_key(world.keys_file, "tempco")
     assert get(world, fresh, "/v1/models").status_code == 200
     assert get(world, world.keys["acme"], "/v1/models").status_code == 200
+
+
+def test_the_deployment_guides_probe_passes_with_a_key_and_fails_without(world, tmp_path):
+    """The Kubernetes guide's readiness probe (docs/kubernetes/deployment.yaml), run as the kubelet
+    runs it, against this server: it must pass with a tenant key and fail with none, a wrong or
+    a revoked one; otherwise every pod would stay unready, or a dead key would go unnoticed."""
+    deployment = yaml.safe_load((k8s.GUIDE / "deployment.yaml").read_text())
+    key_file = tmp_path / "key"
+
+    def probe(key: str) -> int:
+        key_file.write_text(key + "\n")
+        command = k8s.probe_command(deployment, world.server.port, key_file)
+        return subprocess.run(command, capture_output=True, timeout=30).returncode
+
+    probe_key = issue_key(world.keys_file, "probe")
+    assert probe(probe_key) == 0
+    assert probe("") != 0
+    assert probe(probe_key[:-4] + "AAAA") != 0
+    subprocess.run(
+        [sys.executable, "-m", "vllm_safelora.cli", "revoke-key", "probe", "--keys-file", str(world.keys_file)],
+        check=True,
+        capture_output=True,
+    )
+    assert probe(probe_key) != 0
 
 
 def test_an_operators_static_label_serves_operators_and_is_missing_for_tenants(world):
@@ -517,7 +536,7 @@ def test_delete_removes_and_unloads_the_tenants_own_adapter(world):
 
 def test_quotas_name_their_limit(world):
     # bytes: two ~30 KB adapters fit in 75 KB, a third does not
-    quota = _issue(world.keys_file, "quota-co")
+    quota = issue_key(world.keys_file, "quota-co")
     for i in range(2):
         assert put(world, quota, f"quota-co/q{i}", world.files(22150 + i)).status_code == 201
     r = put(world, quota, "quota-co/q2", world.files(22152))
@@ -527,13 +546,13 @@ def test_quotas_name_their_limit(world):
     # count: three adapters kept already (directories the operator placed count too)
     for i in range(3):
         (world.uploads / "hooli-count" / f"d{i}").mkdir(parents=True, exist_ok=True)
-    hooli = _issue(world.keys_file, "hooli-count")
+    hooli = issue_key(world.keys_file, "hooli-count")
     r = put(world, hooli, "hooli-count/more", world.files(22153))
     assert r.status_code == 403 and "max_adapters_per_tenant" in r.json()["error"]["message"], r.text
 
 
 def test_the_upload_rate_is_limited_per_tenant(world):
-    key = _issue(world.keys_file, "ratey")
+    key = issue_key(world.keys_file, "ratey")
     codes = []
     for _ in range(PER_MINUTE + 2):
         r = requests.put(
