@@ -164,3 +164,12 @@ def tiny_adapter_aligned(tiny_adapter_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_adapter_orthogonal(tiny_adapter_factory) -> Path:
     return tiny_adapter_factory("orthogonal")
+
+
+@pytest.fixture
+def aws_credentials(monkeypatch):
+    """The test store's credentials in the standard AWS variables, as a plugin server finds them."""
+    from support.s3 import aws_env
+
+    for k, v in aws_env().items():
+        monkeypatch.setenv(k, v)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from prometheus_client import REGISTRY
-from support.s3 import S3TestStore, aws_env
+from support.s3 import running_store
 
 from vllm_safelora.adapters import ReadLimits
 from vllm_safelora.cache import PatchedAdapterCache
@@ -26,18 +26,13 @@ def _metric(name: str, **labels) -> float:
     return REGISTRY.get_sample_value(name, labels) or 0.0
 
 
+pytestmark = pytest.mark.usefixtures("aws_credentials")
+
+
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    s = S3TestStore(tmp_path_factory.mktemp("s3")).start()
-    s.client().create_bucket(Bucket=BUCKET)
-    yield s
-    s.stop()
-
-
-@pytest.fixture(autouse=True)
-def _aws_credentials(monkeypatch):
-    for k, v in aws_env().items():
-        monkeypatch.setenv(k, v)
+    with running_store(tmp_path_factory.mktemp("s3"), BUCKET) as s:
+        yield s
 
 
 def _service(tmp_path, tiny_bank, store, limits=None, **s3) -> SafeLoRAService:

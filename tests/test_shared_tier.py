@@ -10,7 +10,7 @@ import json
 
 import pytest
 from prometheus_client import REGISTRY
-from support.s3 import S3TestStore, aws_env
+from support.s3 import running_store
 
 from vllm_safelora.adapters import WEIGHTS_FILE
 from vllm_safelora.cache import PatchedAdapterCache
@@ -27,6 +27,9 @@ def _metric(name: str, **labels) -> float:
     return REGISTRY.get_sample_value(name, labels) or 0.0
 
 
+pytestmark = pytest.mark.usefixtures("aws_credentials")
+
+
 def _projections() -> float:
     return _metric("safelora_projections_total", policy="safelora")
 
@@ -37,16 +40,8 @@ def _tier(result: str) -> float:
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    s = S3TestStore(tmp_path_factory.mktemp("s3")).start()
-    s.client().create_bucket(Bucket=BUCKET)
-    yield s
-    s.stop()
-
-
-@pytest.fixture(autouse=True)
-def _aws_credentials(monkeypatch):
-    for k, v in aws_env().items():
-        monkeypatch.setenv(k, v)
+    with running_store(tmp_path_factory.mktemp("s3"), BUCKET) as s:
+        yield s
 
 
 def _key_file(path, secret: bytes):

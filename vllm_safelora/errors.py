@@ -89,7 +89,7 @@ class Overloaded(SafeLoRAError):
 
     def __init__(self, detail: str, retry_after_s: float):
         self.retry_after_s = retry_after_s
-        super().__init__(f"vllm-safelora is busy preparing other adapters: {detail}")
+        super().__init__(f"the server is busy preparing other adapters: {detail}")
 
 
 class CacheUnavailable(Overloaded):

@@ -253,6 +253,13 @@ def test_listings_show_only_what_the_caller_may_use(world):
     assert {"acme/bot", "public/common", world.base} <= acme and "globex/bot" not in acme
     assert {"globex/bot", world.base} <= globex and "acme/bot" not in globex
     assert {"acme/bot", "globex/bot", "public/common"} <= ops
+    # a tenant sees its adapters' names as their roots, never the server's cache paths; the operator sees vLLM's
+    cache = str(world.root / "cache")
+    tenant_cards = get(world, world.keys["acme"], "/v1/models").json()["data"]
+    roots = {card["id"]: card["root"] for card in tenant_cards if card["id"] != world.base}
+    assert roots and all(root == name for name, root in roots.items()), roots
+    assert cache not in get(world, world.keys["acme"], "/v1/models").text
+    assert cache in get(world, world.admin, "/v1/models").text
     listed = get(world, world.keys["globex"], "/safelora/v1/adapters").json()
     assert "globex/bot" in listed and "acme/bot" not in listed, sorted(listed)
     assert "acme/bot" in get(world, world.admin, "/safelora/v1/adapters").json()

@@ -8,9 +8,11 @@ down, then back: moto keeps objects in memory, so a restart starts empty and tes
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -103,3 +105,14 @@ class S3TestStore:
         for path in sorted(Path(src).iterdir()):
             if path.is_file() and (files is None or path.name in files):
                 client.put_object(Bucket=bucket, Key=f"{prefix.rstrip('/')}/{path.name}", Body=path.read_bytes())
+
+
+@contextlib.contextmanager
+def running_store(workdir: Path, bucket: str) -> Iterator[S3TestStore]:
+    """A started store holding one empty bucket, stopped on exit."""
+    store = S3TestStore(workdir).start()
+    try:
+        store.client().create_bucket(Bucket=bucket)
+        yield store
+    finally:
+        store.stop()

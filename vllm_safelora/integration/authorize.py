@@ -69,13 +69,19 @@ def _wrap_pooling_check_model(cls) -> None:
 
 def _wrap_show_available_models(cls) -> None:
     """vLLM: openai/models/serving.py:OpenAIServingModels.show_available_models lists the base
-    model and every loaded adapter. Wrapped to list only what the caller may use."""
+    model and every loaded adapter, each adapter's ``root`` being the path vLLM loaded it from.
+    Wrapped to list only what the caller may use, and to show a tenant its adapter's name as
+    the root: with the plugin that path is a cache entry, the server's layout, not the tenant's."""
     original = cls.show_available_models
 
     @functools.wraps(original)
     async def show_available_models(self):
         listing = await original(self)
         listing.data = [card for card in listing.data if self.is_base_model(card.id) or allowed(card.id)]
+        if not auth.current(state.settings()).admin:
+            for card in listing.data:
+                if not self.is_base_model(card.id):
+                    card.root = card.id
         return listing
 
     cls.show_available_models = show_available_models
