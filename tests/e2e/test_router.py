@@ -31,10 +31,9 @@ import threading
 import time
 
 import pytest
+from support.fleet import audit_tier, open_fleet, router_version, start_router
 
 pytest.importorskip("vllm_router", reason="vllm-router is not installed (pip install -e '.[fleet]')")
-
-from support.fleet import audit_tier, open_fleet, router_version, start_router  # noqa: E402
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -181,20 +180,21 @@ def test_replica_killed_mid_traffic_the_other_serves_and_the_tier_has_no_partial
             results.append((name, t0, time.monotonic(), *outcome))
 
     thread = threading.Thread(target=traffic, daemon=True)
-    killed_at = b_projections = b_served = partial = None
+    killed_at = b_projections = b_served = partial = caught = None
     try:
         thread.start()
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and thread.is_alive():
             m = b.metrics()
             if m.value("safelora_prepare_inflight") >= 1:
-                unpublished = audit_tier(fleet).unpublished
-                if unpublished:
+                # b is preparing the one request in flight; an entry in the tier that is not whole is its upload.
+                caught = audit_tier(fleet)
+                if caught.unpublished or caught.problems:
                     b_projections = m.projections() - b_before["projections"]
                     b_served = m.value("vllm:request_success_total") - b_before["served"]
                     b.kill()
                     killed_at = time.monotonic()
-                    partial = unpublished
+                    partial = {k[:16]: v for k, v in caught.unpublished.items()} | {p: "" for p in caught.problems}
                     break
             time.sleep(0.1)
         thread.join(300)
@@ -218,7 +218,7 @@ def test_replica_killed_mid_traffic_the_other_serves_and_the_tier_has_no_partial
 
     audit = audit_tier(fleet)
     assert audit.problems == [], audit.problems
-    assert set(audit.entries) | set(audit.unpublished) >= set(partial)
+    assert set(audit.entries) | set(audit.unpublished) >= set(caught.unpublished)
     d = _delta(_counts(a), a_before)
     assert d["served"] + b_served == len(results), "every answer came from a, or from b before it died"
     assert all(d[f"tier_{x}"] == 0 for x in IGNORED), f"replica a read an unusable tier entry: {d}"
@@ -227,8 +227,8 @@ def test_replica_killed_mid_traffic_the_other_serves_and_the_tier_has_no_partial
     assert d["projections"] + b_projections == len(CRASH) + 1, (d, b_projections)
     rm = routed.rr.metrics()
     print(
-        f"\n[router] replica b SIGKILLed while uploading { ({k[:16]: v for k, v in partial.items()}) } (no manifest "
-        f"yet): {len(results)} requests, {len(failed)} failed ({len(in_flight)} in flight at the kill, "
+        f"\n[router] replica b SIGKILLed while uploading (the tier's unfinished entries then: {partial}): "
+        f"{len(results)} requests, {len(failed)} failed ({len(in_flight)} in flight at the kill, "
         f"{len(after_kill)} sent after it); served by b {b_served:g} before the kill, by a {d['served']:g}; "
         f"router: retries {rm.value('vllm_router_retries_total'):g}, worker health a "
         f"{rm.value('vllm_router_worker_health', worker=a.base_url):g} b "
