@@ -382,8 +382,17 @@ def complete(
     )
 
 
-def complete_http(server: Server, model: str, prompt_ids: list[int], *, max_tokens: int = 8, logprobs: int = 5):
-    """The same through plain HTTP (requests); returns the response object."""
+def complete_http(
+    server: Server,
+    model: str,
+    prompt_ids: list[int],
+    *,
+    max_tokens: int = 8,
+    logprobs: int = 5,
+    headers: dict[str, str] | None = None,
+):
+    """The same through plain HTTP (requests); returns the response object. ``headers``: instead of the
+    server's own (a router's routing key)."""
     return server.post(
         "/v1/completions",
         json={
@@ -395,6 +404,7 @@ def complete_http(server: Server, model: str, prompt_ids: list[int], *, max_toke
             "return_tokens_as_token_ids": True,
             "ignore_eos": True,
         },
+        **({} if headers is None else {"headers": headers}),
     )
 
 

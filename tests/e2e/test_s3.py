@@ -17,12 +17,12 @@ import time
 from pathlib import Path
 
 import pytest
-from support.s3 import SECRET_KEY, S3TestStore, aws_env
+from support.fleet import FLEET_BUCKET, TENANTS_BUCKET, open_fleet
+from support.s3 import SECRET_KEY
 from support.server import write_config
 
 pytestmark = pytest.mark.e2e
 
-TENANTS_BUCKET, FLEET_BUCKET = "adapters", "fleet"
 LOGPROB_TOL = 1e-3
 MAX_ADAPTER_BYTES = 1 << 20
 # name under s3://adapters/tenants/ -> adapter seed (distinct contents: no case is another's cache hit)
@@ -43,85 +43,58 @@ def _ids(e2e_world):
 
 
 @pytest.fixture(scope="module")
-def fleet(e2e_world, tiny_adapter_factory, vllm_server_factory, tmp_path_factory):
+def fleet(e2e_world, tiny_adapter_factory, tmp_path_factory):
     root = tmp_path_factory.mktemp("s3_fleet")
-    store = S3TestStore(root / "store").start()
+    s3fleet = open_fleet(root)
+    store = s3fleet.store
     sources = {name: tiny_adapter_factory("random", seed=seed) for name, seed in S3_ADAPTERS.items()}
 
     def seed_store():
+        s3fleet.create_buckets()
         c = store.client()
-        for bucket in (TENANTS_BUCKET, FLEET_BUCKET):
-            c.create_bucket(Bucket=bucket)
         for name, src in sources.items():
-            store.upload_dir(TENANTS_BUCKET, f"tenants/{name}", src)
+            s3fleet.upload_adapter(name, src)
         big = sources["acme/bot"]
-        store.upload_dir(TENANTS_BUCKET, "tenants/acme/huge", big, files={"adapter_config.json"})
+        s3fleet.upload_adapter("acme/huge", big, files={"adapter_config.json"})
         c.put_object(
             Bucket=TENANTS_BUCKET,
             Key="tenants/acme/huge/adapter_model.safetensors",
             Body=b"\0" * (2 * MAX_ADAPTER_BYTES),
         )
-        store.upload_dir(TENANTS_BUCKET, "tenants/acme/noweights", big, files={"adapter_config.json"})
-        store.upload_dir(TENANTS_BUCKET, "tenants/acme/pickled", big, files={"adapter_config.json"})
+        s3fleet.upload_adapter("acme/noweights", big, files={"adapter_config.json"})
+        s3fleet.upload_adapter("acme/pickled", big, files={"adapter_config.json"})
         c.put_object(Bucket=TENANTS_BUCKET, Key="tenants/acme/pickled/adapter_model.bin", Body=b"\x80\x04never read")
 
-    seed_store()
-    # The same content as an s3 adapter, on local disk: first-request latency from each.
-    local_root = root / "local"
-    for i in range(3):
-        tiny_adapter_factory.copy_to(local_root / "lat" / f"local{i}", "random", seed=90 + i)
-        store.upload_dir(TENANTS_BUCKET, f"tenants/lat/remote{i}", tiny_adapter_factory("random", seed=95 + i))
-    key_file = root / "fleet.key"
-    key_file.write_bytes(b"fleet-secret-" + b"k" * 40)
-    key_file.chmod(0o600)
-    endpoint = store.endpoint
-    servers, caches = {}, {}
-    for replica in ("a", "b"):
-        caches[replica] = root / f"cache-{replica}"
-        config = write_config(
-            root / f"{replica}.yaml",
-            bank=str(e2e_world.bank),
+    try:
+        seed_store()
+        # The same content as an s3 adapter, on local disk: first-request latency from each.
+        local_root = root / "local"
+        for i in range(3):
+            tiny_adapter_factory.copy_to(local_root / "lat" / f"local{i}", "random", seed=90 + i)
+            s3fleet.upload_adapter(f"lat/remote{i}", tiny_adapter_factory("random", seed=95 + i))
+        # Both replicas start at once (their start-ups overlap).
+        a, b = s3fleet.start_replicas(
+            e2e_world,
+            ("a", "b"),
             adapter_dirs=[str(e2e_world.adapter_root), str(local_root)],
-            cache_dir=str(caches[replica]),
-            device="cpu",
-            policy=dict(e2e_world.policy),
-            admission={"max_projected_fraction": None, "min_cosine": None},
             max_adapter_bytes=MAX_ADAPTER_BYTES,
-            s3={
-                "enabled": True,
-                "uri": f"s3://{TENANTS_BUCKET}/tenants/",
-                "endpoint_url": endpoint,
-                "connect_timeout_s": 1,
-                "read_timeout_s": 2,
-                "fetch_timeout_s": 8,
-                "retries": 1,
-                "retry_after_s": 3,
-            },
-            shared_cache={
-                "enabled": True,
-                "uri": f"s3://{FLEET_BUCKET}/entries/",
-                "endpoint_url": endpoint,
-                "mac_key_file": str(key_file),
-                "read_timeout_s": 5,
-                "retries": 1,
-            },
         )
-        servers[replica] = config
-    # Both replicas start at once (their start-ups overlap).
-    from support.server import new_server, start_all
-
-    started = start_all([new_server(f"s3-{r}", e2e_world.aligned, servers[r], root, env=aws_env()) for r in servers])
-    a, b = started
-    yield type(
-        "Fleet",
-        (),
-        dict(
-            store=store, a=a, b=b, caches=caches, sources=sources, seed_store=seed_store, root=root, key_file=key_file
-        ),
-    )
-    for s in started:
-        s.stop()
-    store.stop()
+        yield type(
+            "Fleet",
+            (),
+            dict(
+                store=store,
+                a=a,
+                b=b,
+                caches=s3fleet.caches,
+                sources=sources,
+                seed_store=seed_store,
+                root=root,
+                key_file=s3fleet.key_file,
+            ),
+        )
+    finally:
+        s3fleet.stop()
 
 
 def _projections(server) -> float:
